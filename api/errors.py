@@ -1,0 +1,83 @@
+"""Errors are part of the interface: every 4xx is ``{"error": {code, message, param}}``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from core.jobs import JobConflictError, JobNotFoundError
+
+
+class APIError(Exception):
+    """An error to answer with ``status`` and a JSON body."""
+
+    def __init__(self, status: int, code: str, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.param = param
+
+
+def error_body(code: str, message: str, param: str | None = None, **extra: Any) -> dict[str, Any]:
+    return {"error": {"code": code, "message": message, "param": param, **extra}}
+
+
+def _param(loc: tuple[Any, ...]) -> str | None:
+    # ("body", "max_new_tokens") -> "max_new_tokens"; ("query", "limit") -> "limit"
+    parts = [str(p) for p in loc[1:] if p not in ("function-after[_consistent()]",)]
+    return ".".join(parts) or None
+
+
+def _validation_message(err: dict[str, Any]) -> str:
+    message = str(err.get("msg", "invalid value"))
+    return message.removeprefix("Value error, ")
+
+
+async def _on_validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+    errors = list(exc.errors())
+    first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+    status, code = 422, "invalid_request"
+    if first.get("type") == "json_invalid":
+        status, code = 400, "invalid_json"
+    details = [
+        {"param": _param(tuple(e.get("loc", ()))), "message": _validation_message(e)}
+        for e in errors
+    ]
+    param = _param(tuple(first.get("loc", ())))
+    message = _validation_message(first)
+    if param:
+        message = f"{param}: {message}"
+    return JSONResponse(error_body(code, message, param, details=details), status_code=status)
+
+
+async def _on_api_error(_: Request, exc: APIError) -> JSONResponse:
+    return JSONResponse(error_body(exc.code, exc.message, exc.param), status_code=exc.status)
+
+
+async def _on_not_found(_: Request, exc: JobNotFoundError) -> JSONResponse:
+    return JSONResponse(error_body("not_found", str(exc), "id"), status_code=404)
+
+
+async def _on_conflict(_: Request, exc: JobConflictError) -> JSONResponse:
+    return JSONResponse(error_body("conflict", str(exc)), status_code=409)
+
+
+async def _on_http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    return JSONResponse(
+        error_body(code, str(exc.detail)), status_code=exc.status_code, headers=exc.headers
+    )
+
+
+def install(app: FastAPI) -> None:
+    """Register the JSON error handlers on ``app``."""
+    app.add_exception_handler(RequestValidationError, _on_validation_error)  # type: ignore[arg-type]
+    app.add_exception_handler(APIError, _on_api_error)  # type: ignore[arg-type]
+    app.add_exception_handler(JobNotFoundError, _on_not_found)  # type: ignore[arg-type]
+    app.add_exception_handler(JobConflictError, _on_conflict)  # type: ignore[arg-type]
+    app.add_exception_handler(StarletteHTTPException, _on_http_error)  # type: ignore[arg-type]

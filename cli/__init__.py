@@ -1,0 +1,1 @@
+"""The genq command line."""

@@ -1,0 +1,200 @@
+"""The ``genq`` command: run the API or a worker, migrate, submit and query jobs."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Annotated, Any
+
+import httpx
+import typer
+from rich.console import Console
+
+from core.settings import get_settings
+
+app = typer.Typer(
+    help="genq: queued text generation with Celery workers and SQL as the source of truth.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+console = Console()
+err = Console(stderr=True)
+
+
+def _migrate_embedded() -> None:
+    """On the embedded default (SQLite), bring the schema up to date on start."""
+    settings = get_settings()
+    if settings.resolved_database_url.startswith("sqlite"):
+        import migrations
+
+        migrations.upgrade(settings.resolved_database_url)
+
+
+@app.command()
+def migrate(revision: Annotated[str, typer.Option(help="target revision")] = "head") -> None:
+    """Apply the database migrations (GENQ_DATABASE_URL)."""
+    import migrations
+
+    url = get_settings().resolved_database_url
+    migrations.upgrade(url, revision)
+    console.print(f"database at {_redact(url)} is at revision {revision}")
+
+
+@app.command()
+def api(
+    host: Annotated[str, typer.Option(help="interface to bind")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port to listen on")] = 8000,
+    workers: Annotated[int, typer.Option(help="uvicorn worker processes")] = 1,
+) -> None:
+    """Serve the HTTP API (docs at /docs)."""
+    import uvicorn
+
+    _migrate_embedded()
+    uvicorn.run(
+        "api.app:create_app", factory=True, host=host, port=port, workers=workers, log_level="info"
+    )
+
+
+@app.command()
+def worker(
+    concurrency: Annotated[
+        int, typer.Option(help="jobs in flight per process (default: max batch size + 8)")
+    ] = 0,
+    loglevel: Annotated[str, typer.Option(help="Celery log level")] = "INFO",
+    hostname: Annotated[str | None, typer.Option(help="Celery node name")] = None,
+) -> None:
+    """Run a Celery worker that holds the model (GENQ_MODEL) and batches jobs.
+
+    It uses Celery's threads pool: one process, one copy of the weights, and as
+    many task threads as jobs that may share a forward pass.
+    """
+    from worker import lifecycle
+    from worker.celery_app import app as celery_app
+
+    _migrate_embedded()
+    settings = get_settings()
+    try:
+        lifecycle.get_runtime()  # load the model before taking any job
+    except lifecycle.EngineLoadError as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from exc
+    argv = [
+        "worker",
+        "--pool=threads",
+        f"--concurrency={concurrency or settings.resolved_worker_concurrency}",
+        f"--queues={settings.queue}",
+        f"--loglevel={loglevel}",
+        "--task-events",
+        "--without-gossip",
+        "--without-mingle",
+    ]
+    if hostname:
+        argv.append(f"--hostname={hostname}")
+    celery_app.worker_main(argv)
+
+
+def _client(api_url: str | None) -> httpx.Client:
+    return httpx.Client(base_url=api_url or get_settings().api_url, timeout=30)
+
+
+def _fail_http(response: httpx.Response) -> None:
+    if response.is_success:
+        return
+    try:
+        error = response.json()["error"]
+        err.print(f"[red]error {response.status_code}[/red] {error['code']}: {error['message']}")
+    except (ValueError, KeyError, TypeError):
+        err.print(f"[red]error {response.status_code}[/red] {response.text[:500]}")
+    raise typer.Exit(1)
+
+
+def wait_for_job(client: httpx.Client, job_id: str, timeout: float) -> dict[str, Any]:
+    """Poll a job until it reaches a final status or ``timeout`` seconds pass."""
+    deadline = time.monotonic() + timeout
+    delay = 0.1
+    while True:
+        response = client.get(f"/v1/jobs/{job_id}")
+        _fail_http(response)
+        job: dict[str, Any] = response.json()
+        if job["status"] in ("succeeded", "failed", "cancelled") or time.monotonic() > deadline:
+            return job
+        time.sleep(delay)
+        delay = min(delay * 1.5, 1.0)
+
+
+@app.command()
+def submit(
+    prompt: Annotated[str, typer.Argument(help="the prompt to continue")],
+    max_new_tokens: Annotated[int | None, typer.Option(help="tokens to generate")] = None,
+    sample: Annotated[bool, typer.Option("--sample", help="sample instead of greedy")] = False,
+    temperature: Annotated[float | None, typer.Option(help="sampling temperature")] = None,
+    num_beams: Annotated[int | None, typer.Option(help="beam search width")] = None,
+    seed: Annotated[int | None, typer.Option(help="seed for sampling")] = None,
+    wait: Annotated[bool, typer.Option("--wait", help="wait for the result")] = False,
+    timeout: Annotated[float, typer.Option(help="seconds to wait with --wait")] = 300,
+    as_json: Annotated[bool, typer.Option("--json", help="print the job as JSON")] = False,
+    api_url: Annotated[str | None, typer.Option(help="API base URL (GENQ_API_URL)")] = None,
+) -> None:
+    """Submit a prompt through the API; prints the job id (or, with --wait, the result)."""
+    body: dict[str, Any] = {"prompt": prompt}
+    optional = {
+        "max_new_tokens": max_new_tokens,
+        "temperature": temperature,
+        "num_beams": num_beams,
+        "seed": seed,
+    }
+    body.update({k: v for k, v in optional.items() if v is not None})
+    if sample:
+        body["do_sample"] = True
+    with _client(api_url) as client:
+        response = client.post("/v1/jobs", json=body)
+        _fail_http(response)
+        job = response.json()
+        if wait:
+            job = wait_for_job(client, job["id"], timeout)
+    _print_job(job, as_json=as_json, brief=not wait)
+
+
+@app.command()
+def status(
+    job_id: Annotated[str, typer.Argument(help="the job id")],
+    as_json: Annotated[bool, typer.Option("--json", help="print the job as JSON")] = False,
+    api_url: Annotated[str | None, typer.Option(help="API base URL (GENQ_API_URL)")] = None,
+) -> None:
+    """Show a job's status and output."""
+    with _client(api_url) as client:
+        response = client.get(f"/v1/jobs/{job_id}")
+        _fail_http(response)
+    _print_job(response.json(), as_json=as_json, brief=False)
+
+
+def _print_job(job: dict[str, Any], *, as_json: bool, brief: bool) -> None:
+    if as_json:
+        console.print_json(json.dumps(job))
+        return
+    if brief:
+        console.print(job["id"])
+        return
+    console.print(f"[bold]{job['id']}[/bold]  {job['status']}")
+    if job.get("output") is not None:
+        console.print(f"{job['prompt']}[green]{job['output']}[/green]", highlight=False)
+    if job.get("error"):
+        console.print(f"[red]{job['error']['code']}[/red]: {job['error']['message']}")
+
+
+def _redact(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return url
+
+
+def _register_subcommands() -> None:
+    from cli import demo
+
+    app.command(name="demo")(demo.demo)
+
+
+_register_subcommands()

@@ -1,0 +1,1 @@
+"""genq core: settings, database, schemas and the job service, shared by api and worker."""

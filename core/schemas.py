@@ -1,0 +1,183 @@
+"""Pydantic request and response models shared by the API and the worker.
+
+Generation parameters use transformers' names and sit at the top level of a job
+request, e.g. ``{"prompt": "...", "max_new_tokens": 40, "do_sample": false}``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from core.models import Job
+from core.status import JobStatus
+
+MAX_NEW_TOKENS_LIMIT = 4096
+MAX_PROMPT_CHARS = 200_000
+MAX_STOP_STRINGS = 8
+MAX_SEQUENCES = 16
+
+FinishReason = Literal["length", "eos", "stop"]
+StopString = Annotated[str, Field(min_length=1, max_length=256)]
+
+
+class GenerationParams(BaseModel):
+    """What to generate, with transformers' names and defaults.
+
+    Omitted parameters mean greedy decoding with ``max_new_tokens`` taken from
+    settings (50 by default). ``max_length`` (prompt plus new tokens) is accepted
+    instead of ``max_new_tokens`` so the classic
+    ``generate(max_length=50, num_beams=5, early_stopping=True)`` is expressible.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_new_tokens: int | None = Field(default=None, ge=1, le=MAX_NEW_TOKENS_LIMIT)
+    max_length: int | None = Field(default=None, ge=1, le=MAX_NEW_TOKENS_LIMIT * 4)
+    do_sample: bool = False
+    temperature: float = Field(default=1.0, ge=0.0, le=100.0)
+    top_k: int = Field(default=50, ge=0, le=100_000)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    num_beams: int = Field(default=1, ge=1, le=MAX_SEQUENCES)
+    early_stopping: bool | Literal["never"] = False
+    repetition_penalty: float = Field(default=1.0, gt=0.0, le=100.0)
+    no_repeat_ngram_size: int = Field(default=0, ge=0, le=64)
+    num_return_sequences: int = Field(default=1, ge=1, le=MAX_SEQUENCES)
+    stop: list[StopString] = Field(default_factory=list, max_length=MAX_STOP_STRINGS)
+    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop_as_list(cls, value: object) -> object:
+        return [value] if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> GenerationParams:
+        if self.max_new_tokens is not None and self.max_length is not None:
+            raise ValueError("give max_new_tokens or max_length, not both")
+        if self.do_sample and self.temperature <= 0:
+            raise ValueError("temperature must be > 0 when do_sample is true")
+        if not self.do_sample and self.num_return_sequences > self.num_beams:
+            raise ValueError(
+                "num_return_sequences must be <= num_beams without sampling "
+                "(greedy decoding yields one sequence)"
+            )
+        return self
+
+    @property
+    def uses_beams(self) -> bool:
+        """Beam search cannot share the continuous batch; it runs on its own."""
+        return self.num_beams > 1
+
+    def with_defaults(self, default_max_new_tokens: int) -> GenerationParams:
+        """Fill ``max_new_tokens`` from settings when neither length is given."""
+        if self.max_new_tokens is None and self.max_length is None:
+            return self.model_copy(update={"max_new_tokens": default_max_new_tokens})
+        return self
+
+
+class JobCreate(GenerationParams):
+    """Body of ``POST /v1/jobs``: a prompt, an optional model, and the parameters."""
+
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    model: str | None = Field(default=None, min_length=1, max_length=512)
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("prompt must not be blank")
+        return value
+
+    def params(self) -> GenerationParams:
+        """The generation parameters alone, without prompt and model."""
+        return GenerationParams.model_validate(
+            self.model_dump(exclude={"prompt", "model"}, exclude_unset=True)
+        )
+
+
+class Usage(BaseModel):
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+
+
+class JobError(BaseModel):
+    code: str
+    message: str
+
+
+class Reproducibility(BaseModel):
+    """What is needed to run a job again and get the same tokens."""
+
+    model_revision: str | None = None
+    seed: int | None = None
+    torch_version: str | None = None
+    transformers_version: str | None = None
+
+
+class JobRead(BaseModel):
+    """A job as the API returns it."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    id: str
+    object: Literal["job"] = "job"
+    status: JobStatus
+    prompt: str
+    model: str
+    params: dict[str, object]
+    output: str | None = None
+    outputs: list[str] | None = None
+    finish_reason: FinishReason | None = None
+    finish_reasons: list[FinishReason] | None = None
+    error: JobError | None = None
+    usage: Usage
+    attempts: int
+    worker: str | None = None
+    reproducibility: Reproducibility
+    created_at: dt.datetime
+    started_at: dt.datetime | None = None
+    finished_at: dt.datetime | None = None
+
+    @classmethod
+    def from_job(cls, job: Job) -> JobRead:
+        """The API view of a job row. While it runs, ``output`` is the partial text."""
+        outputs = job.outputs
+        reasons = job.finish_reasons
+        return cls(
+            id=job.id,
+            status=JobStatus(job.status),
+            prompt=job.prompt,
+            model=job.model,
+            params=job.params,
+            output=outputs[0] if outputs else None,
+            outputs=outputs,
+            finish_reason=reasons[0] if reasons else None,  # type: ignore[arg-type]
+            finish_reasons=reasons,  # type: ignore[arg-type]
+            error=JobError(code=job.error_code, message=job.error_message or "")
+            if job.error_code
+            else None,
+            usage=Usage(prompt_tokens=job.prompt_tokens, completion_tokens=job.completion_tokens),
+            attempts=job.attempts,
+            worker=job.worker,
+            reproducibility=Reproducibility(
+                model_revision=job.model_revision,
+                seed=job.seed,
+                torch_version=job.torch_version,
+                transformers_version=job.transformers_version,
+            ),
+            created_at=job.created_at,
+            started_at=job.started_at,
+            finished_at=job.finished_at,
+        )
+
+
+class JobList(BaseModel):
+    """One page of jobs, newest first; pass ``next_after`` as ``after`` for the next."""
+
+    object: Literal["list"] = "list"
+    data: list[JobRead]
+    has_more: bool
+    next_after: str | None = None

@@ -1,0 +1,70 @@
+"""One settings class, read from GENQ_* environment variables when first used.
+
+Nothing reads the environment at import: call :func:`get_settings`. With nothing
+set, genq runs embedded: a SQLite database and a SQLite-backed broker under
+``GENQ_DATA_DIR`` (``./.genq``), so no server is needed.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DType = Literal["auto", "float32", "bfloat16", "float16"]
+
+
+class Settings(BaseSettings):
+    """Every knob genq has; each field is the variable ``GENQ_<NAME>``."""
+
+    model_config = SettingsConfigDict(env_prefix="GENQ_", extra="ignore", frozen=True)
+
+    data_dir: Path = Path(".genq")
+    database_url: str | None = Field(
+        default=None, description="SQLAlchemy URL; default sqlite:///<data_dir>/genq.db"
+    )
+    broker_url: str | None = Field(
+        default=None, description="Celery broker URL; default sqla+sqlite:///<data_dir>/broker.db"
+    )
+    api_url: str = "http://127.0.0.1:8000"
+
+    # The model a worker serves and how it runs.
+    model: str = "gpt2"
+    device: str = "auto"
+    dtype: DType = "auto"
+    torch_threads: int = Field(default=0, ge=0, description="0: one per physical core")
+    max_batch_size: int = Field(default=64, ge=1, le=1024)
+    max_tokens_in_flight: int = Field(default=65_536, ge=1)
+    default_max_new_tokens: int = Field(default=50, ge=1)
+
+    # The worker process.
+    worker_concurrency: int = Field(default=0, ge=0, description="0: max_batch_size + 8")
+    task_time_limit_s: int = Field(default=3600, ge=10)
+    progress_interval_s: float = Field(default=0.5, gt=0)
+    queue: str = "genq"
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'genq.db'}"
+
+    @property
+    def resolved_broker_url(self) -> str:
+        return self.broker_url or f"sqla+sqlite:///{self.data_dir / 'broker.db'}"
+
+    @property
+    def resolved_worker_concurrency(self) -> int:
+        return self.worker_concurrency or self.max_batch_size + 8
+
+    @property
+    def visibility_timeout_s(self) -> int:
+        """Longer than the task time limit, so a running task is never redelivered."""
+        return self.task_time_limit_s * 2
+
+
+@functools.lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process's settings, read from the environment on first use."""
+    return Settings()

@@ -1,0 +1,15 @@
+"""Celery tasks: thin translations from a message to a runtime call."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from core.queue import GENERATE_TASK
+from worker import lifecycle
+from worker.celery_app import app
+
+
+@app.task(name=GENERATE_TASK, bind=True, acks_late=True, ignore_result=True)
+def generate(self: Any, job_id: str) -> str:
+    """Generate one job by id; the result lands in the job's row."""
+    return lifecycle.get_runtime().run_job(job_id, worker=self.request.hostname or "worker")
