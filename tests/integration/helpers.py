@@ -1,0 +1,76 @@
+"""Real processes for integration tests: `genq worker` and `genq api` as users run them."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import redis
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def genq_env(**values: str) -> dict[str, str]:
+    """The environment for a genq process: no stray GENQ_* from outside, one torch thread."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GENQ_")}
+    env.update(GENQ_TORCH_THREADS="1", PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1")
+    env.update(values)
+    return env
+
+
+@contextlib.contextmanager
+def genq_process(
+    args: list[str], env: dict[str, str], log: Path
+) -> Iterator[subprocess.Popen[bytes]]:
+    """Run ``genq ARGS`` until the block ends; its output goes to ``log``."""
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "cli", *args], cwd=REPO, env=env, stdout=out, stderr=out
+        )
+    try:
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def wait_until(check: Callable[[], Any], timeout: float, what: str, log: Path | None = None) -> Any:
+    """Poll ``check`` until it returns something truthy; fail with the log's tail."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.1)
+    tail = log.read_text(errors="replace")[-3000:] if log and log.exists() else ""
+    raise AssertionError(f"timed out waiting for {what}\n{tail}")
+
+
+def unique_queue() -> str:
+    return f"genq-test-{secrets.token_hex(4)}"
+
+
+def drop_redis_queue(redis_url: str, queue: str) -> None:
+    client = redis.Redis.from_url(redis_url)
+    keys = [queue, f"_kombu.binding.{queue}", *client.keys(f"{queue}\x06*")]
+    client.delete(*keys)
+    client.close()
