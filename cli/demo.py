@@ -109,7 +109,7 @@ def _wait_alive(
 
 def _print_results(results: list[dict[str, Any]]) -> None:
     table = Table(title="genq demo", show_lines=True)
-    table.add_column("job")
+    table.add_column("job", no_wrap=True)
     table.add_column("status")
     table.add_column("tokens", justify="right")
     table.add_column("prompt + output")
