@@ -1,0 +1,52 @@
+"""The model engine: one per worker process, shared by every task.
+
+``build_engine`` picks the engine from settings; ``GENQ_MODEL=fake`` gives the
+deterministic :class:`~worker.engine.fake.FakeEngine` without importing torch.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from worker.engine.base import (
+    Engine,
+    GenerationError,
+    GenerationRequest,
+    GenerationResult,
+    ModelInfo,
+    Progress,
+)
+
+if TYPE_CHECKING:
+    from core.settings import Settings
+
+__all__ = [
+    "Engine",
+    "GenerationError",
+    "GenerationRequest",
+    "GenerationResult",
+    "ModelInfo",
+    "Progress",
+    "build_engine",
+]
+
+
+def build_engine(settings: Settings) -> Engine:
+    """Load the configured model and start its engine (slow: call once per process)."""
+    if settings.model == "fake":
+        from worker.engine.fake import FakeEngine
+
+        return FakeEngine(default_max_new_tokens=settings.default_max_new_tokens)
+    # Imported here so that the fake engine (and the API) never import torch.
+    from worker.engine.batching import BatchingEngine
+    from worker.engine.loader import load_model
+
+    model, tokenizer, info = load_model(settings)
+    return BatchingEngine(
+        model,
+        tokenizer,
+        info,
+        max_batch_size=settings.max_batch_size,
+        max_tokens_in_flight=settings.max_tokens_in_flight,
+        default_max_new_tokens=settings.default_max_new_tokens,
+    )

@@ -1,0 +1,137 @@
+"""A deterministic engine without torch, for fast tests of the queue plumbing.
+
+The output of a request is its prompt's words reversed, cycled to
+``max_new_tokens`` words ("tokens" are words here). It honours abort, progress,
+stop strings, ``num_return_sequences`` and a prompt-length limit, and can sleep
+per token so tests can observe a request mid-generation.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+
+from worker.engine.base import (
+    FinishReason,
+    GenerationError,
+    GenerationRequest,
+    GenerationResult,
+    ModelInfo,
+    Progress,
+)
+
+
+def fake_words(prompt: str, params_max_new: int) -> list[str]:
+    """The words the fake model generates for ``prompt``."""
+    words = list(reversed(prompt.split())) or ["."]
+    return [words[i % len(words)] for i in range(params_max_new)]
+
+
+class FakeEngine:
+    """An :class:`~worker.engine.base.Engine` whose output is a pure function of the request.
+
+    ``max_prompt_words``: longer prompts fail with ``prompt_too_long``.
+    ``token_delay_s``: sleep per generated word (0 for instant results).
+    ``default_max_new_tokens``: used when a request gives no length.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_prompt_words: int = 1024,
+        token_delay_s: float = 0.0,
+        default_max_new_tokens: int = 50,
+        max_workers: int = 64,
+    ) -> None:
+        self.info = ModelInfo(
+            name="fake",
+            revision="fake",
+            torch_version="none",
+            transformers_version="none",
+            device="cpu",
+            dtype="none",
+            context_length=max_prompt_words,
+        )
+        self.max_prompt_words = max_prompt_words
+        self.token_delay_s = token_delay_s
+        self.default_max_new_tokens = default_max_new_tokens
+        self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="genq-fake")
+        self._lock = threading.Lock()
+        self._aborted: set[str] = set()
+        self._progress: dict[str, Progress] = {}
+        self._closed = False
+
+    def submit(self, request: GenerationRequest) -> Future[GenerationResult]:
+        """Run the request on a pool thread; the future resolves to its result."""
+        if self._closed:
+            future: Future[GenerationResult] = Future()
+            future.set_exception(GenerationError("engine_stopped", "the engine is closed"))
+            return future
+        return self._pool.submit(self._generate, request)
+
+    def abort(self, request_id: str) -> None:
+        """Make the request stop at its next word."""
+        with self._lock:
+            self._aborted.add(request_id)
+
+    def progress(self, request_id: str) -> Progress | None:
+        """Words so far and the text of sequence 0, or None when unknown."""
+        with self._lock:
+            return self._progress.get(request_id)
+
+    def check_health(self) -> bool:
+        """Healthy until closed."""
+        return not self._closed
+
+    def close(self) -> None:
+        """Stop accepting requests and abort the running ones."""
+        self._closed = True
+        with self._lock:
+            self._aborted.update(self._progress)
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def _generate(self, request: GenerationRequest) -> GenerationResult:
+        params = request.params.with_defaults(self.default_max_new_tokens)
+        prompt_words = len(request.prompt.split())
+        if prompt_words > self.max_prompt_words:
+            raise GenerationError(
+                "prompt_too_long",
+                f"the prompt has {prompt_words} words; the limit is {self.max_prompt_words}",
+            )
+        max_new = params.max_new_tokens or max(1, (params.max_length or 0) - prompt_words)
+        words = fake_words(request.prompt, max_new)
+        made: list[str] = []
+        aborted = False
+        stopped = False
+        try:
+            for word in words:
+                with self._lock:
+                    aborted = request.id in self._aborted
+                if aborted:
+                    break
+                if self.token_delay_s:
+                    time.sleep(self.token_delay_s)
+                made.append(word)
+                text = " " + " ".join(made)
+                with self._lock:
+                    self._progress[request.id] = Progress(tokens=len(made), text=text)
+                if any(s in text for s in params.stop):
+                    stopped = True
+                    break
+        finally:
+            with self._lock:
+                self._progress.pop(request.id, None)
+                self._aborted.discard(request.id)
+        text = " " + " ".join(made) if made else ""
+        if stopped:
+            text = text[: min(text.find(s) for s in params.stop if s in text)]
+        reason: FinishReason = "stop" if stopped else "length"
+        n = params.num_return_sequences
+        return GenerationResult(
+            outputs=[text] * n,
+            finish_reasons=[reason] * n,
+            prompt_tokens=prompt_words,
+            completion_tokens=len(made) * n,
+            aborted=aborted,
+        )

@@ -1,0 +1,145 @@
+"""Load the served model and tokenizer once per worker process.
+
+``load_model`` resolves ``device`` and ``dtype`` from settings, fixes the torch
+thread count, prepares the tokenizer for left-padded batches and records what
+is needed to reproduce a result (:class:`~worker.engine.base.ModelInfo`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from core.settings import Settings
+from worker.engine.base import ModelInfo
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+
+
+class ModelLoadError(RuntimeError):
+    """The model or its tokenizer could not be loaded; the message says what to set."""
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` means the first CUDA device when there is one, else the CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """``auto`` means bf16 on CUDA and float32 elsewhere (bf16 on CPU only when asked:
+    it is slower than fp32 on most CPUs and changes the tokens)."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return _DTYPES[dtype]
+
+
+def physical_cores() -> int:
+    """Physical cores (not hyperthreads): torch's matmuls do not gain from SMT siblings."""
+    try:
+        cores: set[tuple[str, str]] = set()
+        physical = core = ""
+        with Path("/proc/cpuinfo").open() as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key, value = key.strip(), value.strip()
+                if key == "physical id":
+                    physical = value
+                elif key == "core id":
+                    core = value
+                    cores.add((physical, core))
+        if cores:
+            return len(cores)
+    except OSError:
+        pass
+    return max(1, (os.cpu_count() or 2) // 2)
+
+
+def weights_digest(directory: Path) -> str:
+    """The first 16 hex chars of a sha256 over the weight files (names and bytes)."""
+    digest = hashlib.sha256()
+    files = sorted(
+        p for p in directory.rglob("*") if p.is_file() and p.name.endswith(_WEIGHT_SUFFIXES)
+    )
+    for path in files:
+        digest.update(path.relative_to(directory).as_posix().encode())
+        with path.open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+def context_length(config: Any, default: int = 2048) -> int:
+    """The longest sequence the model takes, from its config."""
+    for name in ("n_positions", "max_position_embeddings", "n_ctx", "max_sequence_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return default
+
+
+def _hub_revision(name: str, config: Any) -> str:
+    """The hub commit the files came from: the config records it in most versions,
+    else the snapshot folder of the local hub cache is named after it."""
+    commit = getattr(config, "_commit_hash", None)
+    if isinstance(commit, str) and commit:
+        return commit
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(name, "config.json")
+    except Exception:  # a revision is a record, never a reason to fail loading
+        return "unknown"
+    if isinstance(cached, str) and "/snapshots/" in cached:
+        return Path(cached).parent.name
+    return "unknown"
+
+
+def load_model(settings: Settings) -> tuple[Any, Any, ModelInfo]:
+    """Load ``settings.model`` (a hub name or a local directory) for generation.
+
+    Returns the model (eval mode, on its device), the tokenizer (left padding, a
+    pad token) and the :class:`ModelInfo`. Raises :class:`ModelLoadError` with a
+    hint about ``GENQ_MODEL`` when the model cannot be found.
+    """
+    # Deliberately set here, once per process: torch's default (all logical CPUs)
+    # oversubscribes hyperthreads and competing worker processes.
+    torch.set_num_threads(settings.torch_threads or physical_cores())
+    device = resolve_device(settings.device)
+    dtype = resolve_dtype(settings.dtype, device)
+    name = settings.model
+    local = Path(name).expanduser()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name)
+        model: Any = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(
+            f"could not load model {name!r} (hub unreachable or not found:"
+            f" {exc.__class__.__name__})."
+            " Set GENQ_MODEL to a local directory holding config.json, the weights and the"
+            f" tokenizer, e.g. GENQ_MODEL=/models/{local.name or 'gpt2'}"
+        ) from exc
+    model.to(device)
+    model.eval()
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    revision = weights_digest(local) if local.is_dir() else _hub_revision(name, model.config)
+    info = ModelInfo(
+        name=name,
+        revision=revision,
+        torch_version=torch.__version__,
+        transformers_version=transformers.__version__,
+        device=str(device),
+        dtype=str(dtype).removeprefix("torch."),
+        context_length=context_length(model.config),
+    )
+    return model, tokenizer, info

@@ -1,0 +1,142 @@
+"""The state of one request inside the batching engine, and how its text is made.
+
+A request owns ``n`` rows of the running batch (``num_return_sequences``); its
+rows join together and leave together, so a sampling request draws from its own
+generator on an ``[n, vocab]`` slice exactly as ``generate`` would.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from concurrent.futures import Future
+from typing import Any
+
+import torch
+
+from worker.engine.base import FinishReason, GenerationRequest, GenerationResult
+from worker.engine.sampling import SamplingSpec
+
+# Extra tokens decoded before the tail when looking for stop strings: some
+# tokenizers drop a leading space on the first token they decode.
+_TAIL_CONTEXT = 2
+
+
+def strip_prefix(full: str, prefix: str) -> str:
+    """``full`` without ``prefix``; when decoding merged across the boundary,
+    without their longest common prefix."""
+    if full.startswith(prefix):
+        return full[len(prefix) :]
+    common = 0
+    for a, b in zip(full, prefix, strict=False):
+        if a != b:
+            break
+        common += 1
+    return full[common:]
+
+
+def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
+    """Cut ``text`` before the earliest stop string; whether one was found."""
+    cuts = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return (text[: min(cuts)], True) if cuts else (text, False)
+
+
+@dataclasses.dataclass(eq=False)
+class RequestState:
+    """One request from submission to its resolved future."""
+
+    request: GenerationRequest
+    future: Future[GenerationResult]
+    spec: SamplingSpec
+    prompt_ids: list[int] = dataclasses.field(default_factory=list)
+    max_new: int = 0
+    n: int = 1
+    generator: torch.Generator | None = None
+    tokens: list[list[int]] = dataclasses.field(default_factory=list)
+    reasons: list[FinishReason | None] = dataclasses.field(default_factory=list)
+    prompt_text: str = ""
+    started: bool = False
+    aborted: bool = False
+    tokenized: bool = False
+
+    @property
+    def cost(self) -> int:
+        """Tokens this request may hold in the cache: its share of max_tokens_in_flight."""
+        return self.n * (len(self.prompt_ids) + self.max_new)
+
+    @property
+    def done(self) -> bool:
+        """Every row finished (or the request was aborted)."""
+        return self.aborted or all(r is not None for r in self.reasons)
+
+    def start(self, generator: torch.Generator | None) -> None:
+        """Reset the per-row state when the request joins the batch."""
+        self.tokens = [[] for _ in range(self.n)]
+        self.reasons = [None] * self.n
+        self.generator = generator
+        self.started = True
+
+    def history(self, pad_id: int) -> torch.Tensor:
+        """``[n, length]`` prompt + generated ids; finished rows are padded as generate does."""
+        longest = max(len(t) for t in self.tokens)
+        return torch.tensor(
+            [self.prompt_ids + t + [pad_id] * (longest - len(t)) for t in self.tokens],
+            dtype=torch.long,
+        )
+
+    def add_token(self, row: int, token: int, eos_ids: frozenset[int], tokenizer: Any) -> None:
+        """Record a row's new token and decide whether the row is finished."""
+        if self.reasons[row] is not None:
+            return
+        tokens = self.tokens[row]
+        tokens.append(token)
+        if token in eos_ids:
+            self.reasons[row] = "eos"
+        elif self.request.params.stop and self._tail_has_stop(tokens, tokenizer):
+            self.reasons[row] = "stop"
+        elif len(tokens) >= self.max_new:
+            self.reasons[row] = "length"
+
+    def _tail_has_stop(self, tokens: list[int], tokenizer: Any) -> bool:
+        stops = self.request.params.stop
+        # A stop string completed by the newest token lies within the last
+        # len(stop) tokens (each token is at least one character), plus slack.
+        tail_len = max(len(s) for s in stops) + 2
+        context = (self.prompt_ids + tokens)[-(tail_len + _TAIL_CONTEXT) : -tail_len]
+        if len(tokens) <= tail_len:
+            context = self.prompt_ids[-_TAIL_CONTEXT:]
+        head = tokenizer.decode(context, skip_special_tokens=True)
+        text = tokenizer.decode(context + tokens[-tail_len:], skip_special_tokens=True)
+        tail = strip_prefix(text, head)
+        return any(s in tail for s in stops)
+
+    def output_text(self, row: int, tokenizer: Any) -> tuple[str, bool]:
+        """Row ``row``'s continuation and whether a stop string cut it."""
+        full = tokenizer.decode(self.prompt_ids + self.tokens[row], skip_special_tokens=True)
+        text = strip_prefix(full, self.prompt_text)
+        return cut_at_stop(text, self.request.params.stop)
+
+    def result(self, tokenizer: Any) -> GenerationResult:
+        """The result of the rows as they stand (complete, or partial when aborted)."""
+        if not self.started:  # aborted while waiting: nothing was generated
+            return GenerationResult(
+                outputs=[""] * self.n,
+                finish_reasons=["length"] * self.n,
+                prompt_tokens=len(self.prompt_ids),
+                completion_tokens=0,
+                aborted=self.aborted,
+            )
+        outputs: list[str] = []
+        reasons: list[FinishReason] = []
+        for row in range(len(self.tokens)):
+            text, stopped = self.output_text(row, tokenizer)
+            outputs.append(text)
+            reason = self.reasons[row]
+            # "length" for an aborted row: it ended on a limit, just not its own.
+            reasons.append("stop" if stopped else (reason or "length"))
+        return GenerationResult(
+            outputs=outputs,
+            finish_reasons=reasons,
+            prompt_tokens=len(self.prompt_ids),
+            completion_tokens=sum(len(t) for t in self.tokens),
+            aborted=self.aborted,
+        )
