@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import FastAPI
 
 from api import errors
+from api.limits import BodySizeLimit
 from api.routes import health, jobs
 from core.queue import JobQueue, get_queue
 from core.settings import Settings, get_settings
@@ -21,6 +22,7 @@ def create_app(settings: Settings | None = None, queue: JobQueue | None = None) 
     app.state.settings = settings
     app.state.queue = queue or get_queue(settings)
     errors.install(app)
+    app.add_middleware(BodySizeLimit, limit_for=lambda _path: settings.max_body_bytes)
     app.include_router(health.router)
     app.include_router(jobs.router)
     return app

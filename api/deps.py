@@ -6,8 +6,11 @@ from collections.abc import Iterator
 from typing import Annotated
 
 from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
+from api.errors import APIError
+from core import keys
 from core.db import get_sessionmaker
 from core.queue import JobQueue
 from core.settings import Settings
@@ -32,3 +35,25 @@ def get_job_queue(request: Request) -> JobQueue:
 SettingsDep = Annotated[Settings, Depends(get_app_settings)]
 SessionDep = Annotated[Session, Depends(get_session)]
 QueueDep = Annotated[JobQueue, Depends(get_job_queue)]
+
+
+bearer = HTTPBearer(auto_error=False, description="an API key made by `genq keys create`")
+
+
+def get_owner(
+    session: SessionDep,
+    settings: SettingsDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+) -> str | None:
+    """Who is calling: the owner of the bearer key, or None (anyone) with auth off."""
+    if not settings.require_auth:
+        return None
+    if credentials is None or not credentials.credentials.strip():
+        raise APIError(401, "missing_api_key", "send an API key as 'Authorization: Bearer <key>'")
+    owner = keys.owner_of(session, credentials.credentials.strip())
+    if owner is None:
+        raise APIError(401, "invalid_api_key", "the API key is wrong or revoked")
+    return owner
+
+
+OwnerDep = Annotated[str | None, Depends(get_owner)]

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from core.db import is_transient
+
 from core.jobs import JobConflictError, JobNotFoundError
+
+
+log = logging.getLogger(__name__)
 
 
 class APIError(Exception):
@@ -74,6 +81,14 @@ async def _on_http_error(_: Request, exc: StarletteHTTPException) -> JSONRespons
     )
 
 
+async def _on_database_error(_: Request, exc: SQLAlchemyError) -> JSONResponse:
+    if is_transient(exc):
+        body = error_body("database_unavailable", "the database is unreachable; retry shortly")
+        return JSONResponse(body, status_code=503, headers={"Retry-After": "2"})
+    log.error("database error", exc_info=exc)
+    return JSONResponse(error_body("internal_error", "internal database error"), status_code=500)
+
+
 def install(app: FastAPI) -> None:
     """Register the JSON error handlers on ``app``."""
     app.add_exception_handler(RequestValidationError, _on_validation_error)  # type: ignore[arg-type]
@@ -81,3 +96,4 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(JobNotFoundError, _on_not_found)  # type: ignore[arg-type]
     app.add_exception_handler(JobConflictError, _on_conflict)  # type: ignore[arg-type]
     app.add_exception_handler(StarletteHTTPException, _on_http_error)  # type: ignore[arg-type]
+    app.add_exception_handler(SQLAlchemyError, _on_database_error)  # type: ignore[arg-type]

@@ -94,7 +94,9 @@ def worker(
 
 
 def _client(api_url: str | None) -> httpx.Client:
-    return httpx.Client(base_url=api_url or get_settings().api_url, timeout=30)
+    settings = get_settings()
+    headers = {"Authorization": f"Bearer {settings.api_key}"} if settings.api_key else {}
+    return httpx.Client(base_url=api_url or settings.api_url, headers=headers, timeout=30)
 
 
 def _fail_http(response: httpx.Response) -> None:
@@ -192,9 +194,10 @@ def _redact(url: str) -> str:
 
 
 def _register_subcommands() -> None:
-    from cli import demo
+    from cli import demo, keys
 
     app.command(name="demo")(demo.demo)
+    app.add_typer(keys.app, name="keys")
 
 
 _register_subcommands()

@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator
+import logging
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
+from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_exponential
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def prepare_sqlite_path(database: str | None) -> None:
@@ -55,3 +61,28 @@ def session_scope(url: str) -> Iterator[Session]:
     """A session whose transaction commits on success and rolls back on error."""
     with get_sessionmaker(url).begin() as session:
         yield session
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether a database error is an outage worth retrying (not a bad statement)."""
+    if isinstance(exc, OperationalError | InterfaceError):
+        return True
+    return isinstance(exc, DBAPIError) and exc.connection_invalidated
+
+
+def run_with_retry(fn: Callable[[Session], T], url: str, *, retry_s: float) -> T:
+    """Run ``fn`` in a transaction, retrying it with backoff while the database is
+    unreachable, for up to ``retry_s`` seconds; then the last error is raised."""
+    retrying = Retrying(
+        retry=retry_if_exception(is_transient),
+        wait=wait_exponential(multiplier=0.1, max=5),
+        stop=stop_after_delay(retry_s),
+        reraise=True,
+        before_sleep=lambda state: log.warning(
+            "database unavailable (%s); retrying", state.outcome and state.outcome.exception()
+        ),
+    )
+    for attempt in retrying:
+        with attempt, session_scope(url) as session:
+            return fn(session)
+    raise AssertionError("unreachable")  # pragma: no cover

@@ -43,6 +43,10 @@ def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
+LOCAL_OWNER = "local"
+"""The owner of everything when authentication is off."""
+
+
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
     type_annotation_map = {dt.datetime: UTCDateTime, dict[str, Any]: JSON, list[str]: JSON}
@@ -66,8 +70,15 @@ class Job(Base):
     error_code: Mapped[str | None] = mapped_column(String(64))
     error_message: Mapped[str | None] = mapped_column(Text)
 
+    owner: Mapped[str] = mapped_column(String(255), index=True, default=LOCAL_OWNER)
+
+    # Delivery: attempts counts claims that did not hand the job back; the lease
+    # token names the one claim allowed to write; the lease expires unless renewed.
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     worker: Mapped[str | None] = mapped_column(String(255))
+    lease_token: Mapped[str | None] = mapped_column(String(32))
+    lease_expires_at: Mapped[dt.datetime | None] = mapped_column(index=True)
+    enqueued_at: Mapped[dt.datetime | None]
 
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow, index=True)
     started_at: Mapped[dt.datetime | None]
@@ -82,3 +93,27 @@ class Job(Base):
     @property
     def job_status(self) -> JobStatus:
         return JobStatus(self.status)
+
+
+class ApiKey(Base):
+    """An API key, stored as the SHA-256 of the secret (keys are high-entropy tokens)."""
+
+    __tablename__ = "api_key"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    name: Mapped[str] = mapped_column(String(255))
+    owner: Mapped[str] = mapped_column(String(255), index=True)
+    prefix: Mapped[str] = mapped_column(String(16))
+    secret_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    revoked_at: Mapped[dt.datetime | None]
+
+
+class Lock(Base):
+    """A named cluster-wide lock with an expiry (the sweeper runs one at a time)."""
+
+    __tablename__ = "lock"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(255))
+    expires_at: Mapped[dt.datetime]

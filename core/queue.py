@@ -25,6 +25,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     config: dict[str, Any] = {
         "broker_url": broker_url,
         "broker_connection_retry_on_startup": True,
+        # A worker reconnects to a broker that went away, however long it takes.
+        "broker_connection_max_retries": None,
         "task_default_queue": settings.queue,
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
@@ -58,6 +60,10 @@ class JobQueue(Protocol):
         """Raise if the broker cannot be reached."""
         ...
 
+    def depth(self) -> int:
+        """Messages waiting in the queue (0 if the broker lost the queue)."""
+        ...
+
 
 class CeleryQueue:
     """Sends ``genq.generate(job_id)`` through the broker."""
@@ -72,6 +78,14 @@ class CeleryQueue:
     def ping(self) -> None:
         with self._app.connection_for_write() as conn:
             conn.ensure_connection(max_retries=1, timeout=2)
+
+    def depth(self) -> int:
+        with self._app.connection_for_read() as conn, conn.channel() as channel:
+            try:
+                declared = channel.queue_declare(queue=self._settings.queue, passive=True)
+            except channel.connection.channel_errors:
+                return 0
+            return int(declared.message_count)
 
 
 @functools.cache

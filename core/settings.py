@@ -30,6 +30,7 @@ class Settings(BaseSettings):
         default=None, description="Celery broker URL; default sqla+sqlite:///<data_dir>/broker.db"
     )
     api_url: str = "http://127.0.0.1:8000"
+    api_key: str | None = Field(default=None, description="the key `genq submit` sends")
 
     # The model a worker serves and how it runs.
     model: str = "gpt2"
@@ -45,6 +46,21 @@ class Settings(BaseSettings):
     task_time_limit_s: int = Field(default=3600, ge=10)
     progress_interval_s: float = Field(default=0.5, gt=0)
     queue: str = "genq"
+
+    # Delivery guarantees: leases, attempts, the sweeper, shutdown.
+    lease_s: float = Field(default=60.0, gt=0, description="a running job's lease; renewed")
+    max_attempts: int = Field(default=3, ge=1, description="then the job fails (poison)")
+    requeue_after_s: float = Field(
+        default=300.0, gt=0, description="re-send a queued job whose message may be lost"
+    )
+    sweep_interval_s: float = Field(default=10.0, gt=0)
+    shutdown_grace_s: float = Field(default=30.0, ge=0, description="then jobs are handed back")
+    db_retry_s: float = Field(default=120.0, ge=0, description="how long to retry the database")
+    retention_days: float = Field(default=30.0, gt=0, description="finished jobs kept this long")
+
+    # The API's edge.
+    require_auth: bool = True
+    max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
 
     @property
     def resolved_database_url(self) -> str:

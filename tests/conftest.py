@@ -80,6 +80,7 @@ def settings(database_url: str, tmp_path: Path) -> Settings:
         database_url=database_url,
         model="fake",
         default_max_new_tokens=16,
+        require_auth=False,
     )
 
 

@@ -1,22 +1,29 @@
-"""Load the engine once per worker process, before it takes jobs; close it on exit.
+"""Load the engine once per worker process, before it takes jobs; drain and close it.
 
 ``genq worker`` runs Celery's threads pool: one process, one copy of the weights,
 and as many task threads as jobs that should share the batch. With the threads
 (or solo) pool the engine is built in ``worker_init``, before the consumer
 starts. Under prefork each child builds its own on first use, because
 ``worker_process_init`` handlers may block for only 4 seconds.
+
+On SIGTERM (``worker_shutting_down``) the runtime stops taking jobs; those still
+running after ``GENQ_SHUTDOWN_GRACE_S`` are handed back to the queue.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
 from typing import Any
 
-from celery.signals import worker_init, worker_shutdown
+from celery.signals import worker_init, worker_shutdown, worker_shutting_down
 
+from core.queue import get_queue
 from core.settings import get_settings
 from worker.runtime import WorkerRuntime
+from worker.sweeper import Sweeper
 
 log = logging.getLogger(__name__)
 
@@ -26,12 +33,13 @@ class EngineLoadError(RuntimeError):
 
 
 _runtime: WorkerRuntime | None = None
+_sweeper: Sweeper | None = None
 _lock = threading.Lock()
 
 
 def get_runtime() -> WorkerRuntime:
     """This process's runtime, built (and the model loaded) on first call."""
-    global _runtime
+    global _runtime, _sweeper
     with _lock:
         if _runtime is None:
             from worker.engine import build_engine
@@ -46,7 +54,10 @@ def get_runtime() -> WorkerRuntime:
                     raise EngineLoadError(str(exc)) from exc
                 raise
             log.info("engine ready: %s", engine.info)
-            _runtime = WorkerRuntime(settings, engine)
+            queue = get_queue(settings)
+            _runtime = WorkerRuntime(settings, engine, queue)
+            _sweeper = Sweeper(settings, queue, holder=f"{socket.gethostname()}:{os.getpid()}")
+            _sweeper.start()
         return _runtime
 
 
@@ -58,10 +69,19 @@ def _load_before_consuming(sender: Any = None, **_: Any) -> None:
     get_runtime()
 
 
+@worker_shutting_down.connect
+def _drain(**_: Any) -> None:
+    if _runtime is not None:
+        _runtime.drain(_runtime.settings.shutdown_grace_s)
+
+
 @worker_shutdown.connect
 def _close(**_: Any) -> None:
-    global _runtime
+    global _runtime, _sweeper
     with _lock:
+        if _sweeper is not None:
+            _sweeper.stop()
+            _sweeper = None
         if _runtime is not None:
             _runtime.close()
             _runtime = None

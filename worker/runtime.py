@@ -3,84 +3,115 @@
 A Celery task calls :meth:`WorkerRuntime.run_job` with a job id. The runtime
 claims the job in SQL, hands it to the engine (which batches it with the other
 jobs in flight) and stores the result conditionally on its claim. One monitor
-thread, not one per job, writes progress and notices cancellations, so the
-database sees a couple of statements per interval however many jobs run.
+thread, not one per job, renews the leases, writes progress and notices
+cancellations, so the database sees a few statements per interval however many
+jobs run.
+
+A job claimed again after its lease expired (its worker died while it ran) is a
+suspect: it may be what killed the worker. It runs alone, with no other job in
+flight in this process, so a poison job exhausts only its own attempts.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from concurrent.futures import Future
+import time
+from collections.abc import Callable
+from typing import TypeVar
 
-from core import jobs
-from core.db import session_scope
+from sqlalchemy.orm import Session
+
+from core import delivery
+from core.db import run_with_retry, session_scope
+from core.queue import JobQueue
 from core.settings import Settings
 from worker.engine.base import Engine, GenerationError, GenerationRequest, GenerationResult
+from worker.isolation import SharedExclusiveLock
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class WorkerRuntime:
     """Everything a worker process holds: settings, the engine, the jobs in flight."""
 
-    def __init__(self, settings: Settings, engine: Engine) -> None:
+    def __init__(self, settings: Settings, engine: Engine, queue: JobQueue | None = None) -> None:
         self.settings = settings
         self.engine = engine
+        self.queue = queue
         self._db_url = settings.resolved_database_url
         self._lock = threading.Lock()
-        self._in_flight: dict[str, jobs.Claim] = {}
+        self._in_flight: dict[str, delivery.Claim] = {}
         self._reported: dict[str, int] = {}
+        self._handing_back: set[str] = set()
+        self._isolation = SharedExclusiveLock()
+        self._draining = threading.Event()
         self._stop = threading.Event()
+        self._last_renewal = 0.0
         self._monitor = threading.Thread(
             target=self._monitor_loop, name="genq-monitor", daemon=True
         )
         self._monitor.start()
 
+    def _db(self, fn: Callable[[Session], T]) -> T:
+        return run_with_retry(fn, self._db_url, retry_s=self.settings.db_retry_s)
+
     # --- one job -------------------------------------------------------------
 
     def run_job(self, job_id: str, *, worker: str) -> str:
         """Claim, generate and store one job; returns the status it ended in."""
-        with session_scope(self._db_url) as session:
-            claim = jobs.claim_job(session, job_id, worker=worker)
-        if claim is None:
-            log.info("job %s not queued (cancelled, taken or unknown): skipped", job_id)
-            return "skipped"
-        if claim.model != self.engine.info.name:
-            return self._fail(
-                claim,
-                GenerationError(
-                    "model_not_served",
-                    f"this worker serves {self.engine.info.name!r}, not {claim.model!r}",
-                ),
+        if self._draining.is_set():
+            return "skipped"  # shutting down: the message goes back unclaimed
+        claim = self._db(
+            lambda s: delivery.claim_job(
+                s,
+                job_id,
+                worker=worker,
+                lease_s=self.settings.lease_s,
+                max_attempts=self.settings.max_attempts,
             )
+        )
+        if claim is None:
+            log.info("job %s not queued (cancelled, taken, finished or unknown): skipped", job_id)
+            return "skipped"
+        # Held from here on: the monitor renews its lease even while it waits below.
+        with self._lock:
+            self._in_flight[claim.job_id] = claim
+        suspect = claim.attempt > 1
+        with self._isolation.exclusive() if suspect else self._isolation.shared():
+            return self._run_claimed(claim)
+
+    def _run_claimed(self, claim: delivery.Claim) -> str:
+        if claim.model != self.engine.info.name:
+            with self._lock:
+                self._in_flight.pop(claim.job_id, None)
+            message = f"this worker serves {self.engine.info.name!r}, not {claim.model!r}"
+            return self._fail(claim, GenerationError("model_not_served", message))
         request = GenerationRequest(
             id=claim.job_id, prompt=claim.prompt, params=claim.params, seed=claim.seed
         )
-        with self._lock:
-            self._in_flight[claim.job_id] = claim
         try:
-            future = self.engine.submit(request)
-            result = self._wait(future)
+            result = self.engine.submit(request).result(timeout=self.settings.task_time_limit_s)
         except GenerationError as exc:
             return self._fail(claim, exc)
         except Exception as exc:
-            log.exception("job %s failed", job_id)
-            return self._fail(
-                claim, GenerationError("internal_error", f"{type(exc).__name__}: {exc}")
-            )
+            log.exception("job %s failed", claim.job_id)
+            error = GenerationError("internal_error", f"{type(exc).__name__}: {exc}")
+            return self._fail(claim, error)
         finally:
             with self._lock:
                 self._in_flight.pop(claim.job_id, None)
                 self._reported.pop(claim.job_id, None)
+                handing_back = claim.job_id in self._handing_back
+                self._handing_back.discard(claim.job_id)
+        if handing_back:
+            return self._hand_back(claim)
         return self._finish(claim, result)
 
-    def _wait(self, future: Future[GenerationResult]) -> GenerationResult:
-        return future.result(timeout=self.settings.task_time_limit_s)
-
-    def _finish(self, claim: jobs.Claim, result: GenerationResult) -> str:
+    def _finish(self, claim: delivery.Claim, result: GenerationResult) -> str:
         info = self.engine.info
-        outcome = jobs.Outcome(
+        outcome = delivery.Outcome(
             outputs=result.outputs,
             finish_reasons=list(result.finish_reasons),
             prompt_tokens=result.prompt_tokens,
@@ -89,18 +120,38 @@ class WorkerRuntime:
             torch_version=info.torch_version,
             transformers_version=info.transformers_version,
         )
-        with session_scope(self._db_url) as session:
-            stored = jobs.finish_job(session, claim, outcome)
-        if not stored:
-            log.warning(
-                "job %s attempt %d: result not stored (claim lost)", claim.job_id, claim.attempt
-            )
+        if not self._db(lambda s: delivery.finish_job(s, claim, outcome)):
+            log.warning("job %s: claim lost (lease expired); result not stored", claim.job_id)
         return "cancelled" if result.aborted else "succeeded"
 
-    def _fail(self, claim: jobs.Claim, error: GenerationError) -> str:
-        with session_scope(self._db_url) as session:
-            jobs.fail_job(session, claim, code=error.code, message=error.message)
+    def _fail(self, claim: delivery.Claim, error: GenerationError) -> str:
+        self._db(lambda s: delivery.fail_job(s, claim, code=error.code, message=error.message))
         return "failed"
+
+    def _hand_back(self, claim: delivery.Claim) -> str:
+        if self._db(lambda s: delivery.release_job(s, claim)) and self.queue is not None:
+            try:
+                self.queue.enqueue(claim.job_id)
+            except Exception:  # the sweeper re-sends it
+                log.warning("job %s handed back but not re-sent", claim.job_id, exc_info=True)
+        log.info("job %s handed back to the queue", claim.job_id)
+        return "handed_back"
+
+    # --- shutdown ------------------------------------------------------------
+
+    def drain(self, grace_s: float) -> None:
+        """Stop taking jobs; jobs still running after ``grace_s`` are handed back."""
+        self._draining.set()
+        timer = threading.Timer(grace_s, self._hand_back_all)
+        timer.daemon = True
+        timer.start()
+
+    def _hand_back_all(self) -> None:
+        with self._lock:
+            ids = list(self._in_flight)
+            self._handing_back.update(ids)
+        for job_id in ids:
+            self.engine.abort(job_id)
 
     # --- the monitor ---------------------------------------------------------
 
@@ -112,19 +163,24 @@ class WorkerRuntime:
                 log.exception("progress monitor failed; retrying next interval")
 
     def monitor_once(self) -> None:
-        """Write changed progress of jobs in flight, and abort cancelled ones."""
+        """Renew leases, write changed progress, and abort cancelled jobs."""
         with self._lock:
             claims = list(self._in_flight.values())
         if not claims:
             return
+        renew = time.monotonic() - self._last_renewal >= self.settings.lease_s / 3
         with session_scope(self._db_url) as session:
+            if renew:
+                delivery.renew_leases(session, claims, lease_s=self.settings.lease_s)
             for claim in claims:
                 progress = self.engine.progress(claim.job_id)
                 if progress is None or progress.tokens == self._reported.get(claim.job_id):
                     continue
-                jobs.record_progress(session, claim, tokens=progress.tokens, text=progress.text)
+                delivery.record_progress(session, claim, tokens=progress.tokens, text=progress.text)
                 self._reported[claim.job_id] = progress.tokens
-            cancelled = jobs.cancelled_among(session, (c.job_id for c in claims))
+            cancelled = delivery.cancelled_among(session, (c.job_id for c in claims))
+        if renew:
+            self._last_renewal = time.monotonic()
         for job_id in cancelled:
             self.engine.abort(job_id)
 
@@ -133,7 +189,3 @@ class WorkerRuntime:
         self._stop.set()
         self._monitor.join(timeout=5)
         self.engine.close()
-
-
-def _ids(claim: jobs.Claim) -> tuple[str, int]:
-    return claim.job_id, claim.attempt

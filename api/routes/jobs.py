@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Response, status
 
-from api.deps import QueueDep, SessionDep, SettingsDep
+from api.deps import OwnerDep, QueueDep, SessionDep, SettingsDep
 from api.errors import APIError
 from core import jobs
 from core.schemas import JobCreate, JobList, JobRead
@@ -17,11 +17,16 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 @router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=JobRead)
 def create_job(
-    body: JobCreate, response: Response, session: SessionDep, queue: QueueDep, settings: SettingsDep
+    body: JobCreate,
+    response: Response,
+    session: SessionDep,
+    queue: QueueDep,
+    settings: SettingsDep,
+    owner: OwnerDep,
 ) -> JobRead:
     """Queue a prompt for generation; answers at once with the queued job."""
     try:
-        job = jobs.submit_job(session, queue, body, settings=settings)
+        job = jobs.submit_job(session, queue, body, settings=settings, owner=owner)
     except jobs.UnknownModelError as exc:
         raise APIError(422, "model_not_found", str(exc), "model") from exc
     response.headers["Location"] = f"/v1/jobs/{job.id}"
@@ -31,25 +36,26 @@ def create_job(
 @router.get("", response_model=JobList)
 def list_jobs(
     session: SessionDep,
+    owner: OwnerDep,
     status: JobStatus | None = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 20,
     after: Annotated[str | None, Query(max_length=64)] = None,
 ) -> JobList:
     """Jobs newest first; pass the page's ``next_after`` as ``after`` for the next page."""
-    rows, has_more = jobs.list_jobs(session, status=status, limit=limit, after=after)
+    rows, has_more = jobs.list_jobs(session, status=status, limit=limit, after=after, owner=owner)
     data = [JobRead.from_job(job) for job in rows]
     return JobList(data=data, has_more=has_more, next_after=data[-1].id if has_more else None)
 
 
 @router.get("/{job_id}", response_model=JobRead)
-def get_job(job_id: str, session: SessionDep) -> JobRead:
+def get_job(job_id: str, session: SessionDep, owner: OwnerDep) -> JobRead:
     """One job: its status, and its output (partial while it runs)."""
-    return JobRead.from_job(jobs.get_job(session, job_id))
+    return JobRead.from_job(jobs.get_job(session, job_id, owner=owner))
 
 
 @router.post("/{job_id}/cancel", response_model=JobRead)
-def cancel_job(job_id: str, session: SessionDep) -> JobRead:
+def cancel_job(job_id: str, session: SessionDep, owner: OwnerDep) -> JobRead:
     """Cancel a queued or running job; a running one keeps what it generated."""
-    job = jobs.cancel_job(session, job_id)
+    job = jobs.cancel_job(session, job_id, owner=owner)
     session.commit()
     return JobRead.from_job(job)

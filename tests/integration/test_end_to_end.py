@@ -63,6 +63,7 @@ def redis_postgres(postgres_url: str, tmp_path: Path, model_dir: Path) -> Iterat
         broker_url=REDIS_URL,
         model=str(model_dir),
         queue=queue,
+        require_auth=False,
     )
     yield settings
     drop_redis_queue(REDIS_URL, queue)

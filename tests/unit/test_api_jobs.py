@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from core import jobs
+from core import delivery
 from core.db import session_scope
 from core.settings import Settings
 from tests.conftest import RecordingQueue
@@ -97,16 +97,16 @@ def test_cancel_a_queued_job_and_a_finished_one_cannot_be(
 
     done = submit(client)
     with session_scope(settings.resolved_database_url) as session:
-        claim = jobs.claim_job(session, done["id"], worker="w1")
+        claim = delivery.claim_job(session, done["id"], worker="w1", lease_s=60, max_attempts=3)
         assert claim is not None
-        jobs.finish_job(session, claim, _outcome())
+        delivery.finish_job(session, claim, _outcome())
     response = client.post(f"/v1/jobs/{done['id']}/cancel")
     assert response.status_code == 409
     assert "already succeeded" in response.json()["error"]["message"]
 
 
-def _outcome() -> jobs.Outcome:
-    return jobs.Outcome(
+def _outcome() -> delivery.Outcome:
+    return delivery.Outcome(
         outputs=["x"],
         finish_reasons=["length"],
         prompt_tokens=1,

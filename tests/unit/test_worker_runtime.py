@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import threading
 import time
 from collections.abc import Iterator
@@ -11,8 +12,9 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from core import jobs
+from core import delivery
 from core.db import session_scope
+from core.models import Job, utcnow
 from core.settings import Settings
 from worker.engine.fake import FakeEngine
 from worker.runtime import WorkerRuntime
@@ -89,22 +91,26 @@ def test_a_stale_claim_cannot_overwrite_a_result(client: TestClient, settings: S
     job_id = submit(client)
     url = settings.resolved_database_url
     with session_scope(url) as session:
-        stale = jobs.claim_job(session, job_id, worker="old")
+        stale = delivery.claim_job(session, job_id, worker="old", lease_s=60, max_attempts=3)
     assert stale is not None
     # The attempt is handed back and claimed again by another worker.
     with session_scope(url) as session:
-        job = jobs.get_job(session, job_id)
-        job.status = "queued"
+        requeued, _ = delivery.reclaim_expired(session, max_attempts=3)
+        assert requeued == []
+        session.get(Job, job_id).lease_expires_at = utcnow() - dt.timedelta(seconds=1)
     with session_scope(url) as session:
-        fresh = jobs.claim_job(session, job_id, worker="new")
+        assert delivery.reclaim_expired(session, max_attempts=3) == ([job_id], [])
+    with session_scope(url) as session:
+        fresh = delivery.claim_job(session, job_id, worker="new", lease_s=60, max_attempts=3)
     assert fresh is not None and fresh.attempt == stale.attempt + 1
-    outcome = jobs.Outcome(["stale"], ["length"], 1, 1, "r", "t", "tf")
+    outcome = delivery.Outcome(["stale"], ["length"], 1, 1, "r", "t", "tf")
     with session_scope(url) as session:
-        assert jobs.finish_job(session, stale, outcome) is False
-        assert jobs.fail_job(session, stale, code="x", message="y") is False
+        assert delivery.finish_job(session, stale, outcome) is False
+        assert delivery.fail_job(session, stale, code="x", message="y") is False
     with session_scope(url) as session:
         assert (
-            jobs.finish_job(session, fresh, dataclasses.replace(outcome, outputs=["fresh"])) is True
+            delivery.finish_job(session, fresh, dataclasses.replace(outcome, outputs=["fresh"]))
+            is True
         )
     assert client.get(f"/v1/jobs/{job_id}").json()["output"] == "fresh"
 

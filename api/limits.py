@@ -1,0 +1,79 @@
+"""A request-body size limit, enforced before a handler reads the body."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+
+class BodyTooLargeError(Exception):
+    pass
+
+
+class BodySizeLimit:
+    """Answer 413 with a JSON error when a request body exceeds its path's limit.
+
+    ``limit_for(path)`` gives the limit in bytes (uploads may allow more than JSON).
+    Both a declared Content-Length and the bytes actually streamed are checked.
+    """
+
+    def __init__(self, app: ASGIApp, limit_for: Callable[[str], int]) -> None:
+        self.app = app
+        self.limit_for = limit_for
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self.limit_for(scope["path"])
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            await _reject(send, limit)
+            return
+        seen = 0
+        started = False
+
+        async def counting_receive() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise BodyTooLargeError
+            return message
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counting_receive, tracking_send)
+        except BodyTooLargeError:
+            if not started:
+                await _reject(send, limit)
+
+
+async def _reject(send: Send, limit: int) -> None:
+    body = json.dumps(
+        {
+            "error": {
+                "code": "request_too_large",
+                "message": f"the request body is larger than the limit of {limit} bytes",
+                "param": None,
+            }
+        }
+    ).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 413,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})

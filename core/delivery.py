@@ -1,0 +1,281 @@
+"""The worker's side of a job: claim, lease, progress, result, hand-back, and the sweep.
+
+Delivery through a broker is at-least-once; these functions make it exactly-once
+in SQL. A claim moves a queued job to running and gives it a fresh lease token;
+every later write by that worker is conditional on the token, so a stale or
+duplicate delivery can neither overwrite a result nor count it twice. A running
+job's lease expires unless its worker renews it; the sweeper hands expired jobs
+back to the queue, or fails them once they have used up their attempts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import secrets
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from sqlalchemy import delete, func, select, update
+from sqlalchemy.orm import Session
+
+from core.models import Job, Lock, utcnow
+from core.schemas import GenerationParams
+from core.status import JobStatus
+
+QUEUED, RUNNING = JobStatus.QUEUED.value, JobStatus.RUNNING.value
+TOO_MANY_ATTEMPTS = "too_many_attempts"
+
+
+@dataclasses.dataclass(frozen=True)
+class Claim:
+    """A worker's hold on one attempt of a job."""
+
+    job_id: str
+    attempt: int
+    token: str
+    prompt: str
+    model: str
+    params: GenerationParams
+    seed: int
+
+
+def claim_job(
+    session: Session, job_id: str, *, worker: str, lease_s: float, max_attempts: int
+) -> Claim | None:
+    """Move a queued job to running for this worker; None if it is not queued
+    (cancelled before it started, already taken, finished, or unknown).
+
+    A job that has used up its attempts is failed instead of claimed.
+    """
+    token = secrets.token_hex(16)
+    now = utcnow()
+    row = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == QUEUED, Job.attempts < max_attempts)
+        .values(
+            status=RUNNING,
+            attempts=Job.attempts + 1,
+            worker=worker,
+            lease_token=token,
+            lease_expires_at=now + dt.timedelta(seconds=lease_s),
+            started_at=now,
+        )
+        .returning(Job.attempts, Job.prompt, Job.model, Job.params, Job.seed)
+    ).one_or_none()
+    if row is None:
+        _fail_exhausted(session, Job.id == job_id, max_attempts)
+        return None
+    attempt, prompt, model, params, seed = row
+    return Claim(
+        job_id=job_id,
+        attempt=attempt,
+        token=token,
+        prompt=prompt,
+        model=model,
+        params=GenerationParams.model_validate(params),
+        seed=seed,
+    )
+
+
+def _owned(claim: Claim, *statuses: JobStatus) -> Any:
+    return (
+        (Job.id == claim.job_id)
+        & (Job.lease_token == claim.token)
+        & Job.status.in_([s.value for s in statuses])
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Outcome:
+    """What a generation produced, as stored on the job."""
+
+    outputs: list[str]
+    finish_reasons: list[str]
+    prompt_tokens: int
+    completion_tokens: int
+    model_revision: str
+    torch_version: str
+    transformers_version: str
+
+
+def finish_job(session: Session, claim: Claim, outcome: Outcome) -> bool:
+    """Store the result of the claimed attempt and mark it succeeded (or keep it
+    cancelled, with its partial output). False if the claim is no longer ours."""
+    values = dataclasses.asdict(outcome) | {"lease_expires_at": None}
+    done = session.execute(
+        update(Job)
+        .where(_owned(claim, JobStatus.RUNNING))
+        .values(status=JobStatus.SUCCEEDED.value, finished_at=utcnow(), **values)
+    )
+    if _rowcount(done):
+        return True
+    kept = session.execute(update(Job).where(_owned(claim, JobStatus.CANCELLED)).values(**values))
+    return bool(_rowcount(kept))
+
+
+def fail_job(session: Session, claim: Claim, *, code: str, message: str) -> bool:
+    """Mark the claimed attempt failed with its error; False if no longer ours."""
+    result = session.execute(
+        update(Job)
+        .where(_owned(claim, JobStatus.RUNNING))
+        .values(
+            status=JobStatus.FAILED.value,
+            error_code=code,
+            error_message=message[:4000],
+            finished_at=utcnow(),
+            lease_expires_at=None,
+        )
+    )
+    return bool(_rowcount(result))
+
+
+def release_job(session: Session, claim: Claim) -> bool:
+    """Hand a running job back to the queue (worker shutting down). The attempt
+    does not count: the job did nothing wrong. Partial output is dropped."""
+    result = session.execute(
+        update(Job)
+        .where(_owned(claim, JobStatus.RUNNING))
+        .values(
+            status=QUEUED,
+            attempts=Job.attempts - 1,
+            worker=None,
+            lease_token=None,
+            lease_expires_at=None,
+            started_at=None,
+            outputs=None,
+            completion_tokens=None,
+            enqueued_at=utcnow(),
+        )
+    )
+    return bool(_rowcount(result))
+
+
+def record_progress(session: Session, claim: Claim, *, tokens: int, text: str) -> None:
+    """Store a running job's partial output (first sequence) and its token count."""
+    session.execute(
+        update(Job)
+        .where(_owned(claim, JobStatus.RUNNING))
+        .values(outputs=[text], completion_tokens=tokens)
+    )
+
+
+def renew_leases(session: Session, claims: Iterable[Claim], *, lease_s: float) -> None:
+    """Extend the leases of the jobs this worker holds."""
+    tokens = [c.token for c in claims]
+    if tokens:
+        session.execute(
+            update(Job)
+            .where(Job.lease_token.in_(tokens), Job.status == RUNNING)
+            .values(lease_expires_at=utcnow() + dt.timedelta(seconds=lease_s))
+        )
+
+
+def cancelled_among(session: Session, job_ids: Iterable[str]) -> set[str]:
+    """Which of these jobs have been cancelled (so their generation should stop)."""
+    ids: Sequence[str] = list(job_ids)
+    if not ids:
+        return set()
+    query = select(Job.id).where(Job.id.in_(ids), Job.status == JobStatus.CANCELLED.value)
+    return set(session.scalars(query))
+
+
+# --- the sweeper's queries -------------------------------------------------------
+
+
+def acquire_lock(session: Session, name: str, *, holder: str, ttl_s: float) -> bool:
+    """Take or renew a named lock until ``ttl_s`` from now; False if another holds it."""
+    now = utcnow()
+    expires = now + dt.timedelta(seconds=ttl_s)
+    taken = session.execute(
+        update(Lock)
+        .where(Lock.name == name, (Lock.holder == holder) | (Lock.expires_at < now))
+        .values(holder=holder, expires_at=expires)
+    )
+    if _rowcount(taken):
+        return True
+    if session.get(Lock, name) is not None:
+        return False
+    session.add(Lock(name=name, holder=holder, expires_at=expires))
+    try:
+        session.flush()
+    except Exception:  # another sweeper inserted it first
+        session.rollback()
+        return False
+    return True
+
+
+def _fail_exhausted(session: Session, where: Any, max_attempts: int) -> list[str]:
+    rows = session.execute(
+        update(Job)
+        .where(where, Job.status.in_([QUEUED, RUNNING]), Job.attempts >= max_attempts)
+        .values(
+            status=JobStatus.FAILED.value,
+            error_code=TOO_MANY_ATTEMPTS,
+            error_message=(
+                f"the job was attempted {max_attempts} times and its worker died or "
+                "lost it each time; it is quarantined so the other jobs go on"
+            ),
+            finished_at=utcnow(),
+            lease_expires_at=None,
+        )
+        .returning(Job.id)
+    )
+    return list(rows.scalars())
+
+
+def reclaim_expired(session: Session, *, max_attempts: int) -> tuple[list[str], list[str]]:
+    """Running jobs whose lease expired (their worker died): those with attempts
+    left go back to queued (returned, to be re-sent); the others fail."""
+    now = utcnow()
+    expired = (Job.status == RUNNING) & (Job.lease_expires_at < now)
+    failed = _fail_exhausted(session, expired, max_attempts)
+    requeued = session.execute(
+        update(Job)
+        .where(expired)
+        .values(
+            status=QUEUED,
+            worker=None,
+            lease_token=None,
+            lease_expires_at=None,
+            outputs=None,
+            completion_tokens=None,
+            enqueued_at=now,
+        )
+        .returning(Job.id)
+    )
+    return list(requeued.scalars()), failed
+
+
+def count_queued(session: Session) -> int:
+    return session.scalar(select(func.count()).select_from(Job).where(Job.status == QUEUED)) or 0
+
+
+def stale_queued(session: Session, *, older_than_s: float, limit: int) -> list[str]:
+    """Queued jobs last sent more than ``older_than_s`` ago, oldest first; their
+    send time is reset, as the caller re-sends them."""
+    cutoff = utcnow() - dt.timedelta(seconds=older_than_s)
+    ids = list(
+        session.scalars(
+            select(Job.id)
+            .where(Job.status == QUEUED, (Job.enqueued_at < cutoff) | Job.enqueued_at.is_(None))
+            .order_by(Job.id)
+            .limit(limit)
+        )
+    )
+    if ids:
+        session.execute(update(Job).where(Job.id.in_(ids)).values(enqueued_at=utcnow()))
+    return ids
+
+
+def purge_finished(session: Session, *, older_than_days: float) -> int:
+    """Delete finished jobs older than the retention age; returns how many."""
+    cutoff = utcnow() - dt.timedelta(days=older_than_days)
+    final = [s.value for s in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)]
+    result = session.execute(delete(Job).where(Job.status.in_(final), Job.finished_at < cutoff))
+    return _rowcount(result)
+
+
+def _rowcount(result: Any) -> int:
+    count: int = result.rowcount
+    return count

@@ -1,0 +1,62 @@
+"""API keys: created, listed, revoked; stored as SHA-256 hashes, shown once.
+
+Keys are 256-bit random tokens, so a plain SHA-256 is enough to store them
+(a slow password hash guards low-entropy secrets, which these are not).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from core.models import ApiKey, utcnow
+
+KEY_PREFIX = "genq_"
+
+
+class KeyNotFoundError(LookupError):
+    """No such key."""
+
+
+def _hash(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def create_key(session: Session, *, name: str, owner: str | None = None) -> tuple[ApiKey, str]:
+    """A new key for ``owner`` (default: the name); returns the row and the secret."""
+    secret = KEY_PREFIX + secrets.token_urlsafe(32)
+    key = ApiKey(
+        id=f"key_{secrets.token_hex(8)}",
+        name=name,
+        owner=owner or name,
+        prefix=secret[: len(KEY_PREFIX) + 4],
+        secret_hash=_hash(secret),
+        created_at=utcnow(),
+    )
+    session.add(key)
+    session.flush()
+    return key, secret
+
+
+def list_keys(session: Session) -> list[ApiKey]:
+    return list(session.scalars(select(ApiKey).order_by(ApiKey.created_at)))
+
+
+def revoke_key(session: Session, key_id: str) -> ApiKey:
+    key = session.get(ApiKey, key_id)
+    if key is None:
+        raise KeyNotFoundError(key_id)
+    if key.revoked_at is None:
+        key.revoked_at = utcnow()
+    return key
+
+
+def owner_of(session: Session, secret: str) -> str | None:
+    """The owner of a live key with this secret, or None."""
+    key = session.scalar(
+        select(ApiKey).where(ApiKey.secret_hash == _hash(secret), ApiKey.revoked_at.is_(None))
+    )
+    return key.owner if key else None

@@ -1,0 +1,96 @@
+"""The sweeper: re-sends what the broker lost and reclaims what a dead worker held.
+
+Every worker process runs one sweeper thread, but only the holder of the
+``sweeper`` lock row acts, so one sweep runs at a time across the cluster. Each
+sweep:
+
+- hands running jobs whose lease expired back to the queue and re-sends them
+  (or fails them with ``too_many_attempts`` once they used up their attempts);
+- when the broker holds fewer messages than SQL has queued jobs (a broker restart
+  without persistence, a send that failed after the commit), re-sends the queued
+  jobs that were last sent longer than ``requeue_after_s`` ago. A duplicate
+  message is harmless: a claim is conditional, so a job runs once;
+- purges finished jobs older than the retention age, once an hour.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from core import delivery
+from core.db import session_scope
+from core.queue import JobQueue
+from core.settings import Settings
+
+log = logging.getLogger(__name__)
+
+LOCK_NAME = "sweeper"
+RESEND_BATCH = 1000
+PURGE_EVERY_S = 3600.0
+
+
+class Sweeper:
+    """A daemon thread sweeping every ``settings.sweep_interval_s``."""
+
+    def __init__(self, settings: Settings, queue: JobQueue, *, holder: str) -> None:
+        self.settings = settings
+        self.queue = queue
+        self.holder = holder
+        self._url = settings.resolved_database_url
+        self._stop = threading.Event()
+        self._last_purge = 0.0
+        self._thread = threading.Thread(target=self._loop, name="genq-sweeper", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.settings.sweep_interval_s):
+            try:
+                self.sweep_once()
+            except Exception:  # a database or broker outage: try again next interval
+                log.warning("sweep failed; retrying next interval", exc_info=True)
+
+    def sweep_once(self) -> dict[str, int]:
+        """One sweep, if this process holds the lock; returns what it did."""
+        ttl = self.settings.sweep_interval_s * 3
+        with session_scope(self._url) as session:
+            if not delivery.acquire_lock(session, LOCK_NAME, holder=self.holder, ttl_s=ttl):
+                return {}
+            requeued, failed = delivery.reclaim_expired(
+                session, max_attempts=self.settings.max_attempts
+            )
+        report = {"reclaimed": len(requeued), "quarantined": len(failed)}
+        self._send(requeued)
+        report["resent"] = self._resend_lost()
+        if time.monotonic() - self._last_purge > PURGE_EVERY_S:
+            report["purged"] = self._purge()
+            self._last_purge = time.monotonic()
+        if any(report.values()):
+            log.info("sweep: %s", report)
+        return report
+
+    def _resend_lost(self) -> int:
+        with session_scope(self._url) as session:
+            missing = delivery.count_queued(session) - self.queue.depth()
+            if missing <= 0:
+                return 0
+            ids = delivery.stale_queued(
+                session, older_than_s=self.settings.requeue_after_s, limit=RESEND_BATCH
+            )
+        self._send(ids)
+        return len(ids)
+
+    def _purge(self) -> int:
+        with session_scope(self._url) as session:
+            return delivery.purge_finished(session, older_than_days=self.settings.retention_days)
+
+    def _send(self, job_ids: list[str]) -> None:
+        for job_id in job_ids:
+            self.queue.enqueue(job_id)
