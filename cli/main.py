@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from typing import Annotated, Any
 
@@ -88,8 +89,8 @@ def worker(
         "--without-gossip",
         "--without-mingle",
     ]
-    if hostname:
-        argv.append(f"--hostname={hostname}")
+    # Unique per process, so several workers on one machine are told apart.
+    argv.append(f"--hostname={hostname or f'genq{os.getpid()}@%h'}")
     celery_app.worker_main(argv)
 
 

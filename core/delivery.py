@@ -40,6 +40,14 @@ class Claim:
     seed: int
 
 
+def queued_attempts(session: Session, job_id: str) -> int | None:
+    """How many counted attempts a queued job has had; None if it is not queued."""
+    attempts: int | None = session.scalar(
+        select(Job.attempts).where(Job.id == job_id, Job.status == QUEUED)
+    )
+    return attempts
+
+
 def claim_job(
     session: Session, job_id: str, *, worker: str, lease_s: float, max_attempts: int
 ) -> Claim | None:

@@ -33,6 +33,10 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
+class DrainingError(RuntimeError):
+    """The worker is shutting down and takes no new job; the message goes back."""
+
+
 class WorkerRuntime:
     """Everything a worker process holds: settings, the engine, the jobs in flight."""
 
@@ -62,24 +66,29 @@ class WorkerRuntime:
     def run_job(self, job_id: str, *, worker: str) -> str:
         """Claim, generate and store one job; returns the status it ended in."""
         if self._draining.is_set():
-            return "skipped"  # shutting down: the message goes back unclaimed
-        claim = self._db(
-            lambda s: delivery.claim_job(
-                s,
-                job_id,
-                worker=worker,
-                lease_s=self.settings.lease_s,
-                max_attempts=self.settings.max_attempts,
-            )
-        )
-        if claim is None:
+            raise DrainingError(job_id)
+        previous = self._db(lambda s: delivery.queued_attempts(s, job_id))
+        if previous is None:
             log.info("job %s not queued (cancelled, taken, finished or unknown): skipped", job_id)
             return "skipped"
-        # Held from here on: the monitor renews its lease even while it waits below.
-        with self._lock:
-            self._in_flight[claim.job_id] = claim
-        suspect = claim.attempt > 1
+        # A job retried after its worker died may be what killed it: it runs alone,
+        # and nothing else is claimed meanwhile, so only it spends its attempts.
+        suspect = previous > 0
         with self._isolation.exclusive() if suspect else self._isolation.shared():
+            claim = self._db(
+                lambda s: delivery.claim_job(
+                    s,
+                    job_id,
+                    worker=worker,
+                    lease_s=self.settings.lease_s,
+                    max_attempts=self.settings.max_attempts,
+                )
+            )
+            if claim is None:
+                log.info("job %s taken meanwhile: skipped", job_id)
+                return "skipped"
+            with self._lock:
+                self._in_flight[claim.job_id] = claim
             return self._run_claimed(claim)
 
     def _run_claimed(self, claim: delivery.Claim) -> str:
@@ -120,9 +129,12 @@ class WorkerRuntime:
             torch_version=info.torch_version,
             transformers_version=info.transformers_version,
         )
-        if not self._db(lambda s: delivery.finish_job(s, claim, outcome)):
+        status = "cancelled" if result.aborted else "succeeded"
+        if self._db(lambda s: delivery.finish_job(s, claim, outcome)):
+            log.info("job %s %s: result stored (attempt %d)", claim.job_id, status, claim.attempt)
+        else:
             log.warning("job %s: claim lost (lease expired); result not stored", claim.job_id)
-        return "cancelled" if result.aborted else "succeeded"
+        return status
 
     def _fail(self, claim: delivery.Claim, error: GenerationError) -> str:
         self._db(lambda s: delivery.fail_job(s, claim, code=error.code, message=error.message))

@@ -4,12 +4,18 @@ from __future__ import annotations
 
 from typing import Any
 
+from celery.exceptions import Reject
+
 from core.queue import GENERATE_TASK
 from worker import lifecycle
 from worker.celery_app import app
+from worker.runtime import DrainingError
 
 
 @app.task(name=GENERATE_TASK, bind=True, acks_late=True, ignore_result=True)
 def generate(self: Any, job_id: str) -> str:
     """Generate one job by id; the result lands in the job's row."""
-    return lifecycle.get_runtime().run_job(job_id, worker=self.request.hostname or "worker")
+    try:
+        return lifecycle.get_runtime().run_job(job_id, worker=self.request.hostname or "worker")
+    except DrainingError:
+        raise Reject("worker shutting down", requeue=True) from None

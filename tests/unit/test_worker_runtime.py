@@ -16,6 +16,7 @@ from core import delivery
 from core.db import session_scope
 from core.models import Job, utcnow
 from core.settings import Settings
+from tests.conftest import RecordingQueue
 from worker.engine.fake import FakeEngine
 from worker.runtime import WorkerRuntime
 
@@ -148,3 +149,54 @@ def _wait_for(client: TestClient, job_id: str, ready: Any, timeout: float = 10) 
             return job
         time.sleep(0.02)
     raise AssertionError(f"job {job_id} never got there: {job}")
+
+
+def test_a_job_delivered_twice_concurrently_produces_one_result(
+    client: TestClient, fast_settings: Settings
+) -> None:
+    engines = [FakeEngine(token_delay_s=0.01), FakeEngine(token_delay_s=0.01)]
+    runtimes = [WorkerRuntime(fast_settings, engine) for engine in engines]
+    try:
+        job_id = submit(client, max_new_tokens=10)
+        outcomes: list[str] = []
+        barrier = threading.Barrier(2)
+
+        def deliver(runtime: WorkerRuntime, name: str) -> None:
+            barrier.wait()
+            outcomes.append(runtime.run_job(job_id, worker=name))
+
+        threads = [
+            threading.Thread(target=deliver, args=(rt, f"w{i}")) for i, rt in enumerate(runtimes)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=10)
+        assert sorted(outcomes) == ["skipped", "succeeded"]
+        job = client.get(f"/v1/jobs/{job_id}").json()
+        assert job["status"] == "succeeded" and job["attempts"] == 1
+    finally:
+        for runtime in runtimes:
+            runtime.close()
+
+
+def test_a_running_job_handed_back_on_shutdown_is_queued_again_without_an_attempt(
+    client: TestClient, fast_settings: Settings, queue: RecordingQueue
+) -> None:
+    runtime = WorkerRuntime(fast_settings, FakeEngine(token_delay_s=0.02), queue)
+    try:
+        job_id = submit(client, max_new_tokens=1000)
+        outcome: dict[str, str] = {}
+        thread = threading.Thread(
+            target=lambda: outcome.update(status=runtime.run_job(job_id, worker="w1"))
+        )
+        thread.start()
+        _wait_for(client, job_id, lambda j: j["status"] == "running")
+        runtime.drain(grace_s=0.1)
+        thread.join(timeout=10)
+        assert outcome["status"] == "handed_back"
+        job = client.get(f"/v1/jobs/{job_id}").json()
+        assert job["status"] == "queued" and job["attempts"] == 0 and job["output"] is None
+        assert queue.sent.count(job_id) == 2  # submitted, then re-sent
+    finally:
+        runtime.close()

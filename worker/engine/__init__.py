@@ -33,10 +33,10 @@ __all__ = [
 
 def build_engine(settings: Settings) -> Engine:
     """Load the configured model and start its engine (slow: call once per process)."""
-    if settings.model == "fake":
-        from worker.engine.fake import FakeEngine
+    if settings.model == "fake" or settings.model.startswith("fake:"):
+        from worker.engine.fake import fake_engine_from_spec
 
-        return FakeEngine(default_max_new_tokens=settings.default_max_new_tokens)
+        return fake_engine_from_spec(settings.model, settings.default_max_new_tokens)
     # Imported here so that the fake engine (and the API) never import torch.
     from worker.engine.batching import BatchingEngine
     from worker.engine.loader import load_model

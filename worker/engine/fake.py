@@ -8,6 +8,7 @@ per token so tests can observe a request mid-generation.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -43,9 +44,11 @@ class FakeEngine:
         token_delay_s: float = 0.0,
         default_max_new_tokens: int = 50,
         max_workers: int = 64,
+        crash_on: str | None = None,
+        name: str = "fake",
     ) -> None:
         self.info = ModelInfo(
-            name="fake",
+            name=name,
             revision="fake",
             torch_version="none",
             transformers_version="none",
@@ -56,6 +59,7 @@ class FakeEngine:
         self.max_prompt_words = max_prompt_words
         self.token_delay_s = token_delay_s
         self.default_max_new_tokens = default_max_new_tokens
+        self.crash_on = crash_on
         self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="genq-fake")
         self._lock = threading.Lock()
         self._aborted: set[str] = set()
@@ -93,6 +97,9 @@ class FakeEngine:
 
     def _generate(self, request: GenerationRequest) -> GenerationResult:
         params = request.params.with_defaults(self.default_max_new_tokens)
+        if self.crash_on and self.crash_on in request.prompt:
+            # Stands in for a segfault or an out-of-memory kill: the process dies.
+            os._exit(137)
         prompt_words = len(request.prompt.split())
         if prompt_words > self.max_prompt_words:
             raise GenerationError(
@@ -135,3 +142,23 @@ class FakeEngine:
             completion_tokens=len(made) * n,
             aborted=aborted,
         )
+
+
+def fake_engine_from_spec(spec: str, default_max_new_tokens: int) -> FakeEngine:
+    """A fake engine from a model name ``fake`` or ``fake:key=value,...``.
+
+    Keys: ``token_delay_s`` (float), ``max_prompt_words`` (int), and ``crash_on``
+    (a prompt containing it kills the worker process, for fault tests).
+    """
+    _, _, options = spec.partition(":")
+    kwargs: dict[str, str] = dict(item.split("=", 1) for item in options.split(",") if "=" in item)
+    unknown = set(kwargs) - {"token_delay_s", "max_prompt_words", "crash_on"}
+    if unknown:
+        raise ValueError(f"unknown fake engine options: {sorted(unknown)}")
+    return FakeEngine(
+        name=spec,
+        default_max_new_tokens=default_max_new_tokens,
+        token_delay_s=float(kwargs.get("token_delay_s", 0.0)),
+        max_prompt_words=int(kwargs.get("max_prompt_words", 1024)),
+        crash_on=kwargs.get("crash_on"),
+    )
