@@ -6,7 +6,7 @@ from fastapi import FastAPI
 
 from api import errors
 from api.limits import BodySizeLimit
-from api.routes import health, jobs
+from api.routes import batches, completions, files, health, jobs
 from core.queue import JobQueue, get_queue
 from core.settings import Settings, get_settings
 
@@ -22,7 +22,20 @@ def create_app(settings: Settings | None = None, queue: JobQueue | None = None) 
     app.state.settings = settings
     app.state.queue = queue or get_queue(settings)
     errors.install(app)
-    app.add_middleware(BodySizeLimit, limit_for=lambda _path: settings.max_body_bytes)
+    app.add_middleware(BodySizeLimit, limit_for=lambda path: _body_limit(settings, path))
     app.include_router(health.router)
     app.include_router(jobs.router)
+    app.include_router(files.router)
+    app.include_router(batches.router)
+    app.include_router(completions.router)
     return app
+
+
+MULTIPART_SLACK = 64 * 1024
+
+
+def _body_limit(settings: Settings, path: str) -> int:
+    """Uploads may be as large as ``max_file_bytes`` (plus the multipart framing)."""
+    if path.rstrip("/") == "/v1/files":
+        return settings.max_file_bytes + MULTIPART_SLACK
+    return settings.max_body_bytes

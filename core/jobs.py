@@ -141,6 +141,7 @@ def list_jobs(
     limit: int,
     after: str | None,
     owner: str | None = None,
+    batch_id: str | None = None,
 ) -> tuple[list[Job], bool]:
     """Jobs newest first; ``after`` is the last id of the previous page."""
     query = select(Job).order_by(Job.id.desc()).limit(limit + 1)
@@ -150,6 +151,8 @@ def list_jobs(
         query = query.where(Job.status == status.value)
     if after is not None:
         query = query.where(Job.id < after)
+    if batch_id is not None:
+        query = query.where(Job.batch_id == batch_id)
     rows = list(session.scalars(query))
     return rows[:limit], len(rows) > limit
 

@@ -5,7 +5,18 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, DateTime, Integer, MetaData, String, Text, TypeDecorator
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    ForeignKey,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Text,
+    TypeDecorator,
+)
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -72,6 +83,10 @@ class Job(Base):
 
     owner: Mapped[str] = mapped_column(String(255), index=True, default=LOCAL_OWNER)
 
+    # A request of a batch (core.batches): its batch and the caller's id for it.
+    batch_id: Mapped[str | None] = mapped_column(ForeignKey("batch.id"), index=True)
+    custom_id: Mapped[str | None] = mapped_column(String(512))
+
     # Delivery: attempts counts claims that did not hand the job back; the lease
     # token names the one claim allowed to write; the lease expires unless renewed.
     attempts: Mapped[int] = mapped_column(Integer, default=0)
@@ -117,3 +132,65 @@ class Lock(Base):
     name: Mapped[str] = mapped_column(String(64), primary_key=True)
     holder: Mapped[str] = mapped_column(String(255))
     expires_at: Mapped[dt.datetime]
+
+
+class File(Base):
+    """An uploaded file (content in ``file_chunk``), or a batch's output or error file,
+    whose content is made from the batch's job rows when read (``virtual``)."""
+
+    __tablename__ = "file"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(255), index=True)
+    purpose: Mapped[str] = mapped_column(String(32))
+    filename: Mapped[str] = mapped_column(String(255))
+    bytes: Mapped[int] = mapped_column(BigInteger)
+    lines: Mapped[int] = mapped_column(Integer)
+    # None for stored content; "output" or "error" for a batch's result files.
+    virtual: Mapped[str | None] = mapped_column(String(16))
+    batch_id: Mapped[str | None] = mapped_column(String(40))
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+class FileChunk(Base):
+    """Up to 1 MiB of a stored file's content, in order of ``seq``."""
+
+    __tablename__ = "file_chunk"
+
+    file_id: Mapped[str] = mapped_column(
+        ForeignKey("file.id", ondelete="CASCADE"), primary_key=True
+    )
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class Batch(Base):
+    """A batch of requests (OpenAI's Batch API, or ``genq run``): one job per request."""
+
+    __tablename__ = "batch"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(255), index=True)
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    endpoint: Mapped[str] = mapped_column(String(64))
+    completion_window: Mapped[str] = mapped_column(String(16))
+    model: Mapped[str | None] = mapped_column(String(512))
+    input_file_id: Mapped[str | None] = mapped_column(String(40))
+    output_file_id: Mapped[str | None] = mapped_column(String(40))
+    error_file_id: Mapped[str | None] = mapped_column(String(40))
+    meta: Mapped[dict[str, Any] | None] = mapped_column("metadata", JSON)
+    errors: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON)
+    total: Mapped[int] = mapped_column(Integer, default=0)
+    # `genq run`: a hash of the input's path and content, so a re-run resumes.
+    run_key: Mapped[str | None] = mapped_column(String(64), index=True)
+
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    in_progress_at: Mapped[dt.datetime | None]
+    expires_at: Mapped[dt.datetime | None]
+    finalizing_at: Mapped[dt.datetime | None]
+    completed_at: Mapped[dt.datetime | None]
+    failed_at: Mapped[dt.datetime | None]
+    expired_at: Mapped[dt.datetime | None]
+    cancelling_at: Mapped[dt.datetime | None]
+    cancelled_at: Mapped[dt.datetime | None]
+

@@ -140,6 +140,8 @@ class JobRead(BaseModel):
     created_at: dt.datetime
     started_at: dt.datetime | None = None
     finished_at: dt.datetime | None = None
+    batch_id: str | None = None
+    custom_id: str | None = None
 
     @classmethod
     def from_job(cls, job: Job) -> JobRead:
@@ -171,6 +173,8 @@ class JobRead(BaseModel):
             created_at=job.created_at,
             started_at=job.started_at,
             finished_at=job.finished_at,
+            batch_id=job.batch_id,
+            custom_id=job.custom_id,
         )
 
 

@@ -62,6 +62,13 @@ class Settings(BaseSettings):
     require_auth: bool = True
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
 
+    # Bulk generation: files, batches, /v1/completions (core.batches, docs/batch.md).
+    max_file_bytes: int = Field(default=200 * 1024 * 1024, ge=1024, description="per upload")
+    max_batch_lines: int = Field(default=50_000, ge=1, description="requests per batch")
+    completion_wait_s: float = Field(
+        default=60.0, ge=0, description="POST /v1/completions waits this long, then answers 202"
+    )
+
     @property
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite:///{self.data_dir / 'genq.db'}"

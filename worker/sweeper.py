@@ -19,8 +19,8 @@ import logging
 import threading
 import time
 
-from core import delivery
-from core.db import session_scope
+from core import batches, delivery
+from core.db import get_sessionmaker, session_scope
 from core.queue import JobQueue
 from core.settings import Settings
 
@@ -69,6 +69,7 @@ class Sweeper:
         report = {"reclaimed": len(requeued), "quarantined": len(failed)}
         self._send(requeued)
         report["resent"] = self._resend_lost()
+        report["batches_finalized"] = batches.finalize_due(get_sessionmaker(self._url))
         if time.monotonic() - self._last_purge > PURGE_EVERY_S:
             report["purged"] = self._purge()
             self._last_purge = time.monotonic()

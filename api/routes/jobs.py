@@ -40,9 +40,12 @@ def list_jobs(
     status: JobStatus | None = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 20,
     after: Annotated[str | None, Query(max_length=64)] = None,
+    batch_id: Annotated[str | None, Query(max_length=64)] = None,
 ) -> JobList:
     """Jobs newest first; pass the page's ``next_after`` as ``after`` for the next page."""
-    rows, has_more = jobs.list_jobs(session, status=status, limit=limit, after=after, owner=owner)
+    rows, has_more = jobs.list_jobs(
+        session, status=status, limit=limit, after=after, owner=owner, batch_id=batch_id
+    )
     data = [JobRead.from_job(job) for job in rows]
     return JobList(data=data, has_more=has_more, next_after=data[-1].id if has_more else None)
 

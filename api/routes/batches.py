@@ -1,0 +1,122 @@
+"""/v1/batches: OpenAI's Batch API (create, retrieve, list, cancel)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated, Any
+
+from fastapi import APIRouter, BackgroundTasks, Query
+from pydantic import BaseModel, ConfigDict, Field
+
+from api.deps import OwnerDep, QueueDep, SessionDep, SettingsDep
+from api.errors import APIError
+from core import batches, files
+from core.db import get_sessionmaker
+from core.jobs import served_models
+from core.models import LOCAL_OWNER
+from core.openai_format import COMPLETIONS_URL, RequestError
+from core.queue import JobQueue
+
+router = APIRouter(prefix="/v1/batches", tags=["batches"])
+log = logging.getLogger(__name__)
+
+
+class BatchCreate(BaseModel):
+    """Body of ``POST /v1/batches``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    input_file_id: str = Field(min_length=1, max_length=64)
+    endpoint: str = COMPLETIONS_URL
+    completion_window: str = "24h"
+    metadata: dict[str, str] | None = Field(default=None, max_length=16)
+    output_expires_after: dict[str, Any] | None = None  # accepted; results follow job retention
+
+
+def _enqueue(database_url: str, queue: JobQueue, batch_id: str) -> None:
+    try:
+        with get_sessionmaker(database_url)() as session:
+            sent = batches.enqueue_batch(session, queue, batch_id)
+        log.info("batch %s: %d jobs sent", batch_id, sent)
+    except Exception:  # the jobs are committed; the sweeper re-sends queued ones
+        log.warning("batch %s: jobs not all sent; the sweeper will", batch_id, exc_info=True)
+
+
+def _not_found(exc: LookupError) -> APIError:
+    return APIError(404, "not_found", str(exc), "batch_id")
+
+
+@router.post("")
+def create_batch(
+    body: BatchCreate,
+    background: BackgroundTasks,
+    session: SessionDep,
+    settings: SettingsDep,
+    queue: QueueDep,
+    owner: OwnerDep,
+) -> dict[str, Any]:
+    """Validate the input file and queue one job per line; a file with an invalid line
+    gives a ``failed`` batch whose ``errors`` name each offending line."""
+    try:
+        batch = batches.create_batch(
+            session,
+            owner=owner or LOCAL_OWNER,
+            input_file_id=body.input_file_id,
+            endpoint=body.endpoint,
+            completion_window=body.completion_window,
+            metadata=body.metadata,
+            models=served_models(session, settings),
+            max_lines=settings.max_batch_lines,
+        )
+    except files.NoSuchFileError as exc:
+        raise APIError(404, "not_found", str(exc), "input_file_id") from exc
+    except RequestError as exc:
+        raise APIError(400, exc.code, exc.message, exc.param) from exc
+    if batch.status == "in_progress":
+        # After the response: the rows are committed, sending 50k messages takes a while.
+        background.add_task(_enqueue, settings.resolved_database_url, queue, batch.id)
+    return batches.batch_object(session, batch)
+
+
+@router.get("")
+def list_batches(
+    session: SessionDep,
+    owner: OwnerDep,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    after: Annotated[str | None, Query(max_length=64)] = None,
+) -> dict[str, Any]:
+    """Batches newest first; pass the last id as ``after`` for the next page."""
+    rows, has_more = batches.list_batches(session, owner=owner, limit=limit, after=after)
+    data = [batches.batch_object(session, b) for b in rows]
+    return {
+        "object": "list",
+        "data": data,
+        "first_id": data[0]["id"] if data else None,
+        "last_id": data[-1]["id"] if data else None,
+        "has_more": has_more,
+    }
+
+
+@router.get("/{batch_id}")
+def retrieve_batch(batch_id: str, session: SessionDep, owner: OwnerDep) -> dict[str, Any]:
+    """One batch; finalized here if all its requests are done."""
+    try:
+        batch = batches.get_batch(session, batch_id, owner=owner)
+    except batches.NoSuchBatchError as exc:
+        raise _not_found(exc) from exc
+    if batches.finalize(session, batch):
+        session.commit()
+    return batches.batch_object(session, batch)
+
+
+@router.post("/{batch_id}/cancel")
+def cancel_batch(batch_id: str, session: SessionDep, owner: OwnerDep) -> dict[str, Any]:
+    """Cancel queued requests and stop running ones; finished ones are kept."""
+    try:
+        batch = batches.cancel_batch(session, batch_id, owner=owner)
+    except batches.NoSuchBatchError as exc:
+        raise _not_found(exc) from exc
+    except batches.BatchConflictError as exc:
+        raise APIError(409, "conflict", str(exc)) from exc
+    session.commit()
+    return batches.batch_object(session, batch)

@@ -1,0 +1,101 @@
+"""POST /v1/completions: OpenAI's completion call, riding the same queue as any job.
+
+The request becomes a job; the call waits for it (polling SQL, without holding a
+thread while it sleeps) for up to ``GENQ_COMPLETION_WAIT_S`` and answers with the
+completion object, or 202 with the job (``Location: /v1/jobs/{id}``) when the wait
+runs out. A client that disconnects while waiting cancels its job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, Request
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+
+from api.deps import OwnerDep, QueueDep, SessionDep, SettingsDep
+from api.errors import APIError, error_body
+from core import batches, jobs
+from core.db import get_sessionmaker
+from core.models import LOCAL_OWNER, Job
+from core.openai_format import (
+    ParsedRequest,
+    RequestError,
+    completion_object,
+    error_status,
+    parse_completion,
+)
+from core.schemas import JobRead
+from core.status import JobStatus
+
+router = APIRouter(tags=["completions"])
+
+POLL_MIN_S = 0.05
+POLL_MAX_S = 0.5
+
+
+def _read(database_url: str, job_id: str) -> Job | None:
+    with get_sessionmaker(database_url)() as session:
+        return session.get(Job, job_id)
+
+
+def _cancel(database_url: str, job_id: str) -> None:
+    with get_sessionmaker(database_url)() as session:
+        try:
+            jobs.cancel_job(session, job_id)
+            session.commit()
+        except jobs.JobConflictError:
+            pass
+
+
+@router.post("/v1/completions")
+async def create_completion(
+    request: Request,
+    body: Annotated[dict[str, Any], Body(description="OpenAI's completion request")],
+    session: SessionDep,
+    settings: SettingsDep,
+    queue: QueueDep,
+    owner: OwnerDep,
+) -> JSONResponse:
+    """Generate a completion: the body and the answer are OpenAI's."""
+    try:
+        parsed, params = parse_completion(body, models=jobs.served_models(session, settings))
+    except RequestError as exc:
+        status = 404 if exc.code == "model_not_found" else 400
+        raise APIError(status, exc.code, exc.message, exc.param) from exc
+    job_request = ParsedRequest(None, parsed.prompt, parsed.model, params)
+    job_id = await run_in_threadpool(
+        batches.submit_request, session, queue, job_request, owner=owner or LOCAL_OWNER
+    )
+    url = settings.resolved_database_url
+    deadline = time.monotonic() + settings.completion_wait_s
+    delay = POLL_MIN_S
+    while True:
+        job = await run_in_threadpool(_read, url, job_id)
+        if job is None:  # purged or deleted meanwhile
+            raise APIError(404, "not_found", f"job {job_id} disappeared", "id")
+        if JobStatus(job.status).is_final:
+            return _answer(job)
+        if time.monotonic() >= deadline:
+            content = JobRead.from_job(job).model_dump(mode="json")
+            headers = {"Location": f"/v1/jobs/{job_id}"}
+            return JSONResponse(content, status_code=202, headers=headers)
+        if await request.is_disconnected():
+            await run_in_threadpool(_cancel, url, job_id)
+            return JSONResponse(error_body("cancelled", "the client went away"), status_code=499)
+        await asyncio.sleep(delay)
+        delay = min(delay * 1.5, POLL_MAX_S)
+
+
+def _answer(job: Job) -> JSONResponse:
+    if job.status == JobStatus.SUCCEEDED.value:
+        return JSONResponse(completion_object(job))
+    if job.status == JobStatus.CANCELLED.value:
+        body = error_body("cancelled", f"job {job.id} was cancelled", job_id=job.id)
+        return JSONResponse(body, status_code=409)
+    code = job.error_code or "internal_error"
+    body = error_body(code, job.error_message or "generation failed", job_id=job.id)
+    return JSONResponse(body, status_code=error_status(code))

@@ -1,0 +1,124 @@
+"""/v1/files: OpenAI's Files API (upload, list, retrieve, content, delete)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Form, Query, UploadFile
+from fastapi.responses import StreamingResponse
+
+from api.deps import OwnerDep, SessionDep, SettingsDep
+from api.errors import APIError
+from core import batches, files
+from core.db import get_sessionmaker
+from core.models import LOCAL_OWNER, File
+
+router = APIRouter(prefix="/v1/files", tags=["files"])
+
+
+def not_found(exc: files.NoSuchFileError) -> APIError:
+    return APIError(404, "not_found", str(exc), "file_id")
+
+
+@router.post("")
+def upload_file(
+    file: UploadFile,
+    purpose: Annotated[str, Form(description="'batch'")],
+    session: SessionDep,
+    settings: SettingsDep,
+    owner: OwnerDep,
+) -> dict[str, Any]:
+    """Upload a JSONL file of requests (multipart; purpose=batch)."""
+    if purpose not in files.PURPOSES:
+        raise APIError(
+            400, "invalid_request", f"purpose must be one of {', '.join(files.PURPOSES)}", "purpose"
+        )
+    try:
+        row = files.store_upload(
+            session,
+            file.file,
+            owner=owner or LOCAL_OWNER,
+            filename=file.filename or "upload.jsonl",
+            purpose=purpose,
+            max_bytes=settings.max_file_bytes,
+            max_lines=settings.max_batch_lines,
+        )
+    except files.FileTooLargeError as exc:
+        session.rollback()
+        raise APIError(413, "file_too_large", str(exc), "file") from exc
+    except files.TooManyLinesError as exc:
+        session.rollback()
+        raise APIError(400, "too_many_lines", str(exc), "file") from exc
+    session.commit()
+    return files.file_object(row)
+
+
+@router.get("")
+def list_files(
+    session: SessionDep,
+    owner: OwnerDep,
+    purpose: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=10_000)] = 10_000,
+    order: Literal["asc", "desc"] = "desc",
+    after: Annotated[str | None, Query(max_length=64)] = None,
+) -> dict[str, Any]:
+    """Files, newest first by default; pass the last id as ``after`` for the next page."""
+    rows, has_more = files.list_files(
+        session, owner=owner, purpose=purpose, limit=limit, after=after, order=order
+    )
+    data = [files.file_object(f) for f in rows]
+    return {
+        "object": "list",
+        "data": data,
+        "first_id": data[0]["id"] if data else None,
+        "last_id": data[-1]["id"] if data else None,
+        "has_more": has_more,
+    }
+
+
+@router.get("/{file_id}")
+def retrieve_file(file_id: str, session: SessionDep, owner: OwnerDep) -> dict[str, Any]:
+    """One file's metadata."""
+    try:
+        return files.file_object(files.get_file(session, file_id, owner=owner))
+    except files.NoSuchFileError as exc:
+        raise not_found(exc) from exc
+
+
+@router.delete("/{file_id}")
+def delete_file(file_id: str, session: SessionDep, owner: OwnerDep) -> dict[str, Any]:
+    """Delete a file. A batch made from it keeps its jobs and results."""
+    try:
+        files.delete_file(session, file_id, owner=owner)
+    except files.NoSuchFileError as exc:
+        raise not_found(exc) from exc
+    session.commit()
+    return {"id": file_id, "object": "file", "deleted": True}
+
+
+def _stream(database_url: str, file_id: str) -> Iterator[bytes]:
+    # Its own session: the response is streamed after the request's session closed.
+    with get_sessionmaker(database_url)() as session:
+        file = session.get(File, file_id)
+        if file is not None:
+            yield from batches.file_content(session, file)
+
+
+@router.get("/{file_id}/content")
+def file_content(
+    file_id: str, session: SessionDep, settings: SettingsDep, owner: OwnerDep
+) -> StreamingResponse:
+    """The file's content, streamed (a batch's output is made from its job rows)."""
+    try:
+        file = files.get_file(session, file_id, owner=owner)
+    except files.NoSuchFileError as exc:
+        raise not_found(exc) from exc
+    headers = {"Content-Disposition": f'attachment; filename="{file.filename}"'}
+    if file.virtual is None:
+        headers["Content-Length"] = str(file.bytes)
+    return StreamingResponse(
+        _stream(settings.resolved_database_url, file.id),
+        media_type="application/octet-stream",
+        headers=headers,
+    )

@@ -1,0 +1,189 @@
+"""Files: uploads stored in the database in chunks, and batches' result files.
+
+An upload is read in chunks of at most 1 MiB from its (spooled) file object and
+written as ``file_chunk`` rows, so memory stays flat however large it is. A
+batch's output and error files are "virtual": a ``file`` row whose content is made,
+when read, from the batch's job rows (one pass over a server-side cursor), so the
+results are stored once and the files are always consistent with the jobs.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Iterable, Iterator
+from typing import Any, BinaryIO, Literal
+
+from sqlalchemy import delete, insert, select
+from sqlalchemy.orm import Session
+
+from core.models import File, FileChunk, utcnow
+from core.openai_format import unix
+
+CHUNK_BYTES = 1024 * 1024
+PURPOSES = ("batch",)
+OUTPUT_PURPOSE = "batch_output"
+
+
+class NoSuchFileError(LookupError):
+    """No file with that id (or not visible to the caller)."""
+
+    def __init__(self, file_id: str) -> None:
+        super().__init__(f"no file with id {file_id!r}")
+        self.file_id = file_id
+
+
+class FileTooLargeError(ValueError):
+    def __init__(self, limit: int) -> None:
+        super().__init__(
+            f"the file is larger than the limit of {limit} bytes (GENQ_MAX_FILE_BYTES)"
+        )
+        self.limit = limit
+
+
+class TooManyLinesError(ValueError):
+    def __init__(self, limit: int) -> None:
+        super().__init__(
+            f"the file has more than {limit} requests, the limit per batch (GENQ_MAX_BATCH_LINES)"
+        )
+        self.limit = limit
+
+
+def new_file_id() -> str:
+    """A time-ordered id like OpenAI's ``file-...``."""
+    return f"file-{time.time_ns() // 1_000_000:012x}{secrets.token_hex(10)}"
+
+
+def iter_lines(chunks: Iterable[bytes]) -> Iterator[tuple[int, bytes]]:
+    """(1-based line number, line without its newline) over a chunked byte stream."""
+    number = 0
+    rest = b""
+    for chunk in chunks:
+        parts = (rest + chunk).split(b"\n")
+        rest = parts.pop()
+        for part in parts:
+            number += 1
+            yield number, part
+    if rest:
+        yield number + 1, rest
+
+
+def store_upload(
+    session: Session,
+    stream: BinaryIO,
+    *,
+    owner: str,
+    filename: str,
+    purpose: str,
+    max_bytes: int,
+    max_lines: int,
+) -> File:
+    """Write an upload into ``file`` and ``file_chunk`` rows (not committed).
+
+    Raises :class:`FileTooLargeError` or :class:`TooManyLinesError`; the caller
+    rolls back.
+    """
+    file_id = new_file_id()
+    session.add(
+        File(
+            id=file_id,
+            owner=owner,
+            purpose=purpose,
+            filename=filename[:255],
+            bytes=0,
+            lines=0,
+            created_at=utcnow(),
+        )
+    )
+    session.flush()
+    size = 0
+    lines = 0
+    seq = 0
+    tail_blank = True  # whether the current (unfinished) line is blank so far
+    while chunk := stream.read(CHUNK_BYTES):
+        size += len(chunk)
+        if size > max_bytes:
+            raise FileTooLargeError(max_bytes)
+        for part_index, part in enumerate(chunk.split(b"\n")):
+            if part_index > 0:
+                lines += 0 if tail_blank else 1
+                tail_blank = True
+            tail_blank = tail_blank and not part.strip()
+        if lines > max_lines:
+            raise TooManyLinesError(max_lines)
+        session.execute(insert(FileChunk).values(file_id=file_id, seq=seq, data=chunk))
+        seq += 1
+    lines += 0 if tail_blank else 1
+    if lines > max_lines:
+        raise TooManyLinesError(max_lines)
+    file = session.get_one(File, file_id)
+    file.bytes = size
+    file.lines = lines
+    session.flush()
+    return file
+
+
+def iter_chunks(session: Session, file_id: str) -> Iterator[bytes]:
+    """A stored file's content, one chunk (≤ 1 MiB) in memory at a time."""
+    seq = 0
+    while True:
+        data = session.scalar(
+            select(FileChunk.data).where(FileChunk.file_id == file_id, FileChunk.seq == seq)
+        )
+        if data is None:
+            return
+        yield data
+        seq += 1
+
+
+def get_file(session: Session, file_id: str, *, owner: str | None) -> File:
+    """The file, if it exists and ``owner`` (None: anyone) may see it."""
+    file = session.get(File, file_id)
+    if file is None or (owner is not None and file.owner != owner):
+        raise NoSuchFileError(file_id)
+    return file
+
+
+def list_files(
+    session: Session,
+    *,
+    owner: str | None,
+    purpose: str | None,
+    limit: int,
+    after: str | None,
+    order: Literal["asc", "desc"],
+) -> tuple[list[File], bool]:
+    """Files by creation time; ``after`` is the last id of the previous page."""
+    query = select(File).limit(limit + 1)
+    query = query.order_by(File.id.desc() if order == "desc" else File.id.asc())
+    if owner is not None:
+        query = query.where(File.owner == owner)
+    if purpose is not None:
+        query = query.where(File.purpose == purpose)
+    if after is not None:
+        query = query.where(File.id < after if order == "desc" else File.id > after)
+    rows = list(session.scalars(query))
+    return rows[:limit], len(rows) > limit
+
+
+def delete_file(session: Session, file_id: str, *, owner: str | None) -> None:
+    """Delete a file and its content. A batch's jobs keep their prompts and results."""
+    file = get_file(session, file_id, owner=owner)
+    session.execute(delete(FileChunk).where(FileChunk.file_id == file.id))
+    session.delete(file)
+    session.flush()
+
+
+def file_object(file: File) -> dict[str, Any]:
+    """OpenAI's file object."""
+    return {
+        "id": file.id,
+        "object": "file",
+        "bytes": file.bytes,
+        "created_at": unix(file.created_at),
+        "filename": file.filename,
+        "purpose": file.purpose,
+        "status": "processed",
+        "status_details": None,
+        "expires_at": None,
+    }

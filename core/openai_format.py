@@ -1,0 +1,377 @@
+"""OpenAI's request and response shapes, and the mapping of OpenAI's parameters to ours.
+
+A completion request (the body of ``POST /v1/completions`` and of each batch line)
+uses OpenAI's names with OpenAI's meanings, mapped to :class:`GenerationParams`:
+
+- ``max_tokens`` → ``max_new_tokens``; omitted means 16, OpenAI's default.
+- ``temperature`` (default 1, as at OpenAI): 0 means greedy decoding, above 0
+  sampling at that temperature. ``do_sample`` (an extension) overrides the choice.
+- ``top_p``, ``seed``, ``stop`` (a string or a list) keep their names; ``n`` →
+  ``num_return_sequences`` (more than one needs sampling, or ``num_beams >= n``).
+- OpenAI samples from the whole distribution, so ``top_k`` is 0 (off) unless given,
+  not transformers' 50.
+- transformers' ``top_k``, ``num_beams``, ``early_stopping``, ``repetition_penalty``,
+  ``no_repeat_ngram_size`` and ``do_sample`` are accepted as extensions.
+- OpenAI parameters genq does not implement (``stream``, ``echo``, ``logprobs``,
+  ``best_of``, ``suffix``, ``logit_bias``, the penalties) are accepted at their
+  default values only; ``user`` is accepted and ignored. Any other field is an error.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from collections.abc import Collection, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from core.schemas import (
+    MAX_NEW_TOKENS_LIMIT,
+    MAX_PROMPT_CHARS,
+    MAX_SEQUENCES,
+    MAX_STOP_STRINGS,
+    GenerationParams,
+    StopString,
+)
+
+OPENAI_DEFAULT_MAX_TOKENS = 16
+COMPLETIONS_URL = "/v1/completions"
+ENDPOINTS = (COMPLETIONS_URL,)
+
+# Accepted only at these values (None: omitted); anything else is "not supported".
+_DEFAULT_ONLY: dict[str, tuple[object, ...]] = {
+    "stream": (None, False),
+    "echo": (None, False),
+    "logprobs": (None,),
+    "suffix": (None, ""),
+    "logit_bias": (None, {}),
+    "presence_penalty": (None, 0, 0.0),
+    "frequency_penalty": (None, 0, 0.0),
+    "stream_options": (None,),
+}
+
+
+class RequestError(ValueError):
+    """A request that cannot be run: OpenAI's error ``code``, a message and the param."""
+
+    def __init__(self, code: str, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.param = param
+
+
+class CompletionRequest(BaseModel):
+    """OpenAI's completion request, with transformers' extensions."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str = Field(min_length=1, max_length=512)
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    max_tokens: int | None = Field(default=None, ge=1, le=MAX_NEW_TOKENS_LIMIT)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    n: int | None = Field(default=None, ge=1, le=MAX_SEQUENCES)
+    stop: list[StopString] | None = Field(default=None, max_length=MAX_STOP_STRINGS)
+    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+    best_of: int | None = Field(default=None, ge=1, le=MAX_SEQUENCES)
+    user: str | None = Field(default=None, max_length=512)
+    # Accepted at their defaults only (see _DEFAULT_ONLY).
+    stream: Any = None
+    echo: Any = None
+    logprobs: Any = None
+    suffix: Any = None
+    logit_bias: Any = None
+    presence_penalty: Any = None
+    frequency_penalty: Any = None
+    stream_options: Any = None
+    # transformers' extensions
+    do_sample: bool | None = None
+    top_k: int | None = Field(default=None, ge=0, le=100_000)
+    num_beams: int | None = Field(default=None, ge=1, le=MAX_SEQUENCES)
+    early_stopping: bool | Literal["never"] | None = None
+    repetition_penalty: float | None = Field(default=None, gt=0.0, le=100.0)
+    no_repeat_ngram_size: int | None = Field(default=None, ge=0, le=64)
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _one_prompt(cls, value: object) -> object:
+        if isinstance(value, list):
+            if len(value) == 1 and isinstance(value[0], str):
+                return value[0]
+            raise ValueError(
+                "prompt must be one string (lists of prompts or of token ids are not "
+                "supported: send one request per prompt)"
+            )
+        return value
+
+    @field_validator("prompt")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("prompt must not be blank")
+        return value
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop_as_list(cls, value: object) -> object:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator(*_DEFAULT_ONLY)
+    @classmethod
+    def _default_only(cls, value: object, info: Any) -> object:
+        allowed = _DEFAULT_ONLY[info.field_name]
+        if value is None or any(value == a and type(value) is type(a) for a in allowed):
+            return value
+        raise ValueError(f"{info.field_name} is not supported by genq; omit it")
+
+
+def to_params(
+    request: CompletionRequest, *, default_max_tokens: int = OPENAI_DEFAULT_MAX_TOKENS
+) -> GenerationParams:
+    """The generation parameters meaning what ``request`` means at OpenAI."""
+    temperature = 1.0 if request.temperature is None else request.temperature
+    do_sample = request.do_sample if request.do_sample is not None else temperature > 0
+    n = request.n or 1
+    num_beams = request.num_beams or 1
+    if request.best_of is not None and request.best_of != n:
+        raise RequestError(
+            "invalid_request", "best_of is not supported by genq unless it equals n", "best_of"
+        )
+    if do_sample and temperature <= 0:
+        raise RequestError(
+            "invalid_request", "temperature must be > 0 when do_sample is true", "temperature"
+        )
+    if n > 1 and not do_sample and num_beams < n:
+        raise RequestError(
+            "invalid_request",
+            "n > 1 needs sampling (temperature > 0) or num_beams >= n; greedy decoding "
+            "yields one sequence",
+            "n",
+        )
+    values: dict[str, Any] = {
+        "max_new_tokens": request.max_tokens or default_max_tokens,
+        "do_sample": do_sample,
+        "top_k": 0 if request.top_k is None else request.top_k,
+        "num_return_sequences": n,
+        "num_beams": num_beams,
+    }
+    if do_sample:
+        values["temperature"] = temperature
+    optional = {
+        "top_p": request.top_p,
+        "stop": request.stop,
+        "seed": request.seed,
+        "early_stopping": request.early_stopping,
+        "repetition_penalty": request.repetition_penalty,
+        "no_repeat_ngram_size": request.no_repeat_ngram_size,
+    }
+    values.update({k: v for k, v in optional.items() if v is not None})
+    try:
+        return GenerationParams.model_validate(values)
+    except ValidationError as exc:  # a combination OpenAI allows but transformers does not
+        first = exc.errors()[0]
+        message = str(first.get("msg", "invalid parameters")).removeprefix("Value error, ")
+        raise RequestError("invalid_request", message) from exc
+
+
+def _error_from_validation(exc: ValidationError, prefix: str) -> RequestError:
+    first = exc.errors()[0]
+    loc = ".".join(str(p) for p in first.get("loc", ()))
+    param = f"{prefix}{loc}" if loc else prefix.rstrip(".") or None
+    kind = first.get("type")
+    message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+    if kind == "missing":
+        return RequestError("missing_required_parameter", f"missing required field {param}", param)
+    if kind == "extra_forbidden":
+        return RequestError("invalid_request", f"unknown field {param}", param)
+    return RequestError("invalid_request", f"{param}: {message}" if param else message, param)
+
+
+@dataclass(frozen=True)
+class ParsedRequest:
+    """A validated request, ready to become a job."""
+
+    custom_id: str | None
+    prompt: str
+    model: str
+    params: GenerationParams
+
+
+def parse_completion(
+    body: object,
+    *,
+    models: Collection[str],
+    prefix: str = "",
+    default_max_tokens: int = OPENAI_DEFAULT_MAX_TOKENS,
+) -> tuple[CompletionRequest, GenerationParams]:
+    """Validate a completion body; raise :class:`RequestError` naming what is wrong."""
+    if not isinstance(body, dict):
+        raise RequestError("invalid_request", "the body must be a JSON object", prefix or None)
+    try:
+        request = CompletionRequest.model_validate(body)
+    except ValidationError as exc:
+        raise _error_from_validation(exc, prefix) from exc
+    if request.model not in models:
+        raise RequestError(
+            "model_not_found",
+            f"model {request.model!r} is not served; available: {', '.join(models)}",
+            f"{prefix}model",
+        )
+    try:
+        params = to_params(request, default_max_tokens=default_max_tokens)
+    except RequestError as exc:
+        raise RequestError(exc.code, exc.message, f"{prefix}{exc.param or ''}" or None) from exc
+    return request, params
+
+
+class BatchLine(BaseModel):
+    """One line of a batch input file."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    custom_id: str = Field(min_length=1, max_length=512)
+    method: str
+    url: str
+    body: dict[str, Any]
+
+
+def parse_batch_line(raw: bytes | str, *, endpoint: str, models: Collection[str]) -> ParsedRequest:
+    """Validate one JSONL line of a batch input file; raise :class:`RequestError`."""
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise RequestError("invalid_json_line", f"the line is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise RequestError("invalid_json_line", "the line must be a JSON object")
+    try:
+        line = BatchLine.model_validate(data)
+    except ValidationError as exc:
+        raise _error_from_validation(exc, "") from exc
+    if line.method.upper() != "POST":
+        raise RequestError("invalid_method", f"method must be POST, not {line.method!r}", "method")
+    if line.url != endpoint:
+        raise RequestError(
+            "invalid_url",
+            f"url {line.url!r} is not this batch's endpoint {endpoint!r}"
+            if line.url in ENDPOINTS
+            else f"url {line.url!r} is not supported; genq serves {', '.join(ENDPOINTS)}",
+            "url",
+        )
+    request, params = parse_completion(line.body, models=models, prefix="body.")
+    return ParsedRequest(line.custom_id, request.prompt, request.model, params)
+
+
+# --- responses --------------------------------------------------------------------
+
+
+class JobLike(Protocol):
+    """The columns of a job row the response shapes need."""
+
+    id: str
+    custom_id: str | None
+    status: str
+    model: str
+    outputs: list[str] | None
+    finish_reasons: list[str] | None
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    error_code: str | None
+    error_message: str | None
+    created_at: dt.datetime
+    finished_at: dt.datetime | None
+
+
+def unix(moment: dt.datetime | None) -> int | None:
+    return int(moment.timestamp()) if moment is not None else None
+
+
+def finish_reason(reason: str | None) -> str:
+    """OpenAI's finish reason: ``stop`` (end of text or a stop string) or ``length``."""
+    return "length" if reason == "length" else "stop"
+
+
+def completion_object(job: JobLike) -> dict[str, Any]:
+    """A succeeded job as OpenAI's ``text_completion`` object."""
+    outputs = job.outputs or [""]
+    reasons = job.finish_reasons or []
+    prompt_tokens = job.prompt_tokens or 0
+    completion_tokens = job.completion_tokens or 0
+    return {
+        "id": f"cmpl-{job.id}",
+        "object": "text_completion",
+        "created": unix(job.finished_at or job.created_at),
+        "model": job.model,
+        "choices": [
+            {
+                "index": i,
+                "text": text,
+                "finish_reason": finish_reason(reasons[i] if i < len(reasons) else None),
+                "logprobs": None,
+            }
+            for i, text in enumerate(outputs)
+        ],
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        },
+    }
+
+
+CLIENT_ERRORS = frozenset({"prompt_too_long", "invalid_request", "model_not_served"})
+
+
+def error_status(code: str | None) -> int:
+    """The HTTP status a failed job's error maps to: 400 for the request's fault."""
+    return 400 if code in CLIENT_ERRORS else 500
+
+
+def result_line(job: JobLike, *, cancel_code: str = "batch_cancelled") -> dict[str, Any]:
+    """A job as a line of a batch's output file (succeeded) or error file (otherwise)."""
+    request_id = job.id
+    line: dict[str, Any] = {"id": f"batch_req_{job.id}", "custom_id": job.custom_id}
+    if job.status == "succeeded":
+        line["response"] = {
+            "status_code": 200,
+            "request_id": request_id,
+            "body": completion_object(job),
+        }
+        line["error"] = None
+    elif job.status == "failed":
+        code = job.error_code or "internal_error"
+        message = job.error_message or "generation failed"
+        error = {"message": message, "type": "invalid_request_error", "param": None, "code": code}
+        if error_status(code) >= 500:
+            error["type"] = "server_error"
+        line["response"] = {
+            "status_code": error_status(code),
+            "request_id": request_id,
+            "body": {"error": error},
+        }
+        line["error"] = {"code": code, "message": message}
+    elif job.status == "cancelled":
+        what = "expired before it ran" if cancel_code == "batch_expired" else "was cancelled"
+        line["response"] = None
+        line["error"] = {"code": cancel_code, "message": f"the request {what}"}
+    else:  # not final: only `genq run` asks for every line, after all are final
+        line["response"] = None
+        line["error"] = {"code": "not_finished", "message": f"the request is {job.status}"}
+    return line
+
+
+def dump_line(obj: dict[str, Any]) -> bytes:
+    """One JSONL line (compact, UTF-8, newline-terminated)."""
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
+
+
+def error_list(errors: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    """OpenAI's ``errors`` object of a batch."""
+    return {"object": "list", "data": list(errors)}
+
+
+def iter_dumped(lines: Iterable[dict[str, Any]]) -> Iterator[bytes]:
+    for line in lines:
+        yield dump_line(line)
