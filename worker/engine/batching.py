@@ -21,7 +21,6 @@ from concurrent.futures import Future
 from typing import Any
 
 import torch
-from transformers import DynamicCache
 
 from worker.engine import kvcache
 from worker.engine.base import GenerationError, GenerationRequest, GenerationResult, ModelInfo
@@ -278,7 +277,7 @@ class BatchingEngine:
             device=self.device,
         )
         positions = (mask.cumsum(-1) - 1).clamp_min(0)
-        cache = DynamicCache(config=self.model.config)
+        cache = kvcache.new_cache(self.model.config)
         logits = self._forward(ids, mask, positions, cache)
         chosen = self._choose(logits, newcomers)
         self._record(chosen, newcomers)
