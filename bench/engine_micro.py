@@ -31,24 +31,6 @@ from worker.engine.batching import BatchingEngine
 
 TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "models" / "gpt2-tokenizer"
 WORDS = "the a cat dog ran over hill when blue sky river quickly sat under old tree and".split()
-    "the",
-    "a",
-    "cat",
-    "dog",
-    "ran",
-    "over",
-    "hill",
-    "when",
-    "blue",
-    "sky",
-    "river",
-    "quickly",
-    "sat",
-    "under",
-    "old",
-    "tree",
-    "and",
-]
 
 
 def build() -> tuple[Any, Any]:
