@@ -65,7 +65,7 @@ def create_batch(
             endpoint=body.endpoint,
             completion_window=body.completion_window,
             metadata=body.metadata,
-            models=served_models(session, settings),
+            models=served_models(settings),
             max_lines=settings.max_batch_lines,
         )
     except files.NoSuchFileError as exc:
