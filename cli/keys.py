@@ -1,14 +1,16 @@
-"""``genq keys``: create, list and revoke API keys (directly in the database)."""
+"""``genq keys``: create, list, show and revoke API keys (directly in the database)."""
 
 from __future__ import annotations
 
 from typing import Annotated
 
 import typer
+from pydantic import TypeAdapter, ValidationError
 from rich.table import Table
 
 from core import keys
 from core.db import session_scope
+from core.schemas import CallbackUrl
 from core.settings import get_settings
 
 app = typer.Typer(help="Manage API keys.", no_args_is_help=True)
@@ -20,11 +22,24 @@ def create(
     owner: Annotated[
         str | None, typer.Option(help="who owns what the key makes (default: name)")
     ] = None,
+    callback_url: Annotated[
+        str | None,
+        typer.Option(help="default webhook URL for the owner's jobs and batches"),
+    ] = None,
 ) -> None:
-    """Create a key. It is shown once, alone on the last line, so scripts can take it."""
+    """Create a key. It is shown once, alone on the last line, so scripts can take it;
+    the line before holds its webhook secret (`genq keys show` shows that again)."""
+    if callback_url is not None:
+        try:
+            callback_url = str(TypeAdapter(CallbackUrl).validate_python(callback_url))
+        except ValidationError as exc:
+            typer.echo(f"--callback-url: {exc.errors()[0]['msg']}", err=True)
+            raise typer.Exit(2) from None
     with session_scope(get_settings().resolved_database_url) as session:
-        key, secret = keys.create_key(session, name=name, owner=owner)
-        typer.echo(f"created {key.id} (name {key.name}, owner {key.owner}); the key, shown once:")
+        key, secret = keys.create_key(session, name=name, owner=owner, callback_url=callback_url)
+        typer.echo(f"created {key.id} (name {key.name}, owner {key.owner})")
+        typer.echo(f"webhook secret: {key.webhook_secret}")
+        typer.echo("the key, shown once:")
     typer.echo(secret)
 
 
@@ -42,6 +57,23 @@ def list_keys() -> None:
     from cli.main import console
 
     console.print(table)
+
+
+@app.command()
+def show(key_id: Annotated[str, typer.Argument(help="the key's id (key_...)")]) -> None:
+    """Show a key (never the key itself): owner, default callback, webhook secret."""
+    try:
+        with session_scope(get_settings().resolved_database_url) as session:
+            key = keys.get_key(session, key_id)
+            typer.echo(f"id: {key.id}")
+            typer.echo(f"name: {key.name}")
+            typer.echo(f"owner: {key.owner}")
+            typer.echo(f"revoked: {key.revoked_at.isoformat() if key.revoked_at else 'no'}")
+            typer.echo(f"callback_url: {key.callback_url or ''}")
+            typer.echo(f"webhook secret: {key.webhook_secret}")
+    except keys.KeyNotFoundError:
+        typer.echo(f"no key with id {key_id}", err=True)
+        raise typer.Exit(1) from None
 
 
 @app.command()

@@ -29,7 +29,7 @@ from typing import Any
 from sqlalchemy import func, insert, select, update
 from sqlalchemy.orm import Session
 
-from core import files
+from core import files, webhooks
 from core.jobs import new_job_id
 from core.models import Batch, File, Job, utcnow
 from core.openai_format import (
@@ -245,6 +245,7 @@ def create_batch(
     models: Collection[str],
     max_lines: int,
     run_key: str | None = None,
+    callback_url: str | None = None,
 ) -> Batch:
     """Validate the input and create the batch with its jobs, committed.
 
@@ -285,6 +286,7 @@ def create_batch(
             input_file_id=input_file_id,
             meta=metadata,
             run_key=run_key,
+            callback_url=callback_url,
             created_at=now,
             expires_at=now + window if window else None,
         )
@@ -301,6 +303,8 @@ def create_batch(
         batch.failed_at = utcnow()
         batch.errors = result.errors_object()["data"]
         session.add(batch)
+        session.flush()
+        webhooks.record_batch_event(session, batch)
     batch.total = result.total
     batch.model = result.model
     session.commit()
@@ -530,6 +534,7 @@ def finalize(session: Session, batch: Batch) -> bool:
     stamp = {"completed": "completed_at", "cancelled": "cancelled_at", "expired": "expired_at"}
     setattr(batch, stamp[final], utcnow())
     session.flush()
+    webhooks.record_batch_event(session, batch)
     return True
 
 

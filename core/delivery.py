@@ -19,6 +19,7 @@ from typing import Any
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
+from core import webhooks
 from core.models import Job, Lock, utcnow
 from core.schemas import GenerationParams
 from core.status import JobStatus
@@ -117,7 +118,9 @@ def finish_job(session: Session, claim: Claim, outcome: Outcome) -> bool:
         .values(status=JobStatus.SUCCEEDED.value, finished_at=utcnow(), **values)
     )
     if _rowcount(done):
+        webhooks.record_job_events(session, [claim.job_id])
         return True
+    # Cancelled while running: its webhook was written by the cancel.
     kept = session.execute(update(Job).where(_owned(claim, JobStatus.CANCELLED)).values(**values))
     return bool(_rowcount(kept))
 
@@ -135,7 +138,10 @@ def fail_job(session: Session, claim: Claim, *, code: str, message: str) -> bool
             lease_expires_at=None,
         )
     )
-    return bool(_rowcount(result))
+    if not _rowcount(result):
+        return False
+    webhooks.record_job_events(session, [claim.job_id])
+    return True
 
 
 def release_job(session: Session, claim: Claim) -> bool:
@@ -229,7 +235,9 @@ def _fail_exhausted(session: Session, where: Any, max_attempts: int) -> list[str
         )
         .returning(Job.id)
     )
-    return list(rows.scalars())
+    failed = list(rows.scalars())
+    webhooks.record_job_events(session, failed)
+    return failed
 
 
 def reclaim_expired(session: Session, *, max_attempts: int) -> tuple[list[str], list[str]]:

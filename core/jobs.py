@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from core import webhooks
 from core.models import LOCAL_OWNER, Job, utcnow
 from core.queue import JobQueue
 from core.schemas import JobCreate
@@ -169,4 +170,5 @@ def cancel_job(session: Session, job_id: str, *, owner: str | None = None) -> Jo
     job.finished_at = utcnow()
     job.lease_expires_at = None
     session.flush()
+    webhooks.record_job_events(session, [job.id])
     return job

@@ -2,6 +2,9 @@
 
 Keys are 256-bit random tokens, so a plain SHA-256 is enough to store them
 (a slow password hash guards low-entropy secrets, which these are not).
+
+Each key also has a webhook secret, which signs the webhooks of its owner's jobs
+(core.webhooks). It is stored as is, since signing needs it, and can be shown again.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from core.models import ApiKey, utcnow
+from core.webhooks import new_webhook_secret
 
 KEY_PREFIX = "genq_"
 
@@ -25,8 +29,12 @@ def _hash(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
-def create_key(session: Session, *, name: str, owner: str | None = None) -> tuple[ApiKey, str]:
-    """A new key for ``owner`` (default: the name); returns the row and the secret."""
+def create_key(
+    session: Session, *, name: str, owner: str | None = None, callback_url: str | None = None
+) -> tuple[ApiKey, str]:
+    """A new key for ``owner`` (default: the name), with a webhook secret and an
+    optional default ``callback_url`` for the owner's jobs and batches; returns the
+    row and the key's secret."""
     secret = KEY_PREFIX + secrets.token_urlsafe(32)
     key = ApiKey(
         id=f"key_{secrets.token_hex(8)}",
@@ -35,6 +43,8 @@ def create_key(session: Session, *, name: str, owner: str | None = None) -> tupl
         prefix=secret[: len(KEY_PREFIX) + 4],
         secret_hash=_hash(secret),
         created_at=utcnow(),
+        callback_url=callback_url,
+        webhook_secret=new_webhook_secret(),
     )
     session.add(key)
     session.flush()
@@ -43,6 +53,16 @@ def create_key(session: Session, *, name: str, owner: str | None = None) -> tupl
 
 def list_keys(session: Session) -> list[ApiKey]:
     return list(session.scalars(select(ApiKey).order_by(ApiKey.created_at)))
+
+
+def get_key(session: Session, key_id: str) -> ApiKey:
+    """The key; one made before webhooks existed gets its webhook secret now."""
+    key = session.get(ApiKey, key_id)
+    if key is None:
+        raise KeyNotFoundError(key_id)
+    if key.webhook_secret is None:
+        key.webhook_secret = new_webhook_secret()
+    return key
 
 
 def revoke_key(session: Session, key_id: str) -> ApiKey:

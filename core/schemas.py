@@ -10,8 +10,10 @@ import datetime as dt
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from sqlalchemy import select
+from sqlalchemy.orm import object_session
 
-from core.models import Job
+from core.models import Job, WebhookDelivery
 from core.status import JobStatus
 
 MAX_NEW_TOKENS_LIMIT = 4096
@@ -117,6 +119,43 @@ class Reproducibility(BaseModel):
     transformers_version: str | None = None
 
 
+class WebhookStatus(BaseModel):
+    """How the job's webhook delivery is going (docs/webhooks.md)."""
+
+    id: str
+    event: str
+    status: Literal["pending", "delivered", "failed"]
+    attempts: int
+    last_status_code: int | None = None
+    last_error: str | None = None
+    delivered_at: dt.datetime | None = None
+
+
+def webhook_status(job: Job) -> WebhookStatus | None:
+    """The newest webhook delivery of a finished job, read through the job's session
+    (only a finished job can have one, so running jobs cost no query)."""
+    session = object_session(job)
+    if session is None or not JobStatus(job.status).is_final:
+        return None
+    row = session.scalars(
+        select(WebhookDelivery)
+        .where(WebhookDelivery.job_id == job.id)
+        .order_by(WebhookDelivery.created_at.desc())
+        .limit(1)
+    ).first()
+    if row is None:
+        return None
+    return WebhookStatus(
+        id=row.id,
+        event=row.event,
+        status=row.status,
+        attempts=row.attempts,
+        last_status_code=row.last_status_code,
+        last_error=row.last_error,
+        delivered_at=row.delivered_at,
+    )
+
+
 class JobRead(BaseModel):
     """A job as the API returns it."""
 
@@ -142,6 +181,7 @@ class JobRead(BaseModel):
     finished_at: dt.datetime | None = None
     batch_id: str | None = None
     custom_id: str | None = None
+    webhook: WebhookStatus | None = None
 
     @classmethod
     def from_job(cls, job: Job) -> JobRead:
@@ -175,6 +215,7 @@ class JobRead(BaseModel):
             finished_at=job.finished_at,
             batch_id=job.batch_id,
             custom_id=job.custom_id,
+            webhook=webhook_status(job),
         )
 
 

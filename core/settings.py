@@ -69,6 +69,18 @@ class Settings(BaseSettings):
         default=60.0, ge=0, description="POST /v1/completions waits this long, then answers 202"
     )
 
+    # Webhooks (core.webhooks, docs/webhooks.md).
+    webhook_secret: str | None = Field(
+        default=None, description="signs webhooks of owners without a key secret (auth off)"
+    )
+    webhook_timeout_s: float = Field(default=10.0, gt=0, description="per POST")
+    webhook_max_age_s: float = Field(
+        default=86_400.0, gt=0, description="retry a failing webhook this long, then give up"
+    )
+    webhook_backoff_base_s: float = Field(default=5.0, gt=0, description="first retry's wait")
+    webhook_backoff_max_s: float = Field(default=3600.0, gt=0, description="longest retry wait")
+    webhook_poll_s: float = Field(default=1.0, gt=0, description="how often due ones are sent")
+
     @property
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite:///{self.data_dir / 'genq.db'}"

@@ -22,6 +22,7 @@ from celery.signals import worker_init, worker_shutdown, worker_shutting_down
 
 from core.queue import get_queue
 from core.settings import get_settings
+from worker.dispatcher import Dispatcher
 from worker.runtime import WorkerRuntime
 from worker.sweeper import Sweeper
 
@@ -34,12 +35,13 @@ class EngineLoadError(RuntimeError):
 
 _runtime: WorkerRuntime | None = None
 _sweeper: Sweeper | None = None
+_dispatcher: Dispatcher | None = None
 _lock = threading.Lock()
 
 
 def get_runtime() -> WorkerRuntime:
     """This process's runtime, built (and the model loaded) on first call."""
-    global _runtime, _sweeper
+    global _runtime, _sweeper, _dispatcher
     with _lock:
         if _runtime is None:
             from worker.engine import build_engine
@@ -58,6 +60,8 @@ def get_runtime() -> WorkerRuntime:
             _runtime = WorkerRuntime(settings, engine, queue)
             _sweeper = Sweeper(settings, queue, holder=f"{socket.gethostname()}:{os.getpid()}")
             _sweeper.start()
+            _dispatcher = Dispatcher(settings)
+            _dispatcher.start()
         return _runtime
 
 
@@ -77,8 +81,11 @@ def _drain(**_: Any) -> None:
 
 @worker_shutdown.connect
 def _close(**_: Any) -> None:
-    global _runtime, _sweeper
+    global _runtime, _sweeper, _dispatcher
     with _lock:
+        if _dispatcher is not None:
+            _dispatcher.stop()
+            _dispatcher = None
         if _sweeper is not None:
             _sweeper.stop()
             _sweeper = None

@@ -16,6 +16,7 @@ from core.jobs import served_models
 from core.models import LOCAL_OWNER
 from core.openai_format import COMPLETIONS_URL, RequestError
 from core.queue import JobQueue
+from core.schemas import CallbackUrl
 
 router = APIRouter(prefix="/v1/batches", tags=["batches"])
 log = logging.getLogger(__name__)
@@ -31,6 +32,8 @@ class BatchCreate(BaseModel):
     completion_window: str = "24h"
     metadata: dict[str, str] | None = Field(default=None, max_length=16)
     output_expires_after: dict[str, Any] | None = None  # accepted; results follow job retention
+    # A genq extension: POSTed the batch, signed, when it ends (docs/webhooks.md).
+    callback_url: CallbackUrl | None = None
 
 
 def _enqueue(database_url: str, queue: JobQueue, batch_id: str) -> None:
@@ -67,6 +70,7 @@ def create_batch(
             metadata=body.metadata,
             models=served_models(settings),
             max_lines=settings.max_batch_lines,
+            callback_url=str(body.callback_url) if body.callback_url else None,
         )
     except files.NoSuchFileError as exc:
         raise APIError(404, "not_found", str(exc), "input_file_id") from exc
