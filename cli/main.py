@@ -195,10 +195,11 @@ def _redact(url: str) -> str:
 
 
 def _register_subcommands() -> None:
-    from cli import demo, keys
+    from cli import demo, keys, run
 
     app.command(name="demo")(demo.demo)
     app.add_typer(keys.app, name="keys")
+    app.command(name="run")(run.run)
 
 
 _register_subcommands()

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-from collections.abc import Collection, Iterable, Iterator
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
@@ -238,7 +238,13 @@ class BatchLine(BaseModel):
     body: dict[str, Any]
 
 
-def parse_batch_line(raw: bytes | str, *, endpoint: str, models: Collection[str]) -> ParsedRequest:
+def parse_batch_line(
+    raw: bytes | str,
+    *,
+    endpoint: str,
+    models: Collection[str],
+    default_max_tokens: int = OPENAI_DEFAULT_MAX_TOKENS,
+) -> ParsedRequest:
     """Validate one JSONL line of a batch input file; raise :class:`RequestError`."""
     try:
         data = json.loads(raw)
@@ -260,7 +266,9 @@ def parse_batch_line(raw: bytes | str, *, endpoint: str, models: Collection[str]
             else f"url {line.url!r} is not supported; genq serves {', '.join(ENDPOINTS)}",
             "url",
         )
-    request, params = parse_completion(line.body, models=models, prefix="body.")
+    request, params = parse_completion(
+        line.body, models=models, prefix="body.", default_max_tokens=default_max_tokens
+    )
     return ParsedRequest(line.custom_id, request.prompt, request.model, params)
 
 
@@ -370,8 +378,3 @@ def dump_line(obj: dict[str, Any]) -> bytes:
 def error_list(errors: Iterable[dict[str, Any]]) -> dict[str, Any]:
     """OpenAI's ``errors`` object of a batch."""
     return {"object": "list", "data": list(errors)}
-
-
-def iter_dumped(lines: Iterable[dict[str, Any]]) -> Iterator[bytes]:
-    for line in lines:
-        yield dump_line(line)

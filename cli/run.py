@@ -1,0 +1,408 @@
+"""``genq run INPUT -o OUTPUT``: bulk offline generation from the command line.
+
+It talks to the database and the queue directly (no HTTP), so it works on the
+embedded default and on Redis/PostgreSQL alike. The input becomes a batch (one
+job per line, validated and inserted in one transaction) keyed by a hash of the
+input's absolute path and content: running the same command again after an
+interruption finds that batch and resumes it. Completed lines are never
+generated again; queued ones are re-sent (a duplicate message is harmless);
+running ones whose worker died are handed back by the sweeper once their lease
+expires. The output is written, streamed from the job rows in input order, once
+every line is final.
+
+Inputs, one request per line (blank lines skipped):
+
+- OpenAI's batch format: ``{"custom_id", "method", "url", "body": {...}}``;
+- genq's job format: ``{"prompt": ..., transformers' parameters as for POST
+  /v1/jobs, optional "model" and "custom_id"}``;
+- plain text: each line is a prompt (``--format text``, or a file that does not
+  start with ``{``). A line without a custom_id gets ``line-N``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Collection, Iterator
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from core import batches
+from core.batches import LineError, Parsed
+from core.db import get_sessionmaker
+from core.jobs import served_models
+from core.models import LOCAL_OWNER, Batch
+from core.openai_format import COMPLETIONS_URL, ParsedRequest, RequestError, parse_batch_line
+from core.queue import get_queue
+from core.schemas import GenerationParams, JobCreate
+from core.settings import Settings, get_settings
+
+err = Console(stderr=True, soft_wrap=True)
+out = Console(soft_wrap=True)
+
+
+class InputFormat(enum.StrEnum):
+    AUTO = "auto"
+    JSONL = "jsonl"
+    TEXT = "text"
+
+
+def run_key(path: Path) -> str:
+    """A hash of the input's absolute path and content, read in chunks."""
+    content = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            content.update(chunk)
+    return hashlib.sha256(f"{path.resolve()}\0{content.hexdigest()}".encode()).hexdigest()
+
+
+def detect_format(path: Path) -> InputFormat:
+    """JSONL when the first non-blank line starts with ``{``, else text."""
+    with path.open("rb") as f:
+        for raw in f:
+            if raw.strip():
+                return (
+                    InputFormat.JSONL
+                    if raw.lstrip(b"\xef\xbb\xbf \t").startswith(b"{")
+                    else InputFormat.TEXT
+                )
+    return InputFormat.TEXT
+
+
+def parse_plain(
+    data: dict[str, object], *, models: Collection[str], default_model: str, max_tokens: int
+) -> ParsedRequest:
+    """genq's job format: ``{"prompt", parameters with transformers' names, ...}``."""
+    body = dict(data)
+    custom_id = body.pop("custom_id", None)
+    if custom_id is not None and (not isinstance(custom_id, str) or not custom_id):
+        raise RequestError("invalid_request", "custom_id must be a non-empty string", "custom_id")
+    try:
+        job = JobCreate.model_validate(body)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        param = ".".join(str(p) for p in first.get("loc", ())) or None
+        message = str(first.get("msg", "invalid")).removeprefix("Value error, ")
+        code = "missing_required_parameter" if first.get("type") == "missing" else "invalid_request"
+        raise RequestError(code, f"{param}: {message}" if param else message, param) from exc
+    model = job.model or default_model
+    if model not in models:
+        raise RequestError(
+            "model_not_found",
+            f"model {model!r} is not served; available: {', '.join(models)}",
+            "model",
+        )
+    return ParsedRequest(custom_id, job.prompt, model, job.params().with_defaults(max_tokens))
+
+
+def parse_input(
+    path: Path,
+    fmt: InputFormat,
+    *,
+    models: Collection[str],
+    default_model: str,
+    max_tokens: int | None,
+    default_max_tokens: int,
+) -> Iterator[Parsed]:
+    """Each non-blank line of the input, parsed or its error; streamed."""
+    if fmt is InputFormat.AUTO:
+        fmt = detect_format(path)
+    text_params = GenerationParams(max_new_tokens=max_tokens or default_max_tokens)
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, start=1):
+            if number == 1:
+                raw = raw.removeprefix(b"\xef\xbb\xbf")
+            line = raw.rstrip(b"\r\n")
+            if not line.strip():
+                continue
+            try:
+                if fmt is InputFormat.TEXT:
+                    prompt = line.decode()
+                    yield number, ParsedRequest(None, prompt, default_model, text_params)
+                    continue
+                try:
+                    data = json.loads(line)
+                except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                    raise RequestError(
+                        "invalid_json_line", f"the line is not valid JSON: {exc}"
+                    ) from exc
+                if not isinstance(data, dict):
+                    raise RequestError("invalid_json_line", "the line must be a JSON object")
+                if "body" in data or "url" in data:
+                    yield (
+                        number,
+                        parse_batch_line(
+                            line,
+                            endpoint=COMPLETIONS_URL,
+                            models=models,
+                            **({"default_max_tokens": max_tokens} if max_tokens else {}),
+                        ),
+                    )
+                else:
+                    yield (
+                        number,
+                        parse_plain(
+                            data,
+                            models=models,
+                            default_model=default_model,
+                            max_tokens=max_tokens or default_max_tokens,
+                        ),
+                    )
+            except UnicodeDecodeError as exc:
+                yield number, LineError(number, "invalid_encoding", f"the line is not UTF-8: {exc}")
+            except RequestError as exc:
+                yield number, LineError(number, exc.code, exc.message, exc.param)
+
+
+def find_run(session: Session, key: str, owner: str) -> Batch | None:
+    """The latest batch of a previous run of the same input, unless it failed."""
+    return session.scalar(
+        select(Batch)
+        .where(Batch.run_key == key, Batch.owner == owner, Batch.status != "failed")
+        .order_by(Batch.id.desc())
+        .limit(1)
+    )
+
+
+def _start_worker(settings: Settings) -> tuple[subprocess.Popen[bytes], Path]:
+    log = settings.data_dir / f"run-worker-{os.getpid()}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+
+    def die_with_parent() -> None:  # Linux: the worker gets SIGTERM if `genq run` dies
+        with contextlib.suppress(Exception):
+            import ctypes
+
+            ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)
+
+    with log.open("wb") as f:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "cli", "worker", "--loglevel=WARNING"],
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            preexec_fn=die_with_parent if sys.platform == "linux" else None,
+        )
+    return proc, log
+
+
+def _stop_worker(proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _tail(log: Path, lines: int = 20) -> str:
+    return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+
+
+def run(
+    input_path: Annotated[
+        Path, typer.Argument(metavar="INPUT", exists=True, dir_okay=False, help="the requests")
+    ],
+    output: Annotated[Path, typer.Option("--output", "-o", help="where to write the results")],
+    fmt: Annotated[
+        InputFormat, typer.Option("--format", help="auto: JSONL if it starts with '{', else text")
+    ] = InputFormat.AUTO,
+    model: Annotated[str | None, typer.Option(help="for lines that name none")] = None,
+    max_tokens: Annotated[
+        int | None, typer.Option(min=1, help="tokens per line where the line gives no length")
+    ] = None,
+    worker: Annotated[
+        bool | None,
+        typer.Option(
+            "--worker/--no-worker",
+            help="start a local worker for the run (default: on the embedded default, "
+            "not when GENQ_BROKER_URL is set)",
+        ),
+    ] = None,
+    owner: Annotated[str, typer.Option(help="the owner of the batch and its jobs")] = LOCAL_OWNER,
+    poll: Annotated[float, typer.Option(min=0.05, help="seconds between progress reads")] = 0.5,
+) -> None:
+    """Generate for every line of INPUT and write one result line per request to OUTPUT.
+
+    Re-running the same command after an interruption resumes: lines already
+    completed are not generated again.
+    """
+    from cli.main import _migrate_embedded
+
+    settings = get_settings()
+    _migrate_embedded()
+    url = settings.resolved_database_url
+    key = run_key(input_path)
+    with get_sessionmaker(url)() as session:
+        models = served_models(settings)
+        batch = find_run(session, key, owner)
+        resumed = batch is not None
+        if batch is None:
+            started = time.perf_counter()
+            parsed = parse_input(
+                input_path,
+                fmt,
+                models=models,
+                default_model=model or settings.model,
+                max_tokens=max_tokens,
+                default_max_tokens=settings.default_max_new_tokens,
+            )
+            batch = batches.create_batch(
+                session,
+                owner=owner,
+                input_file_id=None,
+                parsed=parsed,
+                completion_window=None,
+                metadata={"genq_run": str(input_path.resolve())},
+                models=models,
+                max_lines=settings.max_batch_lines,
+                run_key=key,
+            )
+            if batch.status == "failed":
+                _print_errors(batch)
+                raise typer.Exit(1)
+            elapsed = time.perf_counter() - started
+            err.print(
+                f"batch {batch.id}: {batch.total} requests ingested in {elapsed:.1f} s "
+                f"({batch.total / max(elapsed, 1e-9):,.0f} lines/s)"
+            )
+        batch_id = batch.id
+        tally = batches.counts(session, batch_id)
+        if resumed:
+            err.print(
+                f"resuming batch {batch_id}: {tally.completed + tally.failed} of {tally.total} "
+                "already done; they are not generated again"
+            )
+    local = worker if worker is not None else settings.broker_url is None
+    proc: subprocess.Popen[bytes] | None = None
+    log: Path | None = None
+    try:
+        if tally.active:
+            if local:
+                proc, log = _start_worker(settings)
+                err.print(f"started a local worker (pid {proc.pid}, log {log})")
+            # Sent from a thread (a broker takes a few hundred messages a second), so
+            # the worker starts on the first ones while the progress bar runs.
+            sender = threading.Thread(
+                target=_send, args=(url, settings, batch_id, resumed), daemon=True
+            )
+            sender.start()
+            _watch(url, batch_id, poll, proc, log)
+        _write_output(url, batch_id, output)
+    except KeyboardInterrupt:
+        err.print("[yellow]interrupted[/yellow]: run the same command again to resume")
+        raise typer.Exit(130) from None
+    finally:
+        if proc is not None:
+            _stop_worker(proc)
+
+
+def _send(url: str, settings: Settings, batch_id: str, resumed: bool) -> None:
+    try:
+        with get_sessionmaker(url)() as session:
+            sent = batches.enqueue_batch(session, get_queue(settings), batch_id)
+    except Exception as exc:  # the sweeper re-sends queued jobs; a re-run does too
+        err.print(f"[yellow]could not send every request to the broker:[/yellow] {exc}")
+        return
+    if resumed and sent:
+        err.print(f"re-sent {sent} queued requests")
+
+
+def _watch(
+    url: str, batch_id: str, poll: float, proc: subprocess.Popen[bytes] | None, log: Path | None
+) -> None:
+    """Show progress until every request of the batch is final."""
+    with get_sessionmaker(url)() as session:
+        first = batches.counts(session, batch_id)
+    done0, tokens0, t0 = first.completed + first.failed, first.completion_tokens, time.monotonic()
+    live = err.is_terminal
+    progress = Progress(
+        TextColumn("[bold]generating"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("failed {task.fields[failed]}"),
+        TextColumn("{task.fields[rate]:,.0f} tokens/s"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=err,
+        disable=not live,
+    )
+    last_print = 0.0
+    with progress:
+        task = progress.add_task(
+            "run", total=first.total, completed=done0, failed=first.failed, rate=0.0
+        )
+        while True:
+            with get_sessionmaker(url)() as session:
+                tally = batches.counts(session, batch_id)
+            done = tally.completed + tally.failed
+            elapsed = max(time.monotonic() - t0, 1e-9)
+            rate = (tally.completion_tokens - tokens0) / elapsed
+            progress.update(task, completed=done, failed=tally.failed, rate=rate)
+            if not live and (time.monotonic() - last_print >= 2 or not tally.active):
+                per_s = (done - done0) / elapsed
+                eta = f"{(tally.total - done) / per_s:.0f} s" if per_s > 0 else "?"
+                err.print(
+                    f"done {done}/{tally.total}  failed {tally.failed}  "
+                    f"{rate:,.0f} tokens/s  ETA {eta}",
+                    highlight=False,
+                )
+                last_print = time.monotonic()
+            if not tally.active:
+                return
+            if proc is not None and proc.poll() is not None:
+                tail = _tail(log) if log else ""
+                err.print(f"[red]the local worker exited ({proc.returncode}):[/red]\n{tail}")
+                raise typer.Exit(1)
+            time.sleep(poll)
+
+
+def _write_output(url: str, batch_id: str, output: Path) -> None:
+    """Finalize the batch and write every result line, streamed, in input order."""
+    with get_sessionmaker(url)() as session:
+        batch = session.get_one(Batch, batch_id)
+        if batches.finalize(session, batch):
+            session.commit()
+        tmp = output.with_name(output.name + ".part")
+        written = {"output": 0, "error": 0}
+        with tmp.open("wb") as f:
+            for kind, line in batches.result_lines(session, batch, kind=None):
+                f.write(line)
+                written[kind] += 1
+        tmp.replace(output)
+    out.print(
+        f"wrote {written['output'] + written['error']} lines to {output}: "
+        f"{written['output']} succeeded, {written['error']} failed"
+    )
+
+
+def _print_errors(batch: Batch) -> None:
+    err.print(
+        f"[red]the input is invalid; nothing was queued[/red] ({len(batch.errors or [])} errors)"
+    )
+    for error in batch.errors or []:
+        where = f"line {error['line']}" if error.get("line") else "file"
+        param = f" ({error['param']})" if error.get("param") else ""
+        err.print(f"  {where}: {error['code']}{param}: {error['message']}", highlight=False)
