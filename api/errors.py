@@ -12,9 +12,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from core.db import is_transient
-
 from core.jobs import JobConflictError, JobNotFoundError
-
 
 log = logging.getLogger(__name__)
 

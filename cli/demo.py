@@ -64,6 +64,8 @@ def demo(
 ) -> None:
     """Start a worker and the API, generate for a few prompts, print the results."""
     env = dict(os.environ)
+    # The demo's own API, on a free port of this machine: no key needed unless asked.
+    env.setdefault("GENQ_REQUIRE_AUTH", "false")
     logs = Path(tempfile.mkdtemp(prefix="genq-demo-"))
     port = _free_port()
     env["GENQ_API_URL"] = f"http://127.0.0.1:{port}"

@@ -58,17 +58,25 @@ def api(
 
 @app.command()
 def worker(
+    model: Annotated[
+        str | None, typer.Option(help="the model to serve (default: GENQ_MODEL)")
+    ] = None,
     concurrency: Annotated[
         int, typer.Option(help="jobs in flight per process (default: max batch size + 8)")
     ] = 0,
     loglevel: Annotated[str, typer.Option(help="Celery log level")] = "INFO",
     hostname: Annotated[str | None, typer.Option(help="Celery node name")] = None,
 ) -> None:
-    """Run a Celery worker that holds the model (GENQ_MODEL) and batches jobs.
+    """Run a Celery worker that holds one model and batches its jobs.
 
-    It uses Celery's threads pool: one process, one copy of the weights, and as
-    many task threads as jobs that may share a forward pass.
+    It consumes that model's queues, high priority first, with Celery's threads
+    pool: one process, one copy of the weights, and as many task threads as jobs
+    that may share a forward pass.
     """
+    if model:
+        os.environ["GENQ_MODEL"] = model
+        get_settings.cache_clear()
+    from core.queue import queues_for
     from worker import lifecycle
     from worker.celery_app import app as celery_app
 
@@ -83,14 +91,14 @@ def worker(
         "worker",
         "--pool=threads",
         f"--concurrency={concurrency or settings.resolved_worker_concurrency}",
-        f"--queues={settings.queue}",
+        f"--queues={','.join(queues_for(settings.queue, settings.model))}",
         f"--loglevel={loglevel}",
         "--task-events",
         "--without-gossip",
         "--without-mingle",
+        # Unique per process, so several workers on one machine are told apart.
+        f"--hostname={hostname or f'genq{os.getpid()}@%h'}",
     ]
-    # Unique per process, so several workers on one machine are told apart.
-    argv.append(f"--hostname={hostname or f'genq{os.getpid()}@%h'}")
     celery_app.worker_main(argv)
 
 

@@ -150,7 +150,13 @@ class IngestResult:
 
 
 def job_row(
-    request: ParsedRequest, *, job_id: str, batch_id: str | None, owner: str, now: dt.datetime
+    request: ParsedRequest,
+    *,
+    job_id: str,
+    batch_id: str | None,
+    owner: str,
+    now: dt.datetime,
+    priority: str = "normal",
 ) -> dict[str, Any]:
     """The values of a new queued job row for ``request`` (for a bulk insert)."""
     params = request.params
@@ -163,6 +169,7 @@ def job_row(
         "params": params.model_dump(mode="json", exclude_none=True),
         "seed": seed,
         "owner": owner,
+        "priority": priority,
         "attempts": 0,
         "created_at": now,
         "enqueued_at": now,
@@ -222,7 +229,16 @@ def ingest(
         if result.error_count:
             continue  # the batch fails: validate the rest, insert nothing more
         job_id = f"{prefix}{result.total:08x}{secrets.token_hex(6)}"
-        rows.append(job_row(item, job_id=job_id, batch_id=batch.id, owner=batch.owner, now=now))
+        rows.append(
+            job_row(
+                item,
+                job_id=job_id,
+                batch_id=batch.id,
+                owner=batch.owner,
+                now=now,
+                priority=batch.priority,
+            )
+        )
         if len(rows) >= INSERT_CHUNK:
             session.execute(insert(Job), rows)
             rows.clear()
@@ -246,11 +262,13 @@ def create_batch(
     max_lines: int,
     run_key: str | None = None,
     callback_url: str | None = None,
+    priority: str = "low",
 ) -> Batch:
     """Validate the input and create the batch with its jobs, committed.
 
     The input is the file ``input_file_id`` (OpenAI's batch format) or, for
-    ``genq run``, ``parsed`` requests. A batch with an invalid line is committed
+    ``genq run``, ``parsed`` requests. Bulk work runs at ``low`` priority unless
+    told otherwise, so interactive jobs go first. A batch with an invalid line is committed
     ``failed`` with its ``errors`` and no jobs. Send the jobs with
     :func:`enqueue_batch` after this returns.
     """
@@ -287,6 +305,7 @@ def create_batch(
             meta=metadata,
             run_key=run_key,
             callback_url=callback_url,
+            priority=priority,
             created_at=now,
             expires_at=now + window if window else None,
         )
@@ -319,7 +338,7 @@ def submit_request(session: Session, queue: JobQueue, request: ParsedRequest, *,
     )
     session.commit()
     try:
-        queue.enqueue(job_id)
+        queue.enqueue(job_id, model=request.model)
     except Exception:
         log.warning("could not enqueue job %s; it stays queued for the sweeper", job_id)
     return job_id
@@ -337,20 +356,21 @@ def queued_ids(session: Session, batch_id: str) -> Iterator[str]:
 
 
 def enqueue_batch(session: Session, queue: JobQueue, batch_id: str) -> int:
-    """Send the batch's queued jobs to the broker; returns how many were sent.
+    """Send the batch's queued jobs to their model's queue; returns how many were sent.
 
     A duplicate message is harmless (a claim is conditional), so this also serves
     to re-send after an interruption.
     """
-    ids = list(queued_ids(session, batch_id))
+    query = (
+        select(Job.id, Job.model, Job.priority)
+        .where(Job.batch_id == batch_id, Job.status == JobStatus.QUEUED.value)
+        .order_by(Job.id)
+    )
+    routes = list(session.execute(query))
     session.rollback()  # end the read transaction before the (slow) sends
-    send_many = getattr(queue, "enqueue_many", None)
-    if callable(send_many):
-        send_many(ids)
-    else:
-        for job_id in ids:
-            queue.enqueue(job_id)
-    return len(ids)
+    for job_id, model, priority in routes:
+        queue.enqueue(job_id, model=model, priority=priority)
+    return len(routes)
 
 
 def get_batch(session: Session, batch_id: str, *, owner: str | None) -> Batch:

@@ -39,6 +39,7 @@ class Claim:
     model: str
     params: GenerationParams
     seed: int
+    priority: str = "normal"
 
 
 def queued_attempts(session: Session, job_id: str) -> int | None:
@@ -70,12 +71,12 @@ def claim_job(
             lease_expires_at=now + dt.timedelta(seconds=lease_s),
             started_at=now,
         )
-        .returning(Job.attempts, Job.prompt, Job.model, Job.params, Job.seed)
+        .returning(Job.attempts, Job.prompt, Job.model, Job.params, Job.seed, Job.priority)
     ).one_or_none()
     if row is None:
         _fail_exhausted(session, Job.id == job_id, max_attempts)
         return None
-    attempt, prompt, model, params, seed = row
+    attempt, prompt, model, params, seed, priority = row
     return Claim(
         job_id=job_id,
         attempt=attempt,
@@ -84,6 +85,7 @@ def claim_job(
         model=model,
         params=GenerationParams.model_validate(params),
         seed=seed,
+        priority=priority,
     )
 
 
@@ -240,7 +242,16 @@ def _fail_exhausted(session: Session, where: Any, max_attempts: int) -> list[str
     return failed
 
 
-def reclaim_expired(session: Session, *, max_attempts: int) -> tuple[list[str], list[str]]:
+@dataclasses.dataclass(frozen=True)
+class Route:
+    """Where a job's message goes: the queue of its model and priority."""
+
+    job_id: str
+    model: str
+    priority: str
+
+
+def reclaim_expired(session: Session, *, max_attempts: int) -> tuple[list[Route], list[str]]:
     """Running jobs whose lease expired (their worker died): those with attempts
     left go back to queued (returned, to be re-sent); the others fail."""
     now = utcnow()
@@ -258,30 +269,43 @@ def reclaim_expired(session: Session, *, max_attempts: int) -> tuple[list[str], 
             completion_tokens=None,
             enqueued_at=now,
         )
-        .returning(Job.id)
+        .returning(Job.id, Job.model, Job.priority)
     )
-    return list(requeued.scalars()), failed
+    return [Route(*row) for row in requeued], failed
 
 
-def count_queued(session: Session) -> int:
-    return session.scalar(select(func.count()).select_from(Job).where(Job.status == QUEUED)) or 0
+def queued_counts(session: Session) -> dict[tuple[str, str], int]:
+    """Queued jobs per (model, priority): what each queue should hold."""
+    rows = session.execute(
+        select(Job.model, Job.priority, func.count())
+        .where(Job.status == QUEUED)
+        .group_by(Job.model, Job.priority)
+    )
+    return {(model, priority): count for model, priority, count in rows}
 
 
-def stale_queued(session: Session, *, older_than_s: float, limit: int) -> list[str]:
-    """Queued jobs last sent more than ``older_than_s`` ago, oldest first; their
-    send time is reset, as the caller re-sends them."""
+def stale_queued(
+    session: Session, *, model: str, priority: str, older_than_s: float, limit: int
+) -> list[Route]:
+    """Queued jobs of one queue last sent more than ``older_than_s`` ago, oldest
+    first; their send time is reset, as the caller re-sends them."""
     cutoff = utcnow() - dt.timedelta(seconds=older_than_s)
     ids = list(
         session.scalars(
             select(Job.id)
-            .where(Job.status == QUEUED, (Job.enqueued_at < cutoff) | Job.enqueued_at.is_(None))
+            .where(
+                Job.status == QUEUED,
+                Job.model == model,
+                Job.priority == priority,
+                (Job.enqueued_at < cutoff) | Job.enqueued_at.is_(None),
+            )
             .order_by(Job.id)
             .limit(limit)
         )
     )
     if ids:
         session.execute(update(Job).where(Job.id.in_(ids)).values(enqueued_at=utcnow()))
-    return ids
+    return [Route(job_id, model, priority) for job_id in ids]
 
 
 def purge_finished(session: Session, *, older_than_days: float) -> int:

@@ -13,9 +13,10 @@ import time
 from collections.abc import Sequence
 
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from core import webhooks
+from core import idempotency, webhooks, workers
 from core.models import LOCAL_OWNER, Job, utcnow
 from core.queue import JobQueue
 from core.schemas import JobCreate
@@ -46,9 +47,10 @@ class UnknownModelError(ValueError):
         self.available = list(available)
 
 
-def served_models(settings: Settings) -> list[str]:
-    """The models jobs may ask for."""
-    return [settings.model]
+def served_models(session: Session, settings: Settings) -> list[str]:
+    """The models jobs may ask for: the configured ones and those live workers serve."""
+    live = workers.live_models(session, within_s=settings.worker_heartbeat_s * 3)
+    return sorted({*settings.models, settings.model, *live})
 
 
 def new_job_id() -> str:
@@ -84,6 +86,8 @@ def create_job(
         params=params.model_dump(mode="json", exclude_none=True),
         seed=params.seed if params.seed is not None else draw_seed(),
         owner=owner or LOCAL_OWNER,
+        priority=body.priority,
+        callback_url=str(body.callback_url) if body.callback_url else None,
         attempts=0,
         created_at=utcnow(),
         enqueued_at=utcnow(),
@@ -100,14 +104,24 @@ def submit_job(
     *,
     settings: Settings,
     owner: str | None = None,
-) -> Job:
-    """Commit a new job, then send its id to the broker.
+    idempotency_key: str | None = None,
+) -> tuple[Job, bool]:
+    """Commit a new job, then send its id to the broker; returns it and whether it
+    is a replay (an earlier request with the same idempotency key made it).
 
     The row is committed first: a job exists once its row does. If the broker
     is unreachable the job stays queued in SQL, and the sweeper re-sends it.
     """
+    owner_key = owner or LOCAL_OWNER
+    request_hash = idempotency.fingerprint("jobs", body.model_dump(mode="json", exclude_unset=True))
+    if idempotency_key is not None:
+        earlier = idempotency.replayed(
+            session, owner=owner_key, key=idempotency_key, request_hash=request_hash
+        )
+        if earlier is not None:
+            return get_job(session, earlier), True
     model = body.model or settings.model
-    available = served_models(settings)
+    available = served_models(session, settings)
     if model not in available:
         raise UnknownModelError(model, available)
     job = create_job(
@@ -117,14 +131,35 @@ def submit_job(
         default_max_new_tokens=settings.default_max_new_tokens,
         owner=owner,
     )
-    session.commit()
+    if idempotency_key is not None:
+        idempotency.remember(
+            session,
+            owner=owner_key,
+            key=idempotency_key,
+            endpoint="jobs",
+            request_hash=request_hash,
+            resource_id=job.id,
+        )
     try:
-        queue.enqueue(job.id)
+        session.commit()
+    except IntegrityError:
+        # The same key raced in from a concurrent retry and won: answer with its job.
+        session.rollback()
+        if idempotency_key is None:
+            raise
+        earlier = idempotency.replayed(
+            session, owner=owner_key, key=idempotency_key, request_hash=request_hash
+        )
+        if earlier is None:
+            raise
+        return get_job(session, earlier), True
+    try:
+        queue.enqueue(job.id, model=job.model, priority=job.priority)
     except Exception:
         log.warning(
             "could not enqueue job %s; it stays queued for the sweeper", job.id, exc_info=True
         )
-    return job
+    return job, False
 
 
 def get_job(session: Session, job_id: str, *, owner: str | None = None) -> Job:

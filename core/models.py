@@ -82,6 +82,8 @@ class Job(Base):
     error_message: Mapped[str | None] = mapped_column(Text)
 
     owner: Mapped[str] = mapped_column(String(255), index=True, default=LOCAL_OWNER)
+    priority: Mapped[str] = mapped_column(String(8), default="normal", server_default="normal")
+    callback_url: Mapped[str | None] = mapped_column(Text)
 
     # A request of a batch (core.batches): its batch and the caller's id for it.
     batch_id: Mapped[str | None] = mapped_column(ForeignKey("batch.id"), index=True)
@@ -122,6 +124,10 @@ class ApiKey(Base):
     secret_hash: Mapped[str] = mapped_column(String(64), unique=True)
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     revoked_at: Mapped[dt.datetime | None]
+    # Webhooks: a default callback for the owner's jobs and batches, and the
+    # secret their deliveries are signed with (HMAC-SHA256).
+    callback_url: Mapped[str | None] = mapped_column(Text)
+    webhook_secret: Mapped[str | None] = mapped_column(String(64))
 
 
 class Lock(Base):
@@ -181,6 +187,8 @@ class Batch(Base):
     meta: Mapped[dict[str, Any] | None] = mapped_column("metadata", JSON)
     errors: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON)
     total: Mapped[int] = mapped_column(Integer, default=0)
+    priority: Mapped[str] = mapped_column(String(8), default="normal", server_default="normal")
+    callback_url: Mapped[str | None] = mapped_column(Text)
     # `genq run`: a hash of the input's path and content, so a re-run resumes.
     run_key: Mapped[str | None] = mapped_column(String(64), index=True)
 
@@ -194,3 +202,50 @@ class Batch(Base):
     cancelling_at: Mapped[dt.datetime | None]
     cancelled_at: Mapped[dt.datetime | None]
 
+
+class IdempotencyRecord(Base):
+    """The object a request with an ``Idempotency-Key`` made, so a retry gets it again."""
+
+    __tablename__ = "idempotency_record"
+
+    owner: Mapped[str] = mapped_column(String(255), primary_key=True)
+    key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    endpoint: Mapped[str] = mapped_column(String(64))
+    request_hash: Mapped[str] = mapped_column(String(64))
+    resource_id: Mapped[str] = mapped_column(String(40))
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+class WorkerNode(Base):
+    """A live worker process: what it serves, heart-beating while it runs."""
+
+    __tablename__ = "worker_node"
+
+    name: Mapped[str] = mapped_column(String(255), primary_key=True)
+    model: Mapped[str] = mapped_column(String(512), index=True)
+    queues: Mapped[list[str]]
+    started_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    last_seen: Mapped[dt.datetime] = mapped_column(default=utcnow, index=True)
+    in_flight: Mapped[int] = mapped_column(Integer, default=0)
+    tokens_generated: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class WebhookDelivery(Base):
+    """One webhook to send (an outbox row written with the final status), and how
+    its attempts went. A dispatcher sends pending rows with backoff."""
+
+    __tablename__ = "webhook_delivery"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(255), index=True)
+    job_id: Mapped[str | None] = mapped_column(String(40), index=True)
+    batch_id: Mapped[str | None] = mapped_column(String(40), index=True)
+    event: Mapped[str] = mapped_column(String(64))
+    url: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(16), index=True, default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[dt.datetime] = mapped_column(default=utcnow, index=True)
+    last_status_code: Mapped[int | None] = mapped_column(Integer)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    delivered_at: Mapped[dt.datetime | None]

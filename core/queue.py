@@ -7,7 +7,9 @@ committed: a job exists once its row does.
 from __future__ import annotations
 
 import functools
-from typing import Any, Protocol
+import hashlib
+import re
+from typing import Any, Literal, Protocol
 
 from celery import Celery
 
@@ -17,6 +19,25 @@ from core.settings import Settings
 broker.register()
 
 GENERATE_TASK = "genq.generate"
+
+Priority = Literal["high", "normal", "low"]
+PRIORITIES: tuple[Priority, ...] = ("high", "normal", "low")
+
+
+def model_key(model: str) -> str:
+    """A queue-safe name for a model: readable, and unique through a short hash."""
+    slug = re.sub(r"[^A-Za-z0-9_-]+", "-", model).strip("-")[-40:] or "model"
+    return f"{slug}-{hashlib.sha1(model.encode()).hexdigest()[:8]}"
+
+
+def queue_name(prefix: str, model: str, priority: str) -> str:
+    """The queue for jobs of ``model`` at ``priority``: one queue per model and priority."""
+    return f"{prefix}.{model_key(model)}.{priority}"
+
+
+def queues_for(prefix: str, model: str) -> list[str]:
+    """A worker's queues for ``model``, in the order it consumes them: high first."""
+    return [queue_name(prefix, model, p) for p in PRIORITIES]
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -40,8 +61,13 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "result_backend": None,
     }
     if not broker_url.startswith("sqla+"):
-        # Longer than the task time limit, so a running task is not redelivered.
-        config["broker_transport_options"] = {"visibility_timeout": settings.visibility_timeout_s}
+        config["broker_transport_options"] = {
+            # Longer than the task time limit, so a running task is not redelivered.
+            "visibility_timeout": settings.visibility_timeout_s,
+            # A worker polls its queues in the order given (high, normal, low)
+            # instead of round robin, so priorities hold.
+            "queue_order_strategy": "priority",
+        }
     return config
 
 
@@ -54,14 +80,16 @@ def make_celery(settings: Settings, *, name: str = "genq") -> Celery:
 class JobQueue(Protocol):
     """Where job ids go once their rows are committed."""
 
-    def enqueue(self, job_id: str) -> None: ...
+    def enqueue(self, job_id: str, *, model: str | None = None, priority: str = "normal") -> None:
+        """Send a job id to the queue of its model (default: the configured one)."""
+        ...
 
     def ping(self) -> None:
         """Raise if the broker cannot be reached."""
         ...
 
-    def depth(self) -> int:
-        """Messages waiting in the queue (0 if the broker lost the queue)."""
+    def depth(self, queue: str) -> int:
+        """Messages waiting in ``queue`` (0 if the broker lost the queue)."""
         ...
 
 
@@ -72,17 +100,18 @@ class CeleryQueue:
         self._settings = settings
         self._app = make_celery(settings, name="genq-producer")
 
-    def enqueue(self, job_id: str) -> None:
-        self._app.send_task(GENERATE_TASK, args=[job_id], queue=self._settings.queue)
+    def enqueue(self, job_id: str, *, model: str | None = None, priority: str = "normal") -> None:
+        queue = queue_name(self._settings.queue, model or self._settings.model, priority)
+        self._app.send_task(GENERATE_TASK, args=[job_id], queue=queue)
 
     def ping(self) -> None:
         with self._app.connection_for_write() as conn:
             conn.ensure_connection(max_retries=1, timeout=2)
 
-    def depth(self) -> int:
+    def depth(self, queue: str) -> int:
         with self._app.connection_for_read() as conn, conn.channel() as channel:
             try:
-                declared = channel.queue_declare(queue=self._settings.queue, passive=True)
+                declared = channel.queue_declare(queue=queue, passive=True)
             except channel.connection.channel_errors:
                 return 0
             return int(declared.message_count)

@@ -7,9 +7,17 @@ request, e.g. ``{"prompt": "...", "max_new_tokens": 40, "do_sample": false}``.
 from __future__ import annotations
 
 import datetime as dt
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AnyHttpUrl,
+    BaseModel,
+    ConfigDict,
+    Field,
+    UrlConstraints,
+    field_validator,
+    model_validator,
+)
 from sqlalchemy import select
 from sqlalchemy.orm import object_session
 
@@ -22,6 +30,11 @@ MAX_STOP_STRINGS = 8
 MAX_SEQUENCES = 16
 
 FinishReason = Literal["length", "eos", "stop"]
+Priority = Literal["high", "normal", "low"]
+CallbackUrl = Annotated[
+    AnyHttpUrl, UrlConstraints(max_length=2048, allowed_schemes=["http", "https"])
+]
+JOB_FIELDS = frozenset({"prompt", "model", "priority", "callback_url"})
 StopString = Annotated[str, Field(min_length=1, max_length=256)]
 
 
@@ -85,6 +98,12 @@ class JobCreate(GenerationParams):
 
     prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
     model: str | None = Field(default=None, min_length=1, max_length=512)
+    priority: Priority = Field(
+        default="normal", description="high jobs start before normal ones, normal before low"
+    )
+    callback_url: CallbackUrl | None = Field(
+        default=None, description="POSTed the job, signed, when it finishes, fails or is cancelled"
+    )
 
     @field_validator("prompt")
     @classmethod
@@ -96,7 +115,7 @@ class JobCreate(GenerationParams):
     def params(self) -> GenerationParams:
         """The generation parameters alone, without prompt and model."""
         return GenerationParams.model_validate(
-            self.model_dump(exclude={"prompt", "model"}, exclude_unset=True)
+            self.model_dump(exclude=set(JOB_FIELDS), exclude_unset=True)
         )
 
 
@@ -166,7 +185,7 @@ class JobRead(BaseModel):
     status: JobStatus
     prompt: str
     model: str
-    params: dict[str, object]
+    params: dict[str, Any]
     output: str | None = None
     outputs: list[str] | None = None
     finish_reason: FinishReason | None = None
@@ -181,6 +200,8 @@ class JobRead(BaseModel):
     finished_at: dt.datetime | None = None
     batch_id: str | None = None
     custom_id: str | None = None
+    priority: Priority = "normal"
+    callback_url: str | None = None
     webhook: WebhookStatus | None = None
 
     @classmethod
@@ -196,8 +217,8 @@ class JobRead(BaseModel):
             params=job.params,
             output=outputs[0] if outputs else None,
             outputs=outputs,
-            finish_reason=reasons[0] if reasons else None,  # type: ignore[arg-type]
-            finish_reasons=reasons,  # type: ignore[arg-type]
+            finish_reason=reasons[0] if reasons else None,
+            finish_reasons=reasons,
             error=JobError(code=job.error_code, message=job.error_message or "")
             if job.error_code
             else None,
@@ -215,6 +236,8 @@ class JobRead(BaseModel):
             finished_at=job.finished_at,
             batch_id=job.batch_id,
             custom_id=job.custom_id,
+            priority=job.priority,
+            callback_url=job.callback_url,
             webhook=webhook_status(job),
         )
 

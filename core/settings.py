@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 
@@ -21,6 +21,13 @@ class Settings(BaseSettings):
     """Every knob genq has; each field is the variable ``GENQ_<NAME>``."""
 
     model_config = SettingsConfigDict(env_prefix="GENQ_", extra="ignore", frozen=True)
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(m.strip() for m in value.split(",") if m.strip())
+        return value
 
     data_dir: Path = Path(".genq")
     database_url: str | None = Field(
@@ -32,8 +39,12 @@ class Settings(BaseSettings):
     api_url: str = "http://127.0.0.1:8000"
     api_key: str | None = Field(default=None, description="the key `genq submit` sends")
 
-    # The model a worker serves and how it runs.
+    # The model a worker serves (and the default for jobs) and how it runs.
     model: str = "gpt2"
+    models: Annotated[tuple[str, ...], NoDecode] = Field(
+        default=(),
+        description="more models jobs may ask for (comma-separated), beside those workers serve",
+    )
     device: str = "auto"
     dtype: DType = "auto"
     torch_threads: int = Field(default=0, ge=0, description="0: one per physical core")
@@ -54,6 +65,7 @@ class Settings(BaseSettings):
         default=300.0, gt=0, description="re-send a queued job whose message may be lost"
     )
     sweep_interval_s: float = Field(default=10.0, gt=0)
+    worker_heartbeat_s: float = Field(default=5.0, gt=0, description="workers register this often")
     shutdown_grace_s: float = Field(default=30.0, ge=0, description="then jobs are handed back")
     db_retry_s: float = Field(default=120.0, ge=0, description="how long to retry the database")
     retention_days: float = Field(default=30.0, gt=0, description="finished jobs kept this long")

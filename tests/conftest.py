@@ -27,16 +27,21 @@ class RecordingQueue:
 
     def __init__(self) -> None:
         self.sent: list[str] = []
+        self.routes: list[tuple[str, str | None, str]] = []
         self.down = False
 
-    def enqueue(self, job_id: str) -> None:
+    def enqueue(self, job_id: str, *, model: str | None = None, priority: str = "normal") -> None:
         if self.down:
             raise ConnectionError("broker down")
         self.sent.append(job_id)
+        self.routes.append((job_id, model, priority))
 
     def ping(self) -> None:
         if self.down:
             raise ConnectionError("broker down")
+
+    def depth(self, queue: str) -> int:
+        return 0
 
 
 @pytest.fixture

@@ -57,8 +57,10 @@ def get_runtime() -> WorkerRuntime:
                 raise
             log.info("engine ready: %s", engine.info)
             queue = get_queue(settings)
-            _runtime = WorkerRuntime(settings, engine, queue)
-            _sweeper = Sweeper(settings, queue, holder=f"{socket.gethostname()}:{os.getpid()}")
+            name = f"{socket.gethostname()}:{os.getpid()}"
+            _runtime = WorkerRuntime(settings, engine, queue, name=name)
+            _runtime.heartbeat()
+            _sweeper = Sweeper(settings, queue, holder=name)
             _sweeper.start()
             _dispatcher = Dispatcher(settings)
             _dispatcher.start()

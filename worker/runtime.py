@@ -22,9 +22,9 @@ from typing import TypeVar
 
 from sqlalchemy.orm import Session
 
-from core import delivery
+from core import delivery, workers
 from core.db import run_with_retry, session_scope
-from core.queue import JobQueue
+from core.queue import JobQueue, queues_for
 from core.settings import Settings
 from worker.engine.base import Engine, GenerationError, GenerationRequest, GenerationResult
 from worker.isolation import SharedExclusiveLock
@@ -40,8 +40,19 @@ class DrainingError(RuntimeError):
 class WorkerRuntime:
     """Everything a worker process holds: settings, the engine, the jobs in flight."""
 
-    def __init__(self, settings: Settings, engine: Engine, queue: JobQueue | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        engine: Engine,
+        queue: JobQueue | None = None,
+        *,
+        name: str = "worker",
+    ) -> None:
         self.settings = settings
+        self.name = name
+        self.tokens_generated = 0
+        self._last_heartbeat = 0.0
+        self._heartbeat_lock = threading.Lock()
         self.engine = engine
         self.queue = queue
         self._db_url = settings.resolved_database_url
@@ -130,6 +141,7 @@ class WorkerRuntime:
             transformers_version=info.transformers_version,
         )
         status = "cancelled" if result.aborted else "succeeded"
+        self.tokens_generated += result.completion_tokens
         if self._db(lambda s: delivery.finish_job(s, claim, outcome)):
             log.info("job %s %s: result stored (attempt %d)", claim.job_id, status, claim.attempt)
         else:
@@ -143,7 +155,7 @@ class WorkerRuntime:
     def _hand_back(self, claim: delivery.Claim) -> str:
         if self._db(lambda s: delivery.release_job(s, claim)) and self.queue is not None:
             try:
-                self.queue.enqueue(claim.job_id)
+                self.queue.enqueue(claim.job_id, model=claim.model, priority=claim.priority)
             except Exception:  # the sweeper re-sends it
                 log.warning("job %s handed back but not re-sent", claim.job_id, exc_info=True)
         log.info("job %s handed back to the queue", claim.job_id)
@@ -175,9 +187,11 @@ class WorkerRuntime:
                 log.exception("progress monitor failed; retrying next interval")
 
     def monitor_once(self) -> None:
-        """Renew leases, write changed progress, and abort cancelled jobs."""
+        """Heart-beat, renew leases, write changed progress, and abort cancelled jobs."""
         with self._lock:
             claims = list(self._in_flight.values())
+        if time.monotonic() - self._last_heartbeat >= self.settings.worker_heartbeat_s:
+            self.heartbeat(in_flight=len(claims))
         if not claims:
             return
         renew = time.monotonic() - self._last_renewal >= self.settings.lease_s / 3
@@ -196,8 +210,27 @@ class WorkerRuntime:
         for job_id in cancelled:
             self.engine.abort(job_id)
 
+    def heartbeat(self, *, in_flight: int = 0) -> None:
+        """Register this worker (its model and queues) as alive."""
+        queues = queues_for(self.settings.queue, self.engine.info.name)
+        with self._heartbeat_lock, session_scope(self._db_url) as session:
+            workers.heartbeat(
+                session,
+                name=self.name,
+                model=self.engine.info.name,
+                queues=queues,
+                in_flight=in_flight,
+                tokens_generated=self.tokens_generated,
+            )
+        self._last_heartbeat = time.monotonic()
+
     def close(self) -> None:
-        """Stop the monitor and the engine."""
+        """Stop the monitor and the engine, and leave the registry."""
         self._stop.set()
         self._monitor.join(timeout=5)
         self.engine.close()
+        try:
+            with session_scope(self._db_url) as session:
+                workers.deregister(session, self.name)
+        except Exception:  # the row expires by itself
+            log.warning("could not deregister worker %s", self.name, exc_info=True)

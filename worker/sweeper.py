@@ -21,7 +21,7 @@ import time
 
 from core import batches, delivery
 from core.db import get_sessionmaker, session_scope
-from core.queue import JobQueue
+from core.queue import JobQueue, queue_name
 from core.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -78,20 +78,27 @@ class Sweeper:
         return report
 
     def _resend_lost(self) -> int:
+        resent = 0
         with session_scope(self._url) as session:
-            missing = delivery.count_queued(session) - self.queue.depth()
-            if missing <= 0:
-                return 0
-            ids = delivery.stale_queued(
-                session, older_than_s=self.settings.requeue_after_s, limit=RESEND_BATCH
-            )
-        self._send(ids)
-        return len(ids)
+            for (model, priority), queued in delivery.queued_counts(session).items():
+                queue = queue_name(self.settings.queue, model, priority)
+                if queued <= self.queue.depth(queue):
+                    continue  # every queued job of this queue may still have its message
+                routes = delivery.stale_queued(
+                    session,
+                    model=model,
+                    priority=priority,
+                    older_than_s=self.settings.requeue_after_s,
+                    limit=RESEND_BATCH,
+                )
+                self._send(routes)
+                resent += len(routes)
+        return resent
 
     def _purge(self) -> int:
         with session_scope(self._url) as session:
             return delivery.purge_finished(session, older_than_days=self.settings.retention_days)
 
-    def _send(self, job_ids: list[str]) -> None:
-        for job_id in job_ids:
-            self.queue.enqueue(job_id)
+    def _send(self, routes: list[delivery.Route]) -> None:
+        for route in routes:
+            self.queue.enqueue(route.job_id, model=route.model, priority=route.priority)

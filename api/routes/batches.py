@@ -68,7 +68,7 @@ def create_batch(
             endpoint=body.endpoint,
             completion_window=body.completion_window,
             metadata=body.metadata,
-            models=served_models(settings),
+            models=served_models(session, settings),
             max_lines=settings.max_batch_lines,
             callback_url=str(body.callback_url) if body.callback_url else None,
         )

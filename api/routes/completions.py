@@ -62,7 +62,7 @@ async def create_completion(
 ) -> JSONResponse:
     """Generate a completion: the body and the answer are OpenAI's."""
     try:
-        parsed, params = parse_completion(body, models=jobs.served_models(settings))
+        parsed, params = parse_completion(body, models=jobs.served_models(session, settings))
     except RequestError as exc:
         status = 404 if exc.code == "model_not_found" else 400
         raise APIError(status, exc.code, exc.message, exc.param) from exc

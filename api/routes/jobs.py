@@ -6,9 +6,10 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Response, status
 
-from api.deps import OwnerDep, QueueDep, SessionDep, SettingsDep
+from api.deps import IdempotencyKeyHeader, OwnerDep, QueueDep, SessionDep, SettingsDep
 from api.errors import APIError
 from core import jobs
+from core.idempotency import IdempotencyConflictError
 from core.schemas import JobCreate, JobList, JobRead
 from core.status import JobStatus
 
@@ -23,13 +24,24 @@ def create_job(
     queue: QueueDep,
     settings: SettingsDep,
     owner: OwnerDep,
+    idempotency_key: IdempotencyKeyHeader = None,
 ) -> JobRead:
-    """Queue a prompt for generation; answers at once with the queued job."""
+    """Queue a prompt for generation; answers at once with the queued job.
+
+    With an ``Idempotency-Key`` header, a retry with the same key and body gets
+    the same job back (``Idempotent-Replayed: true``); another body gets a 409.
+    """
     try:
-        job = jobs.submit_job(session, queue, body, settings=settings, owner=owner)
+        job, replay = jobs.submit_job(
+            session, queue, body, settings=settings, owner=owner, idempotency_key=idempotency_key
+        )
     except jobs.UnknownModelError as exc:
         raise APIError(422, "model_not_found", str(exc), "model") from exc
+    except IdempotencyConflictError as exc:
+        raise APIError(409, "idempotency_key_reused", str(exc), "Idempotency-Key") from exc
     response.headers["Location"] = f"/v1/jobs/{job.id}"
+    if replay:
+        response.headers["Idempotent-Replayed"] = "true"
     return JobRead.from_job(job)
 
 

@@ -23,7 +23,7 @@ import redis
 from fastapi.testclient import TestClient
 
 from api.app import create_app
-from core.queue import CeleryQueue
+from core.queue import CeleryQueue, queue_name
 from core.settings import Settings
 from tests.integration.helpers import genq_env, genq_process, unique_queue, wait_until
 from tests.tiny_model import tiny_model_dir
@@ -59,10 +59,10 @@ class Cluster:
         self.logs: list[Path] = []
         self.client = TestClient(create_app(settings, queue=CeleryQueue(settings)))
 
-    def worker(self) -> Any:
+    def worker(self, env: dict[str, str] | None = None) -> Any:
         log = self.tmp / f"worker{len(self.logs)}.log"
         self.logs.append(log)
-        return genq_process(["worker", "--loglevel=INFO"], self.env, log)
+        return genq_process(["worker", "--loglevel=INFO"], env or self.env, log)
 
     def submit(self, prompts: list[str], **params: Any) -> list[str]:
         ids = []
@@ -178,7 +178,8 @@ def test_redis_emptied_mid_run_every_job_still_completes(
         wait_until(
             lambda: cluster.count(ids, "succeeded") >= 5, 120, "first results", cluster.logs[0]
         )
-        lost_messages = fault_redis.llen(cluster.settings.queue)
+        queue = queue_name(cluster.settings.queue, cluster.settings.model, "normal")
+        lost_messages = fault_redis.llen(queue)
         fault_redis.flushdb()  # as a Redis restart without persistence would
         jobs = cluster.wait_final(ids, 180)
     figures = cluster.report("redis-flush", ids, jobs)

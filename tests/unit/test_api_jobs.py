@@ -197,3 +197,38 @@ def test_openapi_docs_are_served(client: TestClient) -> None:
     spec = client.get("/openapi.json").json()
     assert "/v1/jobs" in spec["paths"]
     assert "/v1/jobs/{job_id}/cancel" in spec["paths"]
+
+
+def test_an_idempotency_key_replays_the_same_job_and_rejects_another_body(
+    client: TestClient, queue: RecordingQueue
+) -> None:
+    headers = {"Idempotency-Key": "order-42"}
+    first = client.post("/v1/jobs", json={"prompt": "hi", "max_new_tokens": 5}, headers=headers)
+    again = client.post("/v1/jobs", json={"prompt": "hi", "max_new_tokens": 5}, headers=headers)
+    assert first.status_code == again.status_code == 202
+    assert again.json()["id"] == first.json()["id"]
+    assert again.headers["idempotent-replayed"] == "true"
+    assert queue.sent == [first.json()["id"]]  # generated once
+    other = client.post("/v1/jobs", json={"prompt": "bye", "max_new_tokens": 5}, headers=headers)
+    assert other.status_code == 409
+    assert other.json()["error"]["code"] == "idempotency_key_reused"
+    fresh = client.post("/v1/jobs", json={"prompt": "bye"}, headers={"Idempotency-Key": "o-43"})
+    assert fresh.status_code == 202 and fresh.json()["id"] != first.json()["id"]
+
+
+def test_priority_and_model_pick_the_queue(client: TestClient, queue: RecordingQueue) -> None:
+    job = submit(client, priority="high", callback_url="https://example.com/hook")
+    assert job["priority"] == "high"
+    assert job["callback_url"] == "https://example.com/hook"
+    assert queue.routes[-1] == (job["id"], "fake", "high")
+    assert submit(client)["priority"] == "normal"
+    for bad in ({"priority": "urgent"}, {"callback_url": "ftp://x"}, {"callback_url": "nope"}):
+        response = client.post("/v1/jobs", json={"prompt": "hi", **bad})
+        assert response.status_code == 422, bad
+
+
+def test_models_are_listed_in_the_openai_shape(client: TestClient) -> None:
+    body = client.get("/v1/models").json()
+    assert body["object"] == "list"
+    assert [m["id"] for m in body["data"]] == ["fake"]
+    assert body["data"][0]["object"] == "model"

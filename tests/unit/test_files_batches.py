@@ -33,7 +33,7 @@ class InlineQueue:
         self.sent: list[str] = []
         self.hold = False
 
-    def enqueue(self, job_id: str) -> None:
+    def enqueue(self, job_id: str, *, model: str | None = None, priority: str = "normal") -> None:
         self.sent.append(job_id)
         if not self.hold:
             self.runtime.run_job(job_id, worker="w1")
@@ -41,7 +41,7 @@ class InlineQueue:
     def ping(self) -> None:
         pass
 
-    def depth(self) -> int:
+    def depth(self, queue: str) -> int:
         return 0
 
     def run_held(self, count: int | None = None, threads: int = 1) -> None:

@@ -100,7 +100,8 @@ def test_a_stale_claim_cannot_overwrite_a_result(client: TestClient, settings: S
         assert requeued == []
         session.get(Job, job_id).lease_expires_at = utcnow() - dt.timedelta(seconds=1)
     with session_scope(url) as session:
-        assert delivery.reclaim_expired(session, max_attempts=3) == ([job_id], [])
+        routes, failed = delivery.reclaim_expired(session, max_attempts=3)
+        assert [r.job_id for r in routes] == [job_id] and failed == []
     with session_scope(url) as session:
         fresh = delivery.claim_job(session, job_id, worker="new", lease_s=60, max_attempts=3)
     assert fresh is not None and fresh.attempt == stale.attempt + 1

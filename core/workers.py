@@ -1,0 +1,54 @@
+"""The worker registry: workers heart-beat a row, so the API knows what is served."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from sqlalchemy import ColumnElement, delete, func, select, update
+from sqlalchemy.orm import Session
+
+from core.models import WorkerNode, utcnow
+
+
+def heartbeat(
+    session: Session,
+    *,
+    name: str,
+    model: str,
+    queues: list[str],
+    in_flight: int,
+    tokens_generated: int,
+) -> None:
+    """Create or refresh this worker's row."""
+    values = {
+        "model": model,
+        "queues": queues,
+        "last_seen": utcnow(),
+        "in_flight": in_flight,
+        "tokens_generated": tokens_generated,
+    }
+    updated = session.execute(update(WorkerNode).where(WorkerNode.name == name).values(**values))
+    if not updated.rowcount:  # type: ignore[attr-defined]
+        session.add(WorkerNode(name=name, started_at=utcnow(), **values))
+
+
+def deregister(session: Session, name: str) -> None:
+    session.execute(delete(WorkerNode).where(WorkerNode.name == name))
+
+
+def _alive(within_s: float) -> ColumnElement[bool]:
+    return WorkerNode.last_seen >= utcnow() - dt.timedelta(seconds=within_s)
+
+
+def live_workers(session: Session, *, within_s: float) -> list[WorkerNode]:
+    """Workers seen in the last ``within_s`` seconds."""
+    query = select(WorkerNode).where(_alive(within_s)).order_by(WorkerNode.name)
+    return list(session.scalars(query))
+
+
+def live_models(session: Session, *, within_s: float) -> dict[str, int]:
+    """Models served by live workers, with how many workers serve each."""
+    rows = session.execute(
+        select(WorkerNode.model, func.count()).where(_alive(within_s)).group_by(WorkerNode.model)
+    )
+    return {str(model): int(count) for model, count in rows}
