@@ -6,7 +6,7 @@ from fastapi import FastAPI
 
 from api import errors
 from api.limits import BodySizeLimit
-from api.routes import batches, completions, files, health, jobs, models
+from api.routes import batches, completions, events, files, health, jobs, metrics, models
 from core.queue import JobQueue, get_queue
 from core.settings import Settings, get_settings
 
@@ -25,6 +25,8 @@ def create_app(settings: Settings | None = None, queue: JobQueue | None = None) 
     app.add_middleware(BodySizeLimit, limit_for=lambda path: _body_limit(settings, path))
     app.include_router(health.router)
     app.include_router(jobs.router)
+    app.include_router(events.router)
+    app.include_router(metrics.router)
     app.include_router(models.router)
     app.include_router(files.router)
     app.include_router(batches.router)

@@ -20,9 +20,7 @@ def _url() -> str:
     return config.get_main_option("sqlalchemy.url") or get_settings().resolved_database_url
 
 
-def _render_item(
-    type_: str, obj: Any, autogen_context: AutogenContext
-) -> str | Literal[False]:
+def _render_item(type_: str, obj: Any, autogen_context: AutogenContext) -> str | Literal[False]:
     # Migrations use plain SQLAlchemy types, so they never depend on model code.
     if type_ == "type" and isinstance(obj, UTCDateTime):
         return "sa.DateTime(timezone=True)"

@@ -50,13 +50,17 @@ class GrowingLayer(DynamicLayer):  # type: ignore[misc]
         self.device = keys.device
         self.is_initialized = True
 
+    def _views(self) -> tuple[torch.Tensor, torch.Tensor]:
+        assert self.keys is not None and self.values is not None
+        return self.keys, self.values
+
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object, **kwargs: object
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Append the new columns in place (growing by a chunk when full)."""
         if self.key_buffer is None or self.value_buffer is None:
             self.adopt(key_states, value_states)
-            return self.keys, self.values
+            return self._views()
         end = self.length + key_states.shape[-2]
         if end > self.key_buffer.shape[-2]:
             assert self.keys is not None and self.values is not None
