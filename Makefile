@@ -13,7 +13,7 @@ TORCH_SPEC ?= torch==2.13.0
 LOCAL_MODEL := $(wildcard ../shared/models/stories260k)
 DEMO_MODEL ?= $(if $(LOCAL_MODEL),$(LOCAL_MODEL),gpt2)
 
-.PHONY: install demo test test-fast lint format bench compose-config clean
+.PHONY: install install-browser demo test test-fast lint format bench compose-config clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,17 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 install: $(VENV)/.installed
+
+# Headless Chromium for the status page's browser tests (tests/browser), from Debian's
+# packages; nothing is downloaded by Selenium. Needs root (CI runs as root).
+install-browser:
+	@if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then \
+		echo "chromium and chromedriver present"; \
+	else \
+		SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+		$$SUDO apt-get update && \
+		$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y chromium chromium-driver; \
+	fi
 
 demo: install
 	GENQ_MODEL=$${GENQ_MODEL:-$(DEMO_MODEL)} GENQ_REQUIRE_AUTH=$${GENQ_REQUIRE_AUTH:-false} \

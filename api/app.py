@@ -6,7 +6,7 @@ from fastapi import FastAPI
 
 from api import errors
 from api.limits import BodySizeLimit
-from api.routes import batches, completions, events, files, health, jobs, metrics, models
+from api.routes import batches, completions, events, files, health, jobs, metrics, models, ui
 from core.queue import JobQueue, get_queue
 from core.settings import Settings, get_settings
 
@@ -27,6 +27,8 @@ def create_app(settings: Settings | None = None, queue: JobQueue | None = None) 
     app.include_router(jobs.router)
     app.include_router(events.router)
     app.include_router(metrics.router)
+    app.include_router(ui.router)
+    app.mount("/ui/static", ui.static_files(), name="ui-static")
     app.include_router(models.router)
     app.include_router(files.router)
     app.include_router(batches.router)
