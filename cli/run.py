@@ -255,7 +255,7 @@ def run(
     url = settings.resolved_database_url
     key = run_key(input_path)
     with get_sessionmaker(url)() as session:
-        models = served_models(session, settings)
+        models = served_models(settings)
         batch = find_run(session, key, owner)
         resumed = batch is not None
         if batch is None:
@@ -319,12 +319,21 @@ def run(
 
 
 def _send(url: str, settings: Settings, batch_id: str, resumed: bool) -> None:
-    try:
-        with get_sessionmaker(url)() as session:
-            sent = batches.enqueue_batch(session, get_queue(settings), batch_id)
-    except Exception as exc:  # the sweeper re-sends queued jobs; a re-run does too
-        err.print(f"[yellow]could not send every request to the broker:[/yellow] {exc}")
-        return
+    """Send the batch's queued jobs, retrying for a while (a database or broker blip);
+    a duplicate message is harmless. What is still unsent, the sweeper re-sends."""
+    deadline = time.monotonic() + settings.db_retry_s
+    delay = 0.5
+    while True:
+        try:
+            with get_sessionmaker(url)() as session:
+                sent = batches.enqueue_batch(session, get_queue(settings), batch_id)
+            break
+        except Exception as exc:
+            if time.monotonic() > deadline:
+                err.print(f"[yellow]could not send every request to the broker:[/yellow] {exc}")
+                return
+            time.sleep(delay)
+            delay = min(delay * 2, 10)
     if resumed and sent:
         err.print(f"re-sent {sent} queued requests")
 
