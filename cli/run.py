@@ -255,7 +255,7 @@ def run(
     url = settings.resolved_database_url
     key = run_key(input_path)
     with get_sessionmaker(url)() as session:
-        models = served_models(settings)
+        models = served_models(session, settings)
         batch = find_run(session, key, owner)
         resumed = batch is not None
         if batch is None:
