@@ -34,7 +34,7 @@ def error_body(code: str, message: str, param: str | None = None, **extra: Any) 
 
 def _param(loc: tuple[Any, ...]) -> str | None:
     # ("body", "max_new_tokens") -> "max_new_tokens"; ("query", "limit") -> "limit"
-    parts = [str(p) for p in loc[1:] if p not in ("function-after[_consistent()]",)]
+    parts = [str(p) for p in loc[1:]]
     return ".".join(parts) or None
 
 
@@ -48,7 +48,10 @@ async def _on_validation_error(_: Request, exc: RequestValidationError) -> JSONR
     first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
     status, code = 422, "invalid_request"
     if first.get("type") == "json_invalid":
-        status, code = 400, "invalid_json"
+        reason = (first.get("ctx") or {}).get("error", "malformed")
+        at = first.get("loc", ("body", 0))[-1]
+        message = f"the request body is not valid JSON ({reason} at character {at})"
+        return JSONResponse(error_body("invalid_json", message), status_code=400)
     details = [
         {"param": _param(tuple(e.get("loc", ()))), "message": _validation_message(e)}
         for e in errors

@@ -15,8 +15,8 @@ from pydantic import (
     ConfigDict,
     Field,
     UrlConstraints,
+    ValidationInfo,
     field_validator,
-    model_validator,
 )
 from sqlalchemy import select
 from sqlalchemy.orm import object_session
@@ -68,18 +68,29 @@ class GenerationParams(BaseModel):
     def _stop_as_list(cls, value: object) -> object:
         return [value] if isinstance(value, str) else value
 
-    @model_validator(mode="after")
-    def _consistent(self) -> GenerationParams:
-        if self.max_new_tokens is not None and self.max_length is not None:
-            raise ValueError("give max_new_tokens or max_length, not both")
-        if self.do_sample and self.temperature <= 0:
-            raise ValueError("temperature must be > 0 when do_sample is true")
-        if not self.do_sample and self.num_return_sequences > self.num_beams:
+    # Cross-field rules are field validators on the later field, so a 422 names it.
+    @field_validator("temperature")
+    @classmethod
+    def _temperature_for_sampling(cls, value: float, info: ValidationInfo) -> float:
+        if info.data.get("do_sample") and value <= 0:
+            raise ValueError("must be > 0 when do_sample is true (use do_sample false for greedy)")
+        return value
+
+    @field_validator("num_return_sequences")
+    @classmethod
+    def _sequences_need_beams_or_sampling(cls, value: int, info: ValidationInfo) -> int:
+        if not info.data.get("do_sample") and value > info.data.get("num_beams", 1):
             raise ValueError(
-                "num_return_sequences must be <= num_beams without sampling "
-                "(greedy decoding yields one sequence)"
+                "must be <= num_beams without sampling (greedy decoding yields one sequence)"
             )
-        return self
+        return value
+
+    @field_validator("max_length")
+    @classmethod
+    def _one_length(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None and info.data.get("max_new_tokens") is not None:
+            raise ValueError("give max_new_tokens or max_length, not both")
+        return value
 
     @property
     def uses_beams(self) -> bool:

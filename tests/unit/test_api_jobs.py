@@ -124,14 +124,14 @@ BAD_BODIES = [
     ({"prompt": "hi", "max_new_tokens": 0}, 422, "max_new_tokens"),
     ({"prompt": "hi", "max_new_tokens": 10**9}, 422, "max_new_tokens"),
     ({"prompt": "hi", "max_new_tokens": -3}, 422, "max_new_tokens"),
-    ({"prompt": "hi", "do_sample": True, "temperature": 0}, 422, None),
+    ({"prompt": "hi", "do_sample": True, "temperature": 0}, 422, "temperature"),
     ({"prompt": "hi", "temperature": -1}, 422, "temperature"),
     ({"prompt": "hi", "top_p": 0}, 422, "top_p"),
     ({"prompt": "hi", "top_p": 1.5}, 422, "top_p"),
     ({"prompt": "hi", "top_k": -1}, 422, "top_k"),
     ({"prompt": "hi", "num_beams": 0}, 422, "num_beams"),
-    ({"prompt": "hi", "num_return_sequences": 3}, 422, None),
-    ({"prompt": "hi", "max_new_tokens": 5, "max_length": 50}, 422, None),
+    ({"prompt": "hi", "num_return_sequences": 3}, 422, "num_return_sequences"),
+    ({"prompt": "hi", "max_new_tokens": 5, "max_length": 50}, 422, "max_length"),
     ({"prompt": "hi", "stop": [""]}, 422, "stop.0"),
     ({"prompt": "hi", "frobnicate": 1}, 422, "frobnicate"),
     ({"prompt": "hi", "max_new_tokens": "many"}, 422, "max_new_tokens"),
@@ -170,6 +170,7 @@ def test_malformed_json_is_400(client: TestClient) -> None:
     )
     assert response.status_code == 400
     assert response.json()["error"]["code"] == "invalid_json"
+    assert "not valid JSON" in response.json()["error"]["message"]
 
 
 def test_a_job_survives_a_broker_outage_at_submit(
