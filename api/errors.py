@@ -48,7 +48,8 @@ async def _on_validation_error(_: Request, exc: RequestValidationError) -> JSONR
     first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
     status, code = 422, "invalid_request"
     if first.get("type") == "json_invalid":
-        reason = (first.get("ctx") or {}).get("error", "malformed")
+        ctx = first.get("ctx")
+        reason = ctx.get("error", "malformed") if isinstance(ctx, dict) else "malformed"
         at = first.get("loc", ("body", 0))[-1]
         message = f"the request body is not valid JSON ({reason} at character {at})"
         return JSONResponse(error_body("invalid_json", message), status_code=400)
