@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from pathlib import Path
 from typing import Annotated, Any
 
 import httpx
@@ -18,17 +19,32 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
 )
+FINAL = ("succeeded", "failed", "cancelled")
 console = Console()
 err = Console(stderr=True)
 
 
 def _migrate_embedded() -> None:
-    """On the embedded default (SQLite), bring the schema up to date on start."""
-    settings = get_settings()
-    if settings.resolved_database_url.startswith("sqlite"):
-        import migrations
+    """On the embedded default (SQLite), bring the schema up to date on start.
 
-        migrations.upgrade(settings.resolved_database_url)
+    ``genq api`` and ``genq worker`` often start together: a file lock makes the
+    second wait for the first instead of both creating the same tables.
+    """
+    settings = get_settings()
+    url = settings.resolved_database_url
+    if not url.startswith("sqlite"):
+        return
+    import fcntl
+
+    from sqlalchemy.engine import make_url
+
+    import migrations
+
+    database = Path(make_url(url).database or settings.data_dir / "memory")
+    database.parent.mkdir(parents=True, exist_ok=True)
+    with database.with_name(database.name + ".migrate-lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        migrations.upgrade(url)
 
 
 @app.command()
@@ -127,7 +143,7 @@ def wait_for_job(client: httpx.Client, job_id: str, timeout: float) -> dict[str,
         response = client.get(f"/v1/jobs/{job_id}")
         _fail_http(response)
         job: dict[str, Any] = response.json()
-        if job["status"] in ("succeeded", "failed", "cancelled") or time.monotonic() > deadline:
+        if job["status"] in FINAL or time.monotonic() > deadline:
             return job
         time.sleep(delay)
         delay = min(delay * 1.5, 1.0)
@@ -146,7 +162,11 @@ def submit(
     as_json: Annotated[bool, typer.Option("--json", help="print the job as JSON")] = False,
     api_url: Annotated[str | None, typer.Option(help="API base URL (GENQ_API_URL)")] = None,
 ) -> None:
-    """Submit a prompt through the API; prints the job id (or, with --wait, the result)."""
+    """Submit a prompt through the API; prints the job id (or, with --wait, the result).
+
+    With --wait the exit status says how it ended: 0 succeeded, 1 failed or
+    cancelled, 3 still not finished when the timeout ran out.
+    """
     body: dict[str, Any] = {"prompt": prompt}
     optional = {
         "max_new_tokens": max_new_tokens,
@@ -164,6 +184,11 @@ def submit(
         if wait:
             job = wait_for_job(client, job["id"], timeout)
     _print_job(job, as_json=as_json, brief=not wait)
+    if wait and job["status"] not in FINAL:
+        err.print(f"[yellow]still {job['status']} after {timeout:g} s[/yellow]")
+        raise typer.Exit(3)
+    if wait and job["status"] != "succeeded":
+        raise typer.Exit(1)
 
 
 @app.command()
