@@ -378,3 +378,14 @@ def dump_line(obj: dict[str, Any]) -> bytes:
 def error_list(errors: Iterable[dict[str, Any]]) -> dict[str, Any]:
     """OpenAI's ``errors`` object of a batch."""
     return {"object": "list", "data": list(errors)}
+
+
+def list_object(data: list[dict[str, Any]], *, has_more: bool) -> dict[str, Any]:
+    """OpenAI's list envelope, with the cursors its SDK pages with."""
+    return {
+        "object": "list",
+        "data": data,
+        "first_id": data[0]["id"] if data else None,
+        "last_id": data[-1]["id"] if data else None,
+        "has_more": has_more,
+    }

@@ -14,7 +14,7 @@ from core import batches, files
 from core.db import get_sessionmaker
 from core.jobs import served_models
 from core.models import LOCAL_OWNER
-from core.openai_format import COMPLETIONS_URL, RequestError
+from core.openai_format import COMPLETIONS_URL, RequestError, list_object
 from core.queue import JobQueue
 from core.schemas import CallbackUrl
 
@@ -92,13 +92,7 @@ def list_batches(
     """Batches newest first; pass the last id as ``after`` for the next page."""
     rows, has_more = batches.list_batches(session, owner=owner, limit=limit, after=after)
     data = [batches.batch_object(session, b) for b in rows]
-    return {
-        "object": "list",
-        "data": data,
-        "first_id": data[0]["id"] if data else None,
-        "last_id": data[-1]["id"] if data else None,
-        "has_more": has_more,
-    }
+    return list_object(data, has_more=has_more)
 
 
 @router.get("/{batch_id}")

@@ -13,6 +13,7 @@ from api.errors import APIError
 from core import batches, files
 from core.db import get_sessionmaker
 from core.models import LOCAL_OWNER, File
+from core.openai_format import list_object
 
 router = APIRouter(prefix="/v1/files", tags=["files"])
 
@@ -68,13 +69,7 @@ def list_files(
         session, owner=owner, purpose=purpose, limit=limit, after=after, order=order
     )
     data = [files.file_object(f) for f in rows]
-    return {
-        "object": "list",
-        "data": data,
-        "first_id": data[0]["id"] if data else None,
-        "last_id": data[-1]["id"] if data else None,
-        "has_more": has_more,
-    }
+    return list_object(data, has_more=has_more)
 
 
 @router.get("/{file_id}")

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import redis
 
 REPO = Path(__file__).resolve().parents[2]
@@ -79,3 +80,24 @@ def drop_redis_queue(redis_url: str, queue: str) -> None:
     keys = [queue, f"_kombu.binding.{queue}", *client.keys(f"{queue}\x06*")]
     client.delete(*keys)
     client.close()
+
+
+def api_ready(port: int) -> bool:
+    """Whether ``genq api`` on ``port`` answers /readyz with 200."""
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/readyz").status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+@contextlib.contextmanager
+def api_and_worker(env: dict[str, str], port: int, logs: Path) -> Iterator[tuple[Path, Path]]:
+    """``genq api`` on ``port`` and a ``genq worker``, until the block ends; yields
+    their log paths once the API is ready."""
+    api_log, worker_log = logs / "api.log", logs / "worker.log"
+    with (
+        genq_process(["api", "--port", str(port)], env, api_log),
+        genq_process(["worker"], env, worker_log),
+    ):
+        wait_until(lambda: api_ready(port), 60, "the API", api_log)
+        yield api_log, worker_log

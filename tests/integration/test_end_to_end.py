@@ -11,7 +11,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 from fastapi.testclient import TestClient
 
@@ -21,6 +20,7 @@ from core.settings import Settings
 from tests.conftest import REDIS_URL
 from tests.integration.helpers import (
     REPO,
+    api_and_worker,
     drop_redis_queue,
     free_port,
     genq_env,
@@ -121,19 +121,7 @@ def test_embedded_default_with_real_processes_and_the_cli(model_dir: Path, tmp_p
         GENQ_API_URL=f"http://127.0.0.1:{port}",
         GENQ_MAX_BATCH_SIZE="8",
     )
-    api_log, worker_log = tmp_path / "api.log", tmp_path / "worker.log"
-    with (
-        genq_process(["api", "--port", str(port)], env, api_log),
-        genq_process(["worker"], env, worker_log),
-    ):
-
-        def ready() -> bool:
-            try:
-                return httpx.get(f"http://127.0.0.1:{port}/readyz").status_code == 200
-            except httpx.TransportError:
-                return False
-
-        wait_until(ready, 60, "the API", api_log)
+    with api_and_worker(env, port, tmp_path) as (_, worker_log):
         submitted = subprocess.run(
             [
                 sys.executable, "-m", "cli", "submit", "Once upon a time",

@@ -18,7 +18,7 @@ from openai import OpenAI
 import migrations
 from core import keys
 from core.db import session_scope
-from tests.integration.helpers import free_port, genq_env, genq_process, wait_until
+from tests.integration.helpers import api_and_worker, free_port, genq_env, wait_until
 from tests.tiny_model import STORIES, tiny_model_dir
 
 pytestmark = pytest.mark.integration
@@ -45,19 +45,7 @@ def genq(tmp_path: Path) -> Iterator[dict[str, Any]]:
         GENQ_MAX_BATCH_SIZE="16",
         GENQ_SWEEP_INTERVAL_S="1",
     )
-    api_log, worker_log = tmp_path / "api.log", tmp_path / "worker.log"
-    with (
-        genq_process(["api", "--port", str(port)], env, api_log),
-        genq_process(["worker"], env, worker_log),
-    ):
-
-        def ready() -> bool:
-            try:
-                return httpx.get(f"http://127.0.0.1:{port}/readyz").status_code == 200
-            except httpx.TransportError:
-                return False
-
-        wait_until(ready, 60, "the API", api_log)
+    with api_and_worker(env, port, tmp_path) as (_, worker_log):
         yield {
             "base_url": f"http://127.0.0.1:{port}/v1",
             "model": model,
