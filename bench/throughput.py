@@ -1,0 +1,343 @@
+"""Throughput of genq against plain transformers, on the same model and prompts.
+
+``python -m bench.throughput --workload uniform|mixed|plumbing [--jobs N] [--json OUT]``
+
+``uniform`` and ``mixed`` measure, one after the other on this machine, the seed's
+one-prompt-at-a-time loop, transformers' static batching (16, 32, 64) and genq end to
+end (HTTP API → Redis → ``genq worker`` → PostgreSQL), all on a random-weight GPT-2
+124M in fp32 with 2 torch threads. ``plumbing`` pushes many tiny jobs through genq with
+the fake engine to measure the queue itself. It prints figures; it asserts nothing.
+See bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import gc
+import json
+import os
+import signal
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from bench import _genq, _hf, _http, _report, _services
+from bench._workload import Prompt, Workload, build_model_dir, workload_prompts
+
+DEFAULT_JOBS = {"uniform": 64, "mixed": 64, "plumbing": 2000}
+THREADS = 2
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """The command line."""
+    parser = argparse.ArgumentParser(prog="python -m bench.throughput", description=__doc__)
+    parser.add_argument("--workload", choices=["uniform", "mixed", "plumbing"], default="uniform")
+    parser.add_argument("--jobs", type=int, help="jobs (default: 64; plumbing 2000)")
+    parser.add_argument("--json", type=Path, help="write the figures here")
+    parser.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "both"],
+        default="float32",
+        help="both: fp32 for everything, plus bf16 for static_batch (best size) and genq",
+    )
+    parser.add_argument("--seed-loop-jobs", type=int, default=8, help="prompts for seed_loop")
+    parser.add_argument("--batch-sizes", default="16,32,64", help="static_batch sizes")
+    parser.add_argument("--seed", type=int, default=0, help="seeds weights and prompts")
+    parser.add_argument("--concurrency", type=int, default=64, help="HTTP submits in flight")
+    parser.add_argument("--api-workers", type=int, help="uvicorn workers (default 1; plumbing 2)")
+    parser.add_argument("--idle-jobs", type=int, default=50, help="plumbing: sequential jobs")
+    parser.add_argument("--timeout", type=float, default=1800, help="seconds to wait for genq")
+    parser.add_argument("--log-dir", type=Path, help="keep the api/worker logs here")
+    parser.add_argument(
+        "--worker-env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra environment for the worker, e.g. GENQ_PROGRESS_INTERVAL_S=60 (repeatable)",
+    )
+    return parser.parse_args(argv)
+
+
+@contextlib.contextmanager
+def genq_stack(
+    tmp: Path, log_dir: Path, model: str, api_workers: int
+) -> Iterator[tuple[dict[str, str], str, _services.GenqProcess]]:
+    """A fresh database and queue, and a running API; yields the env, its URL, the API."""
+    with _services.postgres_database() as db_url, _services.redis_queue() as queue:
+        env = _services.genq_env(
+            GENQ_MODEL=model,
+            GENQ_BROKER_URL=_services.REDIS_URL,
+            GENQ_DATABASE_URL=db_url,
+            GENQ_QUEUE=queue,
+            GENQ_MAX_BATCH_SIZE="64",
+            GENQ_TORCH_THREADS=str(THREADS),
+            GENQ_DATA_DIR=str(tmp / "data"),
+            GENQ_REQUIRE_AUTH="false",
+        )
+        port = _services.free_port()
+        args = ["api", "--port", str(port), "--workers", str(api_workers)]
+        with _services.genq_process(args, env, log_dir / "api.log") as api:
+            url = f"http://127.0.0.1:{port}"
+            _services.wait_until(lambda: _genq.api_ready(url), 60, "the API", api)
+            yield env, url, api
+
+
+def start_worker(
+    env: dict[str, str], log: Path, url: str, api: _services.GenqProcess, timeout: float
+) -> contextlib.AbstractContextManager[_services.GenqProcess]:
+    """A ``genq worker``; entered, it has answered one warm-up job (model loaded)."""
+
+    @contextlib.contextmanager
+    def run() -> Iterator[_services.GenqProcess]:
+        with _services.genq_process(["worker", "--loglevel=WARNING"], env, log) as worker:
+            with httpx.Client(base_url=url, timeout=30) as client:
+                body = {"prompt": "warm up the worker", "max_new_tokens": 4}
+                job_id = _http.post_many(url, "/v1/jobs", [body], connections=1)[0][0]["id"]
+
+                def done() -> bool:
+                    job = _genq.get_json(client, f"/v1/jobs/{job_id}")
+                    return job["status"] in _genq.FINAL
+
+                _services.wait_until(done, timeout, "the warm-up job", worker, api)
+            yield worker
+
+    return run()
+
+
+def measure_genq(
+    stack: tuple[dict[str, str], str, _services.GenqProcess],
+    prompts: Sequence[Prompt],
+    dtype: str,
+    args: argparse.Namespace,
+    log_dir: Path,
+) -> _genq.RunFigures:
+    """One timed genq run of every prompt with a fresh worker in ``dtype``."""
+    env, url, api = stack
+    extra = dict(item.split("=", 1) for item in args.worker_env)
+    env = {**env, **extra, "GENQ_DTYPE": dtype}
+    log = log_dir / f"worker-{dtype}.log"
+    with start_worker(env, log, url, api, args.timeout) as worker:
+        _report.step(f"genq {dtype}: worker ready; submitting {len(prompts)} jobs")
+        bodies = [
+            {"prompt": p.text, "max_new_tokens": p.max_new_tokens, "do_sample": False}
+            for p in prompts
+        ]
+        start, ids, retried = _genq.submit_all(url, bodies, args.concurrency)
+        if retried:
+            _report.step(f"[yellow]genq {dtype}: {retried} submits got 503 and were retried")
+        with httpx.Client(base_url=url, timeout=60) as client:
+            _genq.wait_all_final(client, args.timeout, worker, api)
+            jobs = _genq.fetch_all(client)
+    mine = [jobs[i] for i in ids]
+    run = _genq.figures(start, mine)
+    if run.failed:
+        errors = {j["error"]["message"][:200] for j in mine if j.get("error")}
+        _report.step(
+            f"[red]genq {dtype}: {run.failed} of {run.jobs} jobs did not succeed[/red] "
+            f"(see {log}): {'; '.join(sorted(errors)[:3])}"
+        )
+    _report.step(f"genq {dtype}: {run.tokens_per_s:.1f} tokens/s over {run.seconds:.1f} s")
+    ours = sum(len(p.ids) for p in prompts)
+    stated = sum(j["usage"]["prompt_tokens"] or 0 for j in mine)
+    if not run.failed and stated != ours:
+        _report.step(f"note: genq counted {stated} prompt tokens, the bench {ours}")
+    return run
+
+
+def measure_transformers(
+    model_dir: Path, prompts: Sequence[Prompt], dtype: str, sizes: Sequence[int], seed_jobs: int
+) -> dict[str, _hf.Measured]:
+    """seed_loop (when ``seed_jobs``) and static_batch at each size, in ``dtype``."""
+    model, tokenizer = _hf.load(model_dir, dtype)
+    eos = tokenizer.eos_token_id
+    _hf.warm_up(model, prompts, eos)
+    out: dict[str, _hf.Measured] = {}
+    if seed_jobs:
+        _report.step(f"seed_loop {dtype}: {seed_jobs} prompts, one at a time")
+        out["seed_loop"] = _hf.seed_loop(model, prompts[:seed_jobs], eos)
+        _report.step(f"seed_loop {dtype}: {out['seed_loop'].tokens_per_s:.1f} tokens/s")
+    for size in sizes:
+        _report.step(f"static_batch {dtype}: batch size {size}")
+        measured = out[f"static_batch_{size}"] = _hf.static_batch(model, prompts, eos, size)
+        _report.step(f"static_batch {dtype} ({size}): {measured.tokens_per_s:.1f} tokens/s")
+    del model
+    gc.collect()
+    return out
+
+
+def _row(system: str, dtype: str, m: _hf.Measured | _genq.RunFigures) -> dict[str, Any]:
+    return {
+        "system": system,
+        "dtype": dtype,
+        "jobs": m.jobs,
+        "tokens": m.tokens,
+        "seconds": round(m.seconds, 3),
+        "tokens_per_s": round(m.tokens_per_s, 2),
+    }
+
+
+def run_model(args: argparse.Namespace, tmp: Path, log_dir: Path) -> dict[str, Any]:
+    """uniform / mixed: seed_loop, static_batch and genq on the same prompts."""
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+
+    torch.set_num_threads(THREADS)
+    model_dir, tokenizer_kind = build_model_dir(tmp / "gpt2-random", seed=args.seed)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    prompts = workload_prompts(tokenizer, args.workload, args.jobs, args.seed)
+    main = "bfloat16" if args.dtype == "bfloat16" else "float32"
+    sizes = [int(s) for s in args.batch_sizes.split(",")]
+    hf = measure_transformers(model_dir, prompts, main, sizes, args.seed_loop_jobs)
+    by_size = {s: hf[f"static_batch_{s}"] for s in sizes}
+    best = max(sizes, key=lambda s: by_size[s].tokens_per_s)
+    hf_bf16 = {}
+    if args.dtype == "both":
+        hf_bf16 = measure_transformers(model_dir, prompts, "bfloat16", [best], 0)
+    with genq_stack(tmp, log_dir, str(model_dir), args.api_workers or 1) as stack:
+        genq = measure_genq(stack, prompts, main, args, log_dir)
+        genq_bf16 = measure_genq(stack, prompts, "bfloat16", args, log_dir) if hf_bf16 else None
+
+    rows = [_row("seed_loop", main, hf["seed_loop"])]
+    rows += [_row(f"static_batch ({s})", main, by_size[s]) for s in sizes]
+    rows.append(_row("genq", main, genq))
+    seed_rate, static_rate = hf["seed_loop"].tokens_per_s, by_size[best].tokens_per_s
+    result: dict[str, Any] = {
+        "workload": args.workload,
+        "jobs": len(prompts),
+        "tokens_per_s": {
+            "seed_loop": round(seed_rate, 2),
+            "static_batch": round(static_rate, 2),
+            "genq": round(genq.tokens_per_s, 2),
+        },
+        "ratios": {
+            "genq_vs_seed_loop": round(genq.tokens_per_s / seed_rate, 3),
+            "genq_vs_static_batch": round(genq.tokens_per_s / static_rate, 3),
+        },
+        "static_batch_by_size": {str(s): round(by_size[s].tokens_per_s, 2) for s in sizes},
+        "static_batch_best_size": best,
+        "seed_loop_jobs": hf["seed_loop"].jobs,
+        "dtype": main,
+        "genq_failed_jobs": genq.failed,
+        "genq_latency": {
+            "queue_wait_ms_p50": round(genq.queue_wait_ms[0], 1),
+            "queue_wait_ms_p95": round(genq.queue_wait_ms[1], 1),
+            "latency_s_p50": round(genq.latency_s[0], 2),
+            "latency_s_p95": round(genq.latency_s[1], 2),
+        },
+        "prompt_tokens_mean": round(sum(len(p.ids) for p in prompts) / len(prompts), 1),
+        "new_tokens_requested": sum(p.max_new_tokens for p in prompts),
+        "tokenizer": tokenizer_kind,
+        "rows": rows,
+    }
+    if hf_bf16 and genq_bf16:
+        sb = hf_bf16[f"static_batch_{best}"]
+        rows.append(_row(f"static_batch ({best})", "bfloat16", sb))
+        rows.append(_row("genq", "bfloat16", genq_bf16))
+        result["bf16"] = {
+            "static_batch": round(sb.tokens_per_s, 2),
+            "genq": round(genq_bf16.tokens_per_s, 2),
+            "static_batch_vs_fp32": round(sb.tokens_per_s / static_rate, 3),
+            "genq_vs_fp32": round(genq_bf16.tokens_per_s / genq.tokens_per_s, 3),
+        }
+    return result
+
+
+def run_plumbing(args: argparse.Namespace, tmp: Path, log_dir: Path) -> dict[str, Any]:
+    """plumbing: many tiny fake-engine jobs through API, Redis, worker and PostgreSQL."""
+    with genq_stack(tmp, log_dir, "fake", args.api_workers or 2) as stack:
+        env, url, api = stack
+        with start_worker(env, log_dir / "worker-fake.log", url, api, args.timeout) as worker:
+            _report.step(f"plumbing: {args.idle_jobs} sequential jobs on the idle system")
+            added, server = [], []
+            with httpx.Client(base_url=url, timeout=30) as client:
+                for i in range(args.idle_jobs):
+                    body = {"prompt": f"idle job {i} one two three", "max_new_tokens": 4}
+                    rtt, job = _genq.run_one(client, body, args.timeout)
+                    generation = _genq.epoch(job["finished_at"]) - _genq.epoch(job["started_at"])
+                    added.append((rtt - generation) * 1000)
+                    queued = _genq.epoch(job["started_at"]) - _genq.epoch(job["created_at"])
+                    server.append(queued * 1000)
+            _report.step(f"plumbing: submitting {args.jobs} jobs, {args.concurrency} in flight")
+            bodies = [
+                {"prompt": f"plumbing job {i} alpha beta gamma", "max_new_tokens": 4}
+                for i in range(args.jobs)
+            ]
+            start, ids, retried = _genq.submit_all(url, bodies, args.concurrency)
+            submit_s = time.time() - start
+            with httpx.Client(base_url=url, timeout=60) as client:
+                _genq.wait_all_final(client, args.timeout, worker, api, every=0.2)
+                jobs = _genq.fetch_all(client)
+    run = _genq.figures(start, [jobs[i] for i in ids])
+    return {
+        "workload": "plumbing",
+        "jobs": run.jobs,
+        "jobs_per_s": round(run.jobs_per_s, 1),
+        "added_latency_ms": {
+            "p50": round(_genq.percentile(added, 50), 1),
+            "p95": round(_genq.percentile(added, 95), 1),
+        },
+        "idle_jobs": args.idle_jobs,
+        "idle_server_ms": {
+            "p50": round(_genq.percentile(server, 50), 1),
+            "p95": round(_genq.percentile(server, 95), 1),
+        },
+        "queue_wait_under_load_ms": {
+            "p50": round(run.queue_wait_ms[0], 1),
+            "p95": round(run.queue_wait_ms[1], 1),
+        },
+        "submit_s": round(submit_s, 2),
+        "submit_503_retries": retried,
+        "failed_jobs": run.failed,
+        "seconds": round(run.seconds, 2),
+        "api_workers": args.api_workers or 2,
+    }
+
+
+def _terminate(signum: int, _frame: object) -> None:
+    # SIGTERM unwinds like Ctrl-C, so every finally block stops processes and drops data.
+    raise SystemExit(128 + signum)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one workload, print its table and write ``--json``."""
+    args = parse_args(argv)
+    workload: Workload = args.workload
+    args.jobs = args.jobs or DEFAULT_JOBS[workload]
+    signal.signal(signal.SIGTERM, _terminate)
+    load_before = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory(prefix="genq-bench-") as tmp_name:
+        tmp = Path(tmp_name)
+        log_dir = args.log_dir or tmp / "logs"
+        log_dir.mkdir(parents=True, exist_ok=True)
+        _report.step(f"logs in {log_dir}")
+        if workload == "plumbing":
+            result = run_plumbing(args, tmp, log_dir)
+        else:
+            result = run_model(args, tmp, log_dir)
+    result["date"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    if args.worker_env:
+        result["worker_env"] = args.worker_env
+    result["cpu_cores"] = os.cpu_count()
+    # Other work on the machine skews every figure: record how busy it was.
+    result["load_avg_1min"] = {"start": load_before, "end": round(os.getloadavg()[0], 2)}
+    if workload == "plumbing":
+        _report.print_plumbing(result)
+    else:
+        _report.print_model(result)
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
