@@ -16,7 +16,7 @@ import secrets
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import JSON, bindparam, delete, func, select, update
 from sqlalchemy.orm import Session
 
 from core import webhooks
@@ -167,13 +167,22 @@ def release_job(session: Session, claim: Claim) -> bool:
     return bool(_rowcount(result))
 
 
-def record_progress(session: Session, claim: Claim, *, tokens: int, text: str) -> None:
-    """Store a running job's partial output (first sequence) and its token count."""
-    session.execute(
+def record_progress(session: Session, updates: Iterable[tuple[Claim, int, str]]) -> None:
+    """Store running jobs' partial output (first sequence) and token counts, as
+    one executemany statement for all of them (``(claim, tokens, text)`` each)."""
+    rows = [
+        {"b_token": claim.token, "b_outputs": [text], "b_tokens": tokens}
+        for claim, tokens, text in updates
+    ]
+    if not rows:
+        return
+    statement = (
         update(Job)
-        .where(_owned(claim, JobStatus.RUNNING))
-        .values(outputs=[text], completion_tokens=tokens)
+        .where(Job.lease_token == bindparam("b_token"), Job.status == RUNNING)
+        .values(outputs=bindparam("b_outputs", type_=JSON), completion_tokens=bindparam("b_tokens"))
+        .execution_options(synchronize_session=False)
     )
+    session.connection().execute(statement, rows)
 
 
 def renew_leases(session: Session, claims: Iterable[Claim], *, lease_s: float) -> None:

@@ -47,9 +47,14 @@ class UnknownModelError(ValueError):
         self.available = list(available)
 
 
-def served_models(session: Session, settings: Settings) -> list[str]:
-    """The models jobs may ask for: the configured ones and those live workers serve."""
-    live = workers.live_models(session, within_s=settings.worker_heartbeat_s * 3)
+def served_models(session: Session, settings: Settings, *, fresh: bool = False) -> list[str]:
+    """The models jobs may ask for: the configured ones and those live workers serve
+    (as seen up to two seconds ago, unless ``fresh``)."""
+    within_s = settings.worker_heartbeat_s * 3
+    if fresh:
+        live = workers.live_models(session, within_s=within_s)
+    else:
+        live = workers.live_models_cached(session, within_s=within_s)
     return sorted({*settings.models, settings.model, *live})
 
 
@@ -122,6 +127,8 @@ def submit_job(
             return get_job(session, earlier), True
     model = body.model or settings.model
     available = served_models(session, settings)
+    if model not in available:
+        available = served_models(session, settings, fresh=True)  # a worker just started?
     if model not in available:
         raise UnknownModelError(model, available)
     job = create_job(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import time
 
 from sqlalchemy import ColumnElement, delete, func, select, update
 from sqlalchemy.orm import Session
@@ -52,3 +53,21 @@ def live_models(session: Session, *, within_s: float) -> dict[str, int]:
         select(WorkerNode.model, func.count()).where(_alive(within_s)).group_by(WorkerNode.model)
     )
     return {str(model): int(count) for model, count in rows}
+
+
+_CACHE_S = 2.0
+_cache: dict[tuple[str, float], tuple[float, dict[str, int]]] = {}
+
+
+def live_models_cached(session: Session, *, within_s: float) -> dict[str, int]:
+    """:func:`live_models`, remembered for two seconds per database: a submit
+    checks its model without a query each time, and a new worker shows up at
+    once on the scale of its heartbeat."""
+    key = (str(session.get_bind().engine.url), within_s)
+    now = time.monotonic()
+    hit = _cache.get(key)
+    if hit is not None and now - hit[0] < _CACHE_S:
+        return hit[1]
+    models = live_models(session, within_s=within_s)
+    _cache[key] = (now, models)
+    return models

@@ -198,12 +198,14 @@ class WorkerRuntime:
         with session_scope(self._db_url) as session:
             if renew:
                 delivery.renew_leases(session, claims, lease_s=self.settings.lease_s)
+            changed = []
             for claim in claims:
                 progress = self.engine.progress(claim.job_id)
                 if progress is None or progress.tokens == self._reported.get(claim.job_id):
                     continue
-                delivery.record_progress(session, claim, tokens=progress.tokens, text=progress.text)
+                changed.append((claim, progress.tokens, progress.text))
                 self._reported[claim.job_id] = progress.tokens
+            delivery.record_progress(session, changed)
             cancelled = delivery.cancelled_among(session, (c.job_id for c in claims))
         if renew:
             self._last_renewal = time.monotonic()
