@@ -54,8 +54,13 @@ def test_each_model_has_its_queue_and_its_workers(
     cluster = make_cluster(postgres_url, tmp_path, model_a)
     env_b = {**cluster.env, "GENQ_MODEL": model_b}
     with cluster.worker(), cluster.worker(env=env_b):
+
+        def both_served() -> bool:
+            data = cluster.client.get("/v1/models").json()["data"]
+            return len(data) == 2 and all(m["workers"] for m in data)
+
         wait_until(
-            lambda: all(m["workers"] for m in cluster.client.get("/v1/models").json()["data"]),
+            both_served,
             60,
             "both workers registered",
             cluster.logs[0],
