@@ -12,6 +12,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from core.db import is_transient
+from core.idempotency import IdempotencyConflictError
 from core.jobs import JobConflictError, JobNotFoundError
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,11 @@ async def _on_not_found(_: Request, exc: JobNotFoundError) -> JSONResponse:
     return JSONResponse(error_body("not_found", str(exc), "id"), status_code=404)
 
 
+async def _on_idempotency_conflict(_: Request, exc: IdempotencyConflictError) -> JSONResponse:
+    body = error_body("idempotency_key_reused", str(exc), "Idempotency-Key")
+    return JSONResponse(body, status_code=409)
+
+
 async def _on_conflict(_: Request, exc: JobConflictError) -> JSONResponse:
     return JSONResponse(error_body("conflict", str(exc)), status_code=409)
 
@@ -97,5 +103,6 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(APIError, _on_api_error)  # type: ignore[arg-type]
     app.add_exception_handler(JobNotFoundError, _on_not_found)  # type: ignore[arg-type]
     app.add_exception_handler(JobConflictError, _on_conflict)  # type: ignore[arg-type]
+    app.add_exception_handler(IdempotencyConflictError, _on_idempotency_conflict)  # type: ignore[arg-type]
     app.add_exception_handler(StarletteHTTPException, _on_http_error)  # type: ignore[arg-type]
     app.add_exception_handler(SQLAlchemyError, _on_database_error)  # type: ignore[arg-type]

@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable, Collection, Iterable, Iterator
 from typing import Any
 
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from core import files, webhooks
@@ -263,6 +263,7 @@ def create_batch(
     run_key: str | None = None,
     callback_url: str | None = None,
     priority: str = "low",
+    before_commit: Callable[[Batch], None] | None = None,
 ) -> Batch:
     """Validate the input and create the batch with its jobs, committed.
 
@@ -326,6 +327,8 @@ def create_batch(
         webhooks.record_batch_event(session, batch)
     batch.total = result.total
     batch.model = result.model
+    if before_commit is not None:
+        before_commit(batch)  # e.g. record an idempotency key in this transaction
     session.commit()
     return batch
 
@@ -617,3 +620,26 @@ def batch_object(session: Session, batch: Batch) -> dict[str, Any]:
         },
         "metadata": batch.meta,
     }
+
+
+def purge(session: Session, *, older_than_days: float) -> tuple[int, int]:
+    """Delete what the retention age has passed: finished batches no job refers to
+    any more (their jobs are purged first), and files made before the cutoff that no
+    unfinished batch reads. Returns (batches, files) deleted."""
+    cutoff = utcnow() - dt.timedelta(days=older_than_days)
+    has_jobs = select(Job.id).where(Job.batch_id == Batch.id).exists()
+    gone_batches = session.execute(
+        delete(Batch).where(Batch.status.in_(FINAL), Batch.created_at < cutoff, ~has_jobs)
+    )
+    in_use = select(Batch.input_file_id).where(
+        Batch.status.not_in(FINAL), Batch.input_file_id.is_not(None)
+    )
+    results_alive = select(Batch.id).where(Batch.id == File.batch_id).exists()
+    gone_files = session.execute(
+        delete(File).where(
+            File.created_at < cutoff,
+            File.id.not_in(in_use),
+            (File.virtual.is_(None)) | ~results_alive,
+        )
+    )
+    return int(gone_batches.rowcount), int(gone_files.rowcount)  # type: ignore[attr-defined]

@@ -9,6 +9,8 @@ results are stored once and the files are always consistent with the jobs.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import secrets
 import time
 from collections.abc import Iterable, Iterator
@@ -68,6 +70,14 @@ def iter_lines(chunks: Iterable[bytes]) -> Iterator[tuple[int, bytes]]:
         yield number + 1, rest
 
 
+@dataclasses.dataclass(frozen=True)
+class Upload:
+    """A stored upload's row and the SHA-256 of its content."""
+
+    file: File
+    sha256: str
+
+
 def store_upload(
     session: Session,
     stream: BinaryIO,
@@ -77,7 +87,7 @@ def store_upload(
     purpose: str,
     max_bytes: int,
     max_lines: int,
-) -> File:
+) -> Upload:
     """Write an upload into ``file`` and ``file_chunk`` rows (not committed).
 
     Raises :class:`FileTooLargeError` or :class:`TooManyLinesError`; the caller
@@ -100,8 +110,10 @@ def store_upload(
     lines = 0
     seq = 0
     tail_blank = True  # whether the current (unfinished) line is blank so far
+    digest = hashlib.sha256()
     while chunk := stream.read(CHUNK_BYTES):
         size += len(chunk)
+        digest.update(chunk)
         if size > max_bytes:
             raise FileTooLargeError(max_bytes)
         for part_index, part in enumerate(chunk.split(b"\n")):
@@ -120,7 +132,7 @@ def store_upload(
     file.bytes = size
     file.lines = lines
     session.flush()
-    return file
+    return Upload(file, digest.hexdigest())
 
 
 def iter_chunks(session: Session, file_id: str) -> Iterator[bytes]:

@@ -64,3 +64,29 @@ def remember(
             created_at=utcnow(),
         )
     )
+
+
+def replay_or_remember(
+    session: Session,
+    *,
+    owner: str,
+    key: str,
+    endpoint: str,
+    request_hash: str,
+    resource_id: str,
+) -> str | None:
+    """Before committing a new object: if ``key`` made one already, roll the new one
+    back and return the earlier id; else record the key with the new id (None)."""
+    earlier = replayed(session, owner=owner, key=key, request_hash=request_hash)
+    if earlier is not None:
+        session.rollback()
+        return earlier
+    remember(
+        session,
+        owner=owner,
+        key=key,
+        endpoint=endpoint,
+        request_hash=request_hash,
+        resource_id=resource_id,
+    )
+    return None

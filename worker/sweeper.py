@@ -96,8 +96,12 @@ class Sweeper:
         return resent
 
     def _purge(self) -> int:
+        days = self.settings.retention_days
         with session_scope(self._url) as session:
-            return delivery.purge_finished(session, older_than_days=self.settings.retention_days)
+            jobs = delivery.purge_finished(session, older_than_days=days)
+        with session_scope(self._url) as session:
+            batch_count, file_count = batches.purge(session, older_than_days=days)
+        return jobs + batch_count + file_count
 
     def _send(self, routes: list[delivery.Route]) -> None:
         for route in routes:

@@ -8,9 +8,9 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Form, Query, UploadFile
 from fastapi.responses import StreamingResponse
 
-from api.deps import OwnerDep, SessionDep, SettingsDep
+from api.deps import IdempotencyKeyHeader, OwnerDep, SessionDep, SettingsDep
 from api.errors import APIError
-from core import batches, files
+from core import batches, files, idempotency
 from core.db import get_sessionmaker
 from core.models import LOCAL_OWNER, File
 from core.openai_format import list_object
@@ -29,14 +29,16 @@ def upload_file(
     session: SessionDep,
     settings: SettingsDep,
     owner: OwnerDep,
+    idempotency_key: IdempotencyKeyHeader = None,
 ) -> dict[str, Any]:
-    """Upload a JSONL file of requests (multipart; purpose=batch)."""
+    """Upload a JSONL file of requests (multipart; purpose=batch). With an
+    ``Idempotency-Key``, a retry of the same upload returns the same file."""
     if purpose not in files.PURPOSES:
         raise APIError(
             400, "invalid_request", f"purpose must be one of {', '.join(files.PURPOSES)}", "purpose"
         )
     try:
-        row = files.store_upload(
+        upload = files.store_upload(
             session,
             file.file,
             owner=owner or LOCAL_OWNER,
@@ -51,6 +53,21 @@ def upload_file(
     except files.TooManyLinesError as exc:
         session.rollback()
         raise APIError(400, "too_many_lines", str(exc), "file") from exc
+    row = upload.file
+    if idempotency_key is not None:
+        request_hash = idempotency.fingerprint(
+            "files", {"purpose": purpose, "filename": row.filename, "sha256": upload.sha256}
+        )
+        earlier = idempotency.replay_or_remember(
+            session,
+            owner=owner or LOCAL_OWNER,
+            key=idempotency_key,
+            endpoint="files",
+            request_hash=request_hash,
+            resource_id=row.id,
+        )
+        if earlier is not None:
+            return files.file_object(files.get_file(session, earlier, owner=owner))
     session.commit()
     return files.file_object(row)
 

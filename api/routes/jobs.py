@@ -9,7 +9,6 @@ from fastapi import APIRouter, Query, Response, status
 from api.deps import IdempotencyKeyHeader, OwnerDep, QueueDep, SessionDep, SettingsDep
 from api.errors import APIError
 from core import jobs
-from core.idempotency import IdempotencyConflictError
 from core.schemas import JobCreate, JobList, JobRead
 from core.status import JobStatus
 
@@ -37,8 +36,6 @@ def create_job(
         )
     except jobs.UnknownModelError as exc:
         raise APIError(422, "model_not_found", str(exc), "model") from exc
-    except IdempotencyConflictError as exc:
-        raise APIError(409, "idempotency_key_reused", str(exc), "Idempotency-Key") from exc
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     if replay:
         response.headers["Idempotent-Replayed"] = "true"

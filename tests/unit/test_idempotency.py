@@ -1,0 +1,57 @@
+"""Idempotency-Key on POST /v1/files and /v1/batches: a retry gets the same object."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from fastapi.testclient import TestClient
+
+LINE = {
+    "custom_id": "a",
+    "method": "POST",
+    "url": "/v1/completions",
+    "body": {"model": "fake", "prompt": "one two", "max_tokens": 3},
+}
+
+
+def upload(client: TestClient, content: bytes, key: str | None) -> dict[str, Any]:
+    headers = {"Idempotency-Key": key} if key else {}
+    response = client.post(
+        "/v1/files",
+        files={"file": ("in.jsonl", content, "application/jsonl")},
+        data={"purpose": "batch"},
+        headers=headers,
+    )
+    return {**response.json(), "http_status": response.status_code}
+
+
+def test_a_retried_upload_returns_the_same_file_and_another_body_is_409(
+    client: TestClient,
+) -> None:
+    content = (json.dumps(LINE) + "\n").encode()
+    first = upload(client, content, "up-1")
+    again = upload(client, content, "up-1")
+    assert first["http_status"] == again["http_status"] == 200
+    assert again["id"] == first["id"]
+    assert len(client.get("/v1/files").json()["data"]) == 1
+    other = upload(client, content + content.replace(b'"a"', b'"b"'), "up-1")
+    assert other["http_status"] == 409
+    assert other["error"]["code"] == "idempotency_key_reused"
+    assert upload(client, content, None)["id"] != first["id"]
+
+
+def test_a_retried_batch_returns_the_same_batch_and_another_body_is_409(
+    client: TestClient,
+) -> None:
+    file_id = upload(client, (json.dumps(LINE) + "\n").encode(), None)["id"]
+    body = {"input_file_id": file_id, "endpoint": "/v1/completions", "completion_window": "24h"}
+    headers = {"Idempotency-Key": "batch-7"}
+    first = client.post("/v1/batches", json=body, headers=headers)
+    again = client.post("/v1/batches", json=body, headers=headers)
+    assert first.status_code == again.status_code == 200
+    assert again.json()["id"] == first.json()["id"]
+    assert len(client.get("/v1/batches").json()["data"]) == 1
+    changed = client.post("/v1/batches", json={**body, "metadata": {"run": "2"}}, headers=headers)
+    assert changed.status_code == 409
+    assert changed.json()["error"]["param"] == "Idempotency-Key"
