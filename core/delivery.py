@@ -146,23 +146,26 @@ def fail_job(session: Session, claim: Claim, *, code: str, message: str) -> bool
     return True
 
 
+def _back_to_queue() -> dict[str, Any]:
+    """The values that return a running job to the queue, partial output dropped."""
+    return {
+        "status": QUEUED,
+        "worker": None,
+        "lease_token": None,
+        "lease_expires_at": None,
+        "outputs": None,
+        "completion_tokens": None,
+        "enqueued_at": utcnow(),
+    }
+
+
 def release_job(session: Session, claim: Claim) -> bool:
     """Hand a running job back to the queue (worker shutting down). The attempt
     does not count: the job did nothing wrong. Partial output is dropped."""
     result = session.execute(
         update(Job)
         .where(_owned(claim, JobStatus.RUNNING))
-        .values(
-            status=QUEUED,
-            attempts=Job.attempts - 1,
-            worker=None,
-            lease_token=None,
-            lease_expires_at=None,
-            started_at=None,
-            outputs=None,
-            completion_tokens=None,
-            enqueued_at=utcnow(),
-        )
+        .values(attempts=Job.attempts - 1, started_at=None, **_back_to_queue())
     )
     return bool(_rowcount(result))
 
@@ -269,15 +272,7 @@ def reclaim_expired(session: Session, *, max_attempts: int) -> tuple[list[Route]
     requeued = session.execute(
         update(Job)
         .where(expired)
-        .values(
-            status=QUEUED,
-            worker=None,
-            lease_token=None,
-            lease_expires_at=None,
-            outputs=None,
-            completion_tokens=None,
-            enqueued_at=now,
-        )
+        .values(**_back_to_queue())
         .returning(Job.id, Job.model, Job.priority)
     )
     return [Route(*row) for row in requeued], failed

@@ -6,6 +6,7 @@ import os
 import secrets
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -100,3 +101,11 @@ def queue() -> RecordingQueue:
 def client(settings: Settings, queue: RecordingQueue) -> Iterator[TestClient]:
     with TestClient(create_app(settings, queue=queue)) as test_client:
         yield test_client
+
+
+def submit_prompt(client: TestClient, prompt: str = "one two three", **body: Any) -> str:
+    """POST a job and return its id (asserting the 202)."""
+    response = client.post("/v1/jobs", json={"prompt": prompt, **body})
+    assert response.status_code == 202, response.text
+    job_id: str = response.json()["id"]
+    return job_id

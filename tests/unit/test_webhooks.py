@@ -22,6 +22,7 @@ from core.models import Job, WebhookDelivery
 from core.openai_format import COMPLETIONS_URL
 from core.schemas import JobCreate
 from core.settings import Settings
+from tests.conftest import submit_prompt
 from worker.dispatcher import Dispatcher
 from worker.engine.fake import FakeEngine
 from worker.runtime import WorkerRuntime
@@ -78,13 +79,6 @@ def runtime(settings: Settings) -> Iterator[WorkerRuntime]:
     rt.close()
 
 
-def submit(client: TestClient, **body: Any) -> str:
-    response = client.post("/v1/jobs", json={"prompt": "one two three", **body})
-    assert response.status_code == 202, response.text
-    job_id: str = response.json()["id"]
-    return job_id
-
-
 def new_job(session: Session, owner: str = "local", **body: Any) -> Job:
     create = JobCreate.model_validate({"prompt": "one two", **body})
     return jobs.create_job(
@@ -100,9 +94,9 @@ def outbox(settings: Settings) -> list[WebhookDelivery]:
 def test_success_and_failure_write_one_outbox_row_each(
     client: TestClient, runtime: WorkerRuntime, settings: Settings
 ) -> None:
-    ok = submit(client, max_new_tokens=3, callback_url=HOOK)
-    bad = submit(client, prompt=" ".join(["word"] * 50), callback_url=HOOK + "?x=1")
-    quiet = submit(client, max_new_tokens=3)  # no callback anywhere: no row
+    ok = submit_prompt(client, max_new_tokens=3, callback_url=HOOK)
+    bad = submit_prompt(client, prompt=" ".join(["word"] * 50), callback_url=HOOK + "?x=1")
+    quiet = submit_prompt(client, max_new_tokens=3)  # no callback anywhere: no row
     assert [runtime.run_job(j, worker="w1") for j in (ok, bad, quiet)] == [
         "succeeded",
         "failed",
@@ -118,7 +112,7 @@ def test_success_and_failure_write_one_outbox_row_each(
 def test_cancel_through_the_api_writes_the_row_once(
     client: TestClient, runtime: WorkerRuntime, settings: Settings
 ) -> None:
-    job_id = submit(client, callback_url=HOOK)
+    job_id = submit_prompt(client, callback_url=HOOK)
     assert client.post(f"/v1/jobs/{job_id}/cancel").status_code == 200
     assert client.post(f"/v1/jobs/{job_id}/cancel").status_code == 200  # again: no new row
     assert runtime.run_job(job_id, worker="w1") == "skipped"
@@ -131,7 +125,7 @@ def test_cancel_through_the_api_writes_the_row_once(
 def test_quarantine_by_the_sweeper_writes_job_failed(
     client: TestClient, settings: Settings
 ) -> None:
-    job_id = submit(client, callback_url=HOOK)
+    job_id = submit_prompt(client, callback_url=HOOK)
     with session_scope(settings.resolved_database_url) as session:
         claim = delivery.claim_job(session, job_id, worker="w1", lease_s=60, max_attempts=1)
         assert claim is not None
@@ -260,7 +254,7 @@ def test_a_delivery_is_signed_with_the_owners_key_and_shown_on_the_job(
 def test_failures_are_retried_with_backoff_then_delivered(
     fast: Settings, client: TestClient
 ) -> None:
-    job_id = submit(client, callback_url=HOOK)
+    job_id = submit_prompt(client, callback_url=HOOK)
     client.post(f"/v1/jobs/{job_id}/cancel")
     receiver = Receiver(500, 503)
     deadline = time.monotonic() + 10
@@ -282,7 +276,7 @@ def test_a_failing_receiver_is_given_up_on_after_the_retry_window(
     fast: Settings, client: TestClient
 ) -> None:
     short = fast.model_copy(update={"webhook_max_age_s": 0.001, "webhook_secret": "whsec_x"})
-    job_id = submit(client, callback_url=HOOK)
+    job_id = submit_prompt(client, callback_url=HOOK)
     client.post(f"/v1/jobs/{job_id}/cancel")
     receiver = Receiver(500)
     assert send_due(short, receiver) == 1
@@ -296,7 +290,7 @@ def test_a_failing_receiver_is_given_up_on_after_the_retry_window(
 def test_a_claimed_delivery_is_not_claimed_again_until_its_lease_runs_out(
     fast: Settings, client: TestClient
 ) -> None:
-    job_id = submit(client, callback_url=HOOK)
+    job_id = submit_prompt(client, callback_url=HOOK)
     client.post(f"/v1/jobs/{job_id}/cancel")
     url = fast.resolved_database_url
     with session_scope(url) as session:
@@ -319,7 +313,7 @@ def test_a_claimed_delivery_is_not_claimed_again_until_its_lease_runs_out(
 
 
 def test_unreachable_receivers_and_vanished_jobs(fast: Settings, client: TestClient) -> None:
-    down, gone = submit(client, callback_url=HOOK), submit(client, callback_url=HOOK)
+    down, gone = submit_prompt(client, callback_url=HOOK), submit_prompt(client, callback_url=HOOK)
     for job_id in (down, gone):
         client.post(f"/v1/jobs/{job_id}/cancel")
     with session_scope(fast.resolved_database_url) as session:

@@ -16,7 +16,7 @@ from core import delivery
 from core.db import session_scope
 from core.models import Job, utcnow
 from core.settings import Settings
-from tests.conftest import RecordingQueue
+from tests.conftest import RecordingQueue, submit_prompt
 from worker.engine.fake import FakeEngine
 from worker.runtime import WorkerRuntime
 
@@ -33,15 +33,8 @@ def runtime(fast_settings: Settings) -> Iterator[WorkerRuntime]:
     rt.close()
 
 
-def submit(client: TestClient, **body: Any) -> str:
-    response = client.post("/v1/jobs", json={"prompt": "one two three", **body})
-    assert response.status_code == 202, response.text
-    job_id: str = response.json()["id"]
-    return job_id
-
-
 def test_a_job_is_claimed_generated_and_stored(client: TestClient, runtime: WorkerRuntime) -> None:
-    job_id = submit(client, max_new_tokens=4)
+    job_id = submit_prompt(client, max_new_tokens=4)
     assert runtime.run_job(job_id, worker="w1") == "succeeded"
     job = client.get(f"/v1/jobs/{job_id}").json()
     assert job["status"] == "succeeded"
@@ -59,7 +52,7 @@ def test_a_job_is_claimed_generated_and_stored(client: TestClient, runtime: Work
 def test_a_job_cancelled_before_it_starts_is_not_generated(
     client: TestClient, runtime: WorkerRuntime
 ) -> None:
-    job_id = submit(client)
+    job_id = submit_prompt(client)
     client.post(f"/v1/jobs/{job_id}/cancel")
     assert runtime.run_job(job_id, worker="w1") == "skipped"
     job = client.get(f"/v1/jobs/{job_id}").json()
@@ -70,7 +63,7 @@ def test_a_job_cancelled_before_it_starts_is_not_generated(
 def test_a_failure_is_stored_with_its_error_code(
     client: TestClient, runtime: WorkerRuntime
 ) -> None:
-    job_id = submit(client, prompt=" ".join(["word"] * 50))
+    job_id = submit_prompt(client, prompt=" ".join(["word"] * 50))
     assert runtime.run_job(job_id, worker="w1") == "failed"
     job = client.get(f"/v1/jobs/{job_id}").json()
     assert job["status"] == "failed"
@@ -81,7 +74,7 @@ def test_a_failure_is_stored_with_its_error_code(
 def test_a_duplicate_delivery_does_not_generate_twice(
     client: TestClient, runtime: WorkerRuntime
 ) -> None:
-    job_id = submit(client, max_new_tokens=2)
+    job_id = submit_prompt(client, max_new_tokens=2)
     assert runtime.run_job(job_id, worker="w1") == "succeeded"
     assert runtime.run_job(job_id, worker="w2") == "skipped"
     job = client.get(f"/v1/jobs/{job_id}").json()
@@ -89,7 +82,7 @@ def test_a_duplicate_delivery_does_not_generate_twice(
 
 
 def test_a_stale_claim_cannot_overwrite_a_result(client: TestClient, settings: Settings) -> None:
-    job_id = submit(client)
+    job_id = submit_prompt(client)
     url = settings.resolved_database_url
     with session_scope(url) as session:
         stale = delivery.claim_job(session, job_id, worker="old", lease_s=60, max_attempts=3)
@@ -122,7 +115,7 @@ def test_progress_is_visible_and_a_running_job_can_be_cancelled_keeping_its_outp
 ) -> None:
     runtime = WorkerRuntime(fast_settings, FakeEngine(token_delay_s=0.02))
     try:
-        job_id = submit(client, max_new_tokens=1000)
+        job_id = submit_prompt(client, max_new_tokens=1000)
         outcome: dict[str, str] = {}
         thread = threading.Thread(
             target=lambda: outcome.update(status=runtime.run_job(job_id, worker="w1"))
@@ -158,7 +151,7 @@ def test_a_job_delivered_twice_concurrently_produces_one_result(
     engines = [FakeEngine(token_delay_s=0.01), FakeEngine(token_delay_s=0.01)]
     runtimes = [WorkerRuntime(fast_settings, engine) for engine in engines]
     try:
-        job_id = submit(client, max_new_tokens=10)
+        job_id = submit_prompt(client, max_new_tokens=10)
         outcomes: list[str] = []
         barrier = threading.Barrier(2)
 
@@ -186,7 +179,7 @@ def test_a_running_job_handed_back_on_shutdown_is_queued_again_without_an_attemp
 ) -> None:
     runtime = WorkerRuntime(fast_settings, FakeEngine(token_delay_s=0.02), queue)
     try:
-        job_id = submit(client, max_new_tokens=1000)
+        job_id = submit_prompt(client, max_new_tokens=1000)
         outcome: dict[str, str] = {}
         thread = threading.Thread(
             target=lambda: outcome.update(status=runtime.run_job(job_id, worker="w1"))
