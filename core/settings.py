@@ -54,7 +54,7 @@ class Settings(BaseSettings):
 
     # The worker process.
     worker_concurrency: int = Field(default=0, ge=0, description="0: max_batch_size + 8")
-    worker_events: bool = Field(default=False, description="Celery task events, for Flower")
+    worker_events: bool = Field(default=True, description="Celery task events, for Flower")
     task_time_limit_s: int = Field(default=3600, ge=10)
     progress_interval_s: float = Field(default=1.0, gt=0)
     queue: str = "genq"
