@@ -8,6 +8,7 @@ two exist together or not at all.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from typing import Any
@@ -66,27 +67,43 @@ def remember(
     )
 
 
-def replay_or_remember(
-    session: Session,
-    *,
-    owner: str,
-    key: str,
-    endpoint: str,
-    request_hash: str,
-    resource_id: str,
-) -> str | None:
-    """Before committing a new object: if ``key`` made one already, roll the new one
-    back and return the earlier id; else record the key with the new id (None)."""
-    earlier = replayed(session, owner=owner, key=key, request_hash=request_hash)
-    if earlier is not None:
-        session.rollback()
-        return earlier
-    remember(
-        session,
-        owner=owner,
-        key=key,
-        endpoint=endpoint,
-        request_hash=request_hash,
-        resource_id=resource_id,
-    )
-    return None
+@dataclasses.dataclass(frozen=True)
+class IdempotentRequest:
+    """One create request that carried an ``Idempotency-Key``.
+
+    Call :meth:`earlier` first (the id of the object a previous request with this
+    key made, or None); after creating a new object, :meth:`remember` it in the
+    same transaction.
+    """
+
+    session: Session
+    owner: str
+    key: str
+    endpoint: str
+    request_hash: str
+
+    @classmethod
+    def begin(
+        cls, session: Session, *, owner: str, key: str | None, endpoint: str, body: Any
+    ) -> IdempotentRequest | None:
+        """The request for ``key`` (None when the client sent no key)."""
+        if key is None:
+            return None
+        return cls(session, owner, key, endpoint, fingerprint(endpoint, body))
+
+    def earlier(self) -> str | None:
+        """The id this key made before; raises IdempotencyConflictError on a mismatch."""
+        return replayed(
+            self.session, owner=self.owner, key=self.key, request_hash=self.request_hash
+        )
+
+    def remember(self, resource_id: str) -> None:
+        """Record that this key made ``resource_id`` (in the caller's transaction)."""
+        remember(
+            self.session,
+            owner=self.owner,
+            key=self.key,
+            endpoint=self.endpoint,
+            request_hash=self.request_hash,
+            resource_id=resource_id,
+        )

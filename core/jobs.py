@@ -117,14 +117,15 @@ def submit_job(
     The row is committed first: a job exists once its row does. If the broker
     is unreachable the job stays queued in SQL, and the sweeper re-sends it.
     """
-    owner_key = owner or LOCAL_OWNER
-    request_hash = idempotency.fingerprint("jobs", body.model_dump(mode="json", exclude_unset=True))
-    if idempotency_key is not None:
-        earlier = idempotency.replayed(
-            session, owner=owner_key, key=idempotency_key, request_hash=request_hash
-        )
-        if earlier is not None:
-            return get_job(session, earlier), True
+    replay = idempotency.IdempotentRequest.begin(
+        session,
+        owner=owner or LOCAL_OWNER,
+        key=idempotency_key,
+        endpoint="jobs",
+        body=body.model_dump(mode="json", exclude_unset=True),
+    )
+    if replay is not None and (earlier := replay.earlier()) is not None:
+        return get_job(session, earlier), True
     model = body.model or settings.model
     available = served_models(session, settings)
     if model not in available:
@@ -138,26 +139,14 @@ def submit_job(
         default_max_new_tokens=settings.default_max_new_tokens,
         owner=owner,
     )
-    if idempotency_key is not None:
-        idempotency.remember(
-            session,
-            owner=owner_key,
-            key=idempotency_key,
-            endpoint="jobs",
-            request_hash=request_hash,
-            resource_id=job.id,
-        )
+    if replay is not None:
+        replay.remember(job.id)
     try:
         session.commit()
     except IntegrityError:
         # The same key raced in from a concurrent retry and won: answer with its job.
         session.rollback()
-        if idempotency_key is None:
-            raise
-        earlier = idempotency.replayed(
-            session, owner=owner_key, key=idempotency_key, request_hash=request_hash
-        )
-        if earlier is None:
+        if replay is None or (earlier := replay.earlier()) is None:
             raise
         return get_job(session, earlier), True
     try:

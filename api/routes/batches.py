@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, BackgroundTasks, Query
@@ -14,7 +13,7 @@ from api.errors import APIError
 from core import batches, files, idempotency
 from core.db import get_sessionmaker
 from core.jobs import served_models
-from core.models import LOCAL_OWNER, Batch
+from core.models import LOCAL_OWNER
 from core.openai_format import COMPLETIONS_URL, RequestError, list_object
 from core.queue import JobQueue
 from core.schemas import CallbackUrl
@@ -63,26 +62,15 @@ def create_batch(
     """Validate the input file and queue one job per line; a file with an invalid line
     gives a ``failed`` batch whose ``errors`` name each offending line. With an
     ``Idempotency-Key``, a retry with the same body returns the same batch."""
-    owner_key = owner or LOCAL_OWNER
-    remember: Callable[[Batch], None] | None = None
-    if idempotency_key is not None:
-        request_hash = idempotency.fingerprint("batches", body.model_dump(mode="json"))
-        earlier = idempotency.replayed(
-            session, owner=owner_key, key=idempotency_key, request_hash=request_hash
-        )
-        if earlier is not None:
-            return batches.batch_object(session, batches.get_batch(session, earlier, owner=owner))
-
-        def remember(batch: Batch) -> None:
-            idempotency.remember(
-                session,
-                owner=owner_key,
-                key=idempotency_key,
-                endpoint="batches",
-                request_hash=request_hash,
-                resource_id=batch.id,
-            )
-
+    replay = idempotency.IdempotentRequest.begin(
+        session,
+        owner=owner or LOCAL_OWNER,
+        key=idempotency_key,
+        endpoint="batches",
+        body=body.model_dump(mode="json"),
+    )
+    if replay is not None and (earlier := replay.earlier()) is not None:
+        return batches.batch_object(session, batches.get_batch(session, earlier, owner=owner))
     try:
         batch = batches.create_batch(
             session,
@@ -94,7 +82,7 @@ def create_batch(
             models=served_models(session, settings),
             max_lines=settings.max_batch_lines,
             callback_url=str(body.callback_url) if body.callback_url else None,
-            before_commit=remember,
+            before_commit=(lambda batch: replay.remember(batch.id)) if replay else None,
         )
     except files.NoSuchFileError as exc:
         raise APIError(404, "not_found", str(exc), "input_file_id") from exc

@@ -54,20 +54,18 @@ def upload_file(
         session.rollback()
         raise APIError(400, "too_many_lines", str(exc), "file") from exc
     row = upload.file
-    if idempotency_key is not None:
-        request_hash = idempotency.fingerprint(
-            "files", {"purpose": purpose, "filename": row.filename, "sha256": upload.sha256}
-        )
-        earlier = idempotency.replay_or_remember(
-            session,
-            owner=owner or LOCAL_OWNER,
-            key=idempotency_key,
-            endpoint="files",
-            request_hash=request_hash,
-            resource_id=row.id,
-        )
-        if earlier is not None:
+    replay = idempotency.IdempotentRequest.begin(
+        session,
+        owner=owner or LOCAL_OWNER,
+        key=idempotency_key,
+        endpoint="files",
+        body={"purpose": purpose, "filename": row.filename, "sha256": upload.sha256},
+    )
+    if replay is not None:
+        if (earlier := replay.earlier()) is not None:
+            session.rollback()  # drop this copy of the upload
             return files.file_object(files.get_file(session, earlier, owner=owner))
+        replay.remember(row.id)
     session.commit()
     return files.file_object(row)
 
