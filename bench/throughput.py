@@ -51,6 +51,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="seeds weights and prompts")
     parser.add_argument("--concurrency", type=int, default=64, help="HTTP submits in flight")
     parser.add_argument("--api-workers", type=int, help="uvicorn workers (default 1; plumbing 2)")
+    parser.add_argument(
+        "--bulk-size", type=int, default=500, help="plumbing: jobs per POST /v1/jobs/bulk"
+    )
     parser.add_argument("--idle-jobs", type=int, default=50, help="plumbing: sequential jobs")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds to wait for genq")
     parser.add_argument("--log-dir", type=Path, help="keep the api/worker logs here")
@@ -267,21 +270,32 @@ def run_plumbing(args: argparse.Namespace, tmp: Path, log_dir: Path) -> dict[str
                     added.append((rtt - generation) * 1000)
                     queued = _genq.epoch(job["started_at"]) - _genq.epoch(job["created_at"])
                     server.append(queued * 1000)
-            _report.step(f"plumbing: submitting {args.jobs} jobs, {args.concurrency} in flight")
-            bodies = [
-                {"prompt": f"plumbing job {i} alpha beta gamma", "max_new_tokens": 4}
-                for i in range(args.jobs)
-            ]
-            start, ids, retried = _genq.submit_all(url, bodies, args.concurrency)
-            submit_s = time.time() - start
-            with httpx.Client(base_url=url, timeout=60) as client:
-                _genq.wait_all_final(client, args.timeout, worker, api, every=0.2)
-                jobs = _genq.fetch_all(client)
-    run = _genq.figures(start, [jobs[i] for i in ids])
+            runs = {}
+            for mode in ("bulk", "single"):
+                bodies = [
+                    {"prompt": f"plumbing {mode} job {i} alpha beta gamma", "max_new_tokens": 4}
+                    for i in range(args.jobs)
+                ]
+                if mode == "bulk":
+                    _report.step(
+                        f"plumbing: {args.jobs} jobs, POST /v1/jobs/bulk of {args.bulk_size}"
+                    )
+                    start, ids, retried = _genq.submit_bulk(url, bodies, args.bulk_size)
+                else:
+                    _report.step(
+                        f"plumbing: {args.jobs} jobs, one POST /v1/jobs each, "
+                        f"{args.concurrency} in flight"
+                    )
+                    start, ids, retried = _genq.submit_all(url, bodies, args.concurrency)
+                submit_s = time.time() - start
+                with httpx.Client(base_url=url, timeout=60) as client:
+                    _genq.wait_all_final(client, args.timeout, worker, api, every=0.2)
+                    jobs = _genq.fetch_all(client)
+                runs[mode] = (_genq.figures(start, [jobs[i] for i in ids]), submit_s, retried)
     return {
         "workload": "plumbing",
-        "jobs": run.jobs,
-        "jobs_per_s": round(run.jobs_per_s, 1),
+        "jobs": args.jobs,
+        "jobs_per_s": round(runs["bulk"][0].jobs_per_s, 1),
         "added_latency_ms": {
             "p50": round(_genq.percentile(added, 50), 1),
             "p95": round(_genq.percentile(added, 95), 1),
@@ -291,6 +305,15 @@ def run_plumbing(args: argparse.Namespace, tmp: Path, log_dir: Path) -> dict[str
             "p50": round(_genq.percentile(server, 50), 1),
             "p95": round(_genq.percentile(server, 95), 1),
         },
+        "bulk_size": args.bulk_size,
+        "by_submit": {mode: _plumbing_run(*run) for mode, run in runs.items()},
+        "api_workers": args.api_workers or 2,
+    }
+
+
+def _plumbing_run(run: _genq.RunFigures, submit_s: float, retried: int) -> dict[str, Any]:
+    return {
+        "jobs_per_s": round(run.jobs_per_s, 1),
         "queue_wait_under_load_ms": {
             "p50": round(run.queue_wait_ms[0], 1),
             "p95": round(run.queue_wait_ms[1], 1),
@@ -299,7 +322,6 @@ def run_plumbing(args: argparse.Namespace, tmp: Path, log_dir: Path) -> dict[str
         "submit_503_retries": retried,
         "failed_jobs": run.failed,
         "seconds": round(run.seconds, 2),
-        "api_workers": args.api_workers or 2,
     }
 
 

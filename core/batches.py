@@ -43,7 +43,7 @@ from core.openai_format import (
     result_line,
     unix,
 )
-from core.queue import JobQueue
+from core.queue import JobQueue, Route
 from core.status import JobStatus
 
 log = logging.getLogger(__name__)
@@ -369,10 +369,9 @@ def enqueue_batch(session: Session, queue: JobQueue, batch_id: str) -> int:
         .where(Job.batch_id == batch_id, Job.status == JobStatus.QUEUED.value)
         .order_by(Job.id)
     )
-    routes = list(session.execute(query))
+    routes = [Route(*row) for row in session.execute(query)]
     session.rollback()  # end the read transaction before the (slow) sends
-    for job_id, model, priority in routes:
-        queue.enqueue(job_id, model=model, priority=priority)
+    queue.enqueue_many(routes)
     return len(routes)
 
 

@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session
 
 from core import webhooks
 from core.models import Job, Lock, utcnow
+from core.queue import Route
 from core.schemas import GenerationParams
 from core.status import JobStatus
 
@@ -50,33 +51,11 @@ def queued_attempts(session: Session, job_id: str) -> int | None:
     return attempts
 
 
-def claim_job(
-    session: Session, job_id: str, *, worker: str, lease_s: float, max_attempts: int
-) -> Claim | None:
-    """Move a queued job to running for this worker; None if it is not queued
-    (cancelled before it started, already taken, finished, or unknown).
+_CLAIMED = (Job.id, Job.attempts, Job.prompt, Job.model, Job.params, Job.seed, Job.priority)
 
-    A job that has used up its attempts is failed instead of claimed.
-    """
-    token = secrets.token_hex(16)
-    now = utcnow()
-    row = session.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.status == QUEUED, Job.attempts < max_attempts)
-        .values(
-            status=RUNNING,
-            attempts=Job.attempts + 1,
-            worker=worker,
-            lease_token=token,
-            lease_expires_at=now + dt.timedelta(seconds=lease_s),
-            started_at=now,
-        )
-        .returning(Job.attempts, Job.prompt, Job.model, Job.params, Job.seed, Job.priority)
-    ).one_or_none()
-    if row is None:
-        _fail_exhausted(session, Job.id == job_id, max_attempts)
-        return None
-    attempt, prompt, model, params, seed, priority = row
+
+def _claim(row: Any, token: str) -> Claim:
+    job_id, attempt, prompt, model, params, seed, priority = row
     return Claim(
         job_id=job_id,
         attempt=attempt,
@@ -87,6 +66,72 @@ def claim_job(
         seed=seed,
         priority=priority,
     )
+
+
+def _claiming(worker: str, token: str, lease_s: float) -> dict[str, Any]:
+    now = utcnow()
+    return {
+        "status": RUNNING,
+        "attempts": Job.attempts + 1,
+        "worker": worker,
+        "lease_token": token,
+        "lease_expires_at": now + dt.timedelta(seconds=lease_s),
+        "started_at": now,
+    }
+
+
+def claim_fresh(
+    session: Session, job_ids: Sequence[str], *, worker: str, lease_s: float
+) -> tuple[list[Claim], list[str]]:
+    """Claim, in one statement, the queued jobs among ``job_ids`` never attempted
+    before; returns their claims (in the order given) and the ids of the queued
+    ones that were attempted before (suspects, to be claimed one by one with
+    :func:`claim_job`). Ids not queued are neither (skipped).
+
+    The claims share one lease token: each write is conditional on the job id
+    and the token, so it still identifies this attempt of each job.
+    """
+    token = secrets.token_hex(16)
+    rows = session.execute(
+        update(Job)
+        .where(Job.id.in_(job_ids), Job.status == QUEUED, Job.attempts == 0)
+        .values(**_claiming(worker, token, lease_s))
+        .returning(*_CLAIMED)
+        .execution_options(synchronize_session=False)
+    ).all()
+    claims = {row[0]: _claim(row, token) for row in rows}
+    rest = [job_id for job_id in job_ids if job_id not in claims]
+    suspects: set[str] = set()
+    if rest:
+        suspects = set(
+            session.scalars(select(Job.id).where(Job.id.in_(rest), Job.status == QUEUED))
+        )
+    return (
+        [claims[i] for i in job_ids if i in claims],
+        [i for i in rest if i in suspects],
+    )
+
+
+def claim_job(
+    session: Session, job_id: str, *, worker: str, lease_s: float, max_attempts: int
+) -> Claim | None:
+    """Move a queued job to running for this worker; None if it is not queued
+    (cancelled before it started, already taken, finished, or unknown).
+
+    A job that has used up its attempts is failed instead of claimed.
+    """
+    token = secrets.token_hex(16)
+    row = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == QUEUED, Job.attempts < max_attempts)
+        .values(**_claiming(worker, token, lease_s))
+        .returning(*_CLAIMED)
+        .execution_options(synchronize_session=False)
+    ).one_or_none()
+    if row is None:
+        _fail_exhausted(session, Job.id == job_id, max_attempts)
+        return None
+    return _claim(row, token)
 
 
 def _owned(claim: Claim, *statuses: JobStatus) -> Any:
@@ -110,40 +155,84 @@ class Outcome:
     transformers_version: str
 
 
-def finish_job(session: Session, claim: Claim, outcome: Outcome) -> bool:
-    """Store the result of the claimed attempt and mark it succeeded (or keep it
-    cancelled, with its partial output). False if the claim is no longer ours."""
+@dataclasses.dataclass(frozen=True)
+class Failure:
+    """Why a generation failed, as stored on the job."""
+
+    code: str
+    message: str
+
+
+def store_outcomes(
+    session: Session, outcomes: Sequence[tuple[Claim, Outcome | Failure]]
+) -> list[bool]:
+    """Store what each claimed attempt produced, in the caller's transaction.
+
+    An :class:`Outcome` marks the job succeeded (or, if it was cancelled while it
+    ran, keeps it cancelled with its partial output); a :class:`Failure` marks it
+    failed. Jobs that reached a final status here get their webhook events. Each
+    entry of the answer is False where the claim was no longer ours.
+    """
+    stored: list[bool] = []
+    ended: list[str] = []
+    for claim, outcome in outcomes:
+        if isinstance(outcome, Failure):
+            done = _set_failed(session, claim, outcome)
+            kept = False
+        else:
+            done, kept = _set_succeeded(session, claim, outcome)
+        stored.append(done or kept)
+        if done:
+            ended.append(claim.job_id)
+    webhooks.record_job_events(session, ended)
+    return stored
+
+
+def _set_succeeded(session: Session, claim: Claim, outcome: Outcome) -> tuple[bool, bool]:
+    """(succeeded now, kept as cancelled with this output)."""
     values = dataclasses.asdict(outcome) | {"lease_expires_at": None}
     done = session.execute(
         update(Job)
         .where(_owned(claim, JobStatus.RUNNING))
         .values(status=JobStatus.SUCCEEDED.value, finished_at=utcnow(), **values)
+        .execution_options(synchronize_session=False)
     )
     if _rowcount(done):
-        webhooks.record_job_events(session, [claim.job_id])
-        return True
+        return True, False
     # Cancelled while running: its webhook was written by the cancel.
-    kept = session.execute(update(Job).where(_owned(claim, JobStatus.CANCELLED)).values(**values))
-    return bool(_rowcount(kept))
+    kept = session.execute(
+        update(Job)
+        .where(_owned(claim, JobStatus.CANCELLED))
+        .values(**values)
+        .execution_options(synchronize_session=False)
+    )
+    return False, bool(_rowcount(kept))
 
 
-def fail_job(session: Session, claim: Claim, *, code: str, message: str) -> bool:
-    """Mark the claimed attempt failed with its error; False if no longer ours."""
+def _set_failed(session: Session, claim: Claim, failure: Failure) -> bool:
     result = session.execute(
         update(Job)
         .where(_owned(claim, JobStatus.RUNNING))
         .values(
             status=JobStatus.FAILED.value,
-            error_code=code,
-            error_message=message[:4000],
+            error_code=failure.code,
+            error_message=failure.message[:4000],
             finished_at=utcnow(),
             lease_expires_at=None,
         )
+        .execution_options(synchronize_session=False)
     )
-    if not _rowcount(result):
-        return False
-    webhooks.record_job_events(session, [claim.job_id])
-    return True
+    return bool(_rowcount(result))
+
+
+def finish_job(session: Session, claim: Claim, outcome: Outcome) -> bool:
+    """Store one claimed attempt's result (see :func:`store_outcomes`)."""
+    return store_outcomes(session, [(claim, outcome)])[0]
+
+
+def fail_job(session: Session, claim: Claim, *, code: str, message: str) -> bool:
+    """Mark one claimed attempt failed with its error; False if no longer ours."""
+    return store_outcomes(session, [(claim, Failure(code, message))])[0]
 
 
 def _back_to_queue() -> dict[str, Any]:
@@ -174,14 +263,18 @@ def record_progress(session: Session, updates: Iterable[tuple[Claim, int, str]])
     """Store running jobs' partial output (first sequence) and token counts, as
     one executemany statement for all of them (``(claim, tokens, text)`` each)."""
     rows = [
-        {"b_token": claim.token, "b_outputs": [text], "b_tokens": tokens}
+        {"b_id": claim.job_id, "b_token": claim.token, "b_outputs": [text], "b_tokens": tokens}
         for claim, tokens, text in updates
     ]
     if not rows:
         return
     statement = (
         update(Job)
-        .where(Job.lease_token == bindparam("b_token"), Job.status == RUNNING)
+        .where(
+            Job.id == bindparam("b_id"),
+            Job.lease_token == bindparam("b_token"),
+            Job.status == RUNNING,
+        )
         .values(outputs=bindparam("b_outputs", type_=JSON), completion_tokens=bindparam("b_tokens"))
         .execution_options(synchronize_session=False)
     )
@@ -190,7 +283,7 @@ def record_progress(session: Session, updates: Iterable[tuple[Claim, int, str]])
 
 def renew_leases(session: Session, claims: Iterable[Claim], *, lease_s: float) -> None:
     """Extend the leases of the jobs this worker holds."""
-    tokens = [c.token for c in claims]
+    tokens = sorted({c.token for c in claims})  # a group's claims share a token
     if tokens:
         session.execute(
             update(Job)
@@ -252,15 +345,6 @@ def _fail_exhausted(session: Session, where: Any, max_attempts: int) -> list[str
     failed = list(rows.scalars())
     webhooks.record_job_events(session, failed)
     return failed
-
-
-@dataclasses.dataclass(frozen=True)
-class Route:
-    """Where a job's message goes: the queue of its model and priority."""
-
-    job_id: str
-    model: str
-    priority: str
 
 
 def reclaim_expired(session: Session, *, max_attempts: int) -> tuple[list[Route], list[str]]:

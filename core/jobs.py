@@ -10,7 +10,7 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 
 from core import idempotency, webhooks, workers
 from core.models import LOCAL_OWNER, Job, utcnow
-from core.queue import JobQueue
+from core.queue import JobQueue, Route
 from core.schemas import JobCreate
 from core.settings import Settings
 from core.status import JobStatus
@@ -41,10 +41,11 @@ class JobConflictError(Exception):
 class UnknownModelError(ValueError):
     """The job asks for a model no worker serves."""
 
-    def __init__(self, model: str, available: Sequence[str]) -> None:
+    def __init__(self, model: str, available: Sequence[str], *, param: str = "model") -> None:
         super().__init__(f"model {model!r} is not served; available: {', '.join(available)}")
         self.model = model
         self.available = list(available)
+        self.param = param  # the request field that named it
 
 
 def served_models(session: Session, settings: Settings, *, fresh: bool = False) -> list[str]:
@@ -68,9 +69,45 @@ def new_job_id() -> str:
     return f"job_{millis:012x}{secrets.token_hex(10)}"
 
 
+def new_job_ids(count: int) -> list[str]:
+    """``count`` ids for jobs submitted together: like :func:`new_job_id`, but the
+    random part is 32 bits shared by the group and then a counter, so they also
+    sort in submission order."""
+    millis = time.time_ns() // 1_000_000
+    group = secrets.token_hex(4)
+    return [f"job_{millis:012x}{group}{index:012x}" for index in range(count)]
+
+
 def draw_seed() -> int:
     """A seed for a job that gave none, stored so the job can be reproduced."""
     return int.from_bytes(os.urandom(4), "big")
+
+
+def new_job(
+    body: JobCreate,
+    *,
+    default_model: str,
+    default_max_new_tokens: int,
+    owner: str | None = None,
+    job_id: str | None = None,
+) -> Job:
+    """A queued job (not yet added to a session) with its parameters and seed fixed."""
+    params = body.params().with_defaults(default_max_new_tokens)
+    now = utcnow()
+    return Job(
+        id=job_id or new_job_id(),
+        status=JobStatus.QUEUED.value,
+        prompt=body.prompt,
+        model=body.model or default_model,
+        params=params.model_dump(mode="json", exclude_none=True),
+        seed=params.seed if params.seed is not None else draw_seed(),
+        owner=owner or LOCAL_OWNER,
+        priority=body.priority,
+        callback_url=str(body.callback_url) if body.callback_url else None,
+        attempts=0,
+        created_at=now,
+        enqueued_at=now,
+    )
 
 
 def create_job(
@@ -82,24 +119,27 @@ def create_job(
     owner: str | None = None,
 ) -> Job:
     """Add a queued job row (not yet committed) with its parameters and seed fixed."""
-    params = body.params().with_defaults(default_max_new_tokens)
-    job = Job(
-        id=new_job_id(),
-        status=JobStatus.QUEUED.value,
-        prompt=body.prompt,
-        model=body.model or default_model,
-        params=params.model_dump(mode="json", exclude_none=True),
-        seed=params.seed if params.seed is not None else draw_seed(),
-        owner=owner or LOCAL_OWNER,
-        priority=body.priority,
-        callback_url=str(body.callback_url) if body.callback_url else None,
-        attempts=0,
-        created_at=utcnow(),
-        enqueued_at=utcnow(),
+    job = new_job(
+        body,
+        default_model=default_model,
+        default_max_new_tokens=default_max_new_tokens,
+        owner=owner,
     )
     session.add(job)
     session.flush()
     return job
+
+
+def _check_models(
+    session: Session, settings: Settings, models: Sequence[str], *, param: Callable[[int], str]
+) -> None:
+    """Raise UnknownModelError for the first of ``models`` that is not served."""
+    available = served_models(session, settings)
+    if not set(models) <= set(available):
+        available = served_models(session, settings, fresh=True)  # a worker just started?
+    for index, model in enumerate(models):
+        if model not in available:
+            raise UnknownModelError(model, available, param=param(index))
 
 
 def submit_job(
@@ -127,11 +167,7 @@ def submit_job(
     if replay is not None and (earlier := replay.earlier()) is not None:
         return get_job(session, earlier), True
     model = body.model or settings.model
-    available = served_models(session, settings)
-    if model not in available:
-        available = served_models(session, settings, fresh=True)  # a worker just started?
-    if model not in available:
-        raise UnknownModelError(model, available)
+    _check_models(session, settings, [model], param=lambda _: "model")
     job = create_job(
         session,
         body.model_copy(update={"model": model}),
@@ -156,6 +192,69 @@ def submit_job(
             "could not enqueue job %s; it stays queued for the sweeper", job.id, exc_info=True
         )
     return job, False
+
+
+def submit_jobs(
+    session: Session,
+    queue: JobQueue,
+    bodies: Sequence[JobCreate],
+    *,
+    settings: Settings,
+    owner: str | None = None,
+    idempotency_key: str | None = None,
+) -> tuple[list[Job], bool]:
+    """Commit many jobs in one transaction (all or none), then send them a few per
+    message; returns them in the order given and whether this is a replay.
+
+    Their ids sort in the order given. If the broker is unreachable they stay
+    queued in SQL, and the sweeper re-sends them.
+    """
+    replay = idempotency.IdempotentRequest.begin(
+        session,
+        owner=owner or LOCAL_OWNER,
+        key=idempotency_key,
+        endpoint="jobs.bulk",
+        body=[body.model_dump(mode="json", exclude_unset=True) for body in bodies],
+    )
+    if replay is not None and (earlier := replay.earlier()) is not None:
+        return submission_jobs(session, earlier), True
+    models = [body.model or settings.model for body in bodies]
+    _check_models(session, settings, models, param=lambda index: f"jobs.{index}.model")
+    submission_id = f"sub_{secrets.token_hex(12)}"
+    rows = []
+    for job_id, body, model in zip(new_job_ids(len(bodies)), bodies, models, strict=True):
+        job = new_job(
+            body.model_copy(update={"model": model}),
+            default_model=model,
+            default_max_new_tokens=settings.default_max_new_tokens,
+            owner=owner,
+            job_id=job_id,
+        )
+        job.submission_id = submission_id
+        rows.append(job)
+    session.add_all(rows)
+    if replay is not None:
+        replay.remember(submission_id)
+    try:
+        session.commit()
+    except IntegrityError:
+        session.rollback()  # the same key raced in from a concurrent retry and won
+        if replay is None or (earlier := replay.earlier()) is None:
+            raise
+        return submission_jobs(session, earlier), True
+    try:
+        queue.enqueue_many([Route(job.id, job.model, job.priority) for job in rows])
+    except Exception:
+        log.warning(
+            "could not enqueue %d jobs; they stay queued for the sweeper", len(rows), exc_info=True
+        )
+    return rows, False
+
+
+def submission_jobs(session: Session, submission_id: str) -> list[Job]:
+    """The jobs of one bulk submission, in the order they were given."""
+    query = select(Job).where(Job.submission_id == submission_id).order_by(Job.id)
+    return list(session.scalars(query))
 
 
 def get_job(session: Session, job_id: str, *, owner: str | None = None) -> Job:

@@ -89,6 +89,9 @@ class Job(Base):
     batch_id: Mapped[str | None] = mapped_column(ForeignKey("batch.id"), index=True)
     custom_id: Mapped[str | None] = mapped_column(String(512))
 
+    # Jobs submitted together by one ``POST /v1/jobs/bulk`` (for its idempotency key).
+    submission_id: Mapped[str | None] = mapped_column(String(40), index=True)
+
     # Delivery: attempts counts claims that did not hand the job back; the lease
     # token names the one claim allowed to write; the lease expires unless renewed.
     attempts: Mapped[int] = mapped_column(Integer, default=0)

@@ -1,14 +1,20 @@
 """Enqueue by task name, so the API never imports the worker or torch.
 
-The broker message carries only the job id, and is sent after the job row is
-committed: a job exists once its row does.
+A broker message carries only job ids, and is sent after the job rows are
+committed: a job exists once its row does. One job submitted alone is one
+``genq.generate`` message; jobs submitted together (a bulk submit, a batch, the
+sweeper's re-sends) go as ``genq.generate_many`` messages of up to
+``GENQ_JOBS_PER_MESSAGE`` ids of one model and priority, so the worker claims and
+stores them in one transaction each instead of one per job.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import re
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Literal, Protocol
 
 from celery import Celery
@@ -19,6 +25,7 @@ from core.settings import Settings
 broker.register()
 
 GENERATE_TASK = "genq.generate"
+GENERATE_MANY_TASK = "genq.generate_many"
 
 Priority = Literal["high", "normal", "low"]
 PRIORITIES: tuple[Priority, ...] = ("high", "normal", "low")
@@ -77,11 +84,35 @@ def make_celery(settings: Settings, *, name: str = "genq") -> Celery:
     return app
 
 
+@dataclasses.dataclass(frozen=True)
+class Route:
+    """Where a job's message goes: the queue of its model and priority."""
+
+    job_id: str
+    model: str
+    priority: str = "normal"
+
+
+def group_routes(routes: Iterable[Route], size: int) -> Iterator[tuple[str, str, list[str]]]:
+    """``(model, priority, ids)`` groups of at most ``size`` ids, in the order given
+    within each model and priority."""
+    by_queue: dict[tuple[str, str], list[str]] = {}
+    for route in routes:
+        by_queue.setdefault((route.model, route.priority), []).append(route.job_id)
+    for (model, priority), ids in by_queue.items():
+        for start in range(0, len(ids), size):
+            yield model, priority, ids[start : start + size]
+
+
 class JobQueue(Protocol):
     """Where job ids go once their rows are committed."""
 
     def enqueue(self, job_id: str, *, model: str | None = None, priority: str = "normal") -> None:
         """Send a job id to the queue of its model (default: the configured one)."""
+        ...
+
+    def enqueue_many(self, routes: Sequence[Route]) -> None:
+        """Send many job ids, a few per message (see the module's docstring)."""
         ...
 
     def ping(self) -> None:
@@ -94,7 +125,7 @@ class JobQueue(Protocol):
 
 
 class CeleryQueue:
-    """Sends ``genq.generate(job_id)`` through the broker."""
+    """Sends ``genq.generate(job_id)`` and ``genq.generate_many(job_ids)`` through the broker."""
 
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
@@ -103,6 +134,12 @@ class CeleryQueue:
     def enqueue(self, job_id: str, *, model: str | None = None, priority: str = "normal") -> None:
         queue = queue_name(self._settings.queue, model or self._settings.model, priority)
         self._app.send_task(GENERATE_TASK, args=[job_id], queue=queue)
+
+    def enqueue_many(self, routes: Sequence[Route]) -> None:
+        size = self._settings.jobs_per_message
+        for model, priority, ids in group_routes(routes, size):
+            queue = queue_name(self._settings.queue, model, priority)
+            self._app.send_task(GENERATE_MANY_TASK, args=[ids], queue=queue)
 
     def ping(self) -> None:
         with self._app.connection_for_write() as conn:

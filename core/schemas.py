@@ -130,6 +130,17 @@ class JobCreate(GenerationParams):
         )
 
 
+MAX_BULK_JOBS = 10_000
+
+
+class JobBulkCreate(BaseModel):
+    """Body of ``POST /v1/jobs/bulk``: many jobs, accepted together or not at all."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    jobs: list[JobCreate] = Field(min_length=1, max_length=MAX_BULK_JOBS)
+
+
 class Usage(BaseModel):
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
@@ -251,6 +262,13 @@ class JobRead(BaseModel):
             callback_url=job.callback_url,
             webhook=webhook_status(job),
         )
+
+
+class JobsCreated(BaseModel):
+    """The jobs a bulk submit queued, in the order they were given."""
+
+    object: Literal["list"] = "list"
+    data: list[JobRead]
 
 
 class JobList(BaseModel):

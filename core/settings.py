@@ -54,6 +54,9 @@ class Settings(BaseSettings):
 
     # The worker process.
     worker_concurrency: int = Field(default=0, ge=0, description="0: max_batch_size + 8")
+    jobs_per_message: int = Field(
+        default=8, ge=1, le=256, description="jobs submitted together go this many per message"
+    )
     worker_events: bool = Field(default=True, description="Celery task events, for Flower")
     task_time_limit_s: int = Field(default=3600, ge=10)
     progress_interval_s: float = Field(default=1.0, gt=0)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import secrets
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +15,7 @@ from sqlalchemy.pool import NullPool
 
 import migrations
 from api.app import create_app
+from core.queue import Route, group_routes
 from core.settings import Settings
 
 POSTGRES_ADMIN_URL = os.environ.get(
@@ -29,6 +30,7 @@ class RecordingQueue:
     def __init__(self) -> None:
         self.sent: list[str] = []
         self.routes: list[tuple[str, str | None, str]] = []
+        self.messages: list[list[str]] = []  # the ids of each message sent
         self.down = False
 
     def enqueue(self, job_id: str, *, model: str | None = None, priority: str = "normal") -> None:
@@ -36,6 +38,15 @@ class RecordingQueue:
             raise ConnectionError("broker down")
         self.sent.append(job_id)
         self.routes.append((job_id, model, priority))
+        self.messages.append([job_id])
+
+    def enqueue_many(self, routes: Sequence[Route]) -> None:
+        if self.down:
+            raise ConnectionError("broker down")
+        for model, priority, ids in group_routes(routes, size=8):
+            self.sent.extend(ids)
+            self.routes.extend((job_id, model, priority) for job_id in ids)
+            self.messages.append(ids)
 
     def ping(self) -> None:
         if self.down:

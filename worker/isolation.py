@@ -1,4 +1,5 @@
-"""A shared/exclusive lock: ordinary jobs share the engine, a suspect runs alone."""
+"""Who may run: ordinary jobs share the engine, a suspect runs alone, and a process
+claims no more jobs than it has slots for."""
 
 from __future__ import annotations
 
@@ -44,4 +45,32 @@ class SharedExclusiveLock:
         finally:
             with self._cond:
                 self._exclusive = False
+                self._cond.notify_all()
+
+
+class JobSlots:
+    """At most ``capacity`` jobs claimed by this process at once.
+
+    A message of several jobs waits until all of them fit, then takes them
+    together (taking them one at a time could leave two messages each holding
+    part of what it needs, forever). Jobs waiting here are still queued in SQL,
+    so what a worker shows as running is what it is generating.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._cond = threading.Condition()
+        self._used = 0
+
+    @contextmanager
+    def hold(self, count: int) -> Iterator[None]:
+        count = min(count, self.capacity)
+        with self._cond:
+            self._cond.wait_for(lambda: self._used + count <= self.capacity)
+            self._used += count
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._used -= count
                 self._cond.notify_all()

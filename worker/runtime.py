@@ -14,10 +14,12 @@ flight in this process, so a poison job exhausts only its own attempts.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from typing import TypeVar
 
 from sqlalchemy.orm import Session
@@ -27,7 +29,7 @@ from core.db import run_with_retry, session_scope
 from core.queue import JobQueue, queues_for
 from core.settings import Settings
 from worker.engine.base import Engine, GenerationError, GenerationRequest, GenerationResult
-from worker.isolation import SharedExclusiveLock
+from worker.isolation import JobSlots, SharedExclusiveLock
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -61,6 +63,7 @@ class WorkerRuntime:
         self._reported: dict[str, int] = {}
         self._handing_back: set[str] = set()
         self._isolation = SharedExclusiveLock()
+        self._slots = JobSlots(settings.resolved_worker_concurrency)
         self._draining = threading.Event()
         self._stop = threading.Event()
         self._last_renewal = 0.0
@@ -72,66 +75,130 @@ class WorkerRuntime:
     def _db(self, fn: Callable[[Session], T]) -> T:
         return run_with_retry(fn, self._db_url, retry_s=self.settings.db_retry_s)
 
-    # --- one job -------------------------------------------------------------
+    # --- jobs -------------------------------------------------------------
 
     def run_job(self, job_id: str, *, worker: str) -> str:
         """Claim, generate and store one job; returns the status it ended in."""
-        if self._draining.is_set():
-            raise DrainingError(job_id)
-        previous = self._db(lambda s: delivery.queued_attempts(s, job_id))
-        if previous is None:
-            log.info("job %s not queued (cancelled, taken, finished or unknown): skipped", job_id)
-            return "skipped"
-        # A job retried after its worker died may be what killed it: it runs alone,
-        # and nothing else is claimed meanwhile, so only it spends its attempts.
-        suspect = previous > 0
-        with self._isolation.exclusive() if suspect else self._isolation.shared():
-            claim = self._db(
-                lambda s: delivery.claim_job(
-                    s,
-                    job_id,
-                    worker=worker,
-                    lease_s=self.settings.lease_s,
-                    max_attempts=self.settings.max_attempts,
-                )
-            )
-            if claim is None:
-                log.info("job %s taken meanwhile: skipped", job_id)
-                return "skipped"
-            with self._lock:
-                self._in_flight[claim.job_id] = claim
-            return self._run_claimed(claim)
+        return self.run_jobs([job_id], worker=worker)[job_id]
 
-    def _run_claimed(self, claim: delivery.Claim) -> str:
-        if claim.model != self.engine.info.name:
-            with self._lock:
-                self._in_flight.pop(claim.job_id, None)
-            message = f"this worker serves {self.engine.info.name!r}, not {claim.model!r}"
-            return self._fail(claim, GenerationError("model_not_served", message))
-        request = GenerationRequest(
-            id=claim.job_id, prompt=claim.prompt, params=claim.params, seed=claim.seed
+    def run_jobs(self, job_ids: Sequence[str], *, worker: str) -> dict[str, str]:
+        """Claim, generate and store the jobs of one message; returns each one's
+        final status ("skipped" where it was not queued: cancelled, taken,
+        finished or unknown).
+
+        Jobs never attempted before are claimed in one statement and generated
+        together. A job retried after its worker died may be what killed it: it
+        runs alone, with nothing else claimed meanwhile, so only it spends its
+        attempts.
+        """
+        ids = list(dict.fromkeys(job_ids))
+        if self._draining.is_set():
+            raise DrainingError(ids)
+        statuses = dict.fromkeys(ids, "skipped")
+        with self._slots.hold(len(ids)):
+            with self._isolation.shared():
+                claims, suspects = self._db(
+                    lambda s: delivery.claim_fresh(
+                        s, ids, worker=worker, lease_s=self.settings.lease_s
+                    )
+                )
+                statuses.update(self._run_claimed(claims))
+            for job_id in suspects:
+                if self._draining.is_set():
+                    raise DrainingError(job_id)  # the message goes back; done jobs are skipped
+                with self._isolation.exclusive():
+                    claim = self._db(functools.partial(self._claim_suspect, job_id, worker))
+                    if claim is not None:
+                        statuses.update(self._run_claimed([claim]))
+        skipped = [i for i, status in statuses.items() if status == "skipped"]
+        if skipped:
+            log.info("jobs %s not queued (cancelled, taken or finished): skipped", skipped)
+        return statuses
+
+    def _claim_suspect(self, job_id: str, worker: str, session: Session) -> delivery.Claim | None:
+        return delivery.claim_job(
+            session,
+            job_id,
+            worker=worker,
+            lease_s=self.settings.lease_s,
+            max_attempts=self.settings.max_attempts,
         )
-        try:
-            result = self.engine.submit(request).result(timeout=self.settings.task_time_limit_s)
-        except GenerationError as exc:
-            return self._fail(claim, exc)
-        except Exception as exc:
-            log.exception("job %s failed", claim.job_id)
-            error = GenerationError("internal_error", f"{type(exc).__name__}: {exc}")
-            return self._fail(claim, error)
-        finally:
-            with self._lock:
+
+    def _run_claimed(self, claims: list[delivery.Claim]) -> dict[str, str]:
+        """Generate the claimed jobs together; store each result as it comes (those
+        that finish together in one transaction)."""
+        if not claims:
+            return {}
+        with self._lock:
+            self._in_flight.update((c.job_id, c) for c in claims)
+        futures: dict[Future[GenerationResult], delivery.Claim] = {}
+        ready: list[tuple[delivery.Claim, GenerationResult | GenerationError]] = []
+        for claim in claims:
+            if claim.model != self.engine.info.name:
+                message = f"this worker serves {self.engine.info.name!r}, not {claim.model!r}"
+                ready.append((claim, GenerationError("model_not_served", message)))
+                continue
+            request = GenerationRequest(
+                id=claim.job_id, prompt=claim.prompt, params=claim.params, seed=claim.seed
+            )
+            futures[self.engine.submit(request)] = claim
+        statuses: dict[str, str] = {}
+        deadline = time.monotonic() + self.settings.task_time_limit_s
+        pending = set(futures)
+        while True:
+            statuses.update(self._store(ready))
+            if not pending:
+                return statuses
+            done, pending = wait(
+                pending, timeout=max(deadline - time.monotonic(), 0), return_when=FIRST_COMPLETED
+            )
+            if not done:  # past the time limit: stop them and fail them
+                done, pending = set(pending), set()
+                for future in done:
+                    self.engine.abort(futures[future].job_id)
+            ready = [(futures[f], _outcome(f)) for f in done]
+
+    def _store(
+        self, ready: list[tuple[delivery.Claim, GenerationResult | GenerationError]]
+    ) -> dict[str, str]:
+        """Store finished generations in one transaction; hand back those the
+        worker gave up on while shutting down."""
+        if not ready:
+            return {}
+        with self._lock:
+            for claim, _ in ready:
                 self._in_flight.pop(claim.job_id, None)
                 self._reported.pop(claim.job_id, None)
-                handing_back = claim.job_id in self._handing_back
-                self._handing_back.discard(claim.job_id)
-        if handing_back:
-            return self._hand_back(claim)
-        return self._finish(claim, result)
+            handing_back = {c.job_id for c, _ in ready} & self._handing_back
+            self._handing_back -= handing_back
+        statuses = {
+            job_id: self._hand_back(c) for c, _ in ready if (job_id := c.job_id) in handing_back
+        }
+        to_store = [(c, r) for c, r in ready if c.job_id not in handing_back]
+        outcomes = [(c, self._outcome_row(r)) for c, r in to_store]
+        stored = self._db(lambda s: delivery.store_outcomes(s, outcomes))
+        for (claim, result), ok in zip(to_store, stored, strict=True):
+            status = _status(result)
+            statuses[claim.job_id] = status
+            if isinstance(result, GenerationResult):
+                self.tokens_generated += result.completion_tokens
+            if not ok:
+                log.warning("job %s: claim lost (lease expired); result not stored", claim.job_id)
+            elif status == "failed":
+                log.info("job %s failed: %s", claim.job_id, result)
+            else:
+                log.info(
+                    "job %s %s: result stored (attempt %d)", claim.job_id, status, claim.attempt
+                )
+        return statuses
 
-    def _finish(self, claim: delivery.Claim, result: GenerationResult) -> str:
+    def _outcome_row(
+        self, result: GenerationResult | GenerationError
+    ) -> delivery.Outcome | delivery.Failure:
+        if isinstance(result, GenerationError):
+            return delivery.Failure(result.code, result.message)
         info = self.engine.info
-        outcome = delivery.Outcome(
+        return delivery.Outcome(
             outputs=result.outputs,
             finish_reasons=list(result.finish_reasons),
             prompt_tokens=result.prompt_tokens,
@@ -140,17 +207,6 @@ class WorkerRuntime:
             torch_version=info.torch_version,
             transformers_version=info.transformers_version,
         )
-        status = "cancelled" if result.aborted else "succeeded"
-        self.tokens_generated += result.completion_tokens
-        if self._db(lambda s: delivery.finish_job(s, claim, outcome)):
-            log.info("job %s %s: result stored (attempt %d)", claim.job_id, status, claim.attempt)
-        else:
-            log.warning("job %s: claim lost (lease expired); result not stored", claim.job_id)
-        return status
-
-    def _fail(self, claim: delivery.Claim, error: GenerationError) -> str:
-        self._db(lambda s: delivery.fail_job(s, claim, code=error.code, message=error.message))
-        return "failed"
 
     def _hand_back(self, claim: delivery.Claim) -> str:
         if self._db(lambda s: delivery.release_job(s, claim)) and self.queue is not None:
@@ -236,3 +292,22 @@ class WorkerRuntime:
                 workers.deregister(session, self.name)
         except Exception:  # the row expires by itself
             log.warning("could not deregister worker %s", self.name, exc_info=True)
+
+
+def _outcome(future: Future[GenerationResult]) -> GenerationResult | GenerationError:
+    """A finished future's result, or the error to store for it."""
+    try:
+        return future.result(timeout=0)
+    except GenerationError as exc:
+        return exc
+    except TimeoutError:
+        return GenerationError("timeout", "the job ran past the task time limit")
+    except Exception as exc:
+        log.exception("generation failed")
+        return GenerationError("internal_error", f"{type(exc).__name__}: {exc}")
+
+
+def _status(result: GenerationResult | GenerationError) -> str:
+    if isinstance(result, GenerationError):
+        return "failed"
+    return "cancelled" if result.aborted else "succeeded"

@@ -21,7 +21,7 @@ import time
 
 from core import batches, delivery
 from core.db import get_sessionmaker, session_scope
-from core.queue import JobQueue, queue_name
+from core.queue import JobQueue, Route, queue_name
 from core.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,7 @@ class Sweeper:
         self.holder = holder
         self._url = settings.resolved_database_url
         self._stop = threading.Event()
-        self._last_purge = 0.0
+        self._last_purge: float | None = None  # the first sweep purges
         self._thread = threading.Thread(target=self._loop, name="genq-sweeper", daemon=True)
 
     def start(self) -> None:
@@ -70,7 +70,7 @@ class Sweeper:
         self._send(requeued)
         report["resent"] = self._resend_lost()
         report["batches_finalized"] = batches.finalize_due(get_sessionmaker(self._url))
-        if time.monotonic() - self._last_purge > PURGE_EVERY_S:
+        if self._last_purge is None or time.monotonic() - self._last_purge > PURGE_EVERY_S:
             report["purged"] = self._purge()
             self._last_purge = time.monotonic()
         if any(report.values()):
@@ -103,6 +103,5 @@ class Sweeper:
             batch_count, file_count = batches.purge(session, older_than_days=days)
         return jobs + batch_count + file_count
 
-    def _send(self, routes: list[delivery.Route]) -> None:
-        for route in routes:
-            self.queue.enqueue(route.job_id, model=route.model, priority=route.priority)
+    def _send(self, routes: list[Route]) -> None:
+        self.queue.enqueue_many(routes)

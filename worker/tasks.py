@@ -6,7 +6,7 @@ from typing import Any
 
 from celery.exceptions import Reject
 
-from core.queue import GENERATE_TASK
+from core.queue import GENERATE_MANY_TASK, GENERATE_TASK
 from worker import lifecycle
 from worker.celery_app import app
 from worker.runtime import DrainingError
@@ -15,7 +15,17 @@ from worker.runtime import DrainingError
 @app.task(name=GENERATE_TASK, bind=True, acks_late=True, ignore_result=True)
 def generate(self: Any, job_id: str) -> str:
     """Generate one job by id; the result lands in the job's row."""
+    return _run(self, [job_id])[job_id]
+
+
+@app.task(name=GENERATE_MANY_TASK, bind=True, acks_late=True, ignore_result=True)
+def generate_many(self: Any, job_ids: list[str]) -> dict[str, str]:
+    """Generate jobs submitted together; each result lands in its job's row."""
+    return _run(self, job_ids)
+
+
+def _run(task: Any, job_ids: list[str]) -> dict[str, str]:
     try:
-        return lifecycle.get_runtime().run_job(job_id, worker=self.request.hostname or "worker")
+        return lifecycle.get_runtime().run_jobs(job_ids, worker=task.request.hostname or "worker")
     except DrainingError:
         raise Reject("worker shutting down", requeue=True) from None

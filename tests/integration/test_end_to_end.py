@@ -111,6 +111,22 @@ def test_through_redis_and_postgres(redis_postgres: Settings, tmp_path: Path) ->
         assert failed["status"] == "failed"
         assert failed["error"]["code"] == "prompt_too_long"
 
+        # A bulk submit goes as genq.generate_many messages of up to 8 ids each.
+        bodies = [
+            {
+                "prompt": f"The cat number {i}",
+                "max_new_tokens": 6,
+                "priority": ("high", "low")[i % 2],
+            }
+            for i in range(12)
+        ]
+        bulk = client.post("/v1/jobs/bulk", json={"jobs": bodies})
+        assert bulk.status_code == 202, bulk.text
+        for job_id in [j["id"] for j in bulk.json()["data"]]:
+            done = wait_until(lambda j=job_id: final(j), 60, "the bulk jobs", log)
+            assert done["status"] == "succeeded"
+            assert 1 <= done["usage"]["completion_tokens"] <= 6
+
 
 def test_embedded_default_with_real_processes_and_the_cli(model_dir: Path, tmp_path: Path) -> None:
     """Nothing configured but the model: SQLite files under GENQ_DATA_DIR, no servers."""

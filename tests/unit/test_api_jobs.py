@@ -233,3 +233,75 @@ def test_models_are_listed_in_the_openai_shape(client: TestClient) -> None:
     assert body["object"] == "list"
     assert [m["id"] for m in body["data"]] == ["fake"]
     assert body["data"][0]["object"] == "model"
+
+
+def _bulk(client: TestClient, jobs: list[dict[str, Any]], **headers: str) -> Any:
+    return client.post("/v1/jobs/bulk", json={"jobs": jobs}, headers=headers)
+
+
+def test_a_bulk_submit_queues_every_job_in_order_a_few_per_message(
+    client: TestClient, queue: RecordingQueue
+) -> None:
+    bodies: list[dict[str, Any]] = [
+        {"prompt": f"prompt {i}", "max_new_tokens": 3} for i in range(19)
+    ]
+    bodies[4]["priority"] = "high"
+    response = _bulk(client, bodies)
+    assert response.status_code == 202, response.text
+    jobs = response.json()["data"]
+    assert [j["prompt"] for j in jobs] == [b["prompt"] for b in bodies]
+    assert all(j["status"] == "queued" and j["params"]["max_new_tokens"] == 3 for j in jobs)
+    ids = [j["id"] for j in jobs]
+    assert ids == sorted(ids) and len(set(ids)) == 19  # they also list in submission order
+    # One message per 8 ids of the same model and priority; every job sent once.
+    assert sorted(queue.sent) == sorted(ids)
+    assert [len(m) for m in queue.messages] == [8, 8, 2, 1]
+    assert queue.messages[-1] == [jobs[4]["id"]]
+    assert ("fake", "high") == queue.routes[-1][1:]
+    listed = client.get("/v1/jobs", params={"limit": 100}).json()["data"]
+    assert [j["id"] for j in reversed(listed)] == ids
+
+
+@pytest.mark.parametrize(
+    ("jobs", "param"),
+    [
+        ([{"prompt": "fine"}, {"prompt": "fine"}, {"prompt": "  "}], "jobs.2.prompt"),
+        ([{"prompt": "fine"}, {"prompt": "x", "temperature": -1}], "jobs.1.temperature"),
+        ([{"prompt": "fine"}, {"prompt": "x", "model": "gpt-99"}], "jobs.1.model"),
+        ([], "jobs"),
+        ([{"prompt": "x"}] * 10_001, "jobs"),
+    ],
+)
+def test_a_bulk_submit_with_one_bad_job_queues_none_and_names_it(
+    client: TestClient, queue: RecordingQueue, jobs: list[dict[str, Any]], param: str
+) -> None:
+    response = _bulk(client, jobs)
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["param"] == param
+    assert queue.sent == []
+    assert client.get("/v1/jobs").json()["data"] == []
+
+
+def test_a_bulk_submit_survives_a_broker_outage(client: TestClient, queue: RecordingQueue) -> None:
+    queue.down = True
+    response = _bulk(client, [{"prompt": "a"}, {"prompt": "b"}])
+    assert response.status_code == 202
+    for job in response.json()["data"]:
+        assert client.get(f"/v1/jobs/{job['id']}").json()["status"] == "queued"
+
+
+def test_a_bulk_submit_retried_with_its_idempotency_key_gets_the_same_jobs(
+    client: TestClient, queue: RecordingQueue
+) -> None:
+    bodies = [{"prompt": f"p{i}"} for i in range(3)]
+    first = _bulk(client, bodies, **{"Idempotency-Key": "bulk-1"})
+    again = _bulk(client, bodies, **{"Idempotency-Key": "bulk-1"})
+    assert first.status_code == again.status_code == 202
+    assert again.headers["idempotent-replayed"] == "true"
+    assert [j["id"] for j in again.json()["data"]] == [j["id"] for j in first.json()["data"]]
+    assert len(queue.sent) == 3  # sent once
+    other = _bulk(client, bodies[:2], **{"Idempotency-Key": "bulk-1"})
+    assert other.status_code == 409
+    # A key used for one job is not confused with a bulk submit's.
+    single = client.post("/v1/jobs", json={"prompt": "p0"}, headers={"Idempotency-Key": "bulk-1"})
+    assert single.status_code == 409

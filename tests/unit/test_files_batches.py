@@ -6,7 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -18,6 +18,7 @@ from api.app import create_app
 from core import keys
 from core.db import session_scope
 from core.models import Batch
+from core.queue import Route
 from core.settings import Settings
 from worker.engine.fake import FakeEngine
 from worker.runtime import WorkerRuntime
@@ -34,9 +35,13 @@ class InlineQueue:
         self.hold = False
 
     def enqueue(self, job_id: str, *, model: str | None = None, priority: str = "normal") -> None:
-        self.sent.append(job_id)
+        self.enqueue_many([Route(job_id, model or "fake", priority)])
+
+    def enqueue_many(self, routes: Sequence[Route]) -> None:
+        ids = [route.job_id for route in routes]
+        self.sent.extend(ids)
         if not self.hold:
-            self.runtime.run_job(job_id, worker="w1")
+            self.runtime.run_jobs(ids, worker="w1")
 
     def ping(self) -> None:
         pass

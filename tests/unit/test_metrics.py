@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import itertools
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import pytest
 from fastapi.testclient import TestClient
@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 from api.app import create_app
 from core.db import session_scope
 from core.models import Job, WorkerNode, utcnow
-from core.queue import queue_name, queues_for
+from core.queue import Route, queue_name, queues_for
 from core.settings import Settings
 
 _ids = itertools.count()
@@ -30,6 +30,9 @@ class DepthQueue:
         self.down = down
 
     def enqueue(self, job_id: str, *, model: str | None = None, priority: str = "normal") -> None:
+        pass
+
+    def enqueue_many(self, routes: Sequence[Route]) -> None:
         pass
 
     def ping(self) -> None:

@@ -194,3 +194,85 @@ def test_a_running_job_handed_back_on_shutdown_is_queued_again_without_an_attemp
         assert queue.sent.count(job_id) == 2  # submitted, then re-sent
     finally:
         runtime.close()
+
+
+def _bulk_ids(client: TestClient, prompts: list[str], **body: Any) -> list[str]:
+    response = client.post("/v1/jobs/bulk", json={"jobs": [{"prompt": p, **body} for p in prompts]})
+    assert response.status_code == 202, response.text
+    return [job["id"] for job in response.json()["data"]]
+
+
+def test_the_jobs_of_one_message_run_together_each_getting_its_own_result(
+    client: TestClient, runtime: WorkerRuntime, settings: Settings
+) -> None:
+    prompts = ["one two three", "alpha beta", "x y z w", "cancel me", "retried one"]
+    ids = _bulk_ids(client, prompts, max_new_tokens=3)
+    alone = [submit_prompt(client, p, max_new_tokens=3) for p in prompts]
+    client.post(f"/v1/jobs/{ids[3]}/cancel")
+    with session_scope(settings.resolved_database_url) as session:
+        session.get(Job, ids[4]).attempts = 1  # its worker died once: a suspect, run alone
+    statuses = runtime.run_jobs([*ids, "job_unknown"], worker="w1")
+    assert statuses == {
+        ids[0]: "succeeded",
+        ids[1]: "succeeded",
+        ids[2]: "succeeded",
+        ids[3]: "skipped",
+        ids[4]: "succeeded",
+        "job_unknown": "skipped",
+    }
+    for job_id, alone_id in zip(ids, alone, strict=True):
+        runtime.run_job(alone_id, worker="w1")
+        job, reference = (client.get(f"/v1/jobs/{i}").json() for i in (job_id, alone_id))
+        if job_id == ids[3]:
+            assert job["status"] == "cancelled" and job["output"] is None
+            continue
+        assert job["output"] == reference["output"] and job["usage"] == reference["usage"]
+    assert client.get(f"/v1/jobs/{ids[4]}").json()["attempts"] == 2
+    assert runtime.run_jobs(ids, worker="w2") == dict.fromkeys(ids, "skipped")  # redelivered
+
+
+def test_progress_of_jobs_claimed_together_goes_to_each_job(
+    client: TestClient, fast_settings: Settings
+) -> None:
+    runtime = WorkerRuntime(fast_settings, FakeEngine(token_delay_s=0.02))
+    try:
+        ids = _bulk_ids(client, ["one two three", "alpha beta"], max_new_tokens=1000)
+        thread = threading.Thread(target=runtime.run_jobs, args=(ids,), kwargs={"worker": "w1"})
+        thread.start()
+        ready = lambda j: (j["usage"]["completion_tokens"] or 0) >= 3  # noqa: E731
+        first, second = (_wait_for(client, job_id, ready) for job_id in ids)
+        assert first["output"].startswith(" three two one")
+        assert second["output"].startswith(" beta alpha beta")
+        for job_id in ids:
+            client.post(f"/v1/jobs/{job_id}/cancel")
+        thread.join(timeout=10)
+    finally:
+        runtime.close()
+
+
+def test_a_worker_claims_no_more_jobs_than_its_slots_the_rest_stay_queued(
+    client: TestClient, fast_settings: Settings
+) -> None:
+    settings = fast_settings.model_copy(update={"worker_concurrency": 2})
+    runtime = WorkerRuntime(settings, FakeEngine(token_delay_s=0.02))
+    try:
+        first, second = (_bulk_ids(client, ["a b", "c d"], max_new_tokens=1000) for _ in range(2))
+        threads = [
+            threading.Thread(target=runtime.run_jobs, args=(ids,), kwargs={"worker": "w1"})
+            for ids in (first, second)
+        ]
+        threads[0].start()
+        for job_id in first:
+            _wait_for(client, job_id, lambda j: j["status"] == "running")
+        threads[1].start()
+        time.sleep(0.3)
+        assert {client.get(f"/v1/jobs/{i}").json()["status"] for i in second} == {"queued"}
+        for job_id in first:
+            client.post(f"/v1/jobs/{job_id}/cancel")
+        for job_id in second:  # the first message's slots are free again
+            _wait_for(client, job_id, lambda j: j["status"] == "running")
+            client.post(f"/v1/jobs/{job_id}/cancel")
+        for thread in threads:
+            thread.join(timeout=10)
+    finally:
+        runtime.close()
