@@ -14,9 +14,9 @@ import dataclasses
 import datetime as dt
 import secrets
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import JSON, bindparam, delete, func, select, update
+from sqlalchemy import JSON, Table, bindparam, delete, func, select, update
 from sqlalchemy.orm import Session
 
 from core import webhooks
@@ -173,40 +173,68 @@ def store_outcomes(
     failed. Jobs that reached a final status here get their webhook events. Each
     entry of the answer is False where the claim was no longer ours.
     """
-    stored: list[bool] = []
-    ended: list[str] = []
+    successes = [(c, o) for c, o in outcomes if isinstance(o, Outcome)]
+    done, kept = _set_succeeded(session, successes)
     for claim, outcome in outcomes:
-        if isinstance(outcome, Failure):
-            done = _set_failed(session, claim, outcome)
-            kept = False
-        else:
-            done, kept = _set_succeeded(session, claim, outcome)
-        stored.append(done or kept)
-        if done:
-            ended.append(claim.job_id)
-    webhooks.record_job_events(session, ended)
-    return stored
+        if isinstance(outcome, Failure) and _set_failed(session, claim, outcome):
+            done.add(claim.job_id)
+    webhooks.record_job_events(session, [c.job_id for c, _ in outcomes if c.job_id in done])
+    return [claim.job_id in done or claim.job_id in kept for claim, _ in outcomes]
 
 
-def _set_succeeded(session: Session, claim: Claim, outcome: Outcome) -> tuple[bool, bool]:
-    """(succeeded now, kept as cancelled with this output)."""
-    values = dataclasses.asdict(outcome) | {"lease_expires_at": None}
-    done = session.execute(
-        update(Job)
-        .where(_owned(claim, JobStatus.RUNNING))
-        .values(status=JobStatus.SUCCEEDED.value, finished_at=utcnow(), **values)
-        .execution_options(synchronize_session=False)
+_OUTCOME_FIELDS = [field.name for field in dataclasses.fields(Outcome)]
+
+
+def _set_succeeded(
+    session: Session, items: Sequence[tuple[Claim, Outcome]]
+) -> tuple[set[str], set[str]]:
+    """Mark the jobs succeeded with their results, as one executemany statement;
+    returns the ids that succeeded now, and those kept cancelled (cancelled while
+    they ran: their output is stored, their webhook was written by the cancel)."""
+    if not items:
+        return set(), set()
+    table = cast(Table, Job.__table__)
+    statement = (
+        update(table)
+        .where(
+            table.c.id == bindparam("b_id"),
+            table.c.lease_token == bindparam("b_token"),
+            table.c.status == RUNNING,
+        )
+        .values(
+            status=JobStatus.SUCCEEDED.value,
+            finished_at=utcnow(),
+            lease_expires_at=None,
+            **{f: bindparam(f"b_{f}", type_=table.c[f].type) for f in _OUTCOME_FIELDS},
+        )
     )
-    if _rowcount(done):
-        return True, False
-    # Cancelled while running: its webhook was written by the cancel.
-    kept = session.execute(
-        update(Job)
-        .where(_owned(claim, JobStatus.CANCELLED))
-        .values(**values)
-        .execution_options(synchronize_session=False)
+    rows = [
+        {"b_id": claim.job_id, "b_token": claim.token}
+        | {f"b_{f}": getattr(outcome, f) for f in _OUTCOME_FIELDS}
+        for claim, outcome in items
+    ]
+    session.connection().execute(statement, rows)
+    now = dict(
+        session.execute(
+            select(Job.id, Job.status).where(
+                Job.id.in_([claim.job_id for claim, _ in items]),
+                Job.lease_token.in_({claim.token for claim, _ in items}),
+            )
+        ).all()
     )
-    return False, bool(_rowcount(kept))
+    done = {claim.job_id for claim, _ in items if now.get(claim.job_id) == JobStatus.SUCCEEDED}
+    kept = set()
+    for claim, outcome in items:
+        if now.get(claim.job_id) == JobStatus.CANCELLED.value:
+            values = dataclasses.asdict(outcome) | {"lease_expires_at": None}
+            session.execute(
+                update(Job)
+                .where(_owned(claim, JobStatus.CANCELLED))
+                .values(**values)
+                .execution_options(synchronize_session=False)
+            )
+            kept.add(claim.job_id)
+    return done, kept
 
 
 def _set_failed(session: Session, claim: Claim, failure: Failure) -> bool:

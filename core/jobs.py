@@ -11,8 +11,9 @@ import os
 import secrets
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import insert, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -83,31 +84,33 @@ def draw_seed() -> int:
     return int.from_bytes(os.urandom(4), "big")
 
 
-def new_job(
+def job_values(
     body: JobCreate,
     *,
     default_model: str,
     default_max_new_tokens: int,
     owner: str | None = None,
     job_id: str | None = None,
-) -> Job:
-    """A queued job (not yet added to a session) with its parameters and seed fixed."""
+    submission_id: str | None = None,
+) -> dict[str, Any]:
+    """The row of a queued job, with its parameters and seed fixed."""
     params = body.params().with_defaults(default_max_new_tokens)
     now = utcnow()
-    return Job(
-        id=job_id or new_job_id(),
-        status=JobStatus.QUEUED.value,
-        prompt=body.prompt,
-        model=body.model or default_model,
-        params=params.model_dump(mode="json", exclude_none=True),
-        seed=params.seed if params.seed is not None else draw_seed(),
-        owner=owner or LOCAL_OWNER,
-        priority=body.priority,
-        callback_url=str(body.callback_url) if body.callback_url else None,
-        attempts=0,
-        created_at=now,
-        enqueued_at=now,
-    )
+    return {
+        "id": job_id or new_job_id(),
+        "status": JobStatus.QUEUED.value,
+        "prompt": body.prompt,
+        "model": body.model or default_model,
+        "params": params.model_dump(mode="json", exclude_none=True),
+        "seed": params.seed if params.seed is not None else draw_seed(),
+        "owner": owner or LOCAL_OWNER,
+        "priority": body.priority,
+        "callback_url": str(body.callback_url) if body.callback_url else None,
+        "submission_id": submission_id,
+        "attempts": 0,
+        "created_at": now,
+        "enqueued_at": now,
+    }
 
 
 def create_job(
@@ -119,11 +122,13 @@ def create_job(
     owner: str | None = None,
 ) -> Job:
     """Add a queued job row (not yet committed) with its parameters and seed fixed."""
-    job = new_job(
-        body,
-        default_model=default_model,
-        default_max_new_tokens=default_max_new_tokens,
-        owner=owner,
+    job = Job(
+        **job_values(
+            body,
+            default_model=default_model,
+            default_max_new_tokens=default_max_new_tokens,
+            owner=owner,
+        )
     )
     session.add(job)
     session.flush()
@@ -221,18 +226,18 @@ def submit_jobs(
     models = [body.model or settings.model for body in bodies]
     _check_models(session, settings, models, param=lambda index: f"jobs.{index}.model")
     submission_id = f"sub_{secrets.token_hex(12)}"
-    rows = []
-    for job_id, body, model in zip(new_job_ids(len(bodies)), bodies, models, strict=True):
-        job = new_job(
-            body.model_copy(update={"model": model}),
+    rows = [
+        job_values(
+            body,
             default_model=model,
             default_max_new_tokens=settings.default_max_new_tokens,
             owner=owner,
             job_id=job_id,
+            submission_id=submission_id,
         )
-        job.submission_id = submission_id
-        rows.append(job)
-    session.add_all(rows)
+        for job_id, body, model in zip(new_job_ids(len(bodies)), bodies, models, strict=True)
+    ]
+    session.execute(insert(Job), rows)  # one multi-row INSERT, not one ORM object each
     if replay is not None:
         replay.remember(submission_id)
     try:
@@ -243,12 +248,12 @@ def submit_jobs(
             raise
         return submission_jobs(session, earlier), True
     try:
-        queue.enqueue_many([Route(job.id, job.model, job.priority) for job in rows])
+        queue.enqueue_many([Route(row["id"], row["model"], row["priority"]) for row in rows])
     except Exception:
         log.warning(
             "could not enqueue %d jobs; they stay queued for the sweeper", len(rows), exc_info=True
         )
-    return rows, False
+    return [Job(**row) for row in rows], False
 
 
 def submission_jobs(session: Session, submission_id: str) -> list[Job]:

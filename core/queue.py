@@ -137,9 +137,10 @@ class CeleryQueue:
 
     def enqueue_many(self, routes: Sequence[Route]) -> None:
         size = self._settings.jobs_per_message
-        for model, priority, ids in group_routes(routes, size):
-            queue = queue_name(self._settings.queue, model, priority)
-            self._app.send_task(GENERATE_MANY_TASK, args=[ids], queue=queue)
+        with self._app.producer_or_acquire() as producer:  # one connection for them all
+            for model, priority, ids in group_routes(routes, size):
+                queue = queue_name(self._settings.queue, model, priority)
+                self._app.send_task(GENERATE_MANY_TASK, args=[ids], queue=queue, producer=producer)
 
     def ping(self) -> None:
         with self._app.connection_for_write() as conn:
