@@ -145,18 +145,30 @@ class WorkerRuntime:
         statuses: dict[str, str] = {}
         deadline = time.monotonic() + self.settings.task_time_limit_s
         pending = set(futures)
-        while True:
-            statuses.update(self._store(ready))
-            if not pending:
-                return statuses
-            done, pending = wait(
-                pending, timeout=max(deadline - time.monotonic(), 0), return_when=FIRST_COMPLETED
-            )
-            if not done:  # past the time limit: stop them and fail them
-                done, pending = set(pending), set()
-                for future in done:
-                    self.engine.abort(futures[future].job_id)
-            ready = [(futures[f], _outcome(f)) for f in done]
+        try:
+            while True:
+                statuses.update(self._store(ready))
+                if not pending:
+                    return statuses
+                done, pending = wait(
+                    pending,
+                    timeout=max(deadline - time.monotonic(), 0),
+                    return_when=FIRST_COMPLETED,
+                )
+                if not done:  # past the time limit: stop them and fail them
+                    done, pending = set(pending), set()
+                    for future in done:
+                        self.engine.abort(futures[future].job_id)
+                ready = [(futures[f], _outcome(f)) for f in done]
+        except BaseException:
+            # The database stayed down past its retries: let go of what is left. Its
+            # leases are no longer renewed, so the sweeper hands those jobs back.
+            with self._lock:
+                for claim in claims:
+                    self._in_flight.pop(claim.job_id, None)
+            for future in pending:
+                self.engine.abort(futures[future].job_id)
+            raise
 
     def _store(
         self, ready: list[tuple[delivery.Claim, GenerationResult | GenerationError]]

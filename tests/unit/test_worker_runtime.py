@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy.exc import OperationalError
 
 from core import delivery
 from core.db import session_scope
@@ -274,5 +275,40 @@ def test_a_worker_claims_no_more_jobs_than_its_slots_the_rest_stay_queued(
             client.post(f"/v1/jobs/{job_id}/cancel")
         for thread in threads:
             thread.join(timeout=10)
+    finally:
+        runtime.close()
+
+
+def test_results_that_cannot_be_stored_leave_their_jobs_for_the_sweeper(
+    client: TestClient, fast_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = fast_settings.model_copy(update={"db_retry_s": 0})
+    runtime = WorkerRuntime(settings, FakeEngine(token_delay_s=0.01))
+    try:
+        response = client.post(
+            "/v1/jobs/bulk",
+            json={"jobs": [{"prompt": "quick", "max_new_tokens": 1}, {"prompt": "slow one"}]},
+        )
+        ids = [job["id"] for job in response.json()["data"]]
+
+        def database_down(*_: Any, **__: Any) -> None:
+            raise OperationalError("UPDATE job", {}, Exception("database down"))
+
+        monkeypatch.setattr(delivery, "store_outcomes", database_down)
+        with pytest.raises(OperationalError):  # storing the quick one fails
+            runtime.run_jobs(ids, worker="w1")
+        monkeypatch.undo()
+        url = settings.resolved_database_url
+        with session_scope(url) as session:
+            leases = {i: session.get(Job, i).lease_expires_at for i in ids}
+        runtime.monitor_once()  # no lease of the group is renewed any more
+        with session_scope(url) as session:
+            for job_id in ids:
+                job = session.get(Job, job_id)
+                assert job.status == "running" and job.lease_expires_at == leases[job_id]
+                job.lease_expires_at = utcnow() - dt.timedelta(seconds=1)
+        with session_scope(url) as session:
+            routes, _ = delivery.reclaim_expired(session, max_attempts=3)
+        assert sorted(r.job_id for r in routes) == sorted(ids)
     finally:
         runtime.close()
