@@ -2,18 +2,20 @@
 
 A daemon scheduler thread owns the model. Each iteration it (1) admits waiting
 requests FIFO within ``max_batch_size`` rows and ``max_tokens_in_flight`` tokens,
-prefilling them as one left-padded mini-batch whose cache is merged into the
-running one, or runs one beam-search request on its own; (2) runs one decode
-step for every row; (3) retires finished requests, shrinking the cache. Left
-padding is exact because every forward gets the attention mask and explicit
-position ids (real tokens so far), for absolute (GPT-2) and rotary (Llama)
-positions alike.
+prefilling them as one left-padded mini-batch whose keys and values are copied
+into free slots of the running cache (:class:`~worker.engine.kvcache.SlotCache`),
+or runs one beam-search request on its own; (2) runs one decode step for every
+row; (3) retires finished requests, which only frees their slots (when nothing waits
+to fill them, the last rows move into them). Left padding is
+exact because every forward gets the attention mask and explicit position ids
+(real tokens so far), for absolute (GPT-2) and rotary (Llama) positions alike.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import inspect
 import logging
 import threading
@@ -21,6 +23,7 @@ from concurrent.futures import Future
 from typing import Any
 
 import torch
+from transformers import DynamicCache
 
 from worker.engine import kvcache
 from worker.engine.base import GenerationError, GenerationRequest, GenerationResult, ModelInfo
@@ -30,6 +33,44 @@ from worker.engine.requests import RequestState, cut_at_stop, strip_prefix
 from worker.engine.sampling import SamplingSpec, choose_tokens, make_generator
 
 log = logging.getLogger(__name__)
+
+# Compact the running batch once this share of its rows are free slots and nothing
+# waits to take them. Compaction copies only the rows it moves, each about what one
+# decode step of a row costs, while a free row costs that at every step: compact at once.
+COMPACT_FREE_SHARE = 0.0
+
+# What one prefill forward costs beyond its tokens, in prompt tokens (call overhead,
+# smaller matrix products). Newcomers of very different lengths are prefilled in
+# groups of similar length when that saves more padding than this per extra forward.
+PREFILL_FORWARD_COST = 64
+
+# A request and the rows of the batch (or of a prefill mini-batch) it owns.
+Placed = list[tuple[RequestState, list[int]]]
+
+
+def prefill_groups(states: list[RequestState], forward_cost: int) -> list[list[RequestState]]:
+    """Split newcomers into prefill mini-batches, shortest prompts first, minimising
+    padded prompt tokens (rows times the longest prompt) plus ``forward_cost`` per batch.
+
+    One left-padded batch of prompts 8 to 200 tokens long is about half padding; the
+    split is exact (a dynamic programme over the sorted lengths; a few dozen requests).
+    """
+    ordered = sorted(states, key=lambda s: len(s.prompt_ids))
+    best = [0] + [-1] * len(ordered)  # best[j]: cost of prefilling ordered[:j]
+    cut = [0] * (len(ordered) + 1)
+    for j in range(1, len(ordered) + 1):
+        width, rows = len(ordered[j - 1].prompt_ids), 0
+        for i in range(j - 1, -1, -1):
+            rows += ordered[i].n
+            cost = best[i] + rows * width + forward_cost
+            if best[j] < 0 or cost < best[j]:
+                best[j], cut[j] = cost, i
+    groups: list[list[RequestState]] = []
+    j = len(ordered)
+    while j:
+        groups.append(ordered[cut[j] : j])
+        j = cut[j]
+    return groups[::-1]
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
@@ -79,11 +120,9 @@ class BatchingEngine:
         self._closing = False
         self._dead: BaseException | None = None
         # Running batch, touched only by the scheduler thread.
-        self._jobs: list[RequestState] = []  # in row order; each owns .n consecutive rows
-        self._cache: Any = None
-        self._mask = torch.zeros((0, 0), dtype=torch.long, device=self.device)
-        self._next_pos = torch.zeros(0, dtype=torch.long, device=self.device)
-        self._last = torch.zeros(0, dtype=torch.long, device=self.device)
+        self._jobs: list[RequestState] = []  # in admission order
+        self._slots: dict[RequestState, list[int]] = {}  # each job's .n rows of the batch
+        self._batch = kvcache.SlotCache(model.config, max_batch_size)
         self._thread = threading.Thread(target=self._run, name="genq-engine", daemon=True)
         self._thread.start()
 
@@ -167,7 +206,8 @@ class BatchingEngine:
         if beam is not None:
             self._guarded([beam], lambda: self._run_beam(beam))
         if newcomers:
-            self._guarded(newcomers, lambda: self._prefill(newcomers))
+            for group in prefill_groups(newcomers, PREFILL_FORWARD_COST):
+                self._guarded(group, functools.partial(self._prefill, group))
             self._retire()
         if self._jobs:
             self._guarded(list(self._jobs), self._decode)
@@ -263,7 +303,7 @@ class BatchingEngine:
         return logits
 
     def _prefill(self, newcomers: list[RequestState]) -> None:
-        """Prefill the newcomers together and merge them into the running batch."""
+        """Prefill the newcomers as their own mini-batch, then copy them into free slots."""
         prompts = [s.prompt_ids for s in newcomers for _ in range(s.n)]
         width = max(len(p) for p in prompts)
         ids = torch.tensor(
@@ -277,87 +317,88 @@ class BatchingEngine:
             device=self.device,
         )
         positions = (mask.cumsum(-1) - 1).clamp_min(0)
-        cache = kvcache.new_cache(self.model.config)
+        cache = DynamicCache(config=self.model.config)
         logits = self._forward(ids, mask, positions, cache)
-        chosen = self._choose(logits, newcomers)
-        self._record(chosen, newcomers)
-        if self._cache is None:
-            self._cache, self._mask = cache, mask
-        else:
-            length = max(self._mask.shape[1], width)
-            self._cache = kvcache.merge(self._cache, cache)
-            self._mask = torch.cat(
-                [kvcache.pad_mask_left(self._mask, length), kvcache.pad_mask_left(mask, length)]
-            )
-        self._next_pos = torch.cat([self._next_pos, mask.sum(-1)])
-        self._last = torch.cat([self._last, chosen])
+        placed = self._placed_consecutively(newcomers)
+        chosen = self._choose(logits, placed)
+        self._record(chosen, placed)
+        try:
+            rows = self._batch.admit(cache, mask, chosen)
+        except Exception:
+            self._reset_batch()  # a half-done admission leaves the slots in no known state
+            raise
+        for state, local in placed:
+            self._slots[state] = [rows[i] for i in local]
         self._jobs.extend(newcomers)
 
-    def _decode(self) -> None:
-        """One token for every row of the running batch."""
-        ones = torch.ones((self._mask.shape[0], 1), dtype=torch.long, device=self.device)
-        self._mask = torch.cat([self._mask, ones], dim=1)
-        logits = self._forward(
-            self._last[:, None], self._mask, self._next_pos[:, None], self._cache
-        )
-        self._next_pos += 1
-        self._last = self._choose(logits, self._jobs)
-        self._record(self._last, self._jobs)
-
-    def _choose(self, logits: torch.Tensor, jobs: list[RequestState]) -> torch.Tensor:
-        """Next tokens for ``jobs``' rows: one argmax for the batch, then per request."""
-        chosen = torch.argmax(logits, dim=-1)
+    @staticmethod
+    def _placed_consecutively(states: list[RequestState]) -> Placed:
+        """The rows of a prefill mini-batch: each request's .n rows, one after another."""
+        placed: Placed = []
         start = 0
-        for state in jobs:
-            if not state.spec.plain_greedy:
-                rows = slice(start, start + state.n)
-                history = state.history(self.pad_id) if state.spec.needs_history else None
-                chosen[rows] = choose_tokens(logits[rows], history, state.spec, state.generator)
+        for state in states:
+            placed.append((state, list(range(start, start + state.n))))
             start += state.n
+        return placed
+
+    def _decode(self) -> None:
+        """One token for every row of the running batch (free slots too: no copy to skip them)."""
+        ids, mask, positions = self._batch.step_inputs()
+        logits = self._forward(ids, mask, positions, self._batch.cache)
+        placed = [(state, self._slots[state]) for state in self._jobs]
+        chosen = self._choose(logits, placed)
+        self._batch.advance(chosen)
+        self._record(chosen, placed)
+
+    def _choose(self, logits: torch.Tensor, placed: Placed) -> torch.Tensor:
+        """Next tokens for every row: one argmax for the batch, then per request."""
+        chosen = torch.argmax(logits, dim=-1)
+        for state, rows in placed:
+            if not state.spec.plain_greedy:
+                index = torch.tensor(rows, dtype=torch.long, device=logits.device)
+                history = state.history(self.pad_id) if state.spec.needs_history else None
+                chosen[index] = choose_tokens(logits[index], history, state.spec, state.generator)
         return chosen
 
-    def _record(self, chosen: torch.Tensor, jobs: list[RequestState]) -> None:
+    def _record(self, chosen: torch.Tensor, placed: Placed) -> None:
         tokens = chosen.tolist()
-        start = 0
-        for state in jobs:
-            for row in range(state.n):
-                state.add_token(row, tokens[start + row], self.eos_ids, self.tokenizer)
-            start += state.n
+        for state, rows in placed:
+            for i, row in enumerate(rows):
+                state.add_token(i, tokens[row], self.eos_ids, self.tokenizer)
 
     def _retire(self) -> None:
-        """Resolve finished or aborted requests and drop their rows from the batch."""
-        keep: list[int] = []
+        """Resolve finished or aborted requests and free their slots (no copy)."""
+        freed: list[int] = []
         remaining: list[RequestState] = []
-        start = 0
         for state in self._jobs:
             if state.done:
                 self._finish(state, state.result(self.tokenizer))
+                freed.extend(self._slots.pop(state))
             else:
-                keep.extend(range(start, start + state.n))
                 remaining.append(state)
-            start += state.n
-        if len(remaining) == len(self._jobs):
+        if not freed:
             return
         self._jobs = remaining
-        if not remaining:
-            self._reset_batch()
-            return
-        index = torch.tensor(keep, dtype=torch.long, device=self.device)
-        mask = self._mask.index_select(0, index)
-        drop = kvcache.leading_padding(mask)
-        kvcache.select_rows(self._cache, index, drop)
-        self._mask = mask[:, drop:]
-        self._next_pos = self._next_pos.index_select(0, index)
-        self._last = self._last.index_select(0, index)
+        self._batch.retire(freed)
+        free = self._batch.free_rows
+        if remaining and free and free >= COMPACT_FREE_SHARE * self._batch.rows:
+            with self._lock:
+                waiting = bool(self._waiting)
+            if not waiting:
+                self._compact()
+
+    def _compact(self) -> None:
+        """Close the free slots (the tail of a workload: nothing will take them)."""
+        moved = self._batch.compact()
+        for state, rows in self._slots.items():
+            self._slots[state] = [moved.get(row, row) for row in rows]
 
     def _reset_batch(self) -> None:
         for state in self._jobs:
             self._fail(state, GenerationError("generation_failed", "the batch was reset"))
         self._jobs = []
-        self._cache = None
-        self._mask = self._mask.new_zeros((0, 0))
-        self._next_pos = self._next_pos.new_zeros(0)
-        self._last = self._last.new_zeros(0)
+        self._slots.clear()
+        self._batch.clear()
 
     # ---- futures ----
 

@@ -1,160 +1,338 @@
-"""Row surgery on a transformers ``DynamicCache`` for continuous batching.
+"""The running batch's KV cache as slots, so that requests come and go without copying it.
 
-The running batch keeps one cache whose tensors are ``[rows, heads, length, dim]``
-and whose rows are left-padded (the padding is masked out by the attention mask).
-Newcomers are prefilled as their own left-padded mini-batch and merged in by
-padding the shorter cache on the left; finished rows are dropped with an index
-select, and columns that became padding in every row are trimmed on the left.
+Every layer keeps one buffer ``[row_capacity, heads, col_capacity, dim]`` for keys and
+one for values, and the model sees views of them: rows ``[0, rows)`` and the columns of a
+window ``[start, end)``. A row is a *slot*:
+
+- retiring a request only marks its rows free; they keep being computed (the output is
+  ignored) until a newcomer takes them, and trailing free rows shrink ``rows`` (a view);
+- newcomers are prefilled as their own left-padded mini-batch and only their keys and
+  values are copied in, into the lowest free slots, right-aligned to the window's end;
+- a decode step writes its column at ``end`` in place;
+- columns that are padding in every live row are dropped by moving ``start`` (a view).
+
+The whole cache is copied only when a buffer runs out of room: once per ``GROW_CHUNK``
+decode steps, or when rows or left room run out. When free slots are left with nothing
+waiting to fill them (the tail of a workload), :meth:`SlotCache.compact` moves the last
+live rows into them, copying only those rows.
+
+Masked positions always hold finite values (zeros, or the keys of a slot's former
+occupant): softmax gives them weight exactly 0, and ``0 * x`` is 0 for finite ``x`` but
+NaN for NaN, so fresh memory is zeroed wherever the model might see it under the mask.
+Free rows attend only to their own columns from position 0 (their mask row is cleared
+and their position does not advance), so they stay finite and never exceed the context.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import dataclasses
 from typing import Any
 
 import torch
-from torch.nn import functional
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-# Columns of headroom a growing layer allocates at once: the cache is copied once
-# per GROW_CHUNK decode steps instead of at every step (torch.cat in DynamicLayer
-# copies the whole cache per token, which dominates a CPU decode step at batch 64).
+# Columns of right headroom a reallocation leaves: the cache is copied once per
+# GROW_CHUNK decode steps instead of at every step.
 GROW_CHUNK = 64
+# Left headroom kept across a reallocation, so that a newcomer with a prompt a little
+# wider than the window moves ``start`` instead of forcing a copy.
+LEFT_ROOM = 64
 
 
-class GrowingLayer(DynamicLayer):  # type: ignore[misc]
-    """A DynamicLayer that writes new keys/values into preallocated headroom.
+@dataclasses.dataclass
+class Window:
+    """What the model sees of the buffers: rows ``[0, rows)``, columns ``[start, end)``."""
 
-    ``keys``/``values`` are views of the first ``length`` columns of the buffers,
-    so the model sees exactly what a DynamicLayer would show it.
+    rows: int = 0
+    start: int = 0
+    end: int = 0
+
+    @property
+    def width(self) -> int:
+        """Columns in view."""
+        return self.end - self.start
+
+
+class SlotLayer(DynamicLayer):  # type: ignore[misc]
+    """One attention layer's keys and values, seen through the shared :class:`Window`.
+
+    ``update`` writes the new columns at ``window.end`` in place; the window itself is
+    advanced by :meth:`SlotCache.advance` after the forward, so every layer (and the
+    mask, built before the first layer) agrees on the cache length during a forward.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, window: Window) -> None:
         super().__init__()
-        self.length = 0
+        self.window = window
         self.key_buffer: torch.Tensor | None = None
         self.value_buffer: torch.Tensor | None = None
-
-    def adopt(self, keys: torch.Tensor, values: torch.Tensor, headroom: int = GROW_CHUNK) -> None:
-        """Take ``keys``/``values`` as the cache content, with room to grow."""
-        rows, heads, length, dim = keys.shape
-        shape = (rows, heads, length + headroom, dim)
-        self.key_buffer = keys.new_empty(shape)
-        self.value_buffer = values.new_empty(shape)
-        self.key_buffer[:, :, :length] = keys
-        self.value_buffer[:, :, :length] = values
-        self.length = length
-        self.keys = self.key_buffer[:, :, :length]
-        self.values = self.value_buffer[:, :, :length]
-        self.device = keys.device
-        self.is_initialized = True
-
-    def _views(self) -> tuple[torch.Tensor, torch.Tensor]:
-        assert self.keys is not None and self.values is not None
-        return self.keys, self.values
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object, **kwargs: object
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append the new columns in place (growing by a chunk when full)."""
-        if self.key_buffer is None or self.value_buffer is None:
-            self.adopt(key_states, value_states)
-            return self._views()
-        end = self.length + key_states.shape[-2]
-        if end > self.key_buffer.shape[-2]:
-            assert self.keys is not None and self.values is not None
-            self.adopt(self.keys, self.values, headroom=max(GROW_CHUNK, end - self.length))
-            assert self.key_buffer is not None and self.value_buffer is not None
-        self.key_buffer[:, :, self.length : end] = key_states
-        self.value_buffer[:, :, self.length : end] = value_states
-        self.length = end
-        self.keys = self.key_buffer[:, :, :end]
-        self.values = self.value_buffer[:, :, :end]
-        return self.keys, self.values
+        """Write the new columns after the window; return the window plus them."""
+        assert self.key_buffer is not None and self.value_buffer is not None
+        w = self.window
+        stop = w.end + key_states.shape[-2]
+        assert stop <= self.key_buffer.shape[-2], "SlotCache.step_inputs reserves the room"
+        self.key_buffer[: w.rows, :, w.end : stop] = key_states
+        self.value_buffer[: w.rows, :, w.end : stop] = value_states
+        return (
+            self.key_buffer[: w.rows, :, w.start : stop],
+            self.value_buffer[: w.rows, :, w.start : stop],
+        )
 
     def get_seq_length(self) -> int:
-        """Columns in use (not the buffer's capacity)."""
-        return self.length
+        """Columns in view (not the buffer's capacity)."""
+        return self.window.width
 
 
-def new_cache(config: Any) -> DynamicCache:
-    """A DynamicCache whose plain full-attention layers grow in chunks."""
-    cache = DynamicCache(config=config)
-    if all(type(layer) is DynamicLayer for layer in cache.layers):
-        cache.layers = [GrowingLayer() for _ in cache.layers]
-    return cache
+def supports(config: Any) -> bool:
+    """Whether ``config``'s model has only plain full-attention cache layers.
 
-
-def _set(layer: Any, keys: torch.Tensor, values: torch.Tensor) -> None:
-    if isinstance(layer, GrowingLayer):
-        layer.adopt(keys, values)
-    else:
-        layer.keys, layer.values = keys, values
-
-
-def _layers(cache: Any) -> Iterator[Any]:
-    """The layers that hold key/value tensors (KV-sharing layers may hold none)."""
-    for layer in cache.layers:
-        if isinstance(layer, GrowingLayer):
-            if layer.length > 0:
-                yield layer
-            continue
-        initialized = getattr(layer, "is_initialized", False) and layer.keys is not None
-        if initialized and layer.keys.numel() > 0:
-            yield layer
-
-
-def cache_length(cache: Any) -> int:
-    """The sequence length of the cache (0 when empty)."""
-    return int(cache.get_seq_length())
-
-
-def _pad_left(tensor: torch.Tensor, amount: int) -> torch.Tensor:
-    # Zeros rather than garbage: padded positions are masked, but NaN * 0 would
-    # still poison the attention output.
-    return functional.pad(tensor, (0, 0, amount, 0)) if amount > 0 else tensor
-
-
-def merge(running: Any, newcomers: Any) -> Any:
-    """Append ``newcomers``' rows after ``running``'s, left-padding the shorter one.
-
-    ``running`` is modified in place and returned.
+    Sliding-window and linear-attention layers keep state that slots cannot
+    rearrange; the batching engine refuses such models rather than run them wrongly.
     """
-    run_len, new_len = cache_length(running), cache_length(newcomers)
-    length = max(run_len, new_len)
-    for old, new in zip(running.layers, newcomers.layers, strict=True):
-        if not getattr(new, "is_initialized", False) or new.keys is None:
-            continue
-        keys = torch.cat(
-            [_pad_left(old.keys, length - run_len), _pad_left(new.keys, length - new_len)], dim=0
+    layers = DynamicCache(config=config).layers
+    return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
+
+
+def _regrown(
+    old: torch.Tensor,
+    rows: slice,
+    cols: slice,
+    row_cap: int,
+    col_cap: int,
+    left: int,
+) -> torch.Tensor:
+    """A new ``[row_cap, ..., col_cap, ...]`` buffer (columns on dim 2, or dim 1 for a
+    mask) holding ``old[rows, ..., cols]`` at ``[:k, ..., left:left + width]``; zero elsewhere."""
+    dim = 2 if old.dim() == 4 else 1
+    part = old.narrow(dim, cols.start, cols.stop - cols.start)[rows]
+    kept, width = part.shape[0], part.shape[dim]
+    shape = list(old.shape)
+    shape[0], shape[dim] = row_cap, col_cap
+    new = old.new_empty(shape)
+    new[kept:].zero_()
+    new[:kept].narrow(dim, 0, left).zero_()
+    new[:kept].narrow(dim, left + width, col_cap - left - width).zero_()
+    new[:kept].narrow(dim, left, width).copy_(part)
+    return new
+
+
+class SlotCache:
+    """The running batch's per-row state: KV slots, attention mask, positions, last tokens.
+
+    The engine owns which request holds which rows; this class only knows which rows
+    are live. ``cache`` is the ``DynamicCache`` to hand the model for a decode step.
+    """
+
+    def __init__(self, config: Any, max_rows: int) -> None:
+        if not supports(config):
+            raise ValueError(
+                "continuous batching needs a model whose cache layers are all plain full"
+                " attention (no sliding-window or linear-attention layers)"
+            )
+        self.max_rows = max_rows
+        self.window = Window()
+        self.cache = DynamicCache(config=config)
+        self.layers = [SlotLayer(self.window) for _ in self.cache.layers]
+        self.cache.layers = list(self.layers)
+        self.mask: torch.Tensor | None = None  # [row_cap, col_cap] int64
+        self.positions = torch.zeros(0, dtype=torch.long)  # next position of each row
+        self.last = torch.zeros(0, dtype=torch.long)  # the token each row feeds next
+        self.live = torch.zeros(0, dtype=torch.long)  # 1 for a live row, 0 for a free slot
+        self.copies = 0  # whole-cache copies so far (reallocations)
+
+    # ---- sizes ----
+
+    @property
+    def rows(self) -> int:
+        """Rows in view, live or free."""
+        return self.window.rows
+
+    @property
+    def row_capacity(self) -> int:
+        """Rows the buffers hold."""
+        return int(self.live.shape[0])
+
+    @property
+    def col_capacity(self) -> int:
+        """Columns the buffers hold."""
+        return 0 if self.mask is None else int(self.mask.shape[1])
+
+    @property
+    def free_rows(self) -> int:
+        """Free slots among the rows in view."""
+        return self.rows - int(self.live[: self.rows].sum())
+
+    # ---- the running batch ----
+
+    def admit(self, prefill: Any, mask: torch.Tensor, first: torch.Tensor) -> list[int]:
+        """Copy a prefilled mini-batch into free slots; return the slot of each of its rows.
+
+        ``prefill`` is the newcomers' own ``DynamicCache`` (left padded, ``mask`` is its
+        ``[k, width]`` attention mask) and ``first`` their first chosen tokens.
+        """
+        count, width = mask.shape
+        free = (self.live[: self.rows] == 0).nonzero().flatten().tolist()
+        slots = (free + list(range(self.rows, self.rows + count)))[:count]
+        needed = max(self.rows, slots[-1] + 1)
+        if self.mask is None:
+            self._allocate(prefill, mask, needed, width)
+        elif needed > self.row_capacity or width > self.window.end:
+            self._reallocate(
+                row_cap=self._grown_rows(needed),
+                left=max(0, width - self.window.width),
+                right=GROW_CHUNK,
+            )
+        w = self.window
+        w.rows = needed
+        w.start = min(w.start, w.end - width)
+        assert self.mask is not None
+        cols = slice(w.end - width, w.end)
+        index: torch.Tensor | slice = torch.tensor(slots, dtype=torch.long, device=mask.device)
+        if slots == list(range(slots[0], slots[0] + count)):
+            index = slice(slots[0], slots[0] + count)  # plain copies instead of index_put
+        for layer, new in zip(self.layers, prefill.layers, strict=True):
+            if layer.key_buffer is None or layer.value_buffer is None:
+                continue  # a layer that holds no keys (KV sharing)
+            layer.key_buffer[index, :, cols] = new.keys
+            layer.value_buffer[index, :, cols] = new.values
+        self.mask[index] = 0
+        self.mask[index, cols] = mask
+        self.positions[index] = mask.sum(-1)
+        self.last[index] = first
+        self.live[index] = 1
+        return slots
+
+    def retire(self, slots: list[int]) -> None:
+        """Free ``slots`` (no copy); drop trailing free rows and all-padding leading columns."""
+        if not slots or self.mask is None:
+            return
+        index = torch.tensor(slots, dtype=torch.long, device=self.mask.device)
+        self.live[index] = 0
+        self.positions[index] = 0
+        self.mask[index] = 0
+        w = self.window
+        live_rows = self.live[: w.rows].nonzero()
+        if live_rows.numel() == 0:
+            self.clear()
+            return
+        w.rows = int(live_rows[-1]) + 1
+        used = (self.mask[: w.rows, w.start : w.end] * self.live[: w.rows, None]).any(dim=0)
+        w.start += int(torch.argmax(used.to(torch.int8)))
+
+    def compact(self) -> dict[int, int]:
+        """Move the highest live rows into the lowest free slots, so that no row in view is
+        free; return ``{old row: new row}`` for the rows that moved.
+
+        Only the moved rows are copied (a row costs about what computing it for one decode
+        step costs, and a free row in view costs that at every step), so this pays at once
+        when nothing waits to take the free slots.
+        """
+        w = self.window
+        live = self.live[: w.rows]
+        count = int(live.sum())
+        holes = (live[:count] == 0).nonzero().flatten()
+        movers = live[count:].nonzero().flatten() + count
+        if holes.numel():
+            cols = slice(w.start, w.end)
+            for layer in self.layers:
+                for buffer in (layer.key_buffer, layer.value_buffer):
+                    if buffer is not None:
+                        buffer[holes, :, cols] = buffer[movers, :, cols]
+            assert self.mask is not None
+            self.mask[holes] = self.mask[movers]
+            for per_row in (self.positions, self.last, self.live):
+                per_row[holes] = per_row[movers]
+            self.live[movers] = 0
+        w.rows = count
+        return dict(zip(movers.tolist(), holes.tolist(), strict=True))
+
+    def step_inputs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``input_ids``, ``attention_mask`` and ``position_ids`` for one decode step."""
+        assert self.mask is not None
+        w = self.window
+        if w.end >= self.col_capacity:
+            self._reallocate(self.row_capacity, min(w.start, LEFT_ROOM), GROW_CHUNK)
+        # Free rows attend to this column too: a row with nothing to attend to would
+        # produce NaN, and NaN written into its slot would poison the next occupant.
+        self.mask[: w.rows, w.end] = 1
+        return (
+            self.last[: w.rows, None],
+            self.mask[: w.rows, w.start : w.end + 1],
+            self.positions[: w.rows, None],
         )
-        values = torch.cat(
-            [_pad_left(old.values, length - run_len), _pad_left(new.values, length - new_len)],
-            dim=0,
-        )
-        _set(old, keys, values)
-    return running
 
+    def advance(self, chosen: torch.Tensor) -> None:
+        """After a decode forward: take its column into view and feed ``chosen`` next."""
+        w = self.window
+        w.end += 1
+        self.positions[: w.rows] += self.live[: w.rows]
+        self.last[: w.rows] = chosen
 
-def select_rows(cache: Any, rows: torch.Tensor, drop_left: int = 0) -> None:
-    """Keep only ``rows`` (int64 indices) and drop the first ``drop_left`` columns, in place."""
-    for layer in _layers(cache):
-        # index_select copies, so the dropped columns' memory is released.
-        keys = layer.keys[:, :, drop_left:].index_select(0, rows)
-        values = layer.values[:, :, drop_left:].index_select(0, rows)
-        _set(layer, keys, values)
+    def clear(self) -> None:
+        """Drop everything (and the memory): the batch is empty."""
+        for layer in self.layers:
+            layer.key_buffer = layer.value_buffer = None
+        self.mask = None
+        self.window.rows = self.window.start = self.window.end = 0
+        self.positions = self.positions.new_zeros(0)
+        self.last = self.last.new_zeros(0)
+        self.live = self.live.new_zeros(0)
 
+    # ---- buffers ----
 
-def pad_mask_left(mask: torch.Tensor, length: int) -> torch.Tensor:
-    """Left-pad a ``[rows, len]`` attention mask with zeros to ``length`` columns."""
-    missing = length - mask.shape[1]
-    return functional.pad(mask, (missing, 0)) if missing > 0 else mask
+    def _grown_rows(self, needed: int) -> int:
+        """Row capacity for ``needed`` rows: doubling, up to max_rows (or ``needed``
+        itself, for an oversized request that runs alone)."""
+        capacity = max(1, self.row_capacity)
+        while capacity < needed:
+            capacity *= 2
+        return max(needed, min(capacity, self.max_rows))
 
+    def _allocate(self, prefill: Any, mask: torch.Tensor, rows: int, width: int) -> None:
+        """First admission into an empty batch: buffers shaped like the prefill's layers."""
+        row_cap, col_cap = self._grown_rows(rows), width + GROW_CHUNK
+        for layer, new in zip(self.layers, prefill.layers, strict=True):
+            if not getattr(new, "is_initialized", False) or new.keys is None:
+                continue
+            heads, dim = new.keys.shape[1], new.keys.shape[3]
+            layer.key_buffer = new.keys.new_zeros((row_cap, heads, col_cap, dim))
+            layer.value_buffer = new.values.new_zeros((row_cap, heads, col_cap, dim))
+            layer.is_initialized = True
+            layer.device = new.keys.device
+        self.mask = mask.new_zeros((row_cap, col_cap))
+        self.positions = mask.new_zeros(row_cap)
+        self.last = mask.new_zeros(row_cap)
+        self.live = mask.new_zeros(row_cap)
+        self.window.rows, self.window.start, self.window.end = 0, width, width
 
-def leading_padding(mask: torch.Tensor) -> int:
-    """How many leftmost columns are padding in every row."""
-    used = mask.any(dim=0)
-    if not bool(used.any()):
-        return mask.shape[1]
-    return int(torch.argmax(used.to(torch.int8)).item())
+    def _reallocate(self, row_cap: int, left: int, right: int) -> None:
+        """Copy the window into new buffers with ``left`` and ``right`` columns of
+        headroom; the one place the whole cache is copied."""
+        assert self.mask is not None
+        w = self.window
+        which = slice(0, w.rows)
+        cols, width = slice(w.start, w.end), w.width
+        col_cap = left + width + right
+        for layer in self.layers:
+            if layer.key_buffer is None or layer.value_buffer is None:
+                continue
+            layer.key_buffer = _regrown(layer.key_buffer, which, cols, row_cap, col_cap, left)
+            layer.value_buffer = _regrown(layer.value_buffer, which, cols, row_cap, col_cap, left)
+        self.mask = _regrown(self.mask, which, cols, row_cap, col_cap, left)
+        self.positions = self._regrown_rows(self.positions, which, row_cap)
+        self.last = self._regrown_rows(self.last, which, row_cap)
+        self.live = self._regrown_rows(self.live, which, row_cap)
+        w.start, w.end = left, left + width
+        self.copies += 1
+
+    @staticmethod
+    def _regrown_rows(old: torch.Tensor, rows: slice, row_cap: int) -> torch.Tensor:
+        part = old[rows]
+        new = old.new_zeros(row_cap)
+        new[: part.shape[0]] = part
+        return new
