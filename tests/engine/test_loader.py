@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from core.settings import Settings
-from tests.tiny_model import tiny_model_dir
+from tests.tiny_model import tiny_gpt2_dir, tiny_model_dir
 from worker.engine.loader import ModelLoadError, load_model, weights_digest
 
 
@@ -38,3 +38,31 @@ def test_local_dir_info(stories: Any, models_dir: Path) -> None:
 def test_gpt2_context_from_n_positions(gpt2: Any) -> None:
     model, _, info = gpt2
     assert info.context_length == model.config.n_positions
+
+
+def test_a_model_the_engine_cannot_batch_is_refused_with_a_clear_error(
+    models_dir: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    from transformers import AutoTokenizer, MistralConfig, MistralForCausalLM
+
+    from worker.engine import build_engine
+
+    target = tmp_path / "tiny-sliding-mistral"
+    shutil.copytree(tiny_gpt2_dir(models_dir), target)  # its tokenizer
+    for weights in target.glob("*.safetensors"):
+        weights.unlink()
+    config = MistralConfig(
+        vocab_size=len(AutoTokenizer.from_pretrained(target)),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        sliding_window=16,
+    )
+    MistralForCausalLM(config).save_pretrained(target)
+    with pytest.raises(ModelLoadError) as info:
+        build_engine(Settings(model=str(target), torch_threads=1))
+    assert str(target) in str(info.value) and "sliding-window" in str(info.value)

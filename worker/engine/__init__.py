@@ -39,14 +39,17 @@ def build_engine(settings: Settings) -> Engine:
         return fake_engine_from_spec(settings.model, settings.default_max_new_tokens)
     # Imported here so that the fake engine (and the API) never import torch.
     from worker.engine.batching import BatchingEngine
-    from worker.engine.loader import load_model
+    from worker.engine.loader import ModelLoadError, load_model
 
     model, tokenizer, info = load_model(settings)
-    return BatchingEngine(
-        model,
-        tokenizer,
-        info,
-        max_batch_size=settings.max_batch_size,
-        max_tokens_in_flight=settings.max_tokens_in_flight,
-        default_max_new_tokens=settings.default_max_new_tokens,
-    )
+    try:
+        return BatchingEngine(
+            model,
+            tokenizer,
+            info,
+            max_batch_size=settings.max_batch_size,
+            max_tokens_in_flight=settings.max_tokens_in_flight,
+            default_max_new_tokens=settings.default_max_new_tokens,
+        )
+    except ValueError as exc:  # a cache layout the engine cannot batch
+        raise ModelLoadError(f"cannot serve {settings.model!r}: {exc}") from exc
