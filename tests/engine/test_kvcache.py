@@ -233,8 +233,7 @@ def test_prefill_groups_cut_padding() -> None:
     """Mixed prompt lengths prefill in a few groups of similar length; equal ones in one."""
     from concurrent.futures import Future
 
-    from worker.engine.batching import prefill_groups
-    from worker.engine.requests import RequestState
+    from worker.engine.requests import RequestState, prefill_groups
     from worker.engine.sampling import SamplingSpec
 
     def state(length: int, n: int = 1) -> RequestState:

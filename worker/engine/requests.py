@@ -140,3 +140,28 @@ class RequestState:
             completion_tokens=sum(len(t) for t in self.tokens),
             aborted=self.aborted,
         )
+
+
+def prefill_groups(states: list[RequestState], forward_cost: int) -> list[list[RequestState]]:
+    """Split newcomers into prefill mini-batches, shortest prompts first, minimising
+    padded prompt tokens (rows times the longest prompt) plus ``forward_cost`` per batch.
+
+    One left-padded batch of prompts 8 to 200 tokens long is about half padding; the
+    split is exact (a dynamic programme over the sorted lengths; a few dozen requests).
+    """
+    ordered = sorted(states, key=lambda s: len(s.prompt_ids))
+    best = [0] + [-1] * len(ordered)  # best[j]: cost of prefilling ordered[:j]
+    cut = [0] * (len(ordered) + 1)
+    for j in range(1, len(ordered) + 1):
+        width, rows = len(ordered[j - 1].prompt_ids), 0
+        for i in range(j - 1, -1, -1):
+            rows += ordered[i].n
+            cost = best[i] + rows * width + forward_cost
+            if best[j] < 0 or cost < best[j]:
+                best[j], cut[j] = cost, i
+    groups: list[list[RequestState]] = []
+    j = len(ordered)
+    while j:
+        groups.append(ordered[cut[j] : j])
+        j = cut[j]
+    return groups[::-1]
