@@ -257,7 +257,7 @@ def test_a_bulk_submit_queues_every_job_in_order_a_few_per_message(
     assert sorted(queue.sent) == sorted(ids)
     assert [len(m) for m in queue.messages] == [8, 8, 2, 1]
     assert queue.messages[-1] == [jobs[4]["id"]]
-    assert ("fake", "high") == queue.routes[-1][1:]
+    assert queue.routes[-1][1:] == ("fake", "high")
     listed = client.get("/v1/jobs", params={"limit": 100}).json()["data"]
     assert [j["id"] for j in reversed(listed)] == ids
 
