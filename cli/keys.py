@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from typing import Annotated
 
 import typer
 from pydantic import TypeAdapter, ValidationError
+from rich import box
 from rich.table import Table
 
 from core import keys
@@ -45,18 +47,25 @@ def create(
 
 @app.command("list")
 def list_keys() -> None:
-    """List keys (never their secrets)."""
-    table = Table("id", "name", "owner", "prefix", "created", "revoked")
+    """List keys (never their secrets). Ids are never cut, so they can be copied
+    into `genq keys revoke` whatever the terminal's width; other cells fold."""
+    table = Table(box=box.SIMPLE_HEAD)
+    table.add_column("id", no_wrap=True, overflow="ignore")
+    for name in ("name", "owner", "prefix", "created (UTC)", "revoked (UTC)"):
+        table.add_column(name, overflow="fold")
     with session_scope(get_settings().resolved_database_url) as session:
         for key in keys.list_keys(session):
-            revoked = key.revoked_at.isoformat(timespec="seconds") if key.revoked_at else ""
+            revoked = _when(key.revoked_at) if key.revoked_at else ""
             table.add_row(
-                key.id, key.name, key.owner, key.prefix + "…",
-                key.created_at.isoformat(timespec="seconds"), revoked,
-            )  # fmt: skip
+                key.id, key.name, key.owner, key.prefix + "…", _when(key.created_at), revoked
+            )
     from cli.main import console
 
     console.print(table)
+
+
+def _when(moment: dt.datetime) -> str:
+    return moment.strftime("%Y-%m-%d %H:%M")
 
 
 @app.command()

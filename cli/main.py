@@ -12,6 +12,7 @@ import httpx
 import typer
 from rich.console import Console
 
+from cli.client import api_client
 from core.settings import get_settings
 
 app = typer.Typer(
@@ -126,12 +127,6 @@ def worker(
     celery_app.worker_main(argv)
 
 
-def _client(api_url: str | None) -> httpx.Client:
-    settings = get_settings()
-    headers = {"Authorization": f"Bearer {settings.api_key}"} if settings.api_key else {}
-    return httpx.Client(base_url=api_url or settings.api_url, headers=headers, timeout=30)
-
-
 def _fail_http(response: httpx.Response) -> None:
     if response.is_success:
         return
@@ -173,7 +168,8 @@ def submit(
     """Submit a prompt through the API; prints the job id (or, with --wait, the result).
 
     With --wait the exit status says how it ended: 0 succeeded, 1 failed or
-    cancelled, 3 still not finished when the timeout ran out.
+    cancelled, 3 still not finished when the timeout ran out. 2: the API could
+    not be reached (GENQ_API_URL, or --api-url).
     """
     body: dict[str, Any] = {"prompt": prompt}
     optional = {
@@ -185,7 +181,7 @@ def submit(
     body.update({k: v for k, v in optional.items() if v is not None})
     if sample:
         body["do_sample"] = True
-    with _client(api_url) as client:
+    with api_client(api_url) as client:
         response = client.post("/v1/jobs", json=body)
         _fail_http(response)
         job = response.json()
@@ -206,7 +202,7 @@ def status(
     api_url: Annotated[str | None, typer.Option(help="API base URL (GENQ_API_URL)")] = None,
 ) -> None:
     """Show a job's status and output."""
-    with _client(api_url) as client:
+    with api_client(api_url) as client:
         response = client.get(f"/v1/jobs/{job_id}")
         _fail_http(response)
     _print_job(response.json(), as_json=as_json, brief=False)
