@@ -7,7 +7,8 @@ into events:
 
 - ``status``: the job (``JobRead``), first at once, then on each status change;
 - ``token``: ``{"delta", "tokens"}``: the text generated since the last event and
-  the tokens so far (``"reset": true`` when the partial text was dropped, as when
+  the tokens so far (the first one, right after the first status, holds all the
+  text generated before the stream was joined) (``"reset": true`` when the partial text was dropped, as when
   a job is handed back to the queue, and ``delta`` is then the whole text);
 - ``done``: the final job; the stream then closes;
 - ``timeout``: the job, when the stream reached its maximum duration first.
@@ -84,12 +85,14 @@ async def _stream(
     request: Request, database_url: str, first: JobRead, max_s: float
 ) -> AsyncIterator[str]:
     state = JobEvents()
-    # The first status event carries the job as it is, partial text included.
-    state.text = first.output or ""
+    # The job as it is first; then, for a stream joined mid-run (or after the
+    # end), the text so far as one token event, so that the deltas a client
+    # concatenates always add up to the output, whenever it joined.
     state.status = first.status
     yield sse("status", first.model_dump(mode="json"))
+    for event in state.update(first):
+        yield event
     if first.status.is_final:
-        yield sse("done", first.model_dump(mode="json"))
         return
     deadline = time.monotonic() + max_s
     quiet_since = time.monotonic()

@@ -109,8 +109,40 @@ def test_a_finished_job_gives_its_status_and_done_at_once(
     assert runtime.run_job(job_id, worker="w1") == "succeeded"
     response = client.get(f"/v1/jobs/{job_id}/events")
     events = list(read_events(iter(response.text.splitlines())))
-    assert [name for name, _ in events] == ["status", "done"]
-    assert events[1][1]["output"] == " b a b"
+    assert [name for name, _ in events] == ["status", "token", "done"]
+    assert events[1][1] == {"delta": " b a b", "tokens": 3}
+    assert events[2][1]["output"] == " b a b"
+
+
+def test_a_stream_joined_mid_run_starts_with_the_output_so_far(
+    base_url: str, runtime: WorkerRuntime
+) -> None:
+    with httpx.Client(base_url=base_url, timeout=30) as client:
+        body = {"prompt": "one two three four five", "max_new_tokens": 60}
+        job_id = client.post("/v1/jobs", json=body).json()["id"]
+        worker = threading.Thread(target=runtime.run_job, args=(job_id,), kwargs={"worker": "w1"})
+        worker.start()
+        deadline = time.monotonic() + 30
+        while True:  # join once some text is generated and stored, well before the end
+            job = client.get(f"/v1/jobs/{job_id}").json()
+            if job["status"] == "running" and job["usage"]["completion_tokens"]:
+                break
+            assert time.monotonic() < deadline, job
+            time.sleep(0.02)
+        with client.stream("GET", f"/v1/jobs/{job_id}/events") as response:
+            events = list(read_events(response.iter_lines()))
+        worker.join(timeout=30)
+        final = client.get(f"/v1/jobs/{job_id}").json()
+
+    assert [name for name, _ in events[:2]] == ["status", "token"]
+    joined_at = events[0][1]
+    assert joined_at["status"] == "running" and joined_at["output"]
+    assert events[1][1]["delta"].startswith(joined_at["output"])
+    assert events[1][1]["tokens"] < 60  # joined mid-run, not after the end
+    tokens = [data for name, data in events if name == "token"]
+    assert not any(t.get("reset") for t in tokens)
+    assert "".join(t["delta"] for t in tokens) == final["output"]
+    assert final["status"] == "succeeded" and events[-1] == ("done", final)
 
 
 def test_the_stream_ends_at_its_maximum_duration(client: TestClient) -> None:
