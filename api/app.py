@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
 
 from api import errors
 from api.limits import BodySizeLimit
@@ -11,13 +12,20 @@ from core.queue import JobQueue, get_queue
 from core.settings import Settings, get_settings
 
 
+DOCS_STATIC_URL = "/docs-static"
+"""Where the API docs' scripts and styles are served from."""
+
+
 def create_app(settings: Settings | None = None, queue: JobQueue | None = None) -> FastAPI:
     """An API app for ``settings`` (the environment's by default)."""
     settings = settings or get_settings()
-    app = FastAPI(
+    # /docs (Swagger UI) and /redoc load their scripts and styles from files shipped
+    # in the fastapi-offline package, not from a CDN, so they work offline.
+    app = FastAPIOffline(
         title="genq",
         summary="Queued text generation: submit prompts, get job ids, read results.",
         version="0.1.0",
+        static_url=DOCS_STATIC_URL,
     )
     app.state.settings = settings
     app.state.queue = queue or get_queue(settings)
