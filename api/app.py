@@ -11,7 +11,6 @@ from api.routes import batches, completions, events, files, health, jobs, metric
 from core.queue import JobQueue, get_queue
 from core.settings import Settings, get_settings
 
-
 DOCS_STATIC_URL = "/docs-static"
 """Where the API docs' scripts and styles are served from."""
 

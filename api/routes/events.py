@@ -7,9 +7,10 @@ into events:
 
 - ``status``: the job (``JobRead``), first at once, then on each status change;
 - ``token``: ``{"delta", "tokens"}``: the text generated since the last event and
-  the tokens so far (the first one, right after the first status, holds all the
-  text generated before the stream was joined) (``"reset": true`` when the partial text was dropped, as when
-  a job is handed back to the queue, and ``delta`` is then the whole text);
+  the tokens so far (``"reset": true`` when the partial text was dropped, as when
+  a job is handed back to the queue, and ``delta`` is then the whole text); the
+  first one, right after the first status, holds all the text generated before
+  the stream was joined;
 - ``done``: the final job; the stream then closes;
 - ``timeout``: the job, when the stream reached its maximum duration first.
 """
