@@ -114,7 +114,7 @@ def worker(
         "worker",
         "--pool=threads",
         f"--concurrency={concurrency or settings.resolved_worker_concurrency}",
-        f"--queues={','.join(queues_for(settings.queue, settings.model))}",
+        f"--queues={','.join(queues_for(settings.queue, settings.model_id))}",
         f"--loglevel={loglevel}",
         # Task events (for Flower) cost the consumer about a millisecond per job;
         # --no-events (GENQ_WORKER_EVENTS=false) saves it for bulk throughput.

@@ -57,7 +57,7 @@ from core.models import LOCAL_OWNER, Batch
 from core.openai_format import COMPLETIONS_URL, ParsedRequest, RequestError, parse_batch_line
 from core.queue import get_queue
 from core.schemas import GenerationParams, JobCreate
-from core.settings import Settings, get_settings
+from core.settings import Settings, get_settings, model_id
 
 err = Console(stderr=True, soft_wrap=True)
 out = Console(soft_wrap=True)
@@ -264,7 +264,7 @@ def run(
                 input_path,
                 fmt,
                 models=models,
-                default_model=model or settings.model,
+                default_model=model_id(model) if model else settings.model_id,
                 max_tokens=max_tokens,
                 default_max_tokens=settings.default_max_new_tokens,
             )

@@ -21,7 +21,7 @@ from core import idempotency, webhooks, workers
 from core.models import LOCAL_OWNER, Job, utcnow
 from core.queue import JobQueue, Route
 from core.schemas import JobCreate
-from core.settings import Settings
+from core.settings import Settings, model_id
 from core.status import JobStatus
 
 log = logging.getLogger(__name__)
@@ -57,7 +57,7 @@ def served_models(session: Session, settings: Settings, *, fresh: bool = False) 
         live = workers.live_models(session, within_s=within_s)
     else:
         live = workers.live_models_cached(session, within_s=within_s)
-    return sorted({*settings.models, settings.model, *live})
+    return sorted({*map(model_id, settings.models), settings.model_id, *live})
 
 
 def new_job_id() -> str:
@@ -171,7 +171,7 @@ def submit_job(
     )
     if replay is not None and (earlier := replay.earlier()) is not None:
         return get_job(session, earlier), True
-    model = body.model or settings.model
+    model = model_id(body.model) if body.model else settings.model_id
     _check_models(session, settings, [model], param=lambda _: "model")
     job = create_job(
         session,
@@ -223,7 +223,7 @@ def submit_jobs(
     )
     if replay is not None and (earlier := replay.earlier()) is not None:
         return submission_jobs(session, earlier), True
-    models = [body.model or settings.model for body in bodies]
+    models = [model_id(body.model) if body.model else settings.model_id for body in bodies]
     _check_models(session, settings, models, param=lambda index: f"jobs.{index}.model")
     submission_id = f"sub_{secrets.token_hex(12)}"
     rows = [

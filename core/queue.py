@@ -132,7 +132,7 @@ class CeleryQueue:
         self._app = make_celery(settings, name="genq-producer")
 
     def enqueue(self, job_id: str, *, model: str | None = None, priority: str = "normal") -> None:
-        queue = queue_name(self._settings.queue, model or self._settings.model, priority)
+        queue = queue_name(self._settings.queue, model or self._settings.model_id, priority)
         self._app.send_task(GENERATE_TASK, args=[job_id], queue=queue)
 
     def enqueue_many(self, routes: Sequence[Route]) -> None:

@@ -41,6 +41,11 @@ class Settings(BaseSettings):
 
     # The model a worker serves (and the default for jobs) and how it runs.
     model: str = "gpt2"
+    model_name: str | None = Field(
+        default=None,
+        description="the id the model is served as (queues, /v1/models, metrics); "
+        "default: GENQ_MODEL, a local directory as its absolute path",
+    )
     models: Annotated[tuple[str, ...], NoDecode] = Field(
         default=(),
         description="more models jobs may ask for (comma-separated), beside those workers serve",
@@ -106,6 +111,11 @@ class Settings(BaseSettings):
         return self.broker_url or f"sqla+sqlite:///{self.data_dir / 'broker.db'}"
 
     @property
+    def model_id(self) -> str:
+        """The one id of the served model: ``GENQ_MODEL_NAME``, else :func:`model_id`."""
+        return self.model_name or model_id(self.model)
+
+    @property
     def resolved_worker_concurrency(self) -> int:
         return self.worker_concurrency or self.max_batch_size + 8
 
@@ -113,6 +123,19 @@ class Settings(BaseSettings):
     def visibility_timeout_s(self) -> int:
         """Longer than the task time limit, so a running task is never redelivered."""
         return self.task_time_limit_s * 2
+
+
+def model_id(spec: str) -> str:
+    """One id per model, however it is spelt: a local directory (a path that exists, or
+    one written as a path) becomes its absolute, resolved path, so ``../models/m`` and
+    ``/srv/models/m`` share queues, metrics labels and an entry in /v1/models; a hub
+    name stays as it is (transformers, too, prefers a local directory of that name)."""
+    if spec == "fake" or spec.startswith("fake:"):
+        return spec
+    path = Path(spec).expanduser()
+    if spec.startswith((".", "/", "~")) or path.is_dir():
+        return str(path.resolve())
+    return spec
 
 
 @functools.lru_cache(maxsize=1)

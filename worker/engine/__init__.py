@@ -36,7 +36,9 @@ def build_engine(settings: Settings) -> Engine:
     if settings.model == "fake" or settings.model.startswith("fake:"):
         from worker.engine.fake import fake_engine_from_spec
 
-        return fake_engine_from_spec(settings.model, settings.default_max_new_tokens)
+        return fake_engine_from_spec(
+            settings.model, settings.default_max_new_tokens, name=settings.model_id
+        )
     # Imported here so that the fake engine (and the API) never import torch.
     from worker.engine.batching import BatchingEngine
     from worker.engine.loader import ModelLoadError, load_model

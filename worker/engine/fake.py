@@ -144,7 +144,9 @@ class FakeEngine:
         )
 
 
-def fake_engine_from_spec(spec: str, default_max_new_tokens: int) -> FakeEngine:
+def fake_engine_from_spec(
+    spec: str, default_max_new_tokens: int, *, name: str | None = None
+) -> FakeEngine:
     """A fake engine from a model name ``fake`` or ``fake:key=value,...``.
 
     Keys: ``token_delay_s`` (float), ``max_prompt_words`` (int), and ``crash_on``
@@ -156,7 +158,7 @@ def fake_engine_from_spec(spec: str, default_max_new_tokens: int) -> FakeEngine:
     if unknown:
         raise ValueError(f"unknown fake engine options: {sorted(unknown)}")
     return FakeEngine(
-        name=spec,
+        name=name or spec,
         default_max_new_tokens=default_max_new_tokens,
         token_delay_s=float(kwargs.get("token_delay_s", 0.0)),
         max_prompt_words=int(kwargs.get("max_prompt_words", 1024)),

@@ -134,7 +134,7 @@ def load_model(settings: Settings) -> tuple[Any, Any, ModelInfo]:
         tokenizer.pad_token = tokenizer.eos_token
     revision = weights_digest(local) if local.is_dir() else _hub_revision(name, model.config)
     info = ModelInfo(
-        name=name,
+        name=settings.model_id,  # the one id it is queued and listed under
         revision=revision,
         torch_version=torch.__version__,
         transformers_version=transformers.__version__,
