@@ -61,12 +61,21 @@ class JobSlots:
         self.capacity = capacity
         self._cond = threading.Condition()
         self._used = 0
+        self._waiting = 0
+
+    @property
+    def waiting(self) -> int:
+        """Messages waiting for slots (their jobs still queued in SQL)."""
+        with self._cond:
+            return self._waiting
 
     @contextmanager
     def hold(self, count: int) -> Iterator[None]:
         count = min(count, self.capacity)
         with self._cond:
+            self._waiting += 1
             self._cond.wait_for(lambda: self._used + count <= self.capacity)
+            self._waiting -= 1
             self._used += count
         try:
             yield

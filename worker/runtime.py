@@ -65,6 +65,7 @@ class WorkerRuntime:
         self._isolation = SharedExclusiveLock()
         self._slots = JobSlots(settings.resolved_worker_concurrency)
         self._draining = threading.Event()
+        self._hand_back_now = False  # past the shutdown grace: running jobs go back
         self._stop = threading.Event()
         self._last_renewal = 0.0
         self._monitor = threading.Thread(
@@ -97,6 +98,10 @@ class WorkerRuntime:
         statuses = dict.fromkeys(ids, "skipped")
         with self._slots.hold(len(ids)):
             with self._isolation.shared():
+                # Checked again once a slot is free: a message that waited for one
+                # while the worker began shutting down must not start its jobs.
+                if self._draining.is_set():
+                    raise DrainingError(ids)
                 claims, suspects = self._db(
                     lambda s: delivery.claim_fresh(
                         s, ids, worker=worker, lease_s=self.settings.lease_s
@@ -129,10 +134,14 @@ class WorkerRuntime:
         that finish together in one transaction)."""
         if not claims:
             return {}
-        with self._lock:
-            self._in_flight.update((c.job_id, c) for c in claims)
         futures: dict[Future[GenerationResult], delivery.Claim] = {}
         ready: list[tuple[delivery.Claim, GenerationResult | GenerationError]] = []
+        with self._lock:
+            self._in_flight.update((c.job_id, c) for c in claims)
+            if self._hand_back_now:  # claimed just as running jobs were handed back
+                self._handing_back.update(c.job_id for c in claims)
+                gone = GenerationError("handed_back", "the worker is shutting down")
+                ready, claims = [(c, gone) for c in claims], []
         for claim in claims:
             if claim.model != self.engine.info.name:
                 message = f"this worker serves {self.engine.info.name!r}, not {claim.model!r}"
@@ -240,6 +249,7 @@ class WorkerRuntime:
 
     def _hand_back_all(self) -> None:
         with self._lock:
+            self._hand_back_now = True
             ids = list(self._in_flight)
             self._handing_back.update(ids)
         for job_id in ids:
