@@ -35,6 +35,10 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
+HANDED_BACK = "handed_back"
+"""The status of a job given back to the queue by a stopping worker."""
+
+
 class DrainingError(RuntimeError):
     """The worker is shutting down and takes no new job; the message goes back."""
 
@@ -230,13 +234,13 @@ class WorkerRuntime:
         )
 
     def _hand_back(self, claim: delivery.Claim) -> str:
-        if self._db(lambda s: delivery.release_job(s, claim)) and self.queue is not None:
-            try:
-                self.queue.enqueue(claim.job_id, model=claim.model, priority=claim.priority)
-            except Exception:  # the sweeper re-sends it
-                log.warning("job %s handed back but not re-sent", claim.job_id, exc_info=True)
+        """Return a running job to queued, its attempt uncounted. Its message goes
+        back to the broker through the caller (the Celery task rejects it with
+        requeue): a new send from a stopping worker would need a second broker
+        connection, and on the embedded SQLite broker it waits on the consumer's."""
+        self._db(lambda s: delivery.release_job(s, claim))
         log.info("job %s handed back to the queue", claim.job_id)
-        return "handed_back"
+        return HANDED_BACK
 
     # --- shutdown ------------------------------------------------------------
 

@@ -9,7 +9,7 @@ from celery.exceptions import Reject
 from core.queue import GENERATE_MANY_TASK, GENERATE_TASK
 from worker import lifecycle
 from worker.celery_app import app
-from worker.runtime import DrainingError
+from worker.runtime import HANDED_BACK, DrainingError
 
 
 @app.task(name=GENERATE_TASK, bind=True, acks_late=True, ignore_result=True)
@@ -26,6 +26,13 @@ def generate_many(self: Any, job_ids: list[str]) -> dict[str, str]:
 
 def _run(task: Any, job_ids: list[str]) -> dict[str, str]:
     try:
-        return lifecycle.get_runtime().run_jobs(job_ids, worker=task.request.hostname or "worker")
+        statuses = lifecycle.get_runtime().run_jobs(
+            job_ids, worker=task.request.hostname or "worker"
+        )
     except DrainingError:
         raise Reject("worker shutting down", requeue=True) from None
+    if HANDED_BACK in statuses.values():
+        # The worker is stopping and gave jobs back to the queue: so goes their
+        # message (a redelivery skips the jobs of it that did finish).
+        raise Reject("worker shutting down: jobs handed back", requeue=True)
+    return statuses

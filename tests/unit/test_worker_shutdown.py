@@ -6,12 +6,15 @@ import threading
 import time
 from typing import Any
 
+import pytest
+from celery.exceptions import Reject
 from fastapi.testclient import TestClient
 
 from core.settings import Settings
 from tests.conftest import RecordingQueue, submit_prompt
+from worker import lifecycle, tasks
 from worker.engine.fake import FakeEngine
-from worker.runtime import DrainingError, WorkerRuntime
+from worker.runtime import HANDED_BACK, DrainingError, WorkerRuntime
 
 
 def _until(check: Any, what: str, timeout: float = 10) -> None:
@@ -54,3 +57,34 @@ def test_a_message_waiting_for_a_slot_when_the_worker_drains_does_not_start(
             assert job["started_at"] is None
     finally:
         runtime.close()
+
+
+class _Request:
+    hostname = "w1"
+
+
+class _Task:
+    request = _Request()
+
+
+class _Runtime:
+    """Stands in for the worker's runtime: answers each job with a given status."""
+
+    def __init__(self, status: str) -> None:
+        self.status = status
+
+    def run_jobs(self, job_ids: list[str], *, worker: str) -> dict[str, str]:
+        return dict.fromkeys(job_ids, self.status)
+
+
+@pytest.mark.parametrize("status", [HANDED_BACK, "succeeded"])
+def test_a_message_whose_jobs_were_handed_back_goes_back_to_the_broker(
+    monkeypatch: pytest.MonkeyPatch, status: str
+) -> None:
+    monkeypatch.setattr(lifecycle, "get_runtime", lambda: _Runtime(status))
+    if status == HANDED_BACK:
+        with pytest.raises(Reject) as rejected:
+            tasks._run(_Task(), ["job_1", "job_2"])
+        assert rejected.value.requeue is True
+    else:
+        assert tasks._run(_Task(), ["job_1"]) == {"job_1": "succeeded"}
