@@ -8,7 +8,9 @@ interruption finds that batch and resumes it. Completed lines are never
 generated again; queued ones are re-sent (a duplicate message is harmless);
 running ones whose worker died are handed back by the sweeper once their lease
 expires. The output is written, streamed from the job rows in input order, once
-every line is final.
+every line is final. A live worker serving the model runs the batch; without one
+the run starts its own (cli/local_worker.py), and Ctrl-C hands that worker's
+running jobs back to the queue at once, uncounted.
 
 Inputs, one request per line (blank lines skipped):
 
@@ -21,14 +23,9 @@ Inputs, one request per line (blank lines skipped):
 
 from __future__ import annotations
 
-import contextlib
 import enum
 import hashlib
 import json
-import os
-import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Collection, Iterator
@@ -49,6 +46,7 @@ from rich.progress import (
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from cli.local_worker import RunWorkers
 from core import batches
 from core.batches import LineError, Parsed
 from core.db import get_sessionmaker
@@ -186,40 +184,6 @@ def find_run(session: Session, key: str, owner: str) -> Batch | None:
     )
 
 
-def _start_worker(settings: Settings) -> tuple[subprocess.Popen[bytes], Path]:
-    log = settings.data_dir / f"run-worker-{os.getpid()}.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
-
-    def die_with_parent() -> None:  # Linux: the worker gets SIGTERM if `genq run` dies
-        with contextlib.suppress(Exception):
-            import ctypes
-
-            ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)
-
-    with log.open("wb") as f:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "cli", "worker", "--loglevel=WARNING"],
-            stdout=f,
-            stderr=subprocess.STDOUT,
-            preexec_fn=die_with_parent if sys.platform == "linux" else None,
-        )
-    return proc, log
-
-
-def _stop_worker(proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-def _tail(log: Path, lines: int = 20) -> str:
-    return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
-
-
 def run(
     input_path: Annotated[
         Path, typer.Argument(metavar="INPUT", exists=True, dir_okay=False, help="the requests")
@@ -237,7 +201,7 @@ def run(
         typer.Option(
             "--worker/--no-worker",
             help="start a local worker for the run (default: on the embedded default, "
-            "not when GENQ_BROKER_URL is set)",
+            "unless a live worker serves the model; never when GENQ_BROKER_URL is set)",
         ),
     ] = None,
     owner: Annotated[str, typer.Option(help="the owner of the batch and its jobs")] = LOCAL_OWNER,
@@ -294,28 +258,24 @@ def run(
                 f"resuming batch {batch_id}: {tally.completed + tally.failed} of {tally.total} "
                 "already done; they are not generated again"
             )
-    local = worker if worker is not None else settings.broker_url is None
-    proc: subprocess.Popen[bytes] | None = None
-    log: Path | None = None
+    default_model = model_id(model) if model else settings.model_id
+    runners = RunWorkers(url, settings, default_model, worker, err)
     try:
         if tally.active:
-            if local:
-                proc, log = _start_worker(settings)
-                err.print(f"started a local worker (pid {proc.pid}, log {log})")
+            runners.start()
             # Sent from a thread (a broker takes a few hundred messages a second), so
             # the worker starts on the first ones while the progress bar runs.
             sender = threading.Thread(
                 target=_send, args=(url, settings, batch_id, resumed), daemon=True
             )
             sender.start()
-            _watch(url, batch_id, poll, proc, log)
+            _watch(url, batch_id, poll, runners)
         _write_output(url, batch_id, output)
     except KeyboardInterrupt:
-        err.print("[yellow]interrupted[/yellow]: run the same command again to resume")
+        runners.interrupted(batch_id)
         raise typer.Exit(130) from None
     finally:
-        if proc is not None:
-            _stop_worker(proc)
+        runners.stop()
 
 
 def _send(url: str, settings: Settings, batch_id: str, resumed: bool) -> None:
@@ -338,9 +298,7 @@ def _send(url: str, settings: Settings, batch_id: str, resumed: bool) -> None:
         err.print(f"re-sent {sent} queued requests")
 
 
-def _watch(
-    url: str, batch_id: str, poll: float, proc: subprocess.Popen[bytes] | None, log: Path | None
-) -> None:
+def _watch(url: str, batch_id: str, poll: float, runners: RunWorkers) -> None:
     """Show progress until every request of the batch is final."""
     with get_sessionmaker(url)() as session:
         first = batches.counts(session, batch_id)
@@ -375,17 +333,21 @@ def _watch(
                 eta = f"{(tally.total - done) / per_s:.0f} s" if per_s > 0 else "?"
                 err.print(
                     f"done {done}/{tally.total}  failed {tally.failed}  "
-                    f"{rate:,.0f} tokens/s  ETA {eta}",
+                    f"{rate:,.0f} tokens/s  elapsed {_clock(elapsed)}  ETA {eta}",
                     highlight=False,
                 )
                 last_print = time.monotonic()
             if not tally.active:
                 return
-            if proc is not None and proc.poll() is not None:
-                tail = _tail(log) if log else ""
-                err.print(f"[red]the local worker exited ({proc.returncode}):[/red]\n{tail}")
-                raise typer.Exit(1)
+            runners.check()
             time.sleep(poll)
+
+
+def _clock(seconds: float) -> str:
+    """``m:ss`` (``h:mm:ss`` past an hour), as the progress bar shows elapsed time."""
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
 def _write_output(url: str, batch_id: str, output: Path) -> None:

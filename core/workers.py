@@ -71,3 +71,13 @@ def live_models_cached(session: Session, *, within_s: float) -> dict[str, int]:
     models = live_models(session, within_s=within_s)
     _cache[key] = (now, models)
     return models
+
+
+def serving(session: Session, model: str, *, within_s: float) -> list[str]:
+    """The names of the live workers that serve ``model``."""
+    query = (
+        select(WorkerNode.name)
+        .where(_alive(within_s), WorkerNode.model == model)
+        .order_by(WorkerNode.name)
+    )
+    return list(session.scalars(query))

@@ -3,9 +3,11 @@ embedded default; killed halfway and run again, it resumes without regenerating.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -68,7 +70,12 @@ def test_genq_run_on_1000_prompts_killed_halfway_resumes_without_regenerating(
     try:
         wait_until(lambda: succeeded() >= n // 2 or first.poll() is not None, 300, "half", log)
     finally:
-        os.killpg(first.pid, signal.SIGKILL)  # genq run and its worker, mid-flight
+        # genq run and its worker (in a session of its own), mid-flight
+        worker = re.search(r"started a local worker \(pid (\d+)", log.read_text())
+        os.killpg(first.pid, signal.SIGKILL)
+        if worker:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(worker.group(1)), signal.SIGKILL)
         first.wait()
     killed_at = dt.datetime.now(dt.UTC)
     assert not output.exists()
