@@ -102,6 +102,7 @@ def worker(
     from core.queue import queues_for
     from worker import lifecycle
     from worker.celery_app import app as celery_app
+    from worker.celery_app import quiet_root_warning
 
     _migrate_embedded()
     settings = get_settings()
@@ -124,6 +125,7 @@ def worker(
         # Unique per process, so several workers on one machine are told apart.
         f"--hostname={hostname or f'genq{os.getpid()}@%h'}",
     ]
+    quiet_root_warning(celery_app.conf.accept_content)
     celery_app.worker_main(argv)
 
 
