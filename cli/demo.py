@@ -110,15 +110,25 @@ def _wait_alive(
 
 
 def _print_results(results: list[dict[str, Any]]) -> None:
-    table = Table(title="genq demo", show_lines=True)
-    table.add_column("job", no_wrap=True)
-    table.add_column("status")
-    table.add_column("tokens", justify="right")
-    table.add_column("prompt + output")
+    """A table on a terminal; elsewhere (a log, a pipe, CI) a block per job, so the
+    text is not squeezed into what 80 columns leave beside the job id."""
+    rows = []
     for job in results:
         text = job["prompt"] + (job.get("output") or "")
         if job.get("error"):
             text = f"{job['error']['code']}: {job['error']['message']}"
         usage = job.get("usage") or {}
-        table.add_row(job["id"], job["status"], str(usage.get("completion_tokens")), text)
+        rows.append((job["id"], job["status"], str(usage.get("completion_tokens")), text))
+    if not console.is_terminal:
+        for job_id, status, tokens, text in rows:
+            console.print(f"{job_id}  {status}  {tokens} tokens", highlight=False)
+            console.print(f"  {text}", highlight=False, markup=False, soft_wrap=True)
+        return
+    table = Table(title="genq demo", show_lines=True)
+    table.add_column("job", no_wrap=True)
+    table.add_column("status")
+    table.add_column("tokens", justify="right")
+    table.add_column("prompt + output")
+    for row in rows:
+        table.add_row(*row)
     console.print(table)

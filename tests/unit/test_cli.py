@@ -71,3 +71,22 @@ def test_keys_list_never_cuts_an_id_in_an_80_column_terminal(
     for key_id in made:
         assert any(key_id in line for line in listed), result.stdout
     assert max(len(line) for line in listed) <= 80
+
+
+def test_the_demo_prints_each_result_whole_when_not_on_a_terminal(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from cli import demo
+
+    text = " there was a little girl named Lily who loved to play outside in the sun"
+    job = {
+        "id": "job_01a2b3c4d5e6f708090a0b0c0d0e0f10",
+        "status": "succeeded",
+        "prompt": "Once upon a time",
+        "output": text,
+        "usage": {"completion_tokens": 40},
+    }
+    demo._print_results([job])
+    out = capsys.readouterr().out
+    assert job["id"] in out and "succeeded" in out and "40 tokens" in out
+    assert "Once upon a time" + text in out
