@@ -8,6 +8,10 @@ PY := $(VENV)/bin/python
 # of downloading a multi-GB CUDA build; elsewhere pip takes it from PyPI as usual.
 # Override it, e.g. `make install TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cpu"`.
 TORCH_SPEC ?= torch==2.13.0
+# The packages (core, api, worker, cli, migrations) sit at the top level, not under
+# src/: setuptools' default editable mode then installs an import hook and prints a
+# note about folders shadowing the package. Compat mode is a plain .pth file naming
+# this directory instead: the same imports, no hook, no note.
 # The demo runs GENQ_MODEL (default gpt2, from the Hugging Face hub). Offline, a
 # local model directory beside the checkout is used when present.
 LOCAL_MODEL := $(wildcard ../shared/models/stories260k)
@@ -19,7 +23,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_SPEC)
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev]' --config-settings editable_mode=compat
 	touch $@
 
 install: $(VENV)/.installed
@@ -57,8 +61,14 @@ format: install
 bench: install
 	$(PY) -m bench.throughput --workload uniform
 
+# Docker Compose v2 (`docker compose`) where present, else v1 (`docker-compose`).
 compose-config:
-	docker-compose -f docker-compose.yml config -q
+	@if docker compose version >/dev/null 2>&1; then \
+		docker compose -f docker-compose.yml config -q; \
+	else \
+		docker-compose -f docker-compose.yml config -q; \
+	fi
+	@echo "docker-compose.yml is valid"
 
 clean:
 	rm -rf .genq .pytest_cache .mypy_cache .ruff_cache
