@@ -105,7 +105,7 @@ def parse_plain(
         message = str(first.get("msg", "invalid")).removeprefix("Value error, ")
         code = "missing_required_parameter" if first.get("type") == "missing" else "invalid_request"
         raise RequestError(code, f"{param}: {message}" if param else message, param) from exc
-    model = job.model or default_model
+    model = model_id(job.model) if job.model else default_model
     if model not in models:
         raise RequestError(
             "model_not_found",
@@ -218,6 +218,7 @@ def run(
     _migrate_embedded()
     url = settings.resolved_database_url
     key = run_key(input_path)
+    default_model = model_id(model) if model else settings.model_id
     with get_sessionmaker(url)() as session:
         models = served_models(session, settings)
         batch = find_run(session, key, owner)
@@ -228,7 +229,7 @@ def run(
                 input_path,
                 fmt,
                 models=models,
-                default_model=model_id(model) if model else settings.model_id,
+                default_model=default_model,
                 max_tokens=max_tokens,
                 default_max_tokens=settings.default_max_new_tokens,
             )
@@ -258,7 +259,6 @@ def run(
                 f"resuming batch {batch_id}: {tally.completed + tally.failed} of {tally.total} "
                 "already done; they are not generated again"
             )
-    default_model = model_id(model) if model else settings.model_id
     runners = RunWorkers(url, settings, default_model, worker, err)
     try:
         if tally.active:
