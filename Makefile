@@ -8,10 +8,6 @@ PY := $(VENV)/bin/python
 # of downloading a multi-GB CUDA build; elsewhere pip takes it from PyPI as usual.
 # Override it, e.g. `make install TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cpu"`.
 TORCH_SPEC ?= torch==2.13.0
-# The packages (core, api, worker, cli, migrations) sit at the top level, not under
-# src/: setuptools' default editable mode then installs an import hook and prints a
-# note about folders shadowing the package. Compat mode is a plain .pth file naming
-# this directory instead: the same imports, no hook, no note.
 # The demo runs GENQ_MODEL (default gpt2, from the Hugging Face hub). Offline, a
 # local model directory beside the checkout is used when present.
 LOCAL_MODEL := $(wildcard ../shared/models/stories260k)
@@ -23,7 +19,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_SPEC)
-	$(PY) -m pip install -q -e '.[dev]' --config-settings editable_mode=compat
+	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
 
 install: $(VENV)/.installed
