@@ -7,8 +7,6 @@ from typing import Annotated
 
 import typer
 from pydantic import TypeAdapter, ValidationError
-from rich import box
-from rich.table import Table
 
 from core import keys
 from core.db import session_scope
@@ -47,24 +45,26 @@ def create(
 
 @app.command("list")
 def list_keys() -> None:
-    """List keys (never their secrets). Ids are never cut, so they can be copied
-    into `genq keys revoke` whatever the terminal's width; other cells fold."""
-    table = Table(box=box.SIMPLE_HEAD)
-    table.add_column("id", no_wrap=True, overflow="ignore")
-    for name in ("name", "owner", "prefix", "created (UTC)", "revoked (UTC)"):
-        table.add_column(name, overflow="fold")
+    """List keys (never their secrets), one per line in aligned columns. Nothing is
+    cut to fit the terminal, so an id can always be copied into `genq keys revoke`."""
+    rows = [("id", "name", "owner", "prefix", "created (UTC)", "revoked (UTC)")]
     with session_scope(get_settings().resolved_database_url) as session:
         for key in keys.list_keys(session):
-            revoked = _when(key.revoked_at) if key.revoked_at else ""
-            table.add_row(
-                key.id, key.name, key.owner, key.prefix + "…", _when(key.created_at), revoked
+            revoked = _when(key.revoked_at) if key.revoked_at else "-"
+            rows.append(
+                (key.id, key.name, key.owner, key.prefix + "…", _when(key.created_at), revoked)
             )
-    from cli.main import console
-
-    console.print(table)
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        typer.echo(
+            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        )
 
 
 def _when(moment: dt.datetime) -> str:
+    """UTC, to the minute."""
+    if moment.tzinfo is not None:
+        moment = moment.astimezone(dt.UTC)
     return moment.strftime("%Y-%m-%d %H:%M")
 
 
