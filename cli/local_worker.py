@@ -16,7 +16,6 @@ import signal
 import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import typer
 from rich.console import Console
@@ -32,18 +31,23 @@ STOP_TIMEOUT_S = 20.0
 class LocalWorker:
     """A ``genq worker`` child process serving ``model``, logging to ``log``."""
 
-    def __init__(self, data_dir: Path, model: str) -> None:
-        self.log = data_dir / f"run-worker-{os.getpid()}.log"
+    def __init__(self, settings: Settings, model: str) -> None:
+        self.log = settings.data_dir / f"run-worker-{os.getpid()}.log"
         # Named by this process, so its jobs' ``worker`` column says where they ran.
         self.name = f"genq-run{os.getpid()}@{socket.gethostname()}"
         self.log.parent.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "GENQ_SHUTDOWN_GRACE_S": "0"}
+        serve = []
+        if model != settings.model_id:  # `genq run --model`: another model than GENQ_MODEL
+            serve = [f"--model={model}"]
+            env.pop("GENQ_MODEL_NAME", None)  # the name was GENQ_MODEL's
         with self.log.open("wb") as f:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "cli", "worker", "--loglevel=WARNING",
-                 f"--model={model}", f"--hostname={self.name}"],
+                 f"--hostname={self.name}", *serve],
                 stdout=f,
                 stderr=subprocess.STDOUT,
-                env={**os.environ, "GENQ_SHUTDOWN_GRACE_S": "0"},
+                env=env,
                 start_new_session=True,  # a terminal's Ctrl-C is not sent to it
                 preexec_fn=_die_with_parent if sys.platform == "linux" else None,
             )  # fmt: skip
@@ -165,7 +169,7 @@ class RunWorkers:
         return [name for name in names if not _dead_here(name)]
 
     def _start_local(self) -> None:
-        self.local = LocalWorker(self.settings.data_dir, self.model)
+        self.local = LocalWorker(self.settings, self.model)
         self.err.print(f"started a local worker (pid {self.local.pid}, log {self.local.log})")
 
 

@@ -168,3 +168,19 @@ def test_genq_run_uses_a_worker_already_serving_its_model(tmp_path: Path) -> Non
     with get_sessionmaker(url)() as session:
         assert set(session.scalars(select(Job.worker))) == {"resident@here"}
     assert len(output.read_text().splitlines()) == 20
+
+
+def test_genq_run_starts_a_worker_serving_the_model_under_its_served_name(
+    tmp_path: Path,
+) -> None:
+    data = tmp_path / "data"
+    env = genq_env(GENQ_DATA_DIR=str(data), GENQ_MODEL="fake", GENQ_MODEL_NAME="tiny-stories")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("".join(f"line {i}\n" for i in range(5)))
+    log = tmp_path / "run.log"
+    run = genq_run([str(prompts), "-o", str(tmp_path / "out.jsonl")], env, log)
+    assert run.wait(timeout=120) == 0, log.read_text()
+    assert "started a local worker" in log.read_text()
+    with get_sessionmaker(f"sqlite:///{data / 'genq.db'}")() as session:
+        assert set(session.scalars(select(Job.model))) == {"tiny-stories"}
+        assert set(session.scalars(select(Job.status))) == {"succeeded"}
