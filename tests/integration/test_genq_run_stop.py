@@ -180,7 +180,10 @@ def test_genq_run_starts_a_worker_serving_the_model_under_its_served_name(
     log = tmp_path / "run.log"
     run = genq_run([str(prompts), "-o", str(tmp_path / "out.jsonl")], env, log)
     assert run.wait(timeout=120) == 0, log.read_text()
-    assert "started a local worker" in log.read_text()
+    text = log.read_text()
+    assert "started a local worker" in text
+    # Progress lines written where stderr is no terminal carry the elapsed time too.
+    assert re.search(r"done 5/5  failed 0  .* elapsed \d+:\d\d", text), text
     with get_sessionmaker(f"sqlite:///{data / 'genq.db'}")() as session:
         assert set(session.scalars(select(Job.model))) == {"tiny-stories"}
         assert set(session.scalars(select(Job.status))) == {"succeeded"}
