@@ -23,11 +23,13 @@ from sqlalchemy.orm import object_session
 
 from core.models import Job, WebhookDelivery
 from core.status import JobStatus
+from core.structured import ResponseFormat, UnsupportedSchemaError, grammar_for
 
 MAX_NEW_TOKENS_LIMIT = 4096
 MAX_PROMPT_CHARS = 200_000
 MAX_STOP_STRINGS = 8
 MAX_SEQUENCES = 16
+MAX_TOP_LOGPROBS = 20
 
 FinishReason = Literal["length", "eos", "stop"]
 Priority = Literal["high", "normal", "low"]
@@ -62,6 +64,13 @@ class GenerationParams(BaseModel):
     num_return_sequences: int = Field(default=1, ge=1, le=MAX_SEQUENCES)
     stop: list[StopString] = Field(default_factory=list, max_length=MAX_STOP_STRINGS)
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+    response_format: ResponseFormat | None = Field(
+        default=None, description="OpenAI's json_object / json_schema: constrained output"
+    )
+    logprobs: bool = Field(default=False, description="return each token's log-probability")
+    top_logprobs: int = Field(
+        default=0, ge=0, le=MAX_TOP_LOGPROBS, description="and the N likeliest at each position"
+    )
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -90,6 +99,31 @@ class GenerationParams(BaseModel):
     def _one_length(cls, value: int | None, info: ValidationInfo) -> int | None:
         if value is not None and info.data.get("max_new_tokens") is not None:
             raise ValueError("give max_new_tokens or max_length, not both")
+        return value
+
+    @field_validator("response_format")
+    @classmethod
+    def _compilable(cls, value: ResponseFormat | None, info: ValidationInfo) -> object:
+        if value is not None and info.data.get("num_beams", 1) > 1:
+            raise ValueError("is not supported with num_beams > 1")
+        try:
+            grammar_for(value)  # compiled once per schema (cached); the worker does it again
+        except UnsupportedSchemaError as exc:
+            raise ValueError(str(exc)) from exc
+        return value
+
+    @field_validator("logprobs")
+    @classmethod
+    def _logprobs_without_beams(cls, value: bool, info: ValidationInfo) -> bool:
+        if value and info.data.get("num_beams", 1) > 1:
+            raise ValueError("is not supported with num_beams > 1")
+        return value
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_needs_logprobs(cls, value: int, info: ValidationInfo) -> int:
+        if value and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs needs logprobs to be true")
         return value
 
     @property

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from concurrent.futures import Future
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 from core.schemas import GenerationParams
 
@@ -58,6 +58,9 @@ class GenerationResult:
     prompt_tokens: int
     completion_tokens: int
     aborted: bool = False
+    # Per sequence, per generated token: OpenAI's chat logprobs entries (``token``,
+    # ``logprob``, ``bytes``, ``top_logprobs``); None unless the request asked.
+    logprobs: list[list[dict[str, Any]]] | None = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -29,7 +29,16 @@ from worker.engine import kvcache
 from worker.engine.base import GenerationError, GenerationRequest, GenerationResult, ModelInfo
 from worker.engine.base import Progress as ProgressT
 from worker.engine.beam import run_beam_search
-from worker.engine.requests import RequestState, cut_at_stop, prefill_groups, strip_prefix
+from worker.engine.constrained import GrammarCompiler
+from worker.engine.requests import (
+    Placed,
+    RequestState,
+    constrain_rows,
+    cut_at_stop,
+    note_logprobs,
+    prefill_groups,
+    strip_prefix,
+)
 from worker.engine.sampling import SamplingSpec, choose_tokens, make_generator
 
 log = logging.getLogger(__name__)
@@ -44,8 +53,11 @@ COMPACT_FREE_SHARE = 0.0
 # groups of similar length when that saves more padding than this per extra forward.
 PREFILL_FORWARD_COST = 64
 
-# A request and the rows of the batch (or of a prefill mini-batch) it owns.
-Placed = list[tuple[RequestState, list[int]]]
+
+def _logits_width(model: Any) -> int:
+    """The vocabulary the logits cover (may exceed the tokenizer's: padded embeddings)."""
+    head = model.get_output_embeddings()
+    return int(head.weight.shape[0]) if head is not None else int(model.config.vocab_size)
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
@@ -84,6 +96,7 @@ class BatchingEngine:
         self.device = next(model.parameters()).device
         self.eos_ids = _eos_ids(model, tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self._grammar = GrammarCompiler(tokenizer, _logits_width(model), self.eos_ids)
         forward = inspect.signature(model.forward).parameters
         # transformers 5 renamed past_key_values to cache; accept both.
         self._cache_kw = "cache" if "cache" in forward else "past_key_values"
@@ -260,6 +273,11 @@ class BatchingEngine:
         else:  # max_length, as generate counts it: at least one new token
             wanted = max(1, (params.max_length or 0) - length)
         state.max_new = min(wanted, context - length)
+        try:
+            state.constraint = self._grammar.constraint_for(params, state.n)
+        except GenerationError as exc:
+            self._finish(state, exc)
+            return False
         return True
 
     def _forward(
@@ -326,13 +344,18 @@ class BatchingEngine:
         self._record(chosen, placed)
 
     def _choose(self, logits: torch.Tensor, placed: Placed) -> torch.Tensor:
-        """Next tokens for every row: one argmax for the batch, then per request."""
+        """Next tokens for every row: one argmax for the batch, then per request.
+
+        Constrained rows are masked first; log-probabilities come from the raw logits.
+        """
+        raw, logits = logits, constrain_rows(logits, placed)
         chosen = torch.argmax(logits, dim=-1)
         for state, rows in placed:
             if not state.spec.plain_greedy:
                 index = torch.tensor(rows, dtype=torch.long, device=logits.device)
                 history = state.history(self.pad_id) if state.spec.needs_history else None
                 chosen[index] = choose_tokens(logits[index], history, state.spec, state.generator)
+        note_logprobs(raw, chosen, placed)
         return chosen
 
     def _record(self, chosen: torch.Tensor, placed: Placed) -> None:
@@ -347,7 +370,7 @@ class BatchingEngine:
         remaining: list[RequestState] = []
         for state in self._jobs:
             if state.done:
-                self._finish(state, state.result(self.tokenizer))
+                self._finish(state, state.error or state.result(self.tokenizer, self.eos_ids))
                 freed.extend(self._slots.pop(state))
             else:
                 remaining.append(state)

@@ -13,7 +13,9 @@ from typing import Any
 
 import torch
 
-from worker.engine.base import FinishReason, GenerationRequest, GenerationResult
+from worker.engine.base import FinishReason, GenerationError, GenerationRequest, GenerationResult
+from worker.engine.constrained import Constraint
+from worker.engine.logprobs import TokenLogprob, position_logprobs, to_entries
 from worker.engine.sampling import SamplingSpec
 
 # Extra tokens decoded before the tail when looking for stop strings: some
@@ -57,6 +59,14 @@ class RequestState:
     started: bool = False
     aborted: bool = False
     tokenized: bool = False
+    constraint: Constraint | None = None  # structured output: one matcher per row
+    positions: list[list[TokenLogprob]] = dataclasses.field(default_factory=list)
+    error: GenerationError | None = None  # this request failed; the batch goes on
+
+    @property
+    def wants_logprobs(self) -> bool:
+        """Whether the request asked for per-token log-probabilities."""
+        return self.request.params.logprobs
 
     @property
     def cost(self) -> int:
@@ -65,13 +75,19 @@ class RequestState:
 
     @property
     def done(self) -> bool:
-        """Every row finished (or the request was aborted)."""
-        return self.aborted or all(r is not None for r in self.reasons)
+        """Every row finished (or the request was aborted or failed)."""
+        return self.aborted or self.error is not None or all(r is not None for r in self.reasons)
+
+    def fail(self, error: GenerationError) -> None:
+        """End this request with ``error`` at the next retirement; its rows stop now."""
+        self.error = error
+        self.reasons = [r or "stop" for r in self.reasons]
 
     def start(self, generator: torch.Generator | None) -> None:
         """Reset the per-row state when the request joins the batch."""
         self.tokens = [[] for _ in range(self.n)]
         self.reasons = [None] * self.n
+        self.positions = [[] for _ in range(self.n)]
         self.generator = generator
         self.started = True
 
@@ -89,8 +105,16 @@ class RequestState:
             return
         tokens = self.tokens[row]
         tokens.append(token)
+        if self.constraint is not None:
+            try:
+                self.constraint.consume(row, token)
+            except GenerationError as exc:
+                self.fail(exc)
+                return
         if token in eos_ids:
             self.reasons[row] = "eos"
+        elif self.constraint is not None and self.constraint.finished(row):
+            self.reasons[row] = "stop"  # the grammar is complete and allows nothing more
         elif self.request.params.stop and self._tail_has_stop(tokens, tokenizer):
             self.reasons[row] = "stop"
         elif len(tokens) >= self.max_new:
@@ -115,7 +139,7 @@ class RequestState:
         text = strip_prefix(full, self.prompt_text)
         return cut_at_stop(text, self.request.params.stop)
 
-    def result(self, tokenizer: Any) -> GenerationResult:
+    def result(self, tokenizer: Any, eos_ids: frozenset[int] = frozenset()) -> GenerationResult:
         """The result of the rows as they stand (complete, or partial when aborted)."""
         if not self.started:  # aborted while waiting: nothing was generated
             return GenerationResult(
@@ -133,13 +157,53 @@ class RequestState:
             reason = self.reasons[row]
             # "length" for an aborted row: it ended on a limit, just not its own.
             reasons.append("stop" if stopped else (reason or "length"))
+        logprobs = None
+        if self.wants_logprobs:
+            logprobs = [to_entries(tokenizer, p, eos_ids) for p in self.positions]
         return GenerationResult(
             outputs=outputs,
             finish_reasons=reasons,
             prompt_tokens=len(self.prompt_ids),
             completion_tokens=sum(len(t) for t in self.tokens),
             aborted=self.aborted,
+            logprobs=logprobs,
         )
+
+
+# A request and the rows of the batch (or of a prefill mini-batch) it owns.
+Placed = list[tuple[RequestState, list[int]]]
+
+
+def constrain_rows(logits: torch.Tensor, placed: Placed) -> torch.Tensor:
+    """``logits`` with each constrained row's disallowed tokens at ``-inf``.
+
+    The same tensor when no row is constrained (free batches pay nothing); a request
+    whose matcher fails is failed alone and its rows left as they were.
+    """
+    masked = logits
+    for state, rows in placed:
+        if state.constraint is None or state.done:
+            continue
+        if masked is logits:
+            masked = logits.clone()
+        index = torch.tensor(rows, dtype=torch.long, device=logits.device)
+        try:
+            masked[index] = state.constraint.mask(logits[index])
+        except GenerationError as exc:
+            state.fail(exc)
+    return masked
+
+
+def note_logprobs(raw: torch.Tensor, chosen: torch.Tensor, placed: Placed) -> None:
+    """Record the chosen tokens' log-probabilities for the requests that asked."""
+    for state, rows in placed:
+        if not state.wants_logprobs or state.done:
+            continue
+        index = torch.tensor(rows, dtype=torch.long, device=raw.device)
+        top = state.request.params.top_logprobs
+        for i, position in enumerate(position_logprobs(raw[index], chosen[index], top)):
+            if state.reasons[i] is None:
+                state.positions[i].append(position)
 
 
 def prefill_groups(states: list[RequestState], forward_cost: int) -> list[list[RequestState]]:
