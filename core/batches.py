@@ -61,6 +61,7 @@ RESULT_COLUMNS = (
     Job.model,
     Job.outputs,
     Job.finish_reasons,
+    Job.logprobs,
     Job.prompt_tokens,
     Job.completion_tokens,
     Job.error_code,

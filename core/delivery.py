@@ -153,6 +153,7 @@ class Outcome:
     model_revision: str
     torch_version: str
     transformers_version: str
+    logprobs: list[list[dict[str, Any]]] | None = None
 
 
 @dataclasses.dataclass(frozen=True)

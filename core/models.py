@@ -76,6 +76,8 @@ class Job(Base):
 
     outputs: Mapped[list[str] | None]
     finish_reasons: Mapped[list[str] | None]
+    # Per sequence, per token: OpenAI's chat logprobs entries (when the job asked).
+    logprobs: Mapped[list[Any] | None] = mapped_column(JSON)
     prompt_tokens: Mapped[int | None] = mapped_column(Integer)
     completion_tokens: Mapped[int | None] = mapped_column(Integer)
     error_code: Mapped[str | None] = mapped_column(String(64))

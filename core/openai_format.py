@@ -12,7 +12,10 @@ uses OpenAI's names with OpenAI's meanings, mapped to :class:`GenerationParams`:
   not transformers' 50.
 - transformers' ``top_k``, ``num_beams``, ``early_stopping``, ``repetition_penalty``,
   ``no_repeat_ngram_size`` and ``do_sample`` are accepted as extensions.
-- OpenAI parameters genq does not implement (``stream``, ``echo``, ``logprobs``,
+- ``logprobs`` (0 to 5) → ``logprobs`` with that many ``top_logprobs``.
+- ``response_format`` (an extension here; OpenAI has it on chat): ``json_object`` or
+  ``json_schema``, constrained generation (core/structured.py).
+- OpenAI parameters genq does not implement (``stream``, ``echo``,
   ``best_of``, ``suffix``, ``logit_bias``, the penalties) are accepted at their
   default values only; ``user`` is accepted and ignored. Any other field is an error.
 """
@@ -27,6 +30,7 @@ from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from core.logprobs import completion_logprobs, sequence
 from core.schemas import (
     MAX_NEW_TOKENS_LIMIT,
     MAX_PROMPT_CHARS,
@@ -44,7 +48,6 @@ ENDPOINTS = (COMPLETIONS_URL,)
 _DEFAULT_ONLY: dict[str, tuple[object, ...]] = {
     "stream": (None, False),
     "echo": (None, False),
-    "logprobs": (None,),
     "suffix": (None, ""),
     "logit_bias": (None, {}),
     "presence_penalty": (None, 0, 0.0),
@@ -78,10 +81,11 @@ class CompletionRequest(BaseModel):
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
     best_of: int | None = Field(default=None, ge=1, le=MAX_SEQUENCES)
     user: str | None = Field(default=None, max_length=512)
+    logprobs: int | None = Field(default=None, ge=0, le=5)
+    response_format: dict[str, Any] | None = None
     # Accepted at their defaults only (see _DEFAULT_ONLY).
     stream: Any = None
     echo: Any = None
-    logprobs: Any = None
     suffix: Any = None
     logit_bias: Any = None
     presence_penalty: Any = None
@@ -167,13 +171,26 @@ def to_params(
         "early_stopping": request.early_stopping,
         "repetition_penalty": request.repetition_penalty,
         "no_repeat_ngram_size": request.no_repeat_ngram_size,
+        "response_format": request.response_format,
     }
     values.update({k: v for k, v in optional.items() if v is not None})
+    if request.logprobs is not None:
+        values.update(logprobs=True, top_logprobs=request.logprobs)
+    return validate_params(values)
+
+
+def validate_params(values: dict[str, Any]) -> GenerationParams:
+    """``GenerationParams`` from OpenAI-mapped values; a :class:`RequestError` naming the
+    parameter otherwise (``invalid_schema`` for a response format that cannot be run)."""
     try:
         return GenerationParams.model_validate(values)
     except ValidationError as exc:  # a combination OpenAI allows but transformers does not
         first = exc.errors()[0]
         message = str(first.get("msg", "invalid parameters")).removeprefix("Value error, ")
+        loc = [str(p) for p in first.get("loc", ())]
+        if loc and loc[0] == "response_format":
+            param = ".".join(loc)
+            raise RequestError("invalid_schema", f"{param}: {message}", "response_format") from exc
         raise RequestError("invalid_request", message) from exc
 
 
@@ -284,6 +301,7 @@ class JobLike(Protocol):
     model: str
     outputs: list[str] | None
     finish_reasons: list[str] | None
+    logprobs: list[Any] | None
     prompt_tokens: int | None
     completion_tokens: int | None
     error_code: str | None
@@ -317,7 +335,7 @@ def completion_object(job: JobLike) -> dict[str, Any]:
                 "index": i,
                 "text": text,
                 "finish_reason": finish_reason(reasons[i] if i < len(reasons) else None),
-                "logprobs": None,
+                "logprobs": completion_logprobs(sequence(job.logprobs, i)),
             }
             for i, text in enumerate(outputs)
         ],
@@ -329,7 +347,9 @@ def completion_object(job: JobLike) -> dict[str, Any]:
     }
 
 
-CLIENT_ERRORS = frozenset({"prompt_too_long", "invalid_request", "model_not_served"})
+CLIENT_ERRORS = frozenset(
+    {"prompt_too_long", "invalid_request", "model_not_served", "invalid_schema"}
+)
 
 
 def error_status(code: str | None) -> int:

@@ -21,6 +21,7 @@ from pydantic import (
 from sqlalchemy import select
 from sqlalchemy.orm import object_session
 
+from core.logprobs import TokenLogprob
 from core.models import Job, WebhookDelivery
 from core.status import JobStatus
 from core.structured import ResponseFormat, UnsupportedSchemaError, grammar_for
@@ -246,6 +247,9 @@ class JobRead(BaseModel):
     outputs: list[str] | None = None
     finish_reason: FinishReason | None = None
     finish_reasons: list[FinishReason] | None = None
+    logprobs: list[list[TokenLogprob]] | None = Field(
+        default=None, description="per sequence, per token (when the job asked for logprobs)"
+    )
     error: JobError | None = None
     usage: Usage
     attempts: int
@@ -275,6 +279,7 @@ class JobRead(BaseModel):
             outputs=outputs,
             finish_reason=reasons[0] if reasons else None,
             finish_reasons=reasons,
+            logprobs=job.logprobs,
             error=JobError(code=job.error_code, message=job.error_message or "")
             if job.error_code
             else None,

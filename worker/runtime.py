@@ -231,6 +231,7 @@ class WorkerRuntime:
             model_revision=info.revision,
             torch_version=info.torch_version,
             transformers_version=info.transformers_version,
+            logprobs=result.logprobs,
         )
 
     def _hand_back(self, claim: delivery.Claim) -> str:

@@ -64,7 +64,7 @@ async def create_completion(
     try:
         parsed, params = parse_completion(body, models=jobs.served_models(session, settings))
     except RequestError as exc:
-        status = 404 if exc.code == "model_not_found" else 400
+        status = {"model_not_found": 404, "invalid_schema": 422}.get(exc.code, 400)
         raise APIError(status, exc.code, exc.message, exc.param) from exc
     job_request = ParsedRequest(None, parsed.prompt, parsed.model, params)
     job_id = await run_in_threadpool(

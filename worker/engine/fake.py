@@ -12,6 +12,7 @@ import os
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
 
 from worker.engine.base import (
     FinishReason,
@@ -21,6 +22,17 @@ from worker.engine.base import (
     ModelInfo,
     Progress,
 )
+
+
+def fake_logprobs(words: list[str], top: int) -> list[dict[str, Any]]:
+    """Made-up logprobs of the words (a word of k letters scores -k/10), in OpenAI's
+    chat shape, so the plumbing from engine to API can be tested without a model."""
+
+    def entry(token: str) -> dict[str, Any]:
+        return {"token": token, "logprob": -len(token) / 10, "bytes": list(token.encode())}
+
+    alternatives = sorted({" " + w for w in words}, key=len)[:top]
+    return [entry(" " + w) | {"top_logprobs": [entry(a) for a in alternatives]} for w in words]
 
 
 def fake_words(prompt: str, params_max_new: int) -> list[str]:
@@ -135,12 +147,14 @@ class FakeEngine:
             text = text[: min(text.find(s) for s in params.stop if s in text)]
         reason: FinishReason = "stop" if stopped else "length"
         n = params.num_return_sequences
+        logprobs = [fake_logprobs(made, params.top_logprobs)] * n if params.logprobs else None
         return GenerationResult(
             outputs=[text] * n,
             finish_reasons=[reason] * n,
             prompt_tokens=prompt_words,
             completion_tokens=len(made) * n,
             aborted=aborted,
+            logprobs=logprobs,
         )
 
 
