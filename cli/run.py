@@ -49,10 +49,18 @@ from sqlalchemy.orm import Session
 from cli.local_worker import RunWorkers
 from core import batches
 from core.batches import LineError, Parsed
+from core.chat import template_messages
 from core.db import get_sessionmaker
 from core.jobs import served_models
 from core.models import LOCAL_OWNER, Batch
-from core.openai_format import COMPLETIONS_URL, ParsedRequest, RequestError, parse_batch_line
+from core.openai_format import (
+    CHAT_URL,
+    COMPLETIONS_URL,
+    OPENAI_DEFAULT_MAX_TOKENS,
+    ParsedRequest,
+    RequestError,
+    parse_batch_line,
+)
 from core.queue import get_queue
 from core.schemas import GenerationParams, JobCreate
 from core.settings import Settings, get_settings, model_id
@@ -112,7 +120,10 @@ def parse_plain(
             f"model {model!r} is not served; available: {', '.join(models)}",
             "model",
         )
-    return ParsedRequest(custom_id, job.prompt, model, job.params().with_defaults(max_tokens))
+    params = job.params().with_defaults(max_tokens)
+    if job.messages is not None:
+        return ParsedRequest(custom_id, "", model, params, template_messages(job.messages))
+    return ParsedRequest(custom_id, job.prompt or "", model, params)
 
 
 def parse_input(
@@ -153,9 +164,10 @@ def parse_input(
                         number,
                         parse_batch_line(
                             line,
-                            endpoint=COMPLETIONS_URL,
+                            # genq run takes chat and completion lines in one file
+                            endpoint=CHAT_URL if data.get("url") == CHAT_URL else COMPLETIONS_URL,
                             models=models,
-                            **({"default_max_tokens": max_tokens} if max_tokens else {}),
+                            default_max_tokens=max_tokens or OPENAI_DEFAULT_MAX_TOKENS,
                         ),
                     )
                 else:

@@ -62,6 +62,7 @@ RESULT_COLUMNS = (
     Job.outputs,
     Job.finish_reasons,
     Job.logprobs,
+    Job.messages,
     Job.prompt_tokens,
     Job.completion_tokens,
     Job.error_code,
@@ -114,7 +115,11 @@ def parse_window(window: str | None) -> dt.timedelta | None:
 
 
 def parse_openai_file(
-    lines: Iterable[tuple[int, bytes]], *, endpoint: str, models: Collection[str]
+    lines: Iterable[tuple[int, bytes]],
+    *,
+    endpoint: str,
+    models: Collection[str],
+    without_template: Collection[str] = (),
 ) -> Iterator[Parsed]:
     """Each non-blank line of a batch input file, parsed or its error."""
     for number, raw in lines:
@@ -123,7 +128,12 @@ def parse_openai_file(
         if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
             raw = raw[3:]
         try:
-            yield number, parse_batch_line(raw, endpoint=endpoint, models=models)
+            yield (
+                number,
+                parse_batch_line(
+                    raw, endpoint=endpoint, models=models, without_template=without_template
+                ),
+            )
         except RequestError as exc:
             yield number, LineError(number, exc.code, exc.message, exc.param)
 
@@ -166,6 +176,7 @@ def job_row(
         "id": job_id,
         "status": JobStatus.QUEUED.value,
         "prompt": request.prompt,
+        "messages": request.messages,
         "model": request.model,
         "params": params.model_dump(mode="json", exclude_none=True),
         "seed": seed,
@@ -261,6 +272,7 @@ def create_batch(
     metadata: dict[str, Any] | None = None,
     models: Collection[str],
     max_lines: int,
+    without_template: Collection[str] = (),
     run_key: str | None = None,
     callback_url: str | None = None,
     priority: str = "low",
@@ -292,7 +304,10 @@ def create_batch(
                 "input_file_id",
             )
         parsed = parse_openai_file(
-            files.iter_lines(files.iter_chunks(session, file.id)), endpoint=endpoint, models=models
+            files.iter_lines(files.iter_chunks(session, file.id)),
+            endpoint=endpoint,
+            models=models,
+            without_template=without_template,
         )
     now = utcnow()
 

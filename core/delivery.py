@@ -41,6 +41,7 @@ class Claim:
     params: GenerationParams
     seed: int
     priority: str = "normal"
+    messages: list[dict[str, str]] | None = None  # a chat job's, to render
 
 
 def queued_attempts(session: Session, job_id: str) -> int | None:
@@ -51,11 +52,20 @@ def queued_attempts(session: Session, job_id: str) -> int | None:
     return attempts
 
 
-_CLAIMED = (Job.id, Job.attempts, Job.prompt, Job.model, Job.params, Job.seed, Job.priority)
+_CLAIMED = (
+    Job.id,
+    Job.attempts,
+    Job.prompt,
+    Job.model,
+    Job.params,
+    Job.seed,
+    Job.priority,
+    Job.messages,
+)
 
 
 def _claim(row: Any, token: str) -> Claim:
-    job_id, attempt, prompt, model, params, seed, priority = row
+    job_id, attempt, prompt, model, params, seed, priority, messages = row
     return Claim(
         job_id=job_id,
         attempt=attempt,
@@ -65,6 +75,7 @@ def _claim(row: Any, token: str) -> Claim:
         params=GenerationParams.model_validate(params),
         seed=seed,
         priority=priority,
+        messages=messages,
     )
 
 
@@ -154,6 +165,7 @@ class Outcome:
     torch_version: str
     transformers_version: str
     logprobs: list[list[dict[str, Any]]] | None = None
+    prompt: str | None = None  # a chat job's rendered prompt (None: keep the stored one)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,7 +195,7 @@ def store_outcomes(
     return [claim.job_id in done or claim.job_id in kept for claim, _ in outcomes]
 
 
-_OUTCOME_FIELDS = [field.name for field in dataclasses.fields(Outcome)]
+_OUTCOME_FIELDS = [field.name for field in dataclasses.fields(Outcome) if field.name != "prompt"]
 
 
 def _set_succeeded(
@@ -207,11 +219,12 @@ def _set_succeeded(
             finished_at=utcnow(),
             lease_expires_at=None,
             **{f: bindparam(f"b_{f}", type_=table.c[f].type) for f in _OUTCOME_FIELDS},
+            prompt=func.coalesce(bindparam("b_prompt", type_=table.c.prompt.type), table.c.prompt),
         )
     )
     rows = [
         {"b_id": claim.job_id, "b_token": claim.token}
-        | {f"b_{f}": getattr(outcome, f) for f in _OUTCOME_FIELDS}
+        | {f"b_{f}": getattr(outcome, f) for f in [*_OUTCOME_FIELDS, "prompt"]}
         for claim, outcome in items
     ]
     session.connection().execute(statement, rows)
@@ -227,7 +240,9 @@ def _set_succeeded(
     kept = set()
     for claim, outcome in items:
         if now.get(claim.job_id) == JobStatus.CANCELLED.value:
-            values = dataclasses.asdict(outcome) | {"lease_expires_at": None}
+            values = {f: getattr(outcome, f) for f in _OUTCOME_FIELDS} | {"lease_expires_at": None}
+            if outcome.prompt is not None:
+                values["prompt"] = outcome.prompt
             session.execute(
                 update(Job)
                 .where(_owned(claim, JobStatus.CANCELLED))

@@ -18,6 +18,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from core import idempotency, webhooks, workers
+from core.chat import template_messages
 from core.models import LOCAL_OWNER, Job, utcnow
 from core.queue import JobQueue, Route
 from core.schemas import JobCreate
@@ -49,6 +50,15 @@ class UnknownModelError(ValueError):
         self.param = param  # the request field that named it
 
 
+class NoChatTemplateError(ValueError):
+    """Chat messages for a model whose tokenizer has no chat template."""
+
+    def __init__(self, model: str, *, param: str = "model") -> None:
+        super().__init__(f"model {model!r} has no chat template: send a prompt instead of messages")
+        self.model = model
+        self.param = param
+
+
 def served_models(session: Session, settings: Settings, *, fresh: bool = False) -> list[str]:
     """The models jobs may ask for: the configured ones and those live workers serve
     (as seen up to two seconds ago, unless ``fresh``)."""
@@ -58,6 +68,12 @@ def served_models(session: Session, settings: Settings, *, fresh: bool = False) 
     else:
         live = workers.live_models_cached(session, within_s=within_s)
     return sorted({*map(model_id, settings.models), settings.model_id, *live})
+
+
+def models_without_chat_template(session: Session, settings: Settings) -> set[str]:
+    """Served models known to have no chat template (see core.chat)."""
+    within_s = settings.worker_heartbeat_s * 3
+    return workers.models_without_chat_template(session, within_s=within_s)
 
 
 def new_job_id() -> str:
@@ -99,7 +115,8 @@ def job_values(
     return {
         "id": job_id or new_job_id(),
         "status": JobStatus.QUEUED.value,
-        "prompt": body.prompt,
+        "prompt": body.prompt or "",
+        "messages": template_messages(body.messages) if body.messages else None,
         "model": body.model or default_model,
         "params": params.model_dump(mode="json", exclude_none=True),
         "seed": params.seed if params.seed is not None else draw_seed(),
@@ -147,6 +164,22 @@ def _check_models(
             raise UnknownModelError(model, available, param=param(index))
 
 
+def _check_chat(
+    session: Session,
+    settings: Settings,
+    items: Sequence[tuple[str, JobCreate]],
+    *,
+    param: Callable[[int], str],
+) -> None:
+    """Raise NoChatTemplateError for the first chat job whose model has no template."""
+    if not any(body.messages for _, body in items):
+        return
+    without = models_without_chat_template(session, settings)
+    for index, (model, body) in enumerate(items):
+        if body.messages and model in without:
+            raise NoChatTemplateError(model, param=param(index))
+
+
 def submit_job(
     session: Session,
     queue: JobQueue,
@@ -173,6 +206,7 @@ def submit_job(
         return get_job(session, earlier), True
     model = model_id(body.model) if body.model else settings.model_id
     _check_models(session, settings, [model], param=lambda _: "model")
+    _check_chat(session, settings, [(model, body)], param=lambda _: "model")
     job = create_job(
         session,
         body.model_copy(update={"model": model}),
@@ -225,6 +259,12 @@ def submit_jobs(
         return submission_jobs(session, earlier), True
     models = [model_id(body.model) if body.model else settings.model_id for body in bodies]
     _check_models(session, settings, models, param=lambda index: f"jobs.{index}.model")
+    _check_chat(
+        session,
+        settings,
+        list(zip(models, bodies, strict=True)),
+        param=lambda index: f"jobs.{index}.model",
+    )
     submission_id = f"sub_{secrets.token_hex(12)}"
     rows = [
         job_values(

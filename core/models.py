@@ -8,6 +8,7 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     DateTime,
     ForeignKey,
     Integer,
@@ -16,6 +17,7 @@ from sqlalchemy import (
     String,
     Text,
     TypeDecorator,
+    false,
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -70,7 +72,10 @@ class Job(Base):
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     status: Mapped[str] = mapped_column(String(16), index=True, default=JobStatus.QUEUED.value)
+    # A chat job's prompt is empty until its worker renders ``messages`` with the
+    # model's chat template; the rendered prompt is stored with the result.
     prompt: Mapped[str] = mapped_column(Text)
+    messages: Mapped[list[Any] | None] = mapped_column(JSON)
     model: Mapped[str] = mapped_column(String(512))
     params: Mapped[dict[str, Any]]
 
@@ -233,6 +238,8 @@ class WorkerNode(Base):
     last_seen: Mapped[dt.datetime] = mapped_column(default=utcnow, index=True)
     in_flight: Mapped[int] = mapped_column(Integer, default=0)
     tokens_generated: Mapped[int] = mapped_column(BigInteger, default=0)
+    # Whether the model's tokenizer has a chat template (chat requests need one).
+    chat: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
 
 class WebhookDelivery(Base):

@@ -30,7 +30,8 @@ from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from core.logprobs import completion_logprobs, sequence
+from core.chat import ChatMessage, Messages, check_conversation, template_messages
+from core.logprobs import chat_logprobs, completion_logprobs, sequence
 from core.schemas import (
     MAX_NEW_TOKENS_LIMIT,
     MAX_PROMPT_CHARS,
@@ -42,7 +43,8 @@ from core.schemas import (
 
 OPENAI_DEFAULT_MAX_TOKENS = 16
 COMPLETIONS_URL = "/v1/completions"
-ENDPOINTS = (COMPLETIONS_URL,)
+CHAT_URL = "/v1/chat/completions"
+ENDPOINTS = (COMPLETIONS_URL, CHAT_URL)
 
 # Accepted only at these values (None: omitted); anything else is "not supported".
 _DEFAULT_ONLY: dict[str, tuple[object, ...]] = {
@@ -66,13 +68,13 @@ class RequestError(ValueError):
         self.param = param
 
 
-class CompletionRequest(BaseModel):
-    """OpenAI's completion request, with transformers' extensions."""
+class SamplingRequest(BaseModel):
+    """What OpenAI's completion and chat completion requests share, with
+    transformers' extensions."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     model: str = Field(min_length=1, max_length=512)
-    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
     max_tokens: int | None = Field(default=None, ge=1, le=MAX_NEW_TOKENS_LIMIT)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
@@ -81,7 +83,6 @@ class CompletionRequest(BaseModel):
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
     best_of: int | None = Field(default=None, ge=1, le=MAX_SEQUENCES)
     user: str | None = Field(default=None, max_length=512)
-    logprobs: int | None = Field(default=None, ge=0, le=5)
     response_format: dict[str, Any] | None = None
     # Accepted at their defaults only (see _DEFAULT_ONLY).
     stream: Any = None
@@ -98,6 +99,33 @@ class CompletionRequest(BaseModel):
     early_stopping: bool | Literal["never"] | None = None
     repetition_penalty: float | None = Field(default=None, gt=0.0, le=100.0)
     no_repeat_ngram_size: int | None = Field(default=None, ge=0, le=64)
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop_as_list(cls, value: object) -> object:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator(*_DEFAULT_ONLY)
+    @classmethod
+    def _default_only(cls, value: object, info: Any) -> object:
+        allowed = _DEFAULT_ONLY[info.field_name]
+        if value is None or any(value == a and type(value) is type(a) for a in allowed):
+            return value
+        raise ValueError(f"{info.field_name} is not supported by genq; omit it")
+
+    def top_logprobs_asked(self) -> int | None:
+        """How many top logprobs per token (None: no logprobs at all)."""
+        raise NotImplementedError
+
+
+class CompletionRequest(SamplingRequest):
+    """OpenAI's completion request (``POST /v1/completions``)."""
+
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    logprobs: int | None = Field(default=None, ge=0, le=5)
+
+    def top_logprobs_asked(self) -> int | None:
+        return self.logprobs
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -118,22 +146,33 @@ class CompletionRequest(BaseModel):
             raise ValueError("prompt must not be blank")
         return value
 
-    @field_validator("stop", mode="before")
-    @classmethod
-    def _stop_as_list(cls, value: object) -> object:
-        return [value] if isinstance(value, str) else value
 
-    @field_validator(*_DEFAULT_ONLY)
+class ChatCompletionRequest(SamplingRequest):
+    """OpenAI's chat completion request (``POST /v1/chat/completions``)."""
+
+    messages: Messages
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_NEW_TOKENS_LIMIT)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+
+    @field_validator("messages")
     @classmethod
-    def _default_only(cls, value: object, info: Any) -> object:
-        allowed = _DEFAULT_ONLY[info.field_name]
-        if value is None or any(value == a and type(value) is type(a) for a in allowed):
-            return value
-        raise ValueError(f"{info.field_name} is not supported by genq; omit it")
+    def _answerable(cls, value: list[ChatMessage]) -> list[ChatMessage]:
+        return check_conversation(value)
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_needs_logprobs(cls, value: int | None, info: Any) -> int | None:
+        if value and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs needs logprobs to be true")
+        return value
+
+    def top_logprobs_asked(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 def to_params(
-    request: CompletionRequest, *, default_max_tokens: int = OPENAI_DEFAULT_MAX_TOKENS
+    request: SamplingRequest, *, default_max_tokens: int = OPENAI_DEFAULT_MAX_TOKENS
 ) -> GenerationParams:
     """The generation parameters meaning what ``request`` means at OpenAI."""
     temperature = 1.0 if request.temperature is None else request.temperature
@@ -155,8 +194,11 @@ def to_params(
             "yields one sequence",
             "n",
         )
+    max_tokens = request.max_tokens
+    if isinstance(request, ChatCompletionRequest) and request.max_completion_tokens:
+        max_tokens = request.max_completion_tokens  # OpenAI's newer name wins
     values: dict[str, Any] = {
-        "max_new_tokens": request.max_tokens or default_max_tokens,
+        "max_new_tokens": max_tokens or default_max_tokens,
         "do_sample": do_sample,
         "top_k": 0 if request.top_k is None else request.top_k,
         "num_return_sequences": n,
@@ -174,8 +216,9 @@ def to_params(
         "response_format": request.response_format,
     }
     values.update({k: v for k, v in optional.items() if v is not None})
-    if request.logprobs is not None:
-        values.update(logprobs=True, top_logprobs=request.logprobs)
+    top = request.top_logprobs_asked()
+    if top is not None:
+        values.update(logprobs=True, top_logprobs=top)
     return validate_params(values)
 
 
@@ -209,12 +252,14 @@ def _error_from_validation(exc: ValidationError, prefix: str) -> RequestError:
 
 @dataclass(frozen=True)
 class ParsedRequest:
-    """A validated request, ready to become a job."""
+    """A validated request, ready to become a job (a chat one has ``messages``,
+    rendered by the worker, and an empty prompt until then)."""
 
     custom_id: str | None
     prompt: str
     model: str
     params: GenerationParams
+    messages: list[dict[str, str]] | None = None
 
 
 def parse_completion(
@@ -244,6 +289,45 @@ def parse_completion(
     return request, params
 
 
+def parse_chat(
+    body: object,
+    *,
+    models: Collection[str],
+    without_template: Collection[str] = (),
+    prefix: str = "",
+    default_max_tokens: int = OPENAI_DEFAULT_MAX_TOKENS,
+) -> tuple[ChatCompletionRequest, GenerationParams]:
+    """Validate a chat completion body; raise :class:`RequestError` naming what is wrong.
+
+    ``without_template``: served models known to have no chat template (their live
+    workers say so); a chat request for one is ``model_without_chat_template``.
+    """
+    if not isinstance(body, dict):
+        raise RequestError("invalid_request", "the body must be a JSON object", prefix or None)
+    try:
+        request = ChatCompletionRequest.model_validate(body)
+    except ValidationError as exc:
+        raise _error_from_validation(exc, prefix) from exc
+    if request.model not in models:
+        raise RequestError(
+            "model_not_found",
+            f"model {request.model!r} is not served; available: {', '.join(models)}",
+            f"{prefix}model",
+        )
+    if request.model in without_template:
+        raise RequestError(
+            "model_without_chat_template",
+            f"model {request.model!r} has no chat template: send a prompt to "
+            f"{COMPLETIONS_URL} instead",
+            f"{prefix}model",
+        )
+    try:
+        params = to_params(request, default_max_tokens=default_max_tokens)
+    except RequestError as exc:
+        raise RequestError(exc.code, exc.message, f"{prefix}{exc.param or ''}" or None) from exc
+    return request, params
+
+
 class BatchLine(BaseModel):
     """One line of a batch input file."""
 
@@ -260,6 +344,7 @@ def parse_batch_line(
     *,
     endpoint: str,
     models: Collection[str],
+    without_template: Collection[str] = (),
     default_max_tokens: int = OPENAI_DEFAULT_MAX_TOKENS,
 ) -> ParsedRequest:
     """Validate one JSONL line of a batch input file; raise :class:`RequestError`."""
@@ -283,6 +368,16 @@ def parse_batch_line(
             else f"url {line.url!r} is not supported; genq serves {', '.join(ENDPOINTS)}",
             "url",
         )
+    if line.url == CHAT_URL:
+        chat, params = parse_chat(
+            line.body,
+            models=models,
+            without_template=without_template,
+            prefix="body.",
+            default_max_tokens=default_max_tokens,
+        )
+        messages = template_messages(chat.messages)
+        return ParsedRequest(line.custom_id, "", chat.model, params, messages)
     request, params = parse_completion(
         line.body, models=models, prefix="body.", default_max_tokens=default_max_tokens
     )
@@ -302,6 +397,7 @@ class JobLike(Protocol):
     outputs: list[str] | None
     finish_reasons: list[str] | None
     logprobs: list[Any] | None
+    messages: list[Any] | None
     prompt_tokens: int | None
     completion_tokens: int | None
     error_code: str | None
@@ -347,8 +443,36 @@ def completion_object(job: JobLike) -> dict[str, Any]:
     }
 
 
+def chat_completion_object(job: JobLike) -> dict[str, Any]:
+    """A succeeded chat job as OpenAI's ``chat.completion`` object."""
+    completion = completion_object(job)
+    completion["id"] = f"chatcmpl-{job.id}"
+    completion["object"] = "chat.completion"
+    completion["choices"] = [
+        {
+            "index": choice["index"],
+            "message": {"role": "assistant", "content": choice["text"], "refusal": None},
+            "finish_reason": choice["finish_reason"],
+            "logprobs": chat_logprobs(sequence(job.logprobs, choice["index"])),
+        }
+        for choice in completion["choices"]
+    ]
+    return completion
+
+
+def response_object(job: JobLike) -> dict[str, Any]:
+    """A succeeded job in the shape of the endpoint that made it (chat or completion)."""
+    return chat_completion_object(job) if job.messages is not None else completion_object(job)
+
+
 CLIENT_ERRORS = frozenset(
-    {"prompt_too_long", "invalid_request", "model_not_served", "invalid_schema"}
+    {
+        "prompt_too_long",
+        "invalid_request",
+        "model_not_served",
+        "invalid_schema",
+        "model_without_chat_template",
+    }
 )
 
 
@@ -365,7 +489,7 @@ def result_line(job: JobLike, *, cancel_code: str = "batch_cancelled") -> dict[s
         line["response"] = {
             "status_code": 200,
             "request_id": request_id,
-            "body": completion_object(job),
+            "body": response_object(job),
         }
         line["error"] = None
     elif job.status == "failed":

@@ -21,6 +21,7 @@ from pydantic import (
 from sqlalchemy import select
 from sqlalchemy.orm import object_session
 
+from core.chat import ChatMessage, Messages, check_conversation
 from core.logprobs import TokenLogprob
 from core.models import Job, WebhookDelivery
 from core.status import JobStatus
@@ -37,7 +38,7 @@ Priority = Literal["high", "normal", "low"]
 CallbackUrl = Annotated[
     AnyHttpUrl, UrlConstraints(max_length=2048, allowed_schemes=["http", "https"])
 ]
-JOB_FIELDS = frozenset({"prompt", "model", "priority", "callback_url"})
+JOB_FIELDS = frozenset({"prompt", "messages", "model", "priority", "callback_url"})
 StopString = Annotated[str, Field(min_length=1, max_length=256)]
 
 
@@ -140,9 +141,16 @@ class GenerationParams(BaseModel):
 
 
 class JobCreate(GenerationParams):
-    """Body of ``POST /v1/jobs``: a prompt, an optional model, and the parameters."""
+    """Body of ``POST /v1/jobs``: a prompt (or chat messages), an optional model, and
+    the parameters."""
 
-    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    prompt: str | None = Field(default=None, min_length=1, max_length=MAX_PROMPT_CHARS)
+    messages: Messages | None = Field(
+        default=None,
+        validate_default=True,
+        description="instead of prompt: OpenAI's chat messages, rendered with the model's "
+        "chat template; the output is the assistant's reply",
+    )
     model: str | None = Field(default=None, min_length=1, max_length=512)
     priority: Priority = Field(
         default="normal", description="high jobs start before normal ones, normal before low"
@@ -153,10 +161,24 @@ class JobCreate(GenerationParams):
 
     @field_validator("prompt")
     @classmethod
-    def _prompt_not_blank(cls, value: str) -> str:
-        if not value.strip():
+    def _prompt_not_blank(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
             raise ValueError("prompt must not be blank")
         return value
+
+    @field_validator("messages")
+    @classmethod
+    def _prompt_or_messages(
+        cls, value: list[ChatMessage] | None, info: ValidationInfo
+    ) -> list[ChatMessage] | None:
+        if "prompt" not in info.data:  # the prompt was invalid: that error says enough
+            return value
+        prompt = info.data["prompt"]
+        if value is None and prompt is None:
+            raise ValueError("give prompt or messages")
+        if value is not None and prompt is not None:
+            raise ValueError("give prompt or messages, not both")
+        return check_conversation(value) if value is not None else None
 
     def params(self) -> GenerationParams:
         """The generation parameters alone, without prompt and model."""
@@ -240,7 +262,8 @@ class JobRead(BaseModel):
     id: str
     object: Literal["job"] = "job"
     status: JobStatus
-    prompt: str
+    prompt: str = Field(description="a chat job's is empty until its worker renders it")
+    messages: list[dict[str, Any]] | None = None
     model: str
     params: dict[str, Any]
     output: str | None = None
@@ -273,6 +296,7 @@ class JobRead(BaseModel):
             id=job.id,
             status=JobStatus(job.status),
             prompt=job.prompt,
+            messages=job.messages,
             model=job.model,
             params=job.params,
             output=outputs[0] if outputs else None,

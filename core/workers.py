@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import time
 
-from sqlalchemy import ColumnElement, delete, func, select, update
+from sqlalchemy import ColumnElement, case, delete, func, select, update
 from sqlalchemy.orm import Session
 
 from core.models import WorkerNode, utcnow
@@ -19,10 +19,12 @@ def heartbeat(
     queues: list[str],
     in_flight: int,
     tokens_generated: int,
+    chat: bool = False,
 ) -> None:
-    """Create or refresh this worker's row."""
+    """Create or refresh this worker's row (``chat``: its model has a chat template)."""
     values = {
         "model": model,
+        "chat": chat,
         "queues": queues,
         "last_seen": utcnow(),
         "in_flight": in_flight,
@@ -53,6 +55,17 @@ def live_models(session: Session, *, within_s: float) -> dict[str, int]:
         select(WorkerNode.model, func.count()).where(_alive(within_s)).group_by(WorkerNode.model)
     )
     return {str(model): int(count) for model, count in rows}
+
+
+def models_without_chat_template(session: Session, *, within_s: float) -> set[str]:
+    """Models whose live workers all say their tokenizer has no chat template."""
+    rows = session.execute(
+        select(WorkerNode.model)
+        .where(_alive(within_s))
+        .group_by(WorkerNode.model)
+        .having(func.max(case((WorkerNode.chat, 1), else_=0)) == 0)
+    )
+    return {str(model) for (model,) in rows}
 
 
 _CACHE_S = 2.0

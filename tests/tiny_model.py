@@ -110,3 +110,28 @@ def tiny_gpt2_dir(base: Path) -> Path:
     GPT2LMHeadModel(config).save_pretrained(target)
     tokenizer.save_pretrained(target)
     return target
+
+
+# A ChatML-like template, as instruction-tuned models ship in tokenizer_config.json.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ bos_token }}{{ m['role'] }}\n{{ m['content'] }}{{ eos_token }}\n"
+    "{% endfor %}{% if add_generation_prompt %}{{ bos_token }}assistant\n{% endif %}"
+)
+
+
+def tiny_chat_model_dir(base: Path) -> Path:
+    """The tiny model of :func:`tiny_model_dir` with a chat template in its tokenizer
+    config, saved under ``base``."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    target = Path(base) / "tiny-chat"
+    if (target / "config.json").is_file():
+        return target
+    source = tiny_model_dir(base)
+    shutil.copytree(source, target, ignore=shutil.ignore_patterns("README*"))
+    tokenizer: Any = AutoTokenizer.from_pretrained(target)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(target)
+    return target

@@ -152,7 +152,11 @@ class WorkerRuntime:
                 ready.append((claim, GenerationError("model_not_served", message)))
                 continue
             request = GenerationRequest(
-                id=claim.job_id, prompt=claim.prompt, params=claim.params, seed=claim.seed
+                id=claim.job_id,
+                prompt=claim.prompt,
+                params=claim.params,
+                seed=claim.seed,
+                messages=claim.messages,
             )
             futures[self.engine.submit(request)] = claim
         statuses: dict[str, str] = {}
@@ -232,6 +236,7 @@ class WorkerRuntime:
             torch_version=info.torch_version,
             transformers_version=info.transformers_version,
             logprobs=result.logprobs,
+            prompt=result.prompt,
         )
 
     def _hand_back(self, claim: delivery.Claim) -> str:
@@ -306,6 +311,7 @@ class WorkerRuntime:
                 queues=queues,
                 in_flight=in_flight,
                 tokens_generated=self.tokens_generated,
+                chat=self.engine.info.chat_template,
             )
         self._last_heartbeat = time.monotonic()
 

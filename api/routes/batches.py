@@ -12,7 +12,7 @@ from api.deps import IdempotencyKeyHeader, OwnerDep, QueueDep, SessionDep, Setti
 from api.errors import APIError
 from core import batches, files, idempotency
 from core.db import get_sessionmaker
-from core.jobs import served_models
+from core.jobs import models_without_chat_template, served_models
 from core.models import LOCAL_OWNER
 from core.openai_format import COMPLETIONS_URL, RequestError, list_object
 from core.queue import JobQueue
@@ -80,6 +80,7 @@ def create_batch(
             completion_window=body.completion_window,
             metadata=body.metadata,
             models=served_models(session, settings),
+            without_template=models_without_chat_template(session, settings),
             max_lines=settings.max_batch_lines,
             callback_url=str(body.callback_url) if body.callback_url else None,
             before_commit=(lambda batch: replay.remember(batch.id)) if replay else None,

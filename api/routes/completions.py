@@ -1,4 +1,5 @@
-"""POST /v1/completions: OpenAI's completion call, riding the same queue as any job.
+"""POST /v1/completions and /v1/chat/completions: OpenAI's calls, riding the same
+queue as any job.
 
 The request becomes a job; the call waits for it (polling SQL, without holding a
 thread while it sleeps) for up to ``GENQ_COMPLETION_WAIT_S`` and answers with the
@@ -14,21 +15,26 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Request
 from fastapi.responses import JSONResponse
+from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import OwnerDep, QueueDep, SessionDep, SettingsDep
 from api.errors import APIError, error_body
 from core import batches, jobs
+from core.chat import template_messages
 from core.db import get_sessionmaker
 from core.models import LOCAL_OWNER, Job
 from core.openai_format import (
     ParsedRequest,
     RequestError,
-    completion_object,
     error_status,
+    parse_chat,
     parse_completion,
+    response_object,
 )
+from core.queue import JobQueue
 from core.schemas import JobRead
+from core.settings import Settings
 from core.status import JobStatus
 
 router = APIRouter(tags=["completions"])
@@ -64,9 +70,50 @@ async def create_completion(
     try:
         parsed, params = parse_completion(body, models=jobs.served_models(session, settings))
     except RequestError as exc:
-        status = {"model_not_found": 404, "invalid_schema": 422}.get(exc.code, 400)
-        raise APIError(status, exc.code, exc.message, exc.param) from exc
+        raise _api_error(exc) from exc
     job_request = ParsedRequest(None, parsed.prompt, parsed.model, params)
+    return await run_and_wait(request, session, settings, queue, owner, job_request)
+
+
+@router.post("/v1/chat/completions")
+async def create_chat_completion(
+    request: Request,
+    body: Annotated[dict[str, Any], Body(description="OpenAI's chat completion request")],
+    session: SessionDep,
+    settings: SettingsDep,
+    queue: QueueDep,
+    owner: OwnerDep,
+) -> JSONResponse:
+    """Answer a conversation: the body and the answer are OpenAI's. The model's own
+    chat template renders the messages (on the worker)."""
+    try:
+        parsed, params = parse_chat(
+            body,
+            models=jobs.served_models(session, settings),
+            without_template=jobs.models_without_chat_template(session, settings),
+        )
+    except RequestError as exc:
+        raise _api_error(exc) from exc
+    messages = template_messages(parsed.messages)
+    job_request = ParsedRequest(None, "", parsed.model, params, messages)
+    return await run_and_wait(request, session, settings, queue, owner, job_request)
+
+
+def _api_error(exc: RequestError) -> APIError:
+    status = {"model_not_found": 404, "invalid_schema": 422, "model_without_chat_template": 422}
+    return APIError(status.get(exc.code, 400), exc.code, exc.message, exc.param)
+
+
+async def run_and_wait(
+    request: Request,
+    session: Session,
+    settings: Settings,
+    queue: JobQueue,
+    owner: str | None,
+    job_request: ParsedRequest,
+) -> JSONResponse:
+    """Queue the job, then wait for it (polling SQL) and answer in OpenAI's shape, or
+    202 with the job when the wait runs out; a client that goes away cancels it."""
     job_id = await run_in_threadpool(
         batches.submit_request, session, queue, job_request, owner=owner or LOCAL_OWNER
     )
@@ -92,7 +139,7 @@ async def create_completion(
 
 def _answer(job: Job) -> JSONResponse:
     if job.status == JobStatus.SUCCEEDED.value:
-        return JSONResponse(completion_object(job))
+        return JSONResponse(response_object(job))
     if job.status == JobStatus.CANCELLED.value:
         body = error_body("cancelled", f"job {job.id} was cancelled", job_id=job.id)
         return JSONResponse(body, status_code=409)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from core.settings import Settings
-from tests.tiny_model import tiny_gpt2_dir, tiny_model_dir
+from tests.tiny_model import tiny_chat_model_dir, tiny_gpt2_dir, tiny_model_dir
 from worker.engine.base import ModelInfo
 
 # One thread: the tests are many small forwards, and the suite must be fast on 2 cores.
@@ -34,6 +34,12 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def stories(models_dir: Path) -> Loaded:
     """The stories260k model (or a random tiny Llama where ../shared is absent)."""
     return _load(tiny_model_dir(models_dir))
+
+
+@pytest.fixture(scope="session")
+def chat_model(models_dir: Path) -> Loaded:
+    """The tiny Llama with a chat template set in its tokenizer config."""
+    return _load(tiny_chat_model_dir(models_dir))
 
 
 @pytest.fixture(scope="session")

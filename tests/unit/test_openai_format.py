@@ -139,6 +139,7 @@ def job(**values: Any) -> Any:
         "outputs": [" a", " b"],
         "finish_reasons": ["eos", "length"],
         "logprobs": None,
+        "messages": None,
         "prompt_tokens": 2,
         "completion_tokens": 5,
         "error_code": None,

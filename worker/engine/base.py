@@ -33,6 +33,9 @@ class GenerationRequest:
     prompt: str
     params: GenerationParams
     seed: int
+    # A chat request: ``{"role", "content"}`` messages the engine renders with the
+    # model's chat template (``prompt`` is then ignored).
+    messages: list[dict[str, str]] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +64,8 @@ class GenerationResult:
     # Per sequence, per generated token: OpenAI's chat logprobs entries (``token``,
     # ``logprob``, ``bytes``, ``top_logprobs``); None unless the request asked.
     logprobs: list[list[dict[str, Any]]] | None = None
+    # A chat request's prompt as rendered by the chat template (None otherwise).
+    prompt: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +79,7 @@ class ModelInfo:
     device: str
     dtype: str
     context_length: int
+    chat_template: bool = False  # whether chat messages can be rendered
 
 
 class Engine(Protocol):

@@ -29,6 +29,7 @@ from worker.engine import kvcache
 from worker.engine.base import GenerationError, GenerationRequest, GenerationResult, ModelInfo
 from worker.engine.base import Progress as ProgressT
 from worker.engine.beam import run_beam_search
+from worker.engine.chat import render_chat
 from worker.engine.constrained import GrammarCompiler
 from worker.engine.requests import (
     Placed,
@@ -252,7 +253,12 @@ class BatchingEngine:
     def _tokenize(self, state: RequestState) -> bool:
         """Tokenize and size a request; fail it (and return False) if it cannot run."""
         params = state.request.params
-        state.prompt_ids = self.tokenizer(state.request.prompt)["input_ids"]
+        try:
+            state.prompt_ids = self._prompt_ids(state)
+        except GenerationError as exc:
+            state.tokenized = True
+            self._finish(state, exc)
+            return False
         state.prompt_text = self.tokenizer.decode(state.prompt_ids, skip_special_tokens=True)
         state.tokenized = True
         length, context = len(state.prompt_ids), self.info.context_length
@@ -279,6 +285,22 @@ class BatchingEngine:
             self._finish(state, exc)
             return False
         return True
+
+    def _prompt_ids(self, state: RequestState) -> list[int]:
+        """The prompt's tokens; a chat request's messages rendered by the chat template
+        (which writes any BOS itself, so no special tokens are added again)."""
+        messages = state.request.messages
+        if messages is None:
+            ids: list[int] = self.tokenizer(state.request.prompt)["input_ids"]
+            return ids
+        if not self.info.chat_template:
+            raise GenerationError(
+                "model_without_chat_template",
+                f"model {self.info.name!r} has no chat template: send a prompt instead",
+            )
+        state.rendered = render_chat(self.tokenizer, messages)
+        chat_ids: list[int] = self.tokenizer(state.rendered, add_special_tokens=False)["input_ids"]
+        return chat_ids
 
     def _forward(
         self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any

@@ -8,6 +8,7 @@ per token so tests can observe a request mid-generation.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 import time
@@ -33,6 +34,12 @@ def fake_logprobs(words: list[str], top: int) -> list[dict[str, Any]]:
 
     alternatives = sorted({" " + w for w in words}, key=len)[:top]
     return [entry(" " + w) | {"top_logprobs": [entry(a) for a in alternatives]} for w in words]
+
+
+def fake_chat_prompt(messages: list[dict[str, str]]) -> str:
+    """The fake model's chat template: one ``role: content`` line each, then the
+    assistant's turn."""
+    return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
 
 
 def fake_words(prompt: str, params_max_new: int) -> list[str]:
@@ -67,6 +74,7 @@ class FakeEngine:
             device="cpu",
             dtype="none",
             context_length=max_prompt_words,
+            chat_template=True,
         )
         self.max_prompt_words = max_prompt_words
         self.token_delay_s = token_delay_s
@@ -108,6 +116,10 @@ class FakeEngine:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
     def _generate(self, request: GenerationRequest) -> GenerationResult:
+        if request.messages is not None:  # a plain "role: content" template
+            rendered = fake_chat_prompt(request.messages)
+            result = self._generate(dataclasses.replace(request, prompt=rendered, messages=None))
+            return dataclasses.replace(result, prompt=rendered)
         params = request.params.with_defaults(self.default_max_new_tokens)
         if self.crash_on and self.crash_on in request.prompt:
             # Stands in for a segfault or an out-of-memory kill: the process dies.

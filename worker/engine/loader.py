@@ -141,5 +141,6 @@ def load_model(settings: Settings) -> tuple[Any, Any, ModelInfo]:
         device=str(device),
         dtype=str(dtype).removeprefix("torch."),
         context_length=context_length(model.config),
+        chat_template=bool(getattr(tokenizer, "chat_template", None)),
     )
     return model, tokenizer, info

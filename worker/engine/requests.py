@@ -62,6 +62,7 @@ class RequestState:
     constraint: Constraint | None = None  # structured output: one matcher per row
     positions: list[list[TokenLogprob]] = dataclasses.field(default_factory=list)
     error: GenerationError | None = None  # this request failed; the batch goes on
+    rendered: str | None = None  # a chat request's prompt, from the chat template
 
     @property
     def wants_logprobs(self) -> bool:
@@ -167,6 +168,7 @@ class RequestState:
             completion_tokens=sum(len(t) for t in self.tokens),
             aborted=self.aborted,
             logprobs=logprobs,
+            prompt=self.rendered,
         )
 
 
