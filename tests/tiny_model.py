@@ -22,6 +22,8 @@ _CORPUS = [
     "One day, she saw a big dog. The dog was happy and they played together.",
     "The sun was warm and the sky was blue. Tom and Sue went to the shop.",
     "Hello world, the quick brown fox jumps over the lazy dog.",
+    # JSON's characters, so structured output can be spelled with this vocabulary.
+    '{"name": "Lily", "age": 3, "tags": ["red", "blue"], "ok": true, "x": null} 0123456789',
 ]
 
 

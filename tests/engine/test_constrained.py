@@ -144,3 +144,25 @@ def test_unsatisfiable_schema_fails_only_its_request(gpt2: Any, make_engine: Any
     assert info.value.code == "invalid_request"
     assert "nope" in info.value.message
     assert good.result(timeout=30).outputs == reference(gpt2, "Hello", max_new_tokens=5)
+
+
+def test_sentencepiece_style_tokenizers_are_constrained_too(stories: Any, make_engine: Any) -> None:
+    """A Llama tokenizer (Metaspace, byte tokens): llguidance cannot read its decoder
+    from tokenizer.json, so it gets the tokens' bytes; the outputs still validate."""
+    engine = make_engine(stories)
+    futures = [
+        engine.submit(
+            request(
+                p,
+                seed=s,
+                do_sample=bool(s % 2),
+                max_new_tokens=120,
+                response_format=schema_format(PERSON),
+            )
+        )
+        for s, p in enumerate(PROMPTS)
+    ]
+    for future in futures:
+        result = future.result(timeout=60)
+        assert result.finish_reasons[0] != "length", result.outputs
+        jsonschema.validate(json.loads(result.outputs[0]), PERSON)

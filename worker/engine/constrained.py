@@ -11,6 +11,7 @@ token(s), so the row ends as any row does, on EOS.
 
 from __future__ import annotations
 
+import re
 import threading
 from typing import Any
 
@@ -23,6 +24,66 @@ from core.structured import UnsupportedSchemaError, grammar_for
 from worker.engine.base import GenerationError
 
 _BITS = torch.arange(32, dtype=torch.int32)
+_BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+class _TokenTable:
+    """A tokenizer as llguidance's ``TokenizerWrapper`` reads it: each token's bytes.
+
+    For tokenizers llguidance cannot read from their tokenizer.json (it knows
+    byte-level decoders; not e.g. a Metaspace one): SentencePiece's ``▁`` is a space,
+    ``<0xAB>`` a byte, special tokens have no bytes. Text is tokenized greedily
+    (longest known bytes first), not by the tokenizer itself: a Metaspace tokenizer
+    prepends a space to any text, which is not the text llguidance asked for.
+    """
+
+    def __init__(self, tokenizer: Any, vocab: int, eos_id: int) -> None:
+        self.eos_token_id = eos_id
+        self.bos_token_id = tokenizer.bos_token_id
+        special = set(tokenizer.all_special_ids)
+        self.special_token_ids = sorted(i for i in special if i < vocab)
+        pieces = tokenizer.convert_ids_to_tokens(list(range(min(vocab, len(tokenizer)))))
+        self.tokens = [self._bytes(i, piece, special) for i, piece in enumerate(pieces)]
+        self.tokens += [b""] * (vocab - len(self.tokens))
+        self._ids: dict[bytes, int] = {}
+        for token_id, data in enumerate(self.tokens):
+            if data:
+                self._ids.setdefault(data, token_id)
+        self._longest = max((len(b) for b in self._ids), default=1)
+
+    @staticmethod
+    def _bytes(token_id: int, piece: str | None, special: set[int]) -> bytes:
+        if piece is None or token_id in special:
+            return b""
+        match = _BYTE_TOKEN.fullmatch(piece)
+        if match:
+            return bytes([int(match.group(1), 16)])
+        return piece.replace("\u2581", " ").encode()
+
+    def __call__(self, text: str | bytes) -> list[int]:
+        data = text.encode() if isinstance(text, str) else text
+        ids: list[int] = []
+        start = 0
+        while start < len(data):
+            for end in range(min(len(data), start + self._longest), start, -1):
+                token_id = self._ids.get(data[start:end])
+                if token_id is not None:
+                    ids.append(token_id)
+                    start = end
+                    break
+            else:
+                start += 1  # a byte no token holds: it cannot be generated anyway
+        return ids
+
+
+def _ll_tokenizer_of(tokenizer: Any, vocab: int, eos_ids: list[int]) -> llguidance.LLTokenizer:
+    try:
+        return llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab, eos_token=eos_ids)
+    except ValueError:  # a decoder llguidance cannot read: give it the tokens' bytes
+        table = _TokenTable(tokenizer, vocab, eos_ids[0])
+        return llguidance.LLTokenizer(
+            llguidance.TokenizerWrapper(table), n_vocab=vocab, eos_token=eos_ids
+        )
 
 
 def unpack_bitmask(bitmask: torch.Tensor, vocab: int) -> torch.Tensor:
@@ -89,18 +150,27 @@ class GrammarCompiler:
         self.eos_ids = sorted(eos_ids)
         self._lock = threading.Lock()
         self._tokenizer: llguidance.LLTokenizer | None = None
+        self._failure: GenerationError | None = None
 
     def _ll_tokenizer(self) -> llguidance.LLTokenizer:
         with self._lock:
+            if self._failure is not None:
+                raise self._failure
             if self._tokenizer is None:
                 if not self.eos_ids:
-                    raise GenerationError(
+                    self._failure = GenerationError(
                         "unsupported_model",
                         "structured output needs a model with an EOS token; this one has none",
                     )
-                self._tokenizer = llguidance.hf.from_tokenizer(
-                    self._hf_tokenizer, n_vocab=self.vocab, eos_token=self.eos_ids
-                )
+                    raise self._failure
+                try:
+                    self._tokenizer = _ll_tokenizer_of(self._hf_tokenizer, self.vocab, self.eos_ids)
+                except Exception as exc:  # never the scheduler's death: this request's
+                    self._failure = GenerationError(
+                        "unsupported_model",
+                        f"structured output is not available for this model's tokenizer: {exc}",
+                    )
+                    raise self._failure from exc
             return self._tokenizer
 
     def constraint_for(self, params: GenerationParams, rows: int) -> Constraint | None:
