@@ -100,20 +100,25 @@ class Constraint:
         self.vocab = vocab
         self.words = (vocab + 31) // 32
 
-    def allowed(self) -> torch.Tensor:
-        """``[n, vocab]`` bool: the tokens each row may take next.
+    def fill(self, bitmask: torch.Tensor, start: int) -> None:
+        """Write the rows' allowed tokens into ``bitmask[start : start + n]`` (int32,
+        contiguous, on the CPU), so many requests' masks are unpacked and applied at once.
 
         Raises :class:`GenerationError` if a matcher is in an error state (it cannot
         say what is allowed; the request fails, not the batch).
         """
-        bitmask = torch.zeros((len(self.matchers), self.words), dtype=torch.int32)
         for i, matcher in enumerate(self.matchers):
             if matcher.is_error():
                 raise GenerationError(
                     "constraint_failed", f"structured output failed: {matcher.get_error()}"
                 )
-            row = bitmask[i]
+            row = bitmask[start + i]
             matcher.unsafe_compute_mask_ptr(row.data_ptr(), row.numel() * row.element_size())
+
+    def allowed(self) -> torch.Tensor:
+        """``[n, vocab]`` bool: the tokens each row may take next."""
+        bitmask = torch.zeros((len(self.matchers), self.words), dtype=torch.int32)
+        self.fill(bitmask, 0)
         return unpack_bitmask(bitmask, self.vocab)
 
     def mask(self, logits: torch.Tensor) -> torch.Tensor:

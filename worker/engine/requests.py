@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from worker.engine.base import FinishReason, GenerationError, GenerationRequest, GenerationResult
-from worker.engine.constrained import Constraint
+from worker.engine.constrained import Constraint, unpack_bitmask
 from worker.engine.logprobs import TokenLogprob, position_logprobs, to_entries
 from worker.engine.sampling import SamplingSpec
 
@@ -179,20 +179,30 @@ Placed = list[tuple[RequestState, list[int]]]
 def constrain_rows(logits: torch.Tensor, placed: Placed) -> torch.Tensor:
     """``logits`` with each constrained row's disallowed tokens at ``-inf``.
 
-    The same tensor when no row is constrained (free batches pay nothing); a request
-    whose matcher fails is failed alone and its rows left as they were.
+    The same tensor when no row is constrained (free batches pay nothing). The masks
+    of all constrained rows are filled into one bitmask and applied in one operation;
+    a request whose matcher fails is failed alone, its rows left as they were.
     """
-    masked = logits
-    for state, rows in placed:
-        if state.constraint is None or state.done:
-            continue
-        if masked is logits:
-            masked = logits.clone()
-        index = torch.tensor(rows, dtype=torch.long, device=logits.device)
+    constrained = [(s, r) for s, r in placed if s.constraint is not None and not s.done]
+    if not constrained:
+        return logits
+    first = constrained[0][0].constraint
+    assert first is not None
+    rows = [row for _, r in constrained for row in r]
+    bitmask = torch.zeros((len(rows), first.words), dtype=torch.int32)
+    start = 0
+    for state, state_rows in constrained:
+        assert state.constraint is not None
         try:
-            masked[index] = state.constraint.mask(logits[index])
+            state.constraint.fill(bitmask, start)
         except GenerationError as exc:
             state.fail(exc)
+            bitmask[start : start + len(state_rows)] = -1  # all allowed: the row is ignored
+        start += len(state_rows)
+    allowed = unpack_bitmask(bitmask, logits.shape[-1]).to(logits.device)
+    index = torch.tensor(rows, dtype=torch.long, device=logits.device)
+    masked = logits.clone()
+    masked[index] = logits[index].masked_fill(~allowed, float("-inf"))
     return masked
 
 
