@@ -16,13 +16,17 @@ the runs differ only by the masks:
 Then the mask alone (llguidance's bitmask, its unpacking and the token's
 consumption) per row and step, outside the engine.
 
-    python -m bench.constrained [--rows 32] [--new 64] [--threads 2] [--layers 12]
+The workloads run in turn, ``--rounds`` times (alternating order), and each figure is
+the median over rounds: on a shared, noisy machine that keeps the ratios side by side.
+
+    python -m bench.constrained [--rows 32] [--new 64] [--threads 2] [--layers 12] [--rounds 3]
 """
 
 from __future__ import annotations
 
 import argparse
 import random
+import statistics
 import subprocess
 import time
 from pathlib import Path
@@ -115,6 +119,7 @@ def main() -> None:
     parser.add_argument("--new", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--tokenizer", type=Path, default=TOKENIZER)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -132,7 +137,12 @@ def main() -> None:
     }
     try:
         run(engine, prompts[:4], workloads["nested"][:4], 8)  # warm-up, llguidance tokenizer
-        rates = {name: run(engine, prompts, f, args.new) for name, f in workloads.items()}
+        samples: dict[str, list[float]] = {name: [] for name in workloads}
+        for round_ in range(args.rounds):
+            order = list(workloads) if round_ % 2 == 0 else list(reversed(workloads))
+            for name in order:
+                samples[name].append(run(engine, prompts, workloads[name], args.new))
+        rates = {name: statistics.median(values) for name, values in samples.items()}
         schemas = (("string", STRING), ("nested", NESTED))
         masks = {name: mask_cost(engine, s, 200) for name, s in schemas}
     finally:
@@ -140,7 +150,8 @@ def main() -> None:
     flags = cpu_flags()
     print(
         f"GPT-2 shape, {args.layers} layers, fp32, {args.threads} threads, "
-        f"{args.rows} rows x {args.new} new tokens; CPU flags: {flags}"
+        f"{args.rows} rows x {args.new} new tokens, median of {args.rounds} rounds; "
+        f"CPU flags: {flags}"
     )
     for name, rate in rates.items():
         print(f"  {name:7s} {rate:8.1f} tok/s  {rate / rates['free']:.2f}x free")

@@ -144,12 +144,14 @@ class JobCreate(GenerationParams):
     """Body of ``POST /v1/jobs``: a prompt (or chat messages), an optional model, and
     the parameters."""
 
-    prompt: str | None = Field(default=None, min_length=1, max_length=MAX_PROMPT_CHARS)
+    # messages first: the prompt's validator sees them (a 422 then names "prompt").
     messages: Messages | None = Field(
         default=None,
-        validate_default=True,
         description="instead of prompt: OpenAI's chat messages, rendered with the model's "
         "chat template; the output is the assistant's reply",
+    )
+    prompt: str | None = Field(
+        default=None, min_length=1, max_length=MAX_PROMPT_CHARS, validate_default=True
     )
     model: str | None = Field(default=None, min_length=1, max_length=512)
     priority: Priority = Field(
@@ -159,26 +161,24 @@ class JobCreate(GenerationParams):
         default=None, description="POSTed the job, signed, when it finishes, fails or is cancelled"
     )
 
-    @field_validator("prompt")
-    @classmethod
-    def _prompt_not_blank(cls, value: str | None) -> str | None:
-        if value is not None and not value.strip():
-            raise ValueError("prompt must not be blank")
-        return value
-
     @field_validator("messages")
     @classmethod
-    def _prompt_or_messages(
-        cls, value: list[ChatMessage] | None, info: ValidationInfo
-    ) -> list[ChatMessage] | None:
-        if "prompt" not in info.data:  # the prompt was invalid: that error says enough
-            return value
-        prompt = info.data["prompt"]
-        if value is None and prompt is None:
-            raise ValueError("give prompt or messages")
-        if value is not None and prompt is not None:
-            raise ValueError("give prompt or messages, not both")
+    def _answerable(cls, value: list[ChatMessage] | None) -> list[ChatMessage] | None:
         return check_conversation(value) if value is not None else None
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_or_messages(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("prompt must not be blank")
+        if "messages" not in info.data:  # the messages were invalid: that error says enough
+            return value
+        messages = info.data["messages"]
+        if value is None and messages is None:
+            raise ValueError("give prompt (or chat messages)")
+        if value is not None and messages is not None:
+            raise ValueError("give prompt or messages, not both")
+        return value
 
     def params(self) -> GenerationParams:
         """The generation parameters alone, without prompt and model."""

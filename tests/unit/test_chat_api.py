@@ -109,9 +109,9 @@ def test_messages_on_jobs_and_bulk(api: TestClient) -> None:
     assert done["status"] == "succeeded" and done["output"] == " assistant: two"
     assert done["prompt"] == RENDERED
     both = api.post("/v1/jobs", json={"messages": MESSAGES, "prompt": "x"})
-    assert both.status_code == 422 and both.json()["error"]["param"] == "messages"
+    assert both.status_code == 422 and both.json()["error"]["param"] == "prompt"
     neither = api.post("/v1/jobs", json={"max_new_tokens": 2})
-    assert neither.status_code == 422 and neither.json()["error"]["param"] == "messages"
+    assert neither.status_code == 422 and neither.json()["error"]["param"] == "prompt"
     bulk = api.post(
         "/v1/jobs/bulk",
         json={"jobs": [{"prompt": "a b", "max_new_tokens": 1}, {"messages": MESSAGES}]},
