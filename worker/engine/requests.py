@@ -1,8 +1,9 @@
 """The state of one request inside the batching engine, and how its text is made.
 
-A request owns ``n`` rows of the running batch (``num_return_sequences``); its
-rows join together and leave together, so a sampling request draws from its own
-generator on an ``[n, vocab]`` slice exactly as ``generate`` would.
+A request owns ``n`` rows of the running batch (``num_return_sequences``, or
+``num_beams`` for beam search); its rows join together and leave together, so a
+sampling request draws from its own generator on an ``[n, vocab]`` slice exactly as
+``generate`` would, and a beam request reorders only its own rows.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from typing import Any
 
 import torch
 
-from worker.engine.base import FinishReason, GenerationRequest, GenerationResult
+from worker.engine.base import FinishReason, GenerationError, GenerationRequest, GenerationResult
+from worker.engine.beam import BeamSearch
 from worker.engine.sampling import SamplingSpec
 
 # Extra tokens decoded before the tail when looking for stop strings: some
@@ -40,6 +42,23 @@ def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
     return (text[: min(cuts)], True) if cuts else (text, False)
 
 
+def tail_has_stop(
+    prompt_ids: list[int], tokens: list[int], stops: list[str], tokenizer: Any
+) -> bool:
+    """Whether the newest token completed one of ``stops``: only the decoded tail is
+    looked at (a bounded cost per token, whatever the vocabulary or the stop strings)."""
+    # A stop string completed by the newest token lies within the last
+    # len(stop) tokens (each token is at least one character), plus slack.
+    tail_len = max(len(s) for s in stops) + 2
+    context = (prompt_ids + tokens)[-(tail_len + _TAIL_CONTEXT) : -tail_len]
+    if len(tokens) <= tail_len:
+        context = prompt_ids[-_TAIL_CONTEXT:]
+    head = tokenizer.decode(context, skip_special_tokens=True)
+    text = tokenizer.decode(context + tokens[-tail_len:], skip_special_tokens=True)
+    tail = strip_prefix(text, head)
+    return any(s in tail for s in stops)
+
+
 @dataclasses.dataclass(eq=False)
 class RequestState:
     """One request from submission to its resolved future."""
@@ -57,6 +76,9 @@ class RequestState:
     started: bool = False
     aborted: bool = False
     tokenized: bool = False
+    beam: BeamSearch | None = None
+    error: GenerationError | None = None  # set when this request alone failed
+    restarts: int = 0  # times it was taken out of the batch to retry (unattributed errors)
 
     @property
     def cost(self) -> int:
@@ -65,14 +87,59 @@ class RequestState:
 
     @property
     def done(self) -> bool:
-        """Every row finished (or the request was aborted)."""
-        return self.aborted or all(r is not None for r in self.reasons)
+        """Every row finished (or the request was aborted, or failed)."""
+        if self.aborted or self.error is not None:
+            return True
+        if self.beam is not None:
+            return self.beam.done
+        return all(r is not None for r in self.reasons)
 
-    def start(self, generator: torch.Generator | None) -> None:
-        """Reset the per-row state when the request joins the batch."""
+    def tokenize(
+        self, tokenizer: Any, context: int, max_rows: int, max_tokens: int
+    ) -> GenerationError | None:
+        """Tokenize and size the request; the error that keeps it from running, if any."""
+        params = self.request.params
+        self.prompt_ids = tokenizer(self.request.prompt)["input_ids"]
+        self.prompt_text = tokenizer.decode(self.prompt_ids, skip_special_tokens=True)
+        self.tokenized = True
+        length = len(self.prompt_ids)
+        if length == 0:
+            return GenerationError("empty_prompt", "the prompt has no tokens")
+        if length >= context:
+            message = f"the prompt has {length} tokens; the model's context is {context} tokens"
+            return GenerationError("prompt_too_long", message)
+        if params.max_new_tokens is not None:
+            wanted = params.max_new_tokens
+        else:  # max_length, as generate counts it: at least one new token
+            wanted = max(1, (params.max_length or 0) - length)
+        self.max_new = min(wanted, context - length)
+        if self.n > max_rows or self.cost > max_tokens:
+            message = (
+                f"the request needs {self.n} rows and {self.cost} tokens of cache; this"
+                f" worker holds {max_rows} rows and {max_tokens} tokens"
+            )
+            return GenerationError("request_too_large", message)
+        return None
+
+    def start(
+        self, generator: torch.Generator | None, eos_ids: frozenset[int], tokenizer: Any
+    ) -> None:
+        """Reset the per-row state when the request joins the batch (again)."""
         self.tokens = [[] for _ in range(self.n)]
         self.reasons = [None] * self.n
         self.generator = generator
+        self.error = None
+        self.beam = None
+        if self.request.params.uses_beams:
+            self.beam = BeamSearch(
+                self.request.params,
+                self.prompt_ids,
+                self.max_new,
+                eos_ids,
+                generator,
+                lambda tokens: self.stop_hit(tokens, tokenizer),
+            )
+            self.tokens = [[]]
         self.started = True
 
     def history(self, pad_id: int) -> torch.Tensor:
@@ -91,32 +158,30 @@ class RequestState:
         tokens.append(token)
         if token in eos_ids:
             self.reasons[row] = "eos"
-        elif self.request.params.stop and self._tail_has_stop(tokens, tokenizer):
+        elif self.stop_hit(tokens, tokenizer):
             self.reasons[row] = "stop"
         elif len(tokens) >= self.max_new:
             self.reasons[row] = "length"
 
-    def _tail_has_stop(self, tokens: list[int], tokenizer: Any) -> bool:
+    def stop_hit(self, tokens: list[int], tokenizer: Any) -> bool:
+        """Whether ``tokens`` (generated so far) just completed a stop string."""
         stops = self.request.params.stop
-        # A stop string completed by the newest token lies within the last
-        # len(stop) tokens (each token is at least one character), plus slack.
-        tail_len = max(len(s) for s in stops) + 2
-        context = (self.prompt_ids + tokens)[-(tail_len + _TAIL_CONTEXT) : -tail_len]
-        if len(tokens) <= tail_len:
-            context = self.prompt_ids[-_TAIL_CONTEXT:]
-        head = tokenizer.decode(context, skip_special_tokens=True)
-        text = tokenizer.decode(context + tokens[-tail_len:], skip_special_tokens=True)
-        tail = strip_prefix(text, head)
-        return any(s in tail for s in stops)
+        return bool(stops) and tail_has_stop(self.prompt_ids, tokens, stops, tokenizer)
 
-    def output_text(self, row: int, tokenizer: Any) -> tuple[str, bool]:
-        """Row ``row``'s continuation and whether a stop string cut it."""
-        full = tokenizer.decode(self.prompt_ids + self.tokens[row], skip_special_tokens=True)
+    def text_of(self, tokens: list[int], tokenizer: Any) -> tuple[str, bool]:
+        """The continuation made of ``tokens`` and whether a stop string cut it."""
+        full = tokenizer.decode(self.prompt_ids + tokens, skip_special_tokens=True)
         text = strip_prefix(full, self.prompt_text)
         return cut_at_stop(text, self.request.params.stop)
 
+    def output_text(self, row: int, tokenizer: Any) -> tuple[str, bool]:
+        """Row ``row``'s continuation and whether a stop string cut it."""
+        return self.text_of(self.tokens[row], tokenizer)
+
     def result(self, tokenizer: Any) -> GenerationResult:
         """The result of the rows as they stand (complete, or partial when aborted)."""
+        if self.beam is not None and self.started:
+            return self.beam.result(lambda t: self.text_of(t, tokenizer), self.aborted)
         if not self.started:  # aborted while waiting: nothing was generated
             return GenerationResult(
                 outputs=[""] * self.n,

@@ -102,12 +102,16 @@ def apply_top_p(scores: torch.Tensor, top_p: float, min_tokens_to_keep: int = 1)
 
 
 def process_logits(
-    scores: torch.Tensor, input_ids: torch.Tensor | None, spec: SamplingSpec
+    scores: torch.Tensor,
+    input_ids: torch.Tensor | None,
+    spec: SamplingSpec,
+    min_tokens_to_keep: int = 1,
 ) -> torch.Tensor:
     """Apply the spec's processors to one request's float32 ``[n, vocab]`` scores.
 
     ``input_ids`` (``[n, length]``, no padding) is needed only when
-    :attr:`SamplingSpec.needs_history`.
+    :attr:`SamplingSpec.needs_history`. ``min_tokens_to_keep`` is that of generate's
+    top-k and top-p warpers (more than 1 under beam sampling).
     """
     if spec.repetition_penalty != 1.0:
         assert input_ids is not None
@@ -119,9 +123,9 @@ def process_logits(
         if spec.temperature != 1.0:
             scores = scores / spec.temperature
         if spec.top_k != 0:
-            scores = apply_top_k(scores, spec.top_k)
+            scores = apply_top_k(scores, spec.top_k, min_tokens_to_keep)
         if spec.top_p < 1.0:
-            scores = apply_top_p(scores, spec.top_p)
+            scores = apply_top_p(scores, spec.top_p, min_tokens_to_keep)
     return scores
 
 
