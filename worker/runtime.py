@@ -28,7 +28,13 @@ from core import delivery, workers
 from core.db import run_with_retry, session_scope
 from core.queue import JobQueue, queues_for
 from core.settings import Settings
-from worker.engine.base import Engine, GenerationError, GenerationRequest, GenerationResult
+from worker.engine.base import (
+    REQUEUE,
+    Engine,
+    GenerationError,
+    GenerationRequest,
+    GenerationResult,
+)
 from worker.isolation import JobSlots, SharedExclusiveLock
 
 log = logging.getLogger(__name__)
@@ -196,6 +202,8 @@ class WorkerRuntime:
                 self._reported.pop(claim.job_id, None)
             handing_back = {c.job_id for c, _ in ready} & self._handing_back
             self._handing_back -= handing_back
+        # The engine could not place these (not their fault): back to the queue.
+        handing_back |= {c.job_id for c, r in ready if _requeued(r)}
         statuses = {
             job_id: self._hand_back(c) for c, _ in ready if (job_id := c.job_id) in handing_back
         }
@@ -331,6 +339,10 @@ def _outcome(future: Future[GenerationResult]) -> GenerationResult | GenerationE
     except Exception as exc:
         log.exception("generation failed")
         return GenerationError("internal_error", f"{type(exc).__name__}: {exc}")
+
+
+def _requeued(result: GenerationResult | GenerationError) -> bool:
+    return isinstance(result, GenerationError) and result.code == REQUEUE
 
 
 def _status(result: GenerationResult | GenerationError) -> str:

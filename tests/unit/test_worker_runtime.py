@@ -316,3 +316,30 @@ def test_results_that_cannot_be_stored_leave_their_jobs_for_the_sweeper(
         assert sorted(r.job_id for r in routes) == sorted(ids)
     finally:
         runtime.close()
+
+
+class _RequeueingEngine(FakeEngine):
+    """An engine that cannot place any request (as when memory runs out even alone)."""
+
+    def submit(self, request: Any) -> Any:
+        from concurrent.futures import Future
+
+        from worker.engine.base import REQUEUE, GenerationError
+
+        future: Future[Any] = Future()
+        future.set_exception(GenerationError(REQUEUE, "out of memory even alone"))
+        return future
+
+
+def test_a_job_the_engine_cannot_place_goes_back_to_the_queue_not_to_failed(
+    client: TestClient, fast_settings: Settings, queue: RecordingQueue
+) -> None:
+    runtime = WorkerRuntime(fast_settings, _RequeueingEngine(), queue)
+    try:
+        job_id = submit_prompt(client, max_new_tokens=3)
+        assert runtime.run_job(job_id, worker="w1") == "handed_back"
+        job = client.get(f"/v1/jobs/{job_id}").json()
+        assert job["status"] == "queued" and job["error"] is None
+        assert queue.sent.count(job_id) == 2  # submitted, then re-sent
+    finally:
+        runtime.close()

@@ -139,6 +139,8 @@ def choose_tokens(
     scores = process_logits(scores, input_ids, spec)
     if spec.do_sample:
         probs = torch.softmax(scores, dim=-1)
+        if not bool(torch.isfinite(probs).all()):  # e.g. logits / a tiny temperature overflowed
+            raise FloatingPointError("the sampling probabilities are not finite")
         return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
     return torch.argmax(scores, dim=-1)
 
