@@ -114,3 +114,21 @@ def test_beam_abort_and_progress(stories: Any, make_engine: Any) -> None:
     result = future.result(timeout=10)
     assert result.aborted and result.completion_tokens >= 5
     assert engine.check_health()
+
+
+def test_stop_strings_need_no_vocabulary_table(
+    gpt2: Any, make_engine: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Long stop strings on a beam request are checked on decoded tails: transformers'
+    per-vocabulary StopStringCriteria tables (seconds and hundreds of MiB) are never built."""
+    from transformers.generation import stopping_criteria
+
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("StopStringCriteria built")
+
+    monkeypatch.setattr(stopping_criteria.StopStringCriteria, "__init__", refuse)
+    engine = make_engine(gpt2)
+    stops = [chr(ord("a") + i) * 256 for i in range(8)]
+    kwargs: dict[str, Any] = {"max_new_tokens": 8, "num_beams": 3}
+    result = engine.submit(request(STORY, stop=stops, **kwargs)).result(timeout=60)
+    assert result.outputs == reference(gpt2, STORY, **kwargs)  # no stop string occurs

@@ -62,26 +62,22 @@ def apply_repetition_penalty(
     return scores.scatter(1, input_ids, score)
 
 
-def banned_ngram_tokens(tokens: list[int], n: int) -> list[int]:
-    """Tokens that would complete an n-gram already present in ``tokens``."""
-    if len(tokens) + 1 < n:
-        return []
-    prefix = tuple(tokens[len(tokens) - n + 1 :])
-    return [
-        tokens[i + n - 1]
-        for i in range(len(tokens) - n + 1)
-        if tuple(tokens[i : i + n - 1]) == prefix
-    ]
-
-
 def apply_no_repeat_ngram(scores: torch.Tensor, input_ids: torch.Tensor, n: int) -> torch.Tensor:
-    """Forbid tokens that would repeat an n-gram of the row's sequence."""
-    scores = scores.clone()
-    for row, tokens in enumerate(input_ids.tolist()):
-        banned = banned_ngram_tokens(tokens, n)
-        if banned:
-            scores[row, banned] = _NEG_INF
-    return scores
+    """Forbid tokens that would repeat an n-gram of the row's sequence.
+
+    Vectorized over rows and positions (no Python loop per token): each window of
+    ``n`` tokens whose first ``n - 1`` equal the row's last ``n - 1`` bans its last token,
+    as transformers' ``NoRepeatNGramLogitsProcessor`` does.
+    """
+    length = input_ids.shape[1]
+    if length < n:  # no complete n-gram yet
+        return scores
+    windows = input_ids.unfold(1, n, 1)  # [rows, length - n + 1, n]
+    prefix = input_ids[:, length - n + 1 :]  # the last n - 1 tokens
+    match = (windows[:, :, : n - 1] == prefix[:, None, :]).all(dim=-1)
+    banned = torch.zeros(scores.shape, dtype=torch.int32, device=scores.device)
+    banned.scatter_add_(1, windows[:, :, -1].to(scores.device), match.to(torch.int32))
+    return scores.masked_fill(banned > 0, _NEG_INF)
 
 
 def apply_top_k(scores: torch.Tensor, top_k: int, min_tokens_to_keep: int = 1) -> torch.Tensor:
