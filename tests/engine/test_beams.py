@@ -132,3 +132,24 @@ def test_stop_strings_need_no_vocabulary_table(
     kwargs: dict[str, Any] = {"max_new_tokens": 8, "num_beams": 3}
     result = engine.submit(request(STORY, stop=stops, **kwargs)).result(timeout=60)
     assert result.outputs == reference(gpt2, STORY, **kwargs)  # no stop string occurs
+
+
+def test_a_short_job_is_not_held_up_by_beams_waiting_for_rows(
+    stories: Any, make_engine: Any
+) -> None:
+    """Room for one beam request at a time: a greedy job submitted behind two beam
+    requests runs in the rows they cannot use, and finishes while the last one waits."""
+    engine = make_engine(stories, max_batch_size=6)
+    beam: dict[str, Any] = {"num_beams": 5, "max_new_tokens": 40, "early_stopping": "never"}
+    first = request(STORY, **beam)
+    beams = [engine.submit(first)]
+    wait_for_tokens(engine, first.id, 2)
+    last = request("The dog", **beam)
+    beams += [engine.submit(request("Hello", **beam)), engine.submit(last)]
+    short = engine.submit(request("A big red ball was", max_new_tokens=3))
+    assert short.result(timeout=60).outputs == reference(
+        stories, "A big red ball was", max_new_tokens=3
+    )
+    assert engine.progress(last.id) is None  # still waiting for rows
+    for future in beams:
+        future.result(timeout=120)

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
-from worker.engine import kvcache
+from worker.engine import admission, kvcache
 from worker.engine.base import (
     REQUEUE,
     GenerationError,
@@ -262,26 +262,18 @@ class BatchingEngine:
             self._waiting.extendleft(reversed(again))
 
     def _admit(self) -> list[RequestState]:
-        """Pop the requests that fit, FIFO."""
-        newcomers: list[RequestState] = []
+        """Pop the requests that fit (:func:`~worker.engine.admission.pick`) and start them."""
         with self._lock:
             while not self._closing and not self._waiting and not self._jobs:
                 self._lock.wait()
+            if self._closing:
+                return []
             rows = sum(s.n for s in self._jobs)
             tokens = sum(s.cost for s in self._jobs)
-            while self._waiting and not self._closing:
-                state = self._waiting[0]
-                if not state.tokenized and not self._tokenize(state):
-                    self._waiting.popleft()
-                    continue
-                fits = rows + state.n <= self.max_batch_size
-                if not fits or tokens + state.cost > self.max_tokens_in_flight:
-                    break
-                self._waiting.popleft()
-                self._start(state)
-                newcomers.append(state)
-                rows += state.n
-                tokens += state.cost
+            room = (self.max_batch_size - rows, self.max_tokens_in_flight - tokens)
+            newcomers = admission.pick(self._waiting, room, self._tokenize)
+        for state in newcomers:
+            self._start(state)
         return newcomers
 
     def _start(self, state: RequestState) -> None:
@@ -421,13 +413,10 @@ class BatchingEngine:
         else:
             state.future.set_result(outcome)
 
-    def _fail(self, state: RequestState, error: GenerationError) -> None:
-        self._finish(state, error)
-
     def _fail_all(self, error: GenerationError) -> None:
         with self._lock:
             self._accepting = False
             states = list(self._states.values())
             self._waiting.clear()
         for state in states:
-            self._fail(state, error)
+            self._finish(state, error)

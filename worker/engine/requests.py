@@ -79,6 +79,7 @@ class RequestState:
     beam: BeamSearch | None = None
     error: GenerationError | None = None  # set when this request alone failed
     restarts: int = 0  # times it was taken out of the batch to retry (unattributed errors)
+    passed_over: int = 0  # times later requests were admitted while it did not fit
 
     @property
     def cost(self) -> int:
