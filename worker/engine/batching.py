@@ -361,8 +361,9 @@ class BatchingEngine:
         moves: Moves = []
         chosen = choose(logits, placed, self.pad_id, moves)
         self._batch.advance(chosen)
-        for rows, sources in moves:
-            self._batch.reorder(rows, sources)
+        if moves:  # every beam request's rows in one gather per buffer (their rows are disjoint)
+            targets = [row for own, _ in moves for row in own]
+            self._batch.reorder(targets, [source for _, sources in moves for source in sources])
         record(chosen, placed, self.eos_ids, self.tokenizer)
 
     def _retire(self) -> None:
