@@ -252,7 +252,9 @@ class BatchingEngine:
         again: list[RequestState] = []
         for state in states:
             state.restarts += 1
-            if state.restarts > MAX_RESTARTS:
+            if state.started and state.done:  # aborted or failed by itself: resolve it
+                self._finish(state, self._outcome(state))
+            elif state.restarts > MAX_RESTARTS:
                 message = "taken out of the batch too often by errors that were not its own"
                 self._finish(state, GenerationError(REQUEUE, message))
             else:
