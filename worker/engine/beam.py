@@ -75,8 +75,6 @@ class BeamSearch:
         if self.spec.needs_history:
             history = torch.tensor([self.prompt_ids + r for r in self.running], dtype=torch.long)
         log_probs = process_logits(log_probs, history, self.spec, self.min_keep)
-        if bool(torch.isnan(log_probs).any()) or not bool(torch.isfinite(log_probs).any()):
-            raise FloatingPointError("the beam scores are not finite")
         accumulated = (log_probs + self.running_scores[:, None]).reshape(1, -1)
         if self.spec.do_sample:
             probs = torch.softmax(accumulated, dim=-1)
@@ -89,6 +87,10 @@ class BeamSearch:
         else:
             top, indices = torch.topk(accumulated, k=self.keep)
         top, indices = top[0], indices[0]
+        # topk ranks NaN first, and the best is -inf only if every score is: checking the
+        # best candidate costs nothing next to a pass over the vocabulary.
+        if not bool(torch.isfinite(top[0])):
+            raise FloatingPointError("the beam scores are not finite")
         parents = (indices // vocab).tolist()
         tokens = (indices % vocab).tolist()
         candidates = [self.running[p] + [t] for p, t in zip(parents, tokens, strict=True)]

@@ -49,7 +49,9 @@ def choose(
     request that fails here fails alone. Beam reorders go to ``moves`` (none after a
     prefill: a beam request's rows are then copies of one prompt)."""
     chosen = torch.argmax(logits, dim=-1)
-    nan_rows = torch.isnan(logits).any(dim=-1).tolist()
+    # argmax picks a NaN when a row has one: checking the chosen logits finds NaN rows
+    # without another pass over the vocabulary.
+    nan_rows = logits.gather(1, chosen[:, None]).isnan().flatten().tolist()
     for state, rows in placed:
         try:
             if any(nan_rows[row] for row in rows):
