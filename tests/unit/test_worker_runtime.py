@@ -339,8 +339,8 @@ def test_a_job_the_engine_cannot_place_goes_back_to_the_queue_not_to_failed(
         job_id = submit_prompt(client, max_new_tokens=3)
         assert runtime.run_job(job_id, worker="w1") == "handed_back"
         job = client.get(f"/v1/jobs/{job_id}").json()
-        assert job["status"] == "queued" and job["error"] is None
-        assert queue.sent.count(job_id) == 2  # submitted, then re-sent
+        # Queued again, no failure stored; its message goes back through the task.
+        assert job["status"] == "queued" and job["error"] is None and job["attempts"] == 0
     finally:
         runtime.close()
 
