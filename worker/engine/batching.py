@@ -40,8 +40,15 @@ from worker.engine.base import (
     ModelInfo,
 )
 from worker.engine.base import Progress as ProgressT
-from worker.engine.choosing import Moves, Placed, choose, error_of, is_memory_error, record
-from worker.engine.requests import RequestState, cut_at_stop, prefill_groups, strip_prefix
+from worker.engine.choosing import (
+    Moves,
+    choose,
+    error_of,
+    is_memory_error,
+    placed_consecutively,
+    record,
+)
+from worker.engine.requests import RequestState, eos_ids, prefill_groups
 from worker.engine.sampling import SamplingSpec, make_generator
 
 log = logging.getLogger(__name__)
@@ -59,15 +66,6 @@ PREFILL_FORWARD_COST = 64
 # Times a request may be taken out of the batch and started again after errors that
 # are not its own, before it is handed back to the worker's queue.
 MAX_RESTARTS = 2
-
-
-def _eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
-    eos = getattr(model.generation_config, "eos_token_id", None)
-    if eos is None:
-        eos = tokenizer.eos_token_id
-    if eos is None:
-        return frozenset()
-    return frozenset([eos] if isinstance(eos, int) else eos)
 
 
 class BatchingEngine:
@@ -95,7 +93,7 @@ class BatchingEngine:
         self.max_tokens_in_flight = max_tokens_in_flight
         self.default_max_new_tokens = default_max_new_tokens
         self.device = next(model.parameters()).device
-        self.eos_ids = _eos_ids(model, tokenizer)
+        self.eos_ids = eos_ids(model, tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         forward = inspect.signature(model.forward).parameters
         # transformers 5 renamed past_key_values to cache; accept both.
@@ -156,12 +154,8 @@ class BatchingEngine:
         state = self._states.get(request_id)
         if state is None or not state.started:
             return None
-        tokens = [list(t) for t in state.tokens]  # a snapshot: the scheduler appends
-        if not tokens:
-            return ProgressT(tokens=0, text="")
-        full = self.tokenizer.decode(state.prompt_ids + tokens[0], skip_special_tokens=True)
-        text, _ = cut_at_stop(strip_prefix(full, state.prompt_text), state.request.params.stop)
-        return ProgressT(tokens=sum(len(t) for t in tokens), text=text)
+        tokens, text = state.progress(self.tokenizer)
+        return ProgressT(tokens=tokens, text=text)
 
     def check_health(self) -> bool:
         """Whether the scheduler thread is alive and accepting requests."""
@@ -332,7 +326,7 @@ class BatchingEngine:
         positions = (mask.cumsum(-1) - 1).clamp_min(0)
         cache = DynamicCache(config=self.model.config)
         logits = self._forward(ids, mask, positions, cache)
-        placed = self._placed_consecutively(newcomers)
+        placed = placed_consecutively(newcomers)
         chosen = choose(logits, placed, self.pad_id)
         record(chosen, placed, self.eos_ids, self.tokenizer)
         try:
@@ -344,16 +338,6 @@ class BatchingEngine:
         for state, local in placed:
             self._slots[state] = [rows[i] for i in local]
         self._jobs.extend(newcomers)
-
-    @staticmethod
-    def _placed_consecutively(states: list[RequestState]) -> Placed:
-        """The rows of a prefill mini-batch: each request's .n rows, one after another."""
-        placed: Placed = []
-        start = 0
-        for state in states:
-            placed.append((state, list(range(start, start + state.n))))
-            start += state.n
-        return placed
 
     def _decode(self) -> None:
         """One token for every row of the running batch (free slots too: no copy to skip them)."""

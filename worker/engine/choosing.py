@@ -25,6 +25,16 @@ Placed = list[tuple[RequestState, list[int]]]
 Moves = list[tuple[list[int], list[int]]]
 
 
+def placed_consecutively(states: list[RequestState]) -> Placed:
+    """The rows of a prefill mini-batch: each request's ``n`` rows, one after another."""
+    placed: Placed = []
+    start = 0
+    for state in states:
+        placed.append((state, list(range(start, start + state.n))))
+        start += state.n
+    return placed
+
+
 def is_memory_error(exc: BaseException) -> bool:
     """Out of memory, on any device (the CPU allocator raises a plain RuntimeError)."""
     if isinstance(exc, MemoryError | torch.OutOfMemoryError):

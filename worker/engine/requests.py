@@ -42,6 +42,16 @@ def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
     return (text[: min(cuts)], True) if cuts else (text, False)
 
 
+def eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
+    """The tokens that end a row: the model's generation config's, else the tokenizer's."""
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    if eos is None:
+        return frozenset()
+    return frozenset([eos] if isinstance(eos, int) else eos)
+
+
 def tail_has_stop(
     prompt_ids: list[int], tokens: list[int], stops: list[str], tokenizer: Any
 ) -> bool:
@@ -178,6 +188,15 @@ class RequestState:
     def output_text(self, row: int, tokenizer: Any) -> tuple[str, bool]:
         """Row ``row``'s continuation and whether a stop string cut it."""
         return self.text_of(self.tokens[row], tokenizer)
+
+    def progress(self, tokenizer: Any) -> tuple[int, str]:
+        """Tokens so far over all sequences, and the text of sequence 0 (for beams, the
+        best running beam)."""
+        tokens = [list(t) for t in self.tokens]  # a snapshot: the scheduler appends
+        if not tokens:
+            return 0, ""
+        text, _ = self.text_of(tokens[0], tokenizer)
+        return sum(len(t) for t in tokens), text
 
     def result(self, tokenizer: Any) -> GenerationResult:
         """The result of the rows as they stand (complete, or partial when aborted)."""
