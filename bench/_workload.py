@@ -23,7 +23,7 @@ GPT2_TOKENIZER = REPO.parent / "shared" / "models" / "gpt2-tokenizer"
 VOCAB_SIZE = 50_257
 EOS = "<|endoftext|>"
 
-Workload = Literal["uniform", "mixed", "plumbing"]
+Workload = Literal["uniform", "mixed", "plumbing", "beam"]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,12 +1,13 @@
 """Throughput of genq against plain transformers, on the same model and prompts.
 
-``python -m bench.throughput --workload uniform|mixed|plumbing [--jobs N] [--json OUT]``
+``python -m bench.throughput --workload uniform|mixed|plumbing|beam [--jobs N] [--json OUT]``
 
 ``uniform`` and ``mixed`` measure, one after the other on this machine, the seed's
 one-prompt-at-a-time loop, transformers' static batching (16, 32, 64) and genq end to
 end (HTTP API → Redis → ``genq worker`` → PostgreSQL), all on a random-weight GPT-2
 124M in fp32 with 2 torch threads. ``plumbing`` pushes many tiny jobs through genq with
-the fake engine to measure the queue itself. It prints figures; it asserts nothing.
+the fake engine to measure the queue itself. ``beam`` is the seed's own beam-search call
+(bench/_beam.py). It prints figures; it asserts nothing.
 See bench/README.md.
 """
 
@@ -30,14 +31,14 @@ import httpx
 from bench import _genq, _hf, _http, _report, _services
 from bench._workload import Prompt, Workload, build_model_dir, workload_prompts
 
-DEFAULT_JOBS = {"uniform": 64, "mixed": 64, "plumbing": 2000}
+DEFAULT_JOBS = {"uniform": 64, "mixed": 64, "plumbing": 2000, "beam": 64}
 THREADS = 2
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """The command line."""
     parser = argparse.ArgumentParser(prog="python -m bench.throughput", description=__doc__)
-    parser.add_argument("--workload", choices=["uniform", "mixed", "plumbing"], default="uniform")
+    parser.add_argument("--workload", choices=[*DEFAULT_JOBS], default="uniform")
     parser.add_argument("--jobs", type=int, help="jobs (default: 64; plumbing 2000)")
     parser.add_argument("--json", type=Path, help="write the figures here")
     parser.add_argument(
@@ -47,7 +48,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="both: fp32 for everything, plus bf16 for static_batch (best size) and genq",
     )
     parser.add_argument("--seed-loop-jobs", type=int, default=8, help="prompts for seed_loop")
-    parser.add_argument("--batch-sizes", default="16,32,64", help="static_batch sizes")
+    parser.add_argument("--batch-sizes", help="static_batch sizes (16,32,64; beam: 8,16,32)")
     parser.add_argument("--seed", type=int, default=0, help="seeds weights and prompts")
     parser.add_argument("--concurrency", type=int, default=64, help="HTTP submits in flight")
     parser.add_argument("--api-workers", type=int, help="uvicorn workers (default 1; plumbing 2)")
@@ -199,7 +200,7 @@ def run_model(args: argparse.Namespace, tmp: Path, log_dir: Path) -> dict[str, A
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     prompts = workload_prompts(tokenizer, args.workload, args.jobs, args.seed)
     main = "bfloat16" if args.dtype == "bfloat16" else "float32"
-    sizes = [int(s) for s in args.batch_sizes.split(",")]
+    sizes = [int(s) for s in (args.batch_sizes or "16,32,64").split(",")]
     hf = measure_transformers(model_dir, prompts, main, sizes, args.seed_loop_jobs)
     by_size = {s: hf[f"static_batch_{s}"] for s in sizes}
     best = max(sizes, key=lambda s: by_size[s].tokens_per_s)
@@ -344,6 +345,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         _report.step(f"logs in {log_dir}")
         if workload == "plumbing":
             result = run_plumbing(args, tmp, log_dir)
+        elif workload == "beam":
+            from bench import _beam
+
+            result = _beam.run(args, tmp, log_dir, genq_stack, start_worker)
         else:
             result = run_model(args, tmp, log_dir)
     result["date"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
@@ -354,6 +359,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     result["load_avg_1min"] = {"start": load_before, "end": round(os.getloadavg()[0], 2)}
     if workload == "plumbing":
         _report.print_plumbing(result)
+    elif workload == "beam":
+        from bench import _beam
+
+        _beam.print_result(result)
     else:
         _report.print_model(result)
     if args.json:

@@ -59,6 +59,14 @@ class NoChatTemplateError(ValueError):
         self.param = param
 
 
+class RequestTooLargeError(ValueError):
+    """The job needs more of a worker's cache than a worker has: it could never run."""
+
+    def __init__(self, message: str, *, param: str) -> None:
+        super().__init__(message)
+        self.param = param  # the request field that asks for too much
+
+
 def served_models(session: Session, settings: Settings, *, fresh: bool = False) -> list[str]:
     """The models jobs may ask for: the configured ones and those live workers serve
     (as seen up to two seconds ago, unless ``fresh``)."""
@@ -180,6 +188,31 @@ def _check_chat(
             raise NoChatTemplateError(model, param=param(index))
 
 
+def _check_fits(
+    settings: Settings, bodies: Sequence[JobCreate], *, prefix: Callable[[int], str]
+) -> None:
+    """Raise RequestTooLargeError for the first job that needs more rows or cache tokens
+    than ``max_batch_size`` / ``max_tokens_in_flight`` allow: a lower bound, as the API
+    does not tokenize (each row holds at least one prompt token plus its new tokens)."""
+    for index, body in enumerate(bodies):
+        params = body.params().with_defaults(settings.default_max_new_tokens)
+        field = "num_beams" if params.uses_beams else "num_return_sequences"
+        rows = params.num_beams if params.uses_beams else params.num_return_sequences
+        if rows > settings.max_batch_size:
+            message = f"{field}={rows} needs {rows} rows; a worker holds {settings.max_batch_size}"
+            raise RequestTooLargeError(message, param=prefix(index) + field)
+        if params.max_new_tokens is not None:
+            field, per_row = "max_new_tokens", params.max_new_tokens + 1
+        else:
+            field, per_row = "max_length", params.max_length or 0
+        if rows * per_row > settings.max_tokens_in_flight:
+            message = (
+                f"{field} over {rows} rows needs at least {rows * per_row} tokens of cache;"
+                f" a worker holds {settings.max_tokens_in_flight} (max_tokens_in_flight)"
+            )
+            raise RequestTooLargeError(message, param=prefix(index) + field)
+
+
 def submit_job(
     session: Session,
     queue: JobQueue,
@@ -207,6 +240,7 @@ def submit_job(
     model = model_id(body.model) if body.model else settings.model_id
     _check_models(session, settings, [model], param=lambda _: "model")
     _check_chat(session, settings, [(model, body)], param=lambda _: "model")
+    _check_fits(settings, [body], prefix=lambda _: "")
     job = create_job(
         session,
         body.model_copy(update={"model": model}),
@@ -265,6 +299,7 @@ def submit_jobs(
         list(zip(models, bodies, strict=True)),
         param=lambda index: f"jobs.{index}.model",
     )
+    _check_fits(settings, bodies, prefix=lambda index: f"jobs.{index}.")
     submission_id = f"sub_{secrets.token_hex(12)}"
     rows = [
         job_values(

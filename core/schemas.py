@@ -32,6 +32,11 @@ MAX_PROMPT_CHARS = 200_000
 MAX_STOP_STRINGS = 8
 MAX_SEQUENCES = 16
 MAX_TOP_LOGPROBS = 20
+# Smallest temperature accepted when sampling: logits divided by less overflow float32
+# to infinity (inf - inf is NaN in the softmax), so such a value can only fail.
+MIN_TEMPERATURE = 1e-3
+# Smallest repetition penalty: dividing a logit by less overflows the same way.
+MIN_REPETITION_PENALTY = 1e-2
 
 FinishReason = Literal["length", "eos", "stop"]
 Priority = Literal["high", "normal", "low"]
@@ -61,7 +66,8 @@ class GenerationParams(BaseModel):
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     num_beams: int = Field(default=1, ge=1, le=MAX_SEQUENCES)
     early_stopping: bool | Literal["never"] = False
-    repetition_penalty: float = Field(default=1.0, gt=0.0, le=100.0)
+    length_penalty: float = Field(default=1.0, ge=-10.0, le=10.0)
+    repetition_penalty: float = Field(default=1.0, ge=MIN_REPETITION_PENALTY, le=100.0)
     no_repeat_ngram_size: int = Field(default=0, ge=0, le=64)
     num_return_sequences: int = Field(default=1, ge=1, le=MAX_SEQUENCES)
     stop: list[StopString] = Field(default_factory=list, max_length=MAX_STOP_STRINGS)
@@ -83,8 +89,11 @@ class GenerationParams(BaseModel):
     @field_validator("temperature")
     @classmethod
     def _temperature_for_sampling(cls, value: float, info: ValidationInfo) -> float:
-        if info.data.get("do_sample") and value <= 0:
-            raise ValueError("must be > 0 when do_sample is true (use do_sample false for greedy)")
+        if info.data.get("do_sample") and value < MIN_TEMPERATURE:
+            raise ValueError(
+                f"must be >= {MIN_TEMPERATURE} when do_sample is true"
+                " (use do_sample false for greedy)"
+            )
         return value
 
     @field_validator("num_return_sequences")
@@ -94,6 +103,9 @@ class GenerationParams(BaseModel):
             raise ValueError(
                 "must be <= num_beams without sampling (greedy decoding yields one sequence)"
             )
+        beams = info.data.get("num_beams", 1)
+        if beams > 1 and value > beams:
+            raise ValueError("must be <= num_beams with beam search")
         return value
 
     @field_validator("max_length")
@@ -130,7 +142,7 @@ class GenerationParams(BaseModel):
 
     @property
     def uses_beams(self) -> bool:
-        """Beam search cannot share the continuous batch; it runs on its own."""
+        """Beam search: the request owns ``num_beams`` rows of the batch."""
         return self.num_beams > 1
 
     def with_defaults(self, default_max_new_tokens: int) -> GenerationParams:

@@ -7,7 +7,9 @@ starts. Under prefork each child builds its own on first use, because
 ``worker_process_init`` handlers may block for only 4 seconds.
 
 On SIGTERM (``worker_shutting_down``) the runtime stops taking jobs; those still
-running after ``GENQ_SHUTDOWN_GRACE_S`` are handed back to the queue.
+running after ``GENQ_SHUTDOWN_GRACE_S`` are handed back to the queue. If the engine's
+scheduler dies, the runtime hands its jobs back and leaves the registry, and the
+process exits with :data:`ENGINE_DEAD_EXIT` so that its supervisor starts a new one.
 """
 
 from __future__ import annotations
@@ -27,6 +29,16 @@ from worker.runtime import WorkerRuntime
 from worker.sweeper import Sweeper
 
 log = logging.getLogger(__name__)
+
+
+# The exit status of a worker whose engine died (EX_SOFTWARE).
+ENGINE_DEAD_EXIT = 70
+
+
+def _exit_engine_dead() -> None:
+    log.critical("the engine died; exiting with status %d to be restarted", ENGINE_DEAD_EXIT)
+    logging.shutdown()
+    os._exit(ENGINE_DEAD_EXIT)  # from the monitor thread: Celery's shutdown would wait on it
 
 
 class EngineLoadError(RuntimeError):
@@ -59,6 +71,7 @@ def get_runtime() -> WorkerRuntime:
             queue = get_queue(settings)
             name = f"{socket.gethostname()}:{os.getpid()}"
             _runtime = WorkerRuntime(settings, engine, queue, name=name)
+            _runtime.on_engine_dead = _exit_engine_dead
             _runtime.heartbeat()
             _sweeper = Sweeper(settings, queue, holder=name)
             _sweeper.start()

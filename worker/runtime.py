@@ -28,11 +28,23 @@ from core import delivery, workers
 from core.db import run_with_retry, session_scope
 from core.queue import JobQueue, queues_for
 from core.settings import Settings
-from worker.engine.base import Engine, GenerationError, GenerationRequest, GenerationResult
+from worker.engine.base import (
+    REQUEUE,
+    Engine,
+    GenerationError,
+    GenerationRequest,
+    GenerationResult,
+)
 from worker.isolation import JobSlots, SharedExclusiveLock
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+# Engine errors that are not the job's fault: the job goes back to the queue.
+_HAND_BACK_CODES = frozenset({REQUEUE, "engine_failed", "engine_stopped"})
+# How long a worker whose engine died waits for its task threads to hand their jobs
+# back before it hands back (from the monitor) what they still hold.
+DEAD_ENGINE_GRACE_S = 5.0
 
 
 HANDED_BACK = "handed_back"
@@ -72,6 +84,10 @@ class WorkerRuntime:
         self._hand_back_now = False  # past the shutdown grace: running jobs go back
         self._stop = threading.Event()
         self._last_renewal = 0.0
+        # Called once the engine is found dead and the jobs are handed back (the
+        # lifecycle exits the process non-zero, so its supervisor restarts it).
+        self.on_engine_dead: Callable[[], None] | None = None
+        self._engine_dead = False
         self._monitor = threading.Thread(
             target=self._monitor_loop, name="genq-monitor", daemon=True
         )
@@ -97,7 +113,7 @@ class WorkerRuntime:
         attempts.
         """
         ids = list(dict.fromkeys(job_ids))
-        if self._draining.is_set():
+        if self._draining.is_set() or not self.engine.check_health():
             raise DrainingError(ids)
         statuses = dict.fromkeys(ids, "skipped")
         with self._slots.hold(len(ids)):
@@ -200,6 +216,8 @@ class WorkerRuntime:
                 self._reported.pop(claim.job_id, None)
             handing_back = {c.job_id for c, _ in ready} & self._handing_back
             self._handing_back -= handing_back
+        # The engine could not place these (not their fault): back to the queue.
+        handing_back |= {c.job_id for c, r in ready if _requeued(r)}
         statuses = {
             job_id: self._hand_back(c) for c, _ in ready if (job_id := c.job_id) in handing_back
         }
@@ -275,7 +293,11 @@ class WorkerRuntime:
                 log.exception("progress monitor failed; retrying next interval")
 
     def monitor_once(self) -> None:
-        """Heart-beat, renew leases, write changed progress, and abort cancelled jobs."""
+        """Heart-beat, renew leases, write changed progress, and abort cancelled jobs;
+        or, once the engine is dead, leave (no heartbeat for a worker that cannot work)."""
+        if not self.engine.check_health():
+            self._leave_with_dead_engine()
+            return
         with self._lock:
             claims = list(self._in_flight.values())
         if time.monotonic() - self._last_heartbeat >= self.settings.worker_heartbeat_s:
@@ -299,6 +321,30 @@ class WorkerRuntime:
             self._last_renewal = time.monotonic()
         for job_id in cancelled:
             self.engine.abort(job_id)
+
+    def _leave_with_dead_engine(self) -> None:
+        """Stop taking jobs, hand back those held, leave the registry, then call
+        :attr:`on_engine_dead`."""
+        if self._engine_dead:
+            return
+        self._engine_dead = True
+        log.error("the engine stopped: handing back this worker's jobs and leaving")
+        self._draining.set()
+        deadline = time.monotonic() + DEAD_ENGINE_GRACE_S
+        while self._in_flight and time.monotonic() < deadline:
+            time.sleep(0.05)  # task threads hand back the jobs the engine failed
+        with self._lock:
+            left = list(self._in_flight.values())
+            self._in_flight.clear()
+        for claim in left:
+            self._hand_back(claim)
+        try:
+            with session_scope(self._db_url) as session:
+                workers.deregister(session, self.name)
+        except Exception:  # the row expires by itself
+            log.warning("could not deregister worker %s", self.name, exc_info=True)
+        if self.on_engine_dead is not None:
+            self.on_engine_dead()
 
     def heartbeat(self, *, in_flight: int = 0) -> None:
         """Register this worker (its model and queues) as alive."""
@@ -338,6 +384,10 @@ def _outcome(future: Future[GenerationResult]) -> GenerationResult | GenerationE
     except Exception as exc:
         log.exception("generation failed")
         return GenerationError("internal_error", f"{type(exc).__name__}: {exc}")
+
+
+def _requeued(result: GenerationResult | GenerationError) -> bool:
+    return isinstance(result, GenerationError) and result.code in _HAND_BACK_CODES
 
 
 def _status(result: GenerationResult | GenerationError) -> str:

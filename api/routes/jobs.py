@@ -38,6 +38,8 @@ def create_job(
         raise APIError(422, "model_not_found", str(exc), exc.param) from exc
     except jobs.NoChatTemplateError as exc:
         raise APIError(422, "model_without_chat_template", str(exc), exc.param) from exc
+    except jobs.RequestTooLargeError as exc:
+        raise APIError(422, "invalid_request", str(exc), exc.param) from exc
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     if replay:
         response.headers["Idempotent-Replayed"] = "true"
@@ -74,6 +76,8 @@ def create_jobs(
         raise APIError(422, "model_not_found", str(exc), exc.param) from exc
     except jobs.NoChatTemplateError as exc:
         raise APIError(422, "model_without_chat_template", str(exc), exc.param) from exc
+    except jobs.RequestTooLargeError as exc:
+        raise APIError(422, "invalid_request", str(exc), exc.param) from exc
     if replay:
         response.headers["Idempotent-Replayed"] = "true"
     return JobsCreated(data=[JobRead.from_job(job) for job in created])

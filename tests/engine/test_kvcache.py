@@ -252,3 +252,19 @@ def test_prefill_groups_cut_padding() -> None:
 
     assert 1 < len(groups) < 12
     assert sum(padded(g) for g in groups) + 64 * len(groups) < padded(mixed) * 0.7
+
+
+def test_reorder_copies_parents_keys_and_values_in_place(gpt2: Any) -> None:
+    """Beam rows take their parents' keys and values (a swap included); others stay."""
+    batch = SlotCache(gpt2[0].config, 4)
+    batch.window.rows, batch.window.start, batch.window.end = 4, 1, 3
+    for layer in batch.layers:
+        layer.key_buffer = torch.arange(4.0).view(4, 1, 1, 1).expand(4, 2, 5, 3).clone()
+        layer.value_buffer = layer.key_buffer + 10
+    batch.reorder([0, 1, 2], [1, 0, 0])  # rows 0 and 1 swap, row 2 continues row 0
+    for layer in batch.layers:
+        assert layer.key_buffer is not None and layer.value_buffer is not None
+        in_view = layer.key_buffer[:, 0, 1:3, 0]
+        assert in_view[:, 0].tolist() == [1.0, 0.0, 0.0, 3.0]
+        assert layer.value_buffer[:, 0, 1, 0].tolist() == [11.0, 10.0, 10.0, 13.0]
+        assert layer.key_buffer[:, 0, 0, 0].tolist() == [0.0, 1.0, 2.0, 3.0]  # out of view

@@ -57,3 +57,16 @@ def test_seeded_draws_repeat() -> None:
     first = choose_tokens(scores, None, spec, make_generator(5))
     again = choose_tokens(scores, None, spec, make_generator(5))
     assert torch.equal(first, again)
+
+
+def test_no_repeat_ngram_matches_transformers_for_every_size() -> None:
+    """The vectorized ban equals transformers' processor, short rows and repeats included."""
+    from worker.engine.sampling import apply_no_repeat_ngram
+
+    gen = torch.Generator().manual_seed(1)
+    for length in (1, 2, 3, 7, 40):
+        ids = torch.randint(0, 6, (4, length), generator=gen)  # a small vocabulary: many repeats
+        scores = torch.randn(4, 6, generator=gen)
+        for n in (1, 2, 3, 4, 5):
+            expected = NoRepeatNGramLogitsProcessor(n)(ids, scores.clone())
+            assert torch.equal(apply_no_repeat_ngram(scores, ids, n), expected), (length, n)

@@ -140,6 +140,19 @@ BAD_BODIES = [
     ({"prompt": "hi", "do_sample": "sometimes"}, 422, "do_sample"),
     ({"prompt": "hi", "seed": -1}, 422, "seed"),
     ({"prompt": "hi", "model": "no-such-model"}, 422, "model"),
+    # Values that can only give non-finite scores.
+    ({"prompt": "hi", "do_sample": True, "temperature": 3.79e-38}, 422, "temperature"),
+    ({"prompt": "hi", "repetition_penalty": 1e-30}, 422, "repetition_penalty"),
+    ({"prompt": "hi", "num_beams": 2, "length_penalty": 1e9}, 422, "length_penalty"),
+    # Beam sampling returns at most num_beams sequences, as generate does.
+    (
+        {"prompt": "hi", "num_beams": 2, "do_sample": True, "num_return_sequences": 3},
+        422,
+        "num_return_sequences",
+    ),
+    # More than a worker's batch holds (the test settings' defaults: 64 rows, 65,536 tokens).
+    ({"prompt": "hi", "num_beams": 16, "max_new_tokens": 4096}, 422, "max_new_tokens"),
+    ({"prompt": "hi", "num_beams": 16, "max_length": 16384}, 422, "max_length"),
 ]
 
 
@@ -268,6 +281,10 @@ def test_a_bulk_submit_queues_every_job_in_order_a_few_per_message(
         ([{"prompt": "fine"}, {"prompt": "fine"}, {"prompt": "  "}], "jobs.2.prompt"),
         ([{"prompt": "fine"}, {"prompt": "x", "temperature": -1}], "jobs.1.temperature"),
         ([{"prompt": "fine"}, {"prompt": "x", "model": "gpt-99"}], "jobs.1.model"),
+        (
+            [{"prompt": "fine"}, {"prompt": "x", "num_beams": 16, "max_new_tokens": 4096}],
+            "jobs.1.max_new_tokens",
+        ),
         ([], "jobs"),
         ([{"prompt": "x"}] * 10_001, "jobs"),
     ],

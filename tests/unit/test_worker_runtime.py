@@ -316,3 +316,90 @@ def test_results_that_cannot_be_stored_leave_their_jobs_for_the_sweeper(
         assert sorted(r.job_id for r in routes) == sorted(ids)
     finally:
         runtime.close()
+
+
+class _RequeueingEngine(FakeEngine):
+    """An engine that cannot place any request (as when memory runs out even alone)."""
+
+    def submit(self, request: Any) -> Any:
+        from concurrent.futures import Future
+
+        from worker.engine.base import REQUEUE, GenerationError
+
+        future: Future[Any] = Future()
+        future.set_exception(GenerationError(REQUEUE, "out of memory even alone"))
+        return future
+
+
+def test_a_job_the_engine_cannot_place_goes_back_to_the_queue_not_to_failed(
+    client: TestClient, fast_settings: Settings, queue: RecordingQueue
+) -> None:
+    runtime = WorkerRuntime(fast_settings, _RequeueingEngine(), queue)
+    try:
+        job_id = submit_prompt(client, max_new_tokens=3)
+        assert runtime.run_job(job_id, worker="w1") == "handed_back"
+        job = client.get(f"/v1/jobs/{job_id}").json()
+        # Queued again, no failure stored; its message goes back through the task.
+        assert job["status"] == "queued" and job["error"] is None and job["attempts"] == 0
+    finally:
+        runtime.close()
+
+
+class _MortalEngine(FakeEngine):
+    """A fake engine whose scheduler can die: health turns false and every request
+    in flight fails with engine_failed, as BatchingEngine does."""
+
+    def __init__(self) -> None:
+        super().__init__(token_delay_s=0.0)
+        self.alive = True
+        self.pending: list[Any] = []
+
+    def submit(self, request: Any) -> Any:
+        from concurrent.futures import Future
+
+        future: Future[Any] = Future()
+        self.pending.append(future)
+        return future
+
+    def check_health(self) -> bool:
+        return self.alive
+
+    def die(self) -> None:
+        from worker.engine.base import GenerationError
+
+        self.alive = False
+        for future in self.pending:
+            future.set_exception(GenerationError("engine_failed", "the scheduler died"))
+
+
+def test_a_dead_engine_hands_back_its_jobs_leaves_the_registry_and_stops_the_worker(
+    client: TestClient, fast_settings: Settings, queue: RecordingQueue
+) -> None:
+    from core.workers import live_workers
+    from worker.runtime import DrainingError
+
+    engine = _MortalEngine()
+    runtime = WorkerRuntime(fast_settings, engine, queue, name="mortal")
+    exited = threading.Event()
+    runtime.on_engine_dead = exited.set
+    try:
+        runtime.heartbeat()
+        job_id = submit_prompt(client, max_new_tokens=3)
+        outcome: dict[str, str] = {}
+        thread = threading.Thread(
+            target=lambda: outcome.update(status=runtime.run_job(job_id, worker="w1"))
+        )
+        thread.start()
+        _wait_for(client, job_id, lambda j: j["status"] == "running")
+        engine.die()
+        thread.join(timeout=10)
+        assert outcome["status"] == "handed_back"
+        job = client.get(f"/v1/jobs/{job_id}").json()
+        assert job["status"] == "queued" and job["error"] is None and job["attempts"] == 0
+        assert exited.wait(timeout=10)  # the lifecycle exits non-zero here
+        with session_scope(fast_settings.resolved_database_url) as session:
+            assert "mortal" not in [w.name for w in live_workers(session, within_s=3600)]
+        with pytest.raises(DrainingError):  # the next message goes back to the broker
+            runtime.run_job(submit_prompt(client), worker="w1")
+    finally:
+        runtime.close()

@@ -16,8 +16,15 @@ from core.schemas import GenerationParams
 FinishReason = Literal["length", "eos", "stop"]
 
 
+# The code of a GenerationError that is not the job's fault (the engine could not
+# place it, e.g. out of memory even in a smaller batch): the worker hands the job back
+# to the queue instead of storing a failure.
+REQUEUE = "requeue"
+
+
 class GenerationError(Exception):
-    """A job-level failure with a stable code, stored on the job as its error."""
+    """A job-level failure with a stable code, stored on the job as its error
+    (except :data:`REQUEUE`, which sends the job back to the queue)."""
 
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)

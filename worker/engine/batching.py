@@ -3,19 +3,25 @@
 A daemon scheduler thread owns the model. Each iteration it (1) admits waiting
 requests FIFO within ``max_batch_size`` rows and ``max_tokens_in_flight`` tokens,
 prefilling them as one left-padded mini-batch whose keys and values are copied
-into free slots of the running cache (:class:`~worker.engine.kvcache.SlotCache`),
-or runs one beam-search request on its own; (2) runs one decode step for every
-row; (3) retires finished requests, which only frees their slots (when nothing waits
-to fill them, the last rows move into them). Left padding is
-exact because every forward gets the attention mask and explicit position ids
+into free slots of the running cache (:class:`~worker.engine.kvcache.SlotCache`);
+(2) runs one decode step for every row, greedy, sampled and beam rows alike (a beam
+request owns ``num_beams`` rows and reorders them after each step,
+:mod:`worker.engine.beam`); (3) retires finished requests, which only frees their
+slots (when nothing waits to fill them, the last rows move into them). Left padding
+is exact because every forward gets the attention mask and explicit position ids
 (real tokens so far), for absolute (GPT-2) and rotary (Llama) positions alike.
+
+Faults stay with their request: an exception while choosing one request's tokens
+(non-finite scores, a stop-string check) fails that request alone. An error that
+belongs to no request (a forward running out of memory) takes the newest half of the
+running requests out of the batch to start again later, and a request taken out
+``MAX_RESTARTS`` times goes back to the worker's queue (:data:`~worker.engine.base.REQUEUE`).
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
-import functools
 import inspect
 import logging
 import threading
@@ -25,22 +31,27 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
-from worker.engine import kvcache
-from worker.engine.base import GenerationError, GenerationRequest, GenerationResult, ModelInfo
-from worker.engine.base import Progress as ProgressT
-from worker.engine.beam import run_beam_search
-from worker.engine.chat import render_chat
-from worker.engine.constrained import GrammarCompiler
-from worker.engine.requests import (
-    Placed,
-    RequestState,
-    constrain_rows,
-    cut_at_stop,
-    note_logprobs,
-    prefill_groups,
-    strip_prefix,
+from worker.engine import admission, kvcache
+from worker.engine.base import (
+    REQUEUE,
+    GenerationError,
+    GenerationRequest,
+    GenerationResult,
+    ModelInfo,
 )
-from worker.engine.sampling import SamplingSpec, choose_tokens, make_generator
+from worker.engine.base import Progress as ProgressT
+from worker.engine.chat import render_chat
+from worker.engine.choosing import (
+    Moves,
+    choose,
+    error_of,
+    is_memory_error,
+    placed_consecutively,
+    record,
+)
+from worker.engine.constrained import GrammarCompiler, logits_width
+from worker.engine.requests import RequestState, eos_ids, prefill_groups
+from worker.engine.sampling import SamplingSpec, make_generator
 
 log = logging.getLogger(__name__)
 
@@ -54,20 +65,9 @@ COMPACT_FREE_SHARE = 0.0
 # groups of similar length when that saves more padding than this per extra forward.
 PREFILL_FORWARD_COST = 64
 
-
-def _logits_width(model: Any) -> int:
-    """The vocabulary the logits cover (may exceed the tokenizer's: padded embeddings)."""
-    head = model.get_output_embeddings()
-    return int(head.weight.shape[0]) if head is not None else int(model.config.vocab_size)
-
-
-def _eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
-    eos = getattr(model.generation_config, "eos_token_id", None)
-    if eos is None:
-        eos = tokenizer.eos_token_id
-    if eos is None:
-        return frozenset()
-    return frozenset([eos] if isinstance(eos, int) else eos)
+# Times a request may be taken out of the batch and started again after errors that
+# are not its own, before it is handed back to the worker's queue.
+MAX_RESTARTS = 2
 
 
 class BatchingEngine:
@@ -95,9 +95,9 @@ class BatchingEngine:
         self.max_tokens_in_flight = max_tokens_in_flight
         self.default_max_new_tokens = default_max_new_tokens
         self.device = next(model.parameters()).device
-        self.eos_ids = _eos_ids(model, tokenizer)
+        self.eos_ids = eos_ids(model, tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        self._grammar = GrammarCompiler(tokenizer, _logits_width(model), self.eos_ids)
+        self._grammar = GrammarCompiler(tokenizer, logits_width(model), self.eos_ids)
         forward = inspect.signature(model.forward).parameters
         # transformers 5 renamed past_key_values to cache; accept both.
         self._cache_kw = "cache" if "cache" in forward else "past_key_values"
@@ -121,7 +121,7 @@ class BatchingEngine:
         """Queue ``request``; the future resolves to its result or a GenerationError."""
         future: Future[GenerationResult] = Future()
         params = request.params.with_defaults(self.default_max_new_tokens)
-        n = params.num_return_sequences if not params.uses_beams else 1
+        n = params.num_beams if params.uses_beams else params.num_return_sequences
         state = RequestState(
             request=dataclasses.replace(request, params=params),
             future=future,
@@ -157,12 +157,8 @@ class BatchingEngine:
         state = self._states.get(request_id)
         if state is None or not state.started:
             return None
-        tokens = [list(t) for t in state.tokens]  # a snapshot: the scheduler appends
-        if not tokens:
-            return ProgressT(tokens=0, text="")
-        full = self.tokenizer.decode(state.prompt_ids + tokens[0], skip_special_tokens=True)
-        text, _ = cut_at_stop(strip_prefix(full, state.prompt_text), state.request.params.stop)
-        return ProgressT(tokens=sum(len(t) for t in tokens), text=text)
+        tokens, text = state.progress(self.tokenizer)
+        return ProgressT(tokens=tokens, text=text)
 
     def check_health(self) -> bool:
         """Whether the scheduler thread is alive and accepting requests."""
@@ -182,7 +178,11 @@ class BatchingEngine:
         try:
             with torch.inference_mode():
                 while not self._closing:
-                    self._iteration()
+                    try:
+                        self._iteration()
+                    except Exception:  # a scheduler bug must not end every job for good
+                        log.exception("engine iteration failed; restarting the running batch")
+                        self._restart(list(self._jobs))
         except BaseException as exc:  # the thread must never die silently
             log.exception("engine scheduler died")
             self._dead = exc
@@ -191,116 +191,128 @@ class BatchingEngine:
             self._fail_all(GenerationError("engine_stopped", "the engine was closed"))
 
     def _iteration(self) -> None:
-        newcomers, beam = self._admit()
-        if beam is not None:
-            self._guarded([beam], lambda: self._run_beam(beam))
+        newcomers = self._admit()
         if newcomers:
             for group in prefill_groups(newcomers, PREFILL_FORWARD_COST):
-                self._guarded(group, functools.partial(self._prefill, group))
+                self._prefill_split(group)
             self._retire()
         if self._jobs:
-            self._guarded(list(self._jobs), self._decode)
+            try:
+                self._decode()
+            except Exception as exc:  # the forward of everyone: no request to blame yet
+                self._unattributed(exc)
             self._retire()
 
-    def _run_beam(self, state: RequestState) -> None:
-        result = run_beam_search(state, self.model, self.tokenizer, self.eos_ids, self.device)
-        self._finish(state, result)
-
-    def _guarded(self, states: list[RequestState], step: Any) -> None:
-        """Run a model step; if it raises, fail the requests it concerned and go on."""
+    def _prefill_split(self, group: list[RequestState]) -> None:
+        """Prefill ``group``; if that fails, each half on its own, down to one request."""
         try:
-            step()
+            self._prefill(group)
         except Exception as exc:
-            log.exception("generation step failed")
-            error = GenerationError("generation_failed", f"generation failed: {exc!r}")
-            for state in states:
-                self._fail(state, error)
-            if any(s in self._jobs for s in states):
-                self._reset_batch()
+            log.warning("prefill of %d requests failed: %r", len(group), exc)
+            for state in group:  # choosing may have begun: begin again
+                self._start(state)
+            if len(group) > 1:
+                half = len(group) // 2
+                self._prefill_split(group[:half])
+                self._prefill_split(group[half:])
+            else:
+                self._blame(group[0], exc)
 
-    def _admit(self) -> tuple[list[RequestState], RequestState | None]:
-        """Pop the requests that fit, FIFO; or one beam request to run alone."""
-        newcomers: list[RequestState] = []
+    def _unattributed(self, exc: Exception) -> None:
+        """A decode step failed: take the newest half of the batch out to start again
+        later; a request alone in the batch is the cause."""
+        log.warning("decode step over %d requests failed: %r", len(self._jobs), exc)
+        if len(self._jobs) == 1:
+            self._blame(self._jobs[0], exc)
+            return
+        self._restart(self._jobs[len(self._jobs) // 2 :])
+
+    def _blame(self, state: RequestState, exc: Exception) -> None:
+        """A request failed alone: its fault, unless memory ran out (then the queue's)."""
+        if is_memory_error(exc):
+            state.error = GenerationError(REQUEUE, f"out of memory even alone: {exc!r}")
+        else:
+            state.error = error_of(exc)
+        if state not in self._jobs:
+            self._finish(state, state.error)
+
+    def _restart(self, states: list[RequestState]) -> None:
+        """Take ``states`` out of the batch; they start again from their prompt (same
+        tokens: a sampling request's generator restarts from its seed)."""
+        running = [s for s in states if s in self._slots]
+        freed = [row for s in running for row in self._slots.pop(s)]
+        self._jobs = [s for s in self._jobs if s not in set(states)]
+        if not self._jobs:
+            self._batch.clear()
+        elif freed:
+            self._batch.retire(freed)
+        again: list[RequestState] = []
+        for state in states:
+            state.restarts += 1
+            if state.started and state.done:  # aborted or failed by itself: resolve it
+                self._finish(state, self._outcome(state))
+            elif state.restarts > MAX_RESTARTS:
+                message = "taken out of the batch too often by errors that were not its own"
+                self._finish(state, GenerationError(REQUEUE, message))
+            else:
+                state.started, state.beam, state.error = False, None, None
+                again.append(state)
+        with self._lock:
+            self._waiting.extendleft(reversed(again))
+
+    def _admit(self) -> list[RequestState]:
+        """Pop the requests that fit (:func:`~worker.engine.admission.pick`) and start them."""
         with self._lock:
             while not self._closing and not self._waiting and not self._jobs:
                 self._lock.wait()
+            if self._closing:
+                return []
             rows = sum(s.n for s in self._jobs)
             tokens = sum(s.cost for s in self._jobs)
-            while self._waiting and not self._closing:
-                state = self._waiting[0]
-                if not state.tokenized and not self._tokenize(state):
-                    self._waiting.popleft()
-                    continue
-                empty = not self._jobs and not newcomers
-                if state.request.params.uses_beams:
-                    if empty:
-                        self._waiting.popleft()
-                        state.started = True
-                        return [], state
-                    break
-                fits = rows + state.n <= self.max_batch_size
-                fits = fits and tokens + state.cost <= self.max_tokens_in_flight
-                if not (fits or empty):  # an oversized request still runs, alone
-                    break
-                self._waiting.popleft()
-                seed = state.request.seed
-                state.start(make_generator(seed, self.device) if state.spec.do_sample else None)
-                newcomers.append(state)
-                rows += state.n
-                tokens += state.cost
-        return newcomers, None
+            room = (self.max_batch_size - rows, self.max_tokens_in_flight - tokens)
+            newcomers = admission.pick(self._waiting, room, self._tokenize)
+        for state in newcomers:
+            self._start(state)
+        return newcomers
+
+    def _start(self, state: RequestState) -> None:
+        generator = (
+            make_generator(state.request.seed, self.device) if state.spec.do_sample else None
+        )
+        state.start(generator, self.eos_ids, self.tokenizer)
+        try:  # a fresh matcher per (re)start: a restarted request starts over
+            state.constraint = self._grammar.constraint_for(state.request.params, state.n)
+        except GenerationError as exc:
+            state.error = exc
 
     def _tokenize(self, state: RequestState) -> bool:
         """Tokenize and size a request; fail it (and return False) if it cannot run."""
-        params = state.request.params
         try:
-            state.prompt_ids = self._prompt_ids(state)
-        except GenerationError as exc:
-            state.tokenized = True
-            self._finish(state, exc)
-            return False
-        state.prompt_text = self.tokenizer.decode(state.prompt_ids, skip_special_tokens=True)
-        state.tokenized = True
-        length, context = len(state.prompt_ids), self.info.context_length
-        if length == 0:
-            self._finish(state, GenerationError("empty_prompt", "the prompt has no tokens"))
-            return False
-        if length >= context:
-            self._finish(
-                state,
-                GenerationError(
-                    "prompt_too_long",
-                    f"the prompt has {length} tokens; the model's context is {context} tokens",
-                ),
+            if state.request.messages is not None:
+                state.rendered = self._render(state.request.messages)
+            error = state.tokenize(
+                self.tokenizer,
+                self.info.context_length,
+                self.max_batch_size,
+                self.max_tokens_in_flight,
             )
-            return False
-        if params.max_new_tokens is not None:
-            wanted = params.max_new_tokens
-        else:  # max_length, as generate counts it: at least one new token
-            wanted = max(1, (params.max_length or 0) - length)
-        state.max_new = min(wanted, context - length)
-        try:
-            state.constraint = self._grammar.constraint_for(params, state.n)
         except GenerationError as exc:
-            self._finish(state, exc)
-            return False
-        return True
+            error = exc
+        except Exception as exc:
+            log.exception("tokenizing request %s failed", state.request.id)
+            error = GenerationError("tokenize_failed", f"tokenizing failed: {exc!r}")
+        if error is not None:
+            self._finish(state, error)
+        return error is None
 
-    def _prompt_ids(self, state: RequestState) -> list[int]:
-        """The prompt's tokens; a chat request's messages rendered by the chat template
-        (which writes any BOS itself, so no special tokens are added again)."""
-        messages = state.request.messages
-        if messages is None:
-            ids: list[int] = self.tokenizer(state.request.prompt)["input_ids"]
-            return ids
+    def _render(self, messages: list[dict[str, str]]) -> str:
+        """A chat request's prompt, from the model's own chat template."""
         if not self.info.chat_template:
             raise GenerationError(
                 "model_without_chat_template",
                 f"model {self.info.name!r} has no chat template: send a prompt instead",
             )
-        state.rendered = render_chat(self.tokenizer, messages)
-        chat_ids: list[int] = self.tokenizer(state.rendered, add_special_tokens=False)["input_ids"]
-        return chat_ids
+        return render_chat(self.tokenizer, messages)
 
     def _forward(
         self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any
@@ -334,57 +346,31 @@ class BatchingEngine:
         positions = (mask.cumsum(-1) - 1).clamp_min(0)
         cache = DynamicCache(config=self.model.config)
         logits = self._forward(ids, mask, positions, cache)
-        placed = self._placed_consecutively(newcomers)
-        chosen = self._choose(logits, placed)
-        self._record(chosen, placed)
+        placed = placed_consecutively(newcomers)
+        chosen = choose(logits, placed, self.pad_id)
+        record(chosen, placed, self.eos_ids, self.tokenizer)
         try:
             rows = self._batch.admit(cache, mask, chosen)
         except Exception:
-            self._reset_batch()  # a half-done admission leaves the slots in no known state
+            # A half-done admission leaves the slots in no known state: start them again.
+            self._restart(list(self._jobs))
             raise
         for state, local in placed:
             self._slots[state] = [rows[i] for i in local]
         self._jobs.extend(newcomers)
-
-    @staticmethod
-    def _placed_consecutively(states: list[RequestState]) -> Placed:
-        """The rows of a prefill mini-batch: each request's .n rows, one after another."""
-        placed: Placed = []
-        start = 0
-        for state in states:
-            placed.append((state, list(range(start, start + state.n))))
-            start += state.n
-        return placed
 
     def _decode(self) -> None:
         """One token for every row of the running batch (free slots too: no copy to skip them)."""
         ids, mask, positions = self._batch.step_inputs()
         logits = self._forward(ids, mask, positions, self._batch.cache)
         placed = [(state, self._slots[state]) for state in self._jobs]
-        chosen = self._choose(logits, placed)
+        moves: Moves = []
+        chosen = choose(logits, placed, self.pad_id, moves)
         self._batch.advance(chosen)
-        self._record(chosen, placed)
-
-    def _choose(self, logits: torch.Tensor, placed: Placed) -> torch.Tensor:
-        """Next tokens for every row: one argmax for the batch, then per request.
-
-        Constrained rows are masked first; log-probabilities come from the raw logits.
-        """
-        raw, logits = logits, constrain_rows(logits, placed)
-        chosen = torch.argmax(logits, dim=-1)
-        for state, rows in placed:
-            if not state.spec.plain_greedy:
-                index = torch.tensor(rows, dtype=torch.long, device=logits.device)
-                history = state.history(self.pad_id) if state.spec.needs_history else None
-                chosen[index] = choose_tokens(logits[index], history, state.spec, state.generator)
-        note_logprobs(raw, chosen, placed)
-        return chosen
-
-    def _record(self, chosen: torch.Tensor, placed: Placed) -> None:
-        tokens = chosen.tolist()
-        for state, rows in placed:
-            for i, row in enumerate(rows):
-                state.add_token(i, tokens[row], self.eos_ids, self.tokenizer)
+        if moves:  # every beam request's rows in one gather per buffer (their rows are disjoint)
+            targets = [row for own, _ in moves for row in own]
+            self._batch.reorder(targets, [source for _, sources in moves for source in sources])
+        record(chosen, placed, self.eos_ids, self.tokenizer)
 
     def _retire(self) -> None:
         """Resolve finished or aborted requests and free their slots (no copy)."""
@@ -392,7 +378,7 @@ class BatchingEngine:
         remaining: list[RequestState] = []
         for state in self._jobs:
             if state.done:
-                self._finish(state, state.error or state.result(self.tokenizer, self.eos_ids))
+                self._finish(state, self._outcome(state))
                 freed.extend(self._slots.pop(state))
             else:
                 remaining.append(state)
@@ -413,12 +399,14 @@ class BatchingEngine:
         for state, rows in self._slots.items():
             self._slots[state] = [moved.get(row, row) for row in rows]
 
-    def _reset_batch(self) -> None:
-        for state in self._jobs:
-            self._fail(state, GenerationError("generation_failed", "the batch was reset"))
-        self._jobs = []
-        self._slots.clear()
-        self._batch.clear()
+    def _outcome(self, state: RequestState) -> GenerationResult | GenerationError:
+        if state.error is not None:
+            return state.error
+        try:
+            return state.result(self.tokenizer, self.eos_ids)
+        except Exception as exc:  # decoding its text: this request's own
+            log.exception("request %s: building its result failed", state.request.id)
+            return error_of(exc)
 
     # ---- futures ----
 
@@ -432,13 +420,10 @@ class BatchingEngine:
         else:
             state.future.set_result(outcome)
 
-    def _fail(self, state: RequestState, error: GenerationError) -> None:
-        self._finish(state, error)
-
     def _fail_all(self, error: GenerationError) -> None:
         with self._lock:
             self._accepting = False
             states = list(self._states.values())
             self._waiting.clear()
         for state in states:
-            self._fail(state, error)
+            self._finish(state, error)

@@ -86,6 +86,12 @@ def _ll_tokenizer_of(tokenizer: Any, vocab: int, eos_ids: list[int]) -> llguidan
         )
 
 
+def logits_width(model: Any) -> int:
+    """The vocabulary the logits cover (may exceed the tokenizer's: padded embeddings)."""
+    head = model.get_output_embeddings()
+    return int(head.weight.shape[0]) if head is not None else int(model.config.vocab_size)
+
+
 def unpack_bitmask(bitmask: torch.Tensor, vocab: int) -> torch.Tensor:
     """``[rows, ceil(vocab/32)]`` int32 bits → ``[rows, vocab]`` bool (True: allowed)."""
     bits = (bitmask.unsqueeze(-1) >> _BITS) & 1

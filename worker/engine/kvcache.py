@@ -251,6 +251,27 @@ class SlotCache:
         w.rows = count
         return dict(zip(movers.tolist(), holes.tolist(), strict=True))
 
+    def reorder(self, rows: list[int], sources: list[int]) -> None:
+        """Beam search: row ``rows[i]`` continues the sequence of row ``sources[i]`` (its
+        parent, among ``rows``); copy the parents' keys and values in place.
+
+        Only rows whose parent is another row are written (a beam that continues itself
+        costs nothing). The rows of one request share their mask and positions (one
+        prompt, one length), so only the keys and values move.
+        """
+        moved = [(row, src) for row, src in zip(rows, sources, strict=True) if row != src]
+        if not moved:
+            return
+        device = self.live.device
+        dst = torch.tensor([row for row, _ in moved], dtype=torch.long, device=device)
+        src = torch.tensor([src for _, src in moved], dtype=torch.long, device=device)
+        cols = slice(self.window.start, self.window.end)
+        for layer in self.layers:
+            for buffer in (layer.key_buffer, layer.value_buffer):
+                if buffer is not None:
+                    # The right side is gathered first, so a swap of two rows is safe.
+                    buffer[dst, :, cols] = buffer[src, :, cols]
+
     def step_inputs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``input_ids``, ``attention_mask`` and ``position_ids`` for one decode step."""
         assert self.mask is not None

@@ -1,8 +1,9 @@
 """The state of one request inside the batching engine, and how its text is made.
 
-A request owns ``n`` rows of the running batch (``num_return_sequences``); its
-rows join together and leave together, so a sampling request draws from its own
-generator on an ``[n, vocab]`` slice exactly as ``generate`` would.
+A request owns ``n`` rows of the running batch (``num_return_sequences``, or
+``num_beams`` for beam search); its rows join together and leave together, so a
+sampling request draws from its own generator on an ``[n, vocab]`` slice exactly as
+``generate`` would, and a beam request reorders only its own rows.
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ from typing import Any
 import torch
 
 from worker.engine.base import FinishReason, GenerationError, GenerationRequest, GenerationResult
-from worker.engine.constrained import Constraint, unpack_bitmask
-from worker.engine.logprobs import TokenLogprob, position_logprobs, to_entries
+from worker.engine.beam import BeamSearch
+from worker.engine.constrained import Constraint
+from worker.engine.logprobs import TokenLogprob, to_entries
 from worker.engine.sampling import SamplingSpec
 
 # Extra tokens decoded before the tail when looking for stop strings: some
@@ -42,6 +44,33 @@ def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
     return (text[: min(cuts)], True) if cuts else (text, False)
 
 
+def eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
+    """The tokens that end a row: the model's generation config's, else the tokenizer's."""
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    if eos is None:
+        return frozenset()
+    return frozenset([eos] if isinstance(eos, int) else eos)
+
+
+def tail_has_stop(
+    prompt_ids: list[int], tokens: list[int], stops: list[str], tokenizer: Any
+) -> bool:
+    """Whether the newest token completed one of ``stops``: only the decoded tail is
+    looked at (a bounded cost per token, whatever the vocabulary or the stop strings)."""
+    # A stop string completed by the newest token lies within the last
+    # len(stop) tokens (each token is at least one character), plus slack.
+    tail_len = max(len(s) for s in stops) + 2
+    context = (prompt_ids + tokens)[-(tail_len + _TAIL_CONTEXT) : -tail_len]
+    if len(tokens) <= tail_len:
+        context = prompt_ids[-_TAIL_CONTEXT:]
+    head = tokenizer.decode(context, skip_special_tokens=True)
+    text = tokenizer.decode(context + tokens[-tail_len:], skip_special_tokens=True)
+    tail = strip_prefix(text, head)
+    return any(s in tail for s in stops)
+
+
 @dataclasses.dataclass(eq=False)
 class RequestState:
     """One request from submission to its resolved future."""
@@ -59,9 +88,12 @@ class RequestState:
     started: bool = False
     aborted: bool = False
     tokenized: bool = False
+    beam: BeamSearch | None = None
+    error: GenerationError | None = None  # set when this request alone failed
+    restarts: int = 0  # times it was taken out of the batch to retry (unattributed errors)
+    passed_over: int = 0  # times later requests were admitted while it did not fit
     constraint: Constraint | None = None  # structured output: one matcher per row
     positions: list[list[TokenLogprob]] = dataclasses.field(default_factory=list)
-    error: GenerationError | None = None  # this request failed; the batch goes on
     rendered: str | None = None  # a chat request's prompt, from the chat template
 
     @property
@@ -76,20 +108,63 @@ class RequestState:
 
     @property
     def done(self) -> bool:
-        """Every row finished (or the request was aborted or failed)."""
-        return self.aborted or self.error is not None or all(r is not None for r in self.reasons)
+        """Every row finished (or the request was aborted, or failed)."""
+        if self.aborted or self.error is not None:
+            return True
+        if self.beam is not None:
+            return self.beam.done
+        return all(r is not None for r in self.reasons)
 
-    def fail(self, error: GenerationError) -> None:
-        """End this request with ``error`` at the next retirement; its rows stop now."""
-        self.error = error
-        self.reasons = [r or "stop" for r in self.reasons]
+    def tokenize(
+        self, tokenizer: Any, context: int, max_rows: int, max_tokens: int
+    ) -> GenerationError | None:
+        """Tokenize and size the request; the error that keeps it from running, if any."""
+        params = self.request.params
+        if self.rendered is not None:  # the chat template wrote any BOS itself
+            self.prompt_ids = tokenizer(self.rendered, add_special_tokens=False)["input_ids"]
+        else:
+            self.prompt_ids = tokenizer(self.request.prompt)["input_ids"]
+        self.prompt_text = tokenizer.decode(self.prompt_ids, skip_special_tokens=True)
+        self.tokenized = True
+        length = len(self.prompt_ids)
+        if length == 0:
+            return GenerationError("empty_prompt", "the prompt has no tokens")
+        if length >= context:
+            message = f"the prompt has {length} tokens; the model's context is {context} tokens"
+            return GenerationError("prompt_too_long", message)
+        if params.max_new_tokens is not None:
+            wanted = params.max_new_tokens
+        else:  # max_length, as generate counts it: at least one new token
+            wanted = max(1, (params.max_length or 0) - length)
+        self.max_new = min(wanted, context - length)
+        if self.n > max_rows or self.cost > max_tokens:
+            message = (
+                f"the request needs {self.n} rows and {self.cost} tokens of cache; this"
+                f" worker holds {max_rows} rows and {max_tokens} tokens"
+            )
+            return GenerationError("request_too_large", message)
+        return None
 
-    def start(self, generator: torch.Generator | None) -> None:
-        """Reset the per-row state when the request joins the batch."""
+    def start(
+        self, generator: torch.Generator | None, eos_ids: frozenset[int], tokenizer: Any
+    ) -> None:
+        """Reset the per-row state when the request joins the batch (again)."""
         self.tokens = [[] for _ in range(self.n)]
         self.reasons = [None] * self.n
         self.positions = [[] for _ in range(self.n)]
         self.generator = generator
+        self.error = None
+        self.beam = None
+        if self.request.params.uses_beams:
+            self.beam = BeamSearch(
+                self.request.params,
+                self.prompt_ids,
+                self.max_new,
+                eos_ids,
+                generator,
+                lambda tokens: self.stop_hit(tokens, tokenizer),
+            )
+            self.tokens = [[]]
         self.started = True
 
     def history(self, pad_id: int) -> torch.Tensor:
@@ -107,41 +182,44 @@ class RequestState:
         tokens = self.tokens[row]
         tokens.append(token)
         if self.constraint is not None:
-            try:
-                self.constraint.consume(row, token)
-            except GenerationError as exc:
-                self.fail(exc)
-                return
+            self.constraint.consume(row, token)  # raises for this request alone
         if token in eos_ids:
             self.reasons[row] = "eos"
         elif self.constraint is not None and self.constraint.finished(row):
             self.reasons[row] = "stop"  # the grammar is complete and allows nothing more
-        elif self.request.params.stop and self._tail_has_stop(tokens, tokenizer):
+        elif self.stop_hit(tokens, tokenizer):
             self.reasons[row] = "stop"
         elif len(tokens) >= self.max_new:
             self.reasons[row] = "length"
 
-    def _tail_has_stop(self, tokens: list[int], tokenizer: Any) -> bool:
+    def stop_hit(self, tokens: list[int], tokenizer: Any) -> bool:
+        """Whether ``tokens`` (generated so far) just completed a stop string."""
         stops = self.request.params.stop
-        # A stop string completed by the newest token lies within the last
-        # len(stop) tokens (each token is at least one character), plus slack.
-        tail_len = max(len(s) for s in stops) + 2
-        context = (self.prompt_ids + tokens)[-(tail_len + _TAIL_CONTEXT) : -tail_len]
-        if len(tokens) <= tail_len:
-            context = self.prompt_ids[-_TAIL_CONTEXT:]
-        head = tokenizer.decode(context, skip_special_tokens=True)
-        text = tokenizer.decode(context + tokens[-tail_len:], skip_special_tokens=True)
-        tail = strip_prefix(text, head)
-        return any(s in tail for s in stops)
+        return bool(stops) and tail_has_stop(self.prompt_ids, tokens, stops, tokenizer)
 
-    def output_text(self, row: int, tokenizer: Any) -> tuple[str, bool]:
-        """Row ``row``'s continuation and whether a stop string cut it."""
-        full = tokenizer.decode(self.prompt_ids + self.tokens[row], skip_special_tokens=True)
+    def text_of(self, tokens: list[int], tokenizer: Any) -> tuple[str, bool]:
+        """The continuation made of ``tokens`` and whether a stop string cut it."""
+        full = tokenizer.decode(self.prompt_ids + tokens, skip_special_tokens=True)
         text = strip_prefix(full, self.prompt_text)
         return cut_at_stop(text, self.request.params.stop)
 
+    def output_text(self, row: int, tokenizer: Any) -> tuple[str, bool]:
+        """Row ``row``'s continuation and whether a stop string cut it."""
+        return self.text_of(self.tokens[row], tokenizer)
+
+    def progress(self, tokenizer: Any) -> tuple[int, str]:
+        """Tokens so far over all sequences, and the text of sequence 0 (for beams, the
+        best running beam)."""
+        tokens = [list(t) for t in self.tokens]  # a snapshot: the scheduler appends
+        if not tokens:
+            return 0, ""
+        text, _ = self.text_of(tokens[0], tokenizer)
+        return sum(len(t) for t in tokens), text
+
     def result(self, tokenizer: Any, eos_ids: frozenset[int] = frozenset()) -> GenerationResult:
         """The result of the rows as they stand (complete, or partial when aborted)."""
+        if self.beam is not None and self.started:
+            return self.beam.result(lambda t: self.text_of(t, tokenizer), self.aborted)
         if not self.started:  # aborted while waiting: nothing was generated
             return GenerationResult(
                 outputs=[""] * self.n,
@@ -158,64 +236,17 @@ class RequestState:
             reason = self.reasons[row]
             # "length" for an aborted row: it ended on a limit, just not its own.
             reasons.append("stop" if stopped else (reason or "length"))
-        logprobs = None
-        if self.wants_logprobs:
-            logprobs = [to_entries(tokenizer, p, eos_ids) for p in self.positions]
         return GenerationResult(
             outputs=outputs,
             finish_reasons=reasons,
             prompt_tokens=len(self.prompt_ids),
             completion_tokens=sum(len(t) for t in self.tokens),
             aborted=self.aborted,
-            logprobs=logprobs,
+            logprobs=[to_entries(tokenizer, p, eos_ids) for p in self.positions]
+            if self.wants_logprobs
+            else None,
             prompt=self.rendered,
         )
-
-
-# A request and the rows of the batch (or of a prefill mini-batch) it owns.
-Placed = list[tuple[RequestState, list[int]]]
-
-
-def constrain_rows(logits: torch.Tensor, placed: Placed) -> torch.Tensor:
-    """``logits`` with each constrained row's disallowed tokens at ``-inf``.
-
-    The same tensor when no row is constrained (free batches pay nothing). The masks
-    of all constrained rows are filled into one bitmask and applied in one operation;
-    a request whose matcher fails is failed alone, its rows left as they were.
-    """
-    constrained = [(s, r) for s, r in placed if s.constraint is not None and not s.done]
-    if not constrained:
-        return logits
-    first = constrained[0][0].constraint
-    assert first is not None
-    rows = [row for _, r in constrained for row in r]
-    bitmask = torch.zeros((len(rows), first.words), dtype=torch.int32)
-    start = 0
-    for state, state_rows in constrained:
-        assert state.constraint is not None
-        try:
-            state.constraint.fill(bitmask, start)
-        except GenerationError as exc:
-            state.fail(exc)
-            bitmask[start : start + len(state_rows)] = -1  # all allowed: the row is ignored
-        start += len(state_rows)
-    allowed = unpack_bitmask(bitmask, logits.shape[-1]).to(logits.device)
-    index = torch.tensor(rows, dtype=torch.long, device=logits.device)
-    masked = logits.clone()
-    masked[index] = logits[index].masked_fill(~allowed, float("-inf"))
-    return masked
-
-
-def note_logprobs(raw: torch.Tensor, chosen: torch.Tensor, placed: Placed) -> None:
-    """Record the chosen tokens' log-probabilities for the requests that asked."""
-    for state, rows in placed:
-        if not state.wants_logprobs or state.done:
-            continue
-        index = torch.tensor(rows, dtype=torch.long, device=raw.device)
-        top = state.request.params.top_logprobs
-        for i, position in enumerate(position_logprobs(raw[index], chosen[index], top)):
-            if state.reasons[i] is None:
-                state.positions[i].append(position)
 
 
 def prefill_groups(states: list[RequestState], forward_cost: int) -> list[list[RequestState]]:

@@ -62,26 +62,22 @@ def apply_repetition_penalty(
     return scores.scatter(1, input_ids, score)
 
 
-def banned_ngram_tokens(tokens: list[int], n: int) -> list[int]:
-    """Tokens that would complete an n-gram already present in ``tokens``."""
-    if len(tokens) + 1 < n:
-        return []
-    prefix = tuple(tokens[len(tokens) - n + 1 :])
-    return [
-        tokens[i + n - 1]
-        for i in range(len(tokens) - n + 1)
-        if tuple(tokens[i : i + n - 1]) == prefix
-    ]
-
-
 def apply_no_repeat_ngram(scores: torch.Tensor, input_ids: torch.Tensor, n: int) -> torch.Tensor:
-    """Forbid tokens that would repeat an n-gram of the row's sequence."""
-    scores = scores.clone()
-    for row, tokens in enumerate(input_ids.tolist()):
-        banned = banned_ngram_tokens(tokens, n)
-        if banned:
-            scores[row, banned] = _NEG_INF
-    return scores
+    """Forbid tokens that would repeat an n-gram of the row's sequence.
+
+    Vectorized over rows and positions (no Python loop per token): each window of
+    ``n`` tokens whose first ``n - 1`` equal the row's last ``n - 1`` bans its last token,
+    as transformers' ``NoRepeatNGramLogitsProcessor`` does.
+    """
+    length = input_ids.shape[1]
+    if length < n:  # no complete n-gram yet
+        return scores
+    windows = input_ids.unfold(1, n, 1)  # [rows, length - n + 1, n]
+    prefix = input_ids[:, length - n + 1 :]  # the last n - 1 tokens
+    match = (windows[:, :, : n - 1] == prefix[:, None, :]).all(dim=-1)
+    banned = torch.zeros(scores.shape, dtype=torch.int32, device=scores.device)
+    banned.scatter_add_(1, windows[:, :, -1].to(scores.device), match.to(torch.int32))
+    return scores.masked_fill(banned > 0, _NEG_INF)
 
 
 def apply_top_k(scores: torch.Tensor, top_k: int, min_tokens_to_keep: int = 1) -> torch.Tensor:
@@ -102,12 +98,16 @@ def apply_top_p(scores: torch.Tensor, top_p: float, min_tokens_to_keep: int = 1)
 
 
 def process_logits(
-    scores: torch.Tensor, input_ids: torch.Tensor | None, spec: SamplingSpec
+    scores: torch.Tensor,
+    input_ids: torch.Tensor | None,
+    spec: SamplingSpec,
+    min_tokens_to_keep: int = 1,
 ) -> torch.Tensor:
     """Apply the spec's processors to one request's float32 ``[n, vocab]`` scores.
 
     ``input_ids`` (``[n, length]``, no padding) is needed only when
-    :attr:`SamplingSpec.needs_history`.
+    :attr:`SamplingSpec.needs_history`. ``min_tokens_to_keep`` is that of generate's
+    top-k and top-p warpers (more than 1 under beam sampling).
     """
     if spec.repetition_penalty != 1.0:
         assert input_ids is not None
@@ -119,9 +119,9 @@ def process_logits(
         if spec.temperature != 1.0:
             scores = scores / spec.temperature
         if spec.top_k != 0:
-            scores = apply_top_k(scores, spec.top_k)
+            scores = apply_top_k(scores, spec.top_k, min_tokens_to_keep)
         if spec.top_p < 1.0:
-            scores = apply_top_p(scores, spec.top_p)
+            scores = apply_top_p(scores, spec.top_p, min_tokens_to_keep)
     return scores
 
 
@@ -135,6 +135,8 @@ def choose_tokens(
     scores = process_logits(scores, input_ids, spec)
     if spec.do_sample:
         probs = torch.softmax(scores, dim=-1)
+        if not bool(torch.isfinite(probs).all()):  # e.g. logits / a tiny temperature overflowed
+            raise FloatingPointError("the sampling probabilities are not finite")
         return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
     return torch.argmax(scores, dim=-1)
 
