@@ -17,7 +17,8 @@ from sqlalchemy import insert, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from core import idempotency, webhooks, workers
+from core import idempotency, workers
+from core.jobstate import JobNotFoundError
 from core.models import LOCAL_OWNER, Job, utcnow
 from core.queue import JobQueue, Route
 from core.schemas import JobCreate
@@ -25,18 +26,6 @@ from core.settings import Settings, model_id
 from core.status import JobStatus
 
 log = logging.getLogger(__name__)
-
-
-class JobNotFoundError(LookupError):
-    """No job with that id (or not visible to the caller)."""
-
-    def __init__(self, job_id: str) -> None:
-        super().__init__(f"no job with id {job_id!r}")
-        self.job_id = job_id
-
-
-class JobConflictError(Exception):
-    """The job is in a status that does not allow the operation."""
 
 
 class UnknownModelError(ValueError):
@@ -106,7 +95,7 @@ def job_values(
     now = utcnow()
     return {
         "id": job_id or new_job_id(),
-        "status": JobStatus.QUEUED.value,
+        "status": JobStatus.QUEUED,
         "prompt": body.prompt,
         "model": body.model or default_model,
         "params": params.model_dump(mode="json", exclude_none=True),
@@ -319,26 +308,10 @@ def list_jobs(
     if owner is not None:
         query = query.where(Job.owner == owner)
     if status is not None:
-        query = query.where(Job.status == status.value)
+        query = query.where(Job.status == status)
     if after is not None:
         query = query.where(Job.id < after)
     if batch_id is not None:
         query = query.where(Job.batch_id == batch_id)
     rows = list(session.scalars(query))
     return rows[:limit], len(rows) > limit
-
-
-def cancel_job(session: Session, job_id: str, *, owner: str | None = None) -> Job:
-    """Cancel a queued or running job. A running one stops within a few steps and
-    keeps what it generated; a finished one cannot be cancelled."""
-    job = get_job(session, job_id, owner=owner)
-    if job.job_status.is_final:
-        if job.job_status is JobStatus.CANCELLED:
-            return job
-        raise JobConflictError(f"job {job_id} already {job.status}; it cannot be cancelled")
-    job.status = JobStatus.CANCELLED.value
-    job.finished_at = utcnow()
-    job.lease_expires_at = None
-    session.flush()
-    webhooks.record_job_events(session, [job.id])
-    return job

@@ -280,7 +280,6 @@ class JobLike(Protocol):
 
     id: str
     custom_id: str | None
-    status: str
     model: str
     outputs: list[str] | None
     finish_reasons: list[str] | None
@@ -290,6 +289,9 @@ class JobLike(Protocol):
     error_message: str | None
     created_at: dt.datetime
     finished_at: dt.datetime | None
+
+    @property
+    def status(self) -> str: ...  # read-only, so a JobStatus column fits
 
 
 def unix(moment: dt.datetime | None) -> int | None:

@@ -34,7 +34,7 @@ MIN_TEMPERATURE = 1e-3
 # Smallest repetition penalty: dividing a logit by less overflows the same way.
 MIN_REPETITION_PENALTY = 1e-2
 
-FinishReason = Literal["length", "eos", "stop"]
+FinishReason = Literal["length", "eos", "stop", "cancelled"]
 Priority = Literal["high", "normal", "low"]
 CallbackUrl = Annotated[
     AnyHttpUrl, UrlConstraints(max_length=2048, allowed_schemes=["http", "https"])

@@ -41,6 +41,8 @@ from typing import Any
 
 import httpx
 from sqlalchemy import delete, insert, select, update
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
 from core.db import session_scope
@@ -111,8 +113,32 @@ def backoff_s(
 # --- the outbox: written with the final status ------------------------------------------
 
 
-def new_delivery_id() -> str:
-    return f"whd_{time.time_ns() // 1_000_000:012x}{secrets.token_hex(8)}"
+def delivery_id(object_id: str, event: str) -> str:
+    """The id of the one delivery of ``event`` for a job or batch: derived from both,
+    so a transition recorded twice (a store retried after an ambiguous commit) is
+    one outbox row, and a receiver deduplicating on ``Genq-Delivery`` sees one event."""
+    digest = hashlib.sha256(f"{object_id}\x00{event}".encode()).hexdigest()
+    return f"whd_{digest[:32]}"
+
+
+def _insert_once(session: Session, rows: list[dict[str, Any]]) -> None:
+    """Insert outbox rows, skipping those whose (deterministic) id exists already."""
+    dialect = session.get_bind().dialect.name
+    statement: Any
+    if dialect == "postgresql":
+        statement = postgresql_insert(WebhookDelivery).on_conflict_do_nothing()
+    elif dialect == "sqlite":
+        statement = sqlite_insert(WebhookDelivery).on_conflict_do_nothing()
+    else:  # pragma: no cover - genq supports PostgreSQL and SQLite
+        existing = set(
+            session.scalars(
+                select(WebhookDelivery.id).where(WebhookDelivery.id.in_([r["id"] for r in rows]))
+            )
+        )
+        rows = [r for r in rows if r["id"] not in existing]
+        statement = insert(WebhookDelivery)
+    if rows:
+        session.execute(statement, rows)
 
 
 def default_callback(session: Session, owner: str) -> str | None:
@@ -150,7 +176,7 @@ def record_job_events(session: Session, job_ids: Iterable[str]) -> int:
                 _outbox_row(owner, f"job.{status}", url, now, job_id=job_id, batch_id=None)
             )
     if values:
-        session.execute(insert(WebhookDelivery), values)
+        _insert_once(session, values)
     return len(values)
 
 
@@ -161,7 +187,7 @@ def record_batch_event(session: Session, batch: Batch) -> bool:
     if url is None:
         return False
     row = _outbox_row(batch.owner, f"batch.{batch.status}", url, utcnow(), None, batch.id)
-    session.execute(insert(WebhookDelivery), [row])
+    _insert_once(session, [row])
     return True
 
 
@@ -169,7 +195,7 @@ def _outbox_row(
     owner: str, event: str, url: str, now: dt.datetime, job_id: str | None, batch_id: str | None
 ) -> dict[str, Any]:
     return {
-        "id": new_delivery_id(),
+        "id": delivery_id(job_id or batch_id or "", event),
         "owner": owner,
         "job_id": job_id,
         "batch_id": batch_id,

@@ -18,7 +18,7 @@ from starlette.concurrency import run_in_threadpool
 
 from api.deps import OwnerDep, QueueDep, SessionDep, SettingsDep
 from api.errors import APIError, error_body
-from core import batches, jobs
+from core import batches, jobs, jobstate
 from core.db import get_sessionmaker
 from core.models import LOCAL_OWNER, Job
 from core.openai_format import (
@@ -45,9 +45,9 @@ def _read(database_url: str, job_id: str) -> Job | None:
 def _cancel(database_url: str, job_id: str) -> None:
     with get_sessionmaker(database_url)() as session:
         try:
-            jobs.cancel_job(session, job_id)
+            jobstate.cancel_job(session, job_id)
             session.commit()
-        except jobs.JobConflictError:
+        except jobstate.JobConflictError:
             pass
 
 
@@ -91,9 +91,9 @@ async def create_completion(
 
 
 def _answer(job: Job) -> JSONResponse:
-    if job.status == JobStatus.SUCCEEDED.value:
+    if job.status is JobStatus.SUCCEEDED:
         return JSONResponse(completion_object(job))
-    if job.status == JobStatus.CANCELLED.value:
+    if job.status is JobStatus.CANCELLED:
         body = error_body("cancelled", f"job {job.id} was cancelled", job_id=job.id)
         return JSONResponse(body, status_code=409)
     code = job.error_code or "internal_error"

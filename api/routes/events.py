@@ -30,6 +30,7 @@ from fastapi.responses import StreamingResponse
 from api.deps import OwnerDep, SessionDep
 from core import jobs
 from core.db import get_sessionmaker
+from core.errors import NotFoundError
 from core.schemas import JobRead
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -78,7 +79,7 @@ def _read(database_url: str, job_id: str) -> JobRead | None:
     with get_sessionmaker(database_url)() as session:
         try:
             return JobRead.from_job(jobs.get_job(session, job_id))
-        except jobs.JobNotFoundError:  # deleted meanwhile (retention)
+        except NotFoundError:  # deleted meanwhile (retention)
             return None
 
 

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Query, Response, status
 
 from api.deps import IdempotencyKeyHeader, OwnerDep, QueueDep, SessionDep, SettingsDep
 from api.errors import APIError
-from core import jobs
+from core import jobs, jobstate
 from core.schemas import JobBulkCreate, JobCreate, JobList, JobRead, JobsCreated
 from core.status import JobStatus
 
@@ -105,6 +105,6 @@ def get_job(job_id: str, session: SessionDep, owner: OwnerDep) -> JobRead:
 @router.post("/{job_id}/cancel", response_model=JobRead)
 def cancel_job(job_id: str, session: SessionDep, owner: OwnerDep) -> JobRead:
     """Cancel a queued or running job; a running one keeps what it generated."""
-    job = jobs.cancel_job(session, job_id, owner=owner)
+    job = jobstate.cancel_job(session, job_id, owner=owner)
     session.commit()
     return JobRead.from_job(job)

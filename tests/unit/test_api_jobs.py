@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from core import delivery
+from core import jobstate
 from core.db import session_scope
 from core.settings import Settings
 from tests.conftest import RecordingQueue
@@ -97,16 +97,16 @@ def test_cancel_a_queued_job_and_a_finished_one_cannot_be(
 
     done = submit(client)
     with session_scope(settings.resolved_database_url) as session:
-        claim = delivery.claim_job(session, done["id"], worker="w1", lease_s=60, max_attempts=3)
+        claim = jobstate.claim_job(session, done["id"], worker="w1", lease_s=60, max_attempts=3)
         assert claim is not None
-        delivery.finish_job(session, claim, _outcome())
+        jobstate.store_outcomes(session, [(claim, _outcome())])
     response = client.post(f"/v1/jobs/{done['id']}/cancel")
     assert response.status_code == 409
     assert "already succeeded" in response.json()["error"]["message"]
 
 
-def _outcome() -> delivery.Outcome:
-    return delivery.Outcome(
+def _outcome() -> jobstate.Outcome:
+    return jobstate.Outcome(
         outputs=["x"],
         finish_reasons=["length"],
         prompt_tokens=1,

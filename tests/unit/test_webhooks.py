@@ -16,7 +16,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
-from core import batches, delivery, jobs, keys, webhooks
+from core import batches, jobs, jobstate, keys, webhooks
 from core.db import get_sessionmaker, session_scope
 from core.models import Job, WebhookDelivery
 from core.openai_format import COMPLETIONS_URL
@@ -127,12 +127,12 @@ def test_quarantine_by_the_sweeper_writes_job_failed(
 ) -> None:
     job_id = submit_prompt(client, callback_url=HOOK)
     with session_scope(settings.resolved_database_url) as session:
-        claim = delivery.claim_job(session, job_id, worker="w1", lease_s=60, max_attempts=1)
+        claim = jobstate.claim_job(session, job_id, worker="w1", lease_s=60, max_attempts=1)
         assert claim is not None
         past = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=5)
         session.execute(update(Job).where(Job.id == job_id).values(lease_expires_at=past))
     with session_scope(settings.resolved_database_url) as session:
-        requeued, failed = delivery.reclaim_expired(session, max_attempts=1)
+        requeued, failed = jobstate.reclaim_expired(session, max_attempts=1)
     assert (requeued, failed) == ([], [job_id])
     assert [(r.job_id, r.event) for r in outbox(settings)] == [(job_id, "job.failed")]
 
@@ -148,7 +148,7 @@ def test_the_owners_key_default_is_used_when_the_job_has_none(settings: Settings
         own = new_job(session, owner="alice", callback_url="http://own.test/")
         bob = new_job(session, owner="bob")
         for job in (plain, own, bob):
-            jobs.cancel_job(session, job.id)
+            jobstate.cancel_job(session, job.id)
     rows = {row.job_id: row.url for row in outbox(settings)}
     assert rows == {plain.id: HOOK, own.id: "http://own.test/"}  # the newest key's default
 

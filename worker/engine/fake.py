@@ -122,7 +122,9 @@ class FakeEngine:
                 made.append(word)
                 text = " " + " ".join(made)
                 with self._lock:
-                    self._progress[request.id] = Progress(tokens=len(made), text=text)
+                    self._progress[request.id] = Progress(
+                        tokens=len(made), text=text, prompt_tokens=prompt_words
+                    )
                 if any(s in text for s in params.stop):
                     stopped = True
                     break
