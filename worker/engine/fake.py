@@ -64,6 +64,9 @@ class FakeEngine:
         self._lock = threading.Lock()
         self._aborted: set[str] = set()
         self._progress: dict[str, Progress] = {}
+        # Requests not started yet (all pool threads busy): an abort resolves them
+        # at once, as the batching engine does with its waiting requests.
+        self._waiting: dict[str, tuple[GenerationRequest, Future[GenerationResult]]] = {}
         self._closed = False
 
     def submit(self, request: GenerationRequest) -> Future[GenerationResult]:
@@ -72,12 +75,31 @@ class FakeEngine:
             future: Future[GenerationResult] = Future()
             future.set_exception(GenerationError("engine_stopped", "the engine is closed"))
             return future
-        return self._pool.submit(self._generate, request)
+        outer: Future[GenerationResult] = Future()
+        with self._lock:
+            self._waiting[request.id] = (request, outer)
+        self._pool.submit(self._run, request, outer)
+        return outer
+
+    def _run(self, request: GenerationRequest, outer: Future[GenerationResult]) -> None:
+        with self._lock:
+            if self._waiting.pop(request.id, None) is None:  # aborted while it waited
+                self._aborted.discard(request.id)
+                return
+        try:
+            outer.set_result(self._generate(request))
+        except BaseException as exc:
+            outer.set_exception(exc)
 
     def abort(self, request_id: str) -> None:
-        """Make the request stop at its next word."""
+        """Make the request stop at its next word; a waiting one resolves at once."""
         with self._lock:
             self._aborted.add(request_id)
+            request, outer = self._waiting.pop(request_id, (None, None))
+        if request is not None and outer is not None:
+            n = request.params.num_return_sequences
+            prompt_words = len(request.prompt.split())
+            outer.set_result(GenerationResult([""] * n, ["length"] * n, prompt_words, 0, True))
 
     def progress(self, request_id: str) -> Progress | None:
         """Words so far and the text of sequence 0, or None when unknown."""
