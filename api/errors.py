@@ -14,6 +14,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from core.db import is_transient
 from core.errors import ConflictError, CoreError, InvalidRequestError, NotFoundError
 from core.idempotency import IdempotencyConflictError
+from core.submit import RequestTooLargeError, UnknownModelError
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,8 @@ STATUS_OF: tuple[tuple[type[CoreError], int], ...] = (
     (NotFoundError, 404),
     (ConflictError, 409),
     (InvalidRequestError, 400),
+    (UnknownModelError, 422),
+    (RequestTooLargeError, 422),
 )
 
 

@@ -50,12 +50,12 @@ from cli.local_worker import RunWorkers
 from core import batches
 from core.batches import LineError, Parsed
 from core.db import get_sessionmaker
-from core.jobs import served_models
 from core.models import LOCAL_OWNER, Batch
 from core.openai_format import COMPLETIONS_URL, ParsedRequest, RequestError, parse_batch_line
 from core.queue import get_queue
 from core.schemas import GenerationParams, JobCreate
 from core.settings import Settings, get_settings, model_id
+from core.submit import served_models
 
 err = Console(stderr=True, soft_wrap=True)
 out = Console(soft_wrap=True)

@@ -19,7 +19,7 @@ import logging
 import threading
 import time
 
-from core import batches, delivery, jobstate
+from core import batches, delivery, jobstate, submit
 from core.db import get_sessionmaker, session_scope
 from core.queue import JobQueue, Route, queue_name
 from core.settings import Settings
@@ -104,4 +104,4 @@ class Sweeper:
         return jobs + batch_count + file_count
 
     def _send(self, routes: list[Route]) -> None:
-        self.queue.enqueue_many(routes)
+        submit.send(self.queue, routes)

@@ -12,11 +12,11 @@ from api.deps import IdempotencyKeyHeader, OwnerDep, QueueDep, SessionDep, Setti
 from api.errors import APIError
 from core import batches, files, idempotency
 from core.db import get_sessionmaker
-from core.jobs import served_models
 from core.models import LOCAL_OWNER
 from core.openai_format import COMPLETIONS_URL, RequestError, list_object
 from core.queue import JobQueue
 from core.schemas import CallbackUrl
+from core.submit import served_models
 
 router = APIRouter(prefix="/v1/batches", tags=["batches"])
 log = logging.getLogger(__name__)

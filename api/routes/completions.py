@@ -9,6 +9,7 @@ runs out. A client that disconnects while waiting cancels its job.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from typing import Annotated, Any
 
@@ -16,9 +17,9 @@ from fastapi import APIRouter, Body, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from api.deps import OwnerDep, QueueDep, SessionDep, SettingsDep
+from api.deps import IdempotencyKeyHeader, OwnerDep, QueueDep, SessionDep, SettingsDep
 from api.errors import APIError, error_body
-from core import batches, jobs, jobstate
+from core import jobstate, submit
 from core.db import get_sessionmaker
 from core.models import LOCAL_OWNER, Job
 from core.openai_format import (
@@ -59,25 +60,46 @@ async def create_completion(
     settings: SettingsDep,
     queue: QueueDep,
     owner: OwnerDep,
+    idempotency_key: IdempotencyKeyHeader = None,
 ) -> JSONResponse:
-    """Generate a completion: the body and the answer are OpenAI's."""
+    """Generate a completion: the body and the answer are OpenAI's. With an
+    ``Idempotency-Key``, a retry with the same body waits on the same job."""
     try:
-        parsed, params = parse_completion(body, models=jobs.served_models(session, settings))
+        parsed, params = parse_completion(body, models=submit.served_models(session, settings))
     except RequestError as exc:
         status = 404 if exc.code == "model_not_found" else 400
         raise APIError(status, exc.code, exc.message, exc.param) from exc
     job_request = ParsedRequest(None, parsed.prompt, parsed.model, params)
-    job_id = await run_in_threadpool(
-        batches.submit_request, session, queue, job_request, owner=owner or LOCAL_OWNER
+    job_id, replay = await run_in_threadpool(
+        functools.partial(
+            submit.submit_request,
+            session,
+            queue,
+            job_request,
+            settings=settings,
+            owner=owner or LOCAL_OWNER,
+            idempotency_key=idempotency_key,
+            body=body,
+        )
     )
-    url = settings.resolved_database_url
-    deadline = time.monotonic() + settings.completion_wait_s
+    answer = await _wait(
+        request, settings.resolved_database_url, job_id, settings.completion_wait_s
+    )
+    if replay:
+        answer.headers["Idempotent-Replayed"] = "true"
+    return answer
+
+
+async def _wait(request: Request, url: str, job_id: str, wait_s: float) -> JSONResponse:
+    """The job's answer once it is final, a 202 with the job once ``wait_s`` passed,
+    or 499 (and the job cancelled) once the client went away."""
+    deadline = time.monotonic() + wait_s
     delay = POLL_MIN_S
     while True:
         job = await run_in_threadpool(_read, url, job_id)
         if job is None:  # purged or deleted meanwhile
             raise APIError(404, "not_found", f"job {job_id} disappeared", "id")
-        if JobStatus(job.status).is_final:
+        if job.status.is_final:
             return _answer(job)
         if time.monotonic() >= deadline:
             content = JobRead.from_job(job).model_dump(mode="json")

@@ -7,8 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Response, status
 
 from api.deps import IdempotencyKeyHeader, OwnerDep, QueueDep, SessionDep, SettingsDep
-from api.errors import APIError
-from core import jobs, jobstate
+from core import jobs, jobstate, submit
 from core.schemas import JobBulkCreate, JobCreate, JobList, JobRead, JobsCreated
 from core.status import JobStatus
 
@@ -30,14 +29,9 @@ def create_job(
     With an ``Idempotency-Key`` header, a retry with the same key and body gets
     the same job back (``Idempotent-Replayed: true``); another body gets a 409.
     """
-    try:
-        job, replay = jobs.submit_job(
-            session, queue, body, settings=settings, owner=owner, idempotency_key=idempotency_key
-        )
-    except jobs.UnknownModelError as exc:
-        raise APIError(422, "model_not_found", str(exc), exc.param) from exc
-    except jobs.RequestTooLargeError as exc:
-        raise APIError(422, "invalid_request", str(exc), exc.param) from exc
+    job, replay = submit.submit_job(
+        session, queue, body, settings=settings, owner=owner, idempotency_key=idempotency_key
+    )
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     if replay:
         response.headers["Idempotent-Replayed"] = "true"
@@ -61,19 +55,9 @@ def create_jobs(
 
     ``Idempotency-Key`` works as for ``POST /v1/jobs``: a retry gets the same jobs.
     """
-    try:
-        created, replay = jobs.submit_jobs(
-            session,
-            queue,
-            body.jobs,
-            settings=settings,
-            owner=owner,
-            idempotency_key=idempotency_key,
-        )
-    except jobs.UnknownModelError as exc:
-        raise APIError(422, "model_not_found", str(exc), exc.param) from exc
-    except jobs.RequestTooLargeError as exc:
-        raise APIError(422, "invalid_request", str(exc), exc.param) from exc
+    created, replay = submit.submit_jobs(
+        session, queue, body.jobs, settings=settings, owner=owner, idempotency_key=idempotency_key
+    )
     if replay:
         response.headers["Idempotent-Replayed"] = "true"
     return JobsCreated(data=[JobRead.from_job(job) for job in created])

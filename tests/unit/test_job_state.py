@@ -14,10 +14,10 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from sqlalchemy import select, text
+from sqlalchemy import insert, select, text
 from sqlalchemy.orm import Session
 
-from core import jobs, jobstate, webhooks
+from core import jobstate, submit, webhooks
 from core.db import get_sessionmaker, session_scope
 from core.models import Job, WebhookDelivery
 from core.schemas import JobCreate
@@ -39,8 +39,10 @@ def queued_job(url: str, *, attempts: int = 0) -> str:
     """A committed queued job with a callback (so its final status has an event)."""
     with session_scope(url) as session:
         body = JobCreate.model_validate({"prompt": "one two", "callback_url": HOOK})
-        job = jobs.create_job(session, body, default_model="fake", default_max_new_tokens=4)
-        job_id = job.id
+        new = submit.NewJob.from_create(body, default_model="fake")
+        job_id = submit.new_job_id()
+        row = submit.job_row(new, job_id=job_id, owner="local", default_max_new_tokens=4)
+        session.execute(insert(Job), [row])
     if attempts:
         with get_sessionmaker(url)() as session:  # a test's setup, not a transition
             session.execute(

@@ -402,6 +402,8 @@ def test_a_dead_engine_hands_back_its_jobs_leaves_the_registry_and_stops_the_wor
             assert "mortal" not in [w.name for w in live_workers(session, within_s=3600)]
         with pytest.raises(DrainingError):  # the next message goes back to the broker
             runtime.run_job(submit_prompt(client), worker="w1")
+    finally:
+        runtime.close()
 
 
 def test_jobs_past_the_time_limit_fail_with_timeout_whether_running_or_waiting(
