@@ -6,12 +6,35 @@ Jobs are created by :mod:`core.submit` and change status only through
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from core.jobstate import JobNotFoundError
-from core.models import Job
-from core.status import JobStatus
+from core.models import Job, WebhookDelivery
+from core.schemas import JobRead
+from core.status import FINAL_STATUSES, JobStatus
+
+
+def views(session: Session, jobs: Sequence[Job]) -> list[JobRead]:
+    """The API view of each job, with its webhook delivery: one query for all of
+    them (none when no job is final: only a final job can have a delivery)."""
+    final = [job.id for job in jobs if job.status in FINAL_STATUSES]
+    newest: dict[str | None, WebhookDelivery] = {}
+    if final:
+        query = (
+            select(WebhookDelivery)
+            .where(WebhookDelivery.job_id.in_(final))
+            .order_by(WebhookDelivery.created_at)
+        )
+        newest = {row.job_id: row for row in session.scalars(query)}  # the last one wins
+    return [JobRead.from_job(job, newest.get(job.id)) for job in jobs]
+
+
+def view(session: Session, job: Job) -> JobRead:
+    """The API view of one job (see :func:`views`)."""
+    return views(session, [job])[0]
 
 
 def submission_jobs(session: Session, submission_id: str) -> list[Job]:

@@ -31,7 +31,6 @@ import dataclasses
 import datetime as dt
 import hashlib
 import hmac
-import json
 import logging
 import random
 import secrets
@@ -304,27 +303,15 @@ def signing_secrets(session: Session, owner: str, fallback: str | None) -> list[
     return secrets_ or ([fallback] if fallback else [])
 
 
-def payload(session: Session, delivery: WebhookDelivery) -> bytes | None:
-    """The JSON body: the job as ``GET /v1/jobs/{id}`` returns it (without its own
-    ``webhook`` status) or the batch object; None if the object no longer exists."""
-    if delivery.job_id is not None:
-        from core.schemas import JobRead
-
-        job = session.get(Job, delivery.job_id)
-        if job is None:
-            return None
-        return JobRead.from_job(job).model_dump_json(exclude={"webhook"}).encode()
-    if delivery.batch_id is not None:
-        from core.batches import batch_object
-
-        batch = session.get(Batch, delivery.batch_id)
-        if batch is None:
-            return None
-        return json.dumps(batch_object(session, batch), separators=(",", ":")).encode()
-    return None
+PayloadBuilder = Callable[[Session, WebhookDelivery], bytes | None]
+"""Builds a delivery's JSON body from the rows as they are now (None: the object is
+gone). Passed in by the caller (``core.webhook_payloads.build``), so this lower
+layer never imports the API's views of jobs and batches."""
 
 
-def prepare(session: Session, claimed: Claimed, settings: Settings) -> Prepared | None:
+def prepare(
+    session: Session, claimed: Claimed, settings: Settings, build: PayloadBuilder
+) -> Prepared | None:
     """The request for a claimed attempt, built from the rows as they are now."""
     delivery = session.get(WebhookDelivery, claimed.id)
     if delivery is None:
@@ -333,7 +320,7 @@ def prepare(session: Session, claimed: Claimed, settings: Settings) -> Prepared 
         claimed=claimed,
         url=delivery.url,
         event=delivery.event,
-        body=payload(session, delivery),
+        body=build(session, delivery),
         secrets=signing_secrets(session, delivery.owner, settings.webhook_secret),
     )
 
@@ -423,12 +410,16 @@ def lease_s(settings: Settings) -> float:
 
 
 def deliver(
-    database_url: str, client: httpx.Client, claimed: Claimed, settings: Settings
+    database_url: str,
+    client: httpx.Client,
+    claimed: Claimed,
+    settings: Settings,
+    build: PayloadBuilder,
 ) -> str | None:
     """Build, POST and record one claimed attempt; returns the delivery's new status
     (None if it vanished or the claim was lost). No transaction is open during the POST."""
     with session_scope(database_url) as session:
-        prepared = prepare(session, claimed, settings)
+        prepared = prepare(session, claimed, settings, build)
     if prepared is None:
         return None
     if prepared.body is not None and not prepared.secrets:

@@ -78,7 +78,7 @@ class JobEvents:
 def _read(database_url: str, job_id: str) -> JobRead | None:
     with get_sessionmaker(database_url)() as session:
         try:
-            return JobRead.from_job(jobs.get_job(session, job_id))
+            return jobs.view(session, jobs.get_job(session, job_id))
         except NotFoundError:  # deleted meanwhile (retention)
             return None
 
@@ -132,7 +132,7 @@ def job_events(
     ] = MAX_STREAM_S,
 ) -> StreamingResponse:
     """Stream the job's status changes and new text as server-sent events, until it ends."""
-    first = JobRead.from_job(jobs.get_job(session, job_id, owner=owner))
+    first = jobs.view(session, jobs.get_job(session, job_id, owner=owner))
     # The request's session is not needed while streaming: give its connection back now.
     session.close()
     database_url = request.app.state.settings.resolved_database_url

@@ -35,7 +35,7 @@ def create_job(
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     if replay:
         response.headers["Idempotent-Replayed"] = "true"
-    return JobRead.from_job(job)
+    return jobs.view(session, job)
 
 
 @router.post("/bulk", status_code=status.HTTP_202_ACCEPTED, response_model=JobsCreated)
@@ -60,7 +60,7 @@ def create_jobs(
     )
     if replay:
         response.headers["Idempotent-Replayed"] = "true"
-    return JobsCreated(data=[JobRead.from_job(job) for job in created])
+    return JobsCreated(data=jobs.views(session, created))
 
 
 @router.get("", response_model=JobList)
@@ -76,14 +76,14 @@ def list_jobs(
     rows, has_more = jobs.list_jobs(
         session, status=status, limit=limit, after=after, owner=owner, batch_id=batch_id
     )
-    data = [JobRead.from_job(job) for job in rows]
+    data = jobs.views(session, rows)
     return JobList(data=data, has_more=has_more, next_after=data[-1].id if has_more else None)
 
 
 @router.get("/{job_id}", response_model=JobRead)
 def get_job(job_id: str, session: SessionDep, owner: OwnerDep) -> JobRead:
     """One job: its status, and its output (partial while it runs)."""
-    return JobRead.from_job(jobs.get_job(session, job_id, owner=owner))
+    return jobs.view(session, jobs.get_job(session, job_id, owner=owner))
 
 
 @router.post("/{job_id}/cancel", response_model=JobRead)
@@ -91,4 +91,4 @@ def cancel_job(job_id: str, session: SessionDep, owner: OwnerDep) -> JobRead:
     """Cancel a queued or running job; a running one keeps what it generated."""
     job = jobstate.cancel_job(session, job_id, owner=owner)
     session.commit()
-    return JobRead.from_job(job)
+    return jobs.view(session, job)

@@ -246,10 +246,7 @@ def test_a_delivery_is_signed_with_the_owners_key_and_shown_on_the_job(
     sent = json.loads(request.content)
     assert sent["id"] == job.id and sent["status"] == "succeeded" and "webhook" not in sent
     with session_scope(url) as session:
-        shown = jobs.get_job(session, job.id)
-        from core.schemas import JobRead
-
-        webhook = JobRead.from_job(shown).webhook
+        webhook = jobs.view(session, jobs.get_job(session, job.id)).webhook
     assert webhook is not None
     assert (webhook.status, webhook.attempts, webhook.last_status_code) == ("delivered", 1, 200)
     assert webhook.delivered_at is not None
