@@ -12,8 +12,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from core.db import is_transient
-from core.errors import ConflictError, CoreError, InvalidRequestError, NotFoundError
-from core.idempotency import IdempotencyConflictError
+from core.errors import ConflictError, CoreError, InvalidRequestError, NotFoundError, TooLargeError
 from core.submit import RequestTooLargeError, UnknownModelError
 
 log = logging.getLogger(__name__)
@@ -75,6 +74,7 @@ STATUS_OF: tuple[tuple[type[CoreError], int], ...] = (
     (NotFoundError, 404),
     (ConflictError, 409),
     (InvalidRequestError, 400),
+    (TooLargeError, 413),
     (UnknownModelError, 422),
     (RequestTooLargeError, 422),
 )
@@ -87,11 +87,6 @@ def status_of(exc: CoreError) -> int:
 
 async def _on_core_error(_: Request, exc: CoreError) -> JSONResponse:
     return JSONResponse(error_body(exc.code, exc.message, exc.param), status_code=status_of(exc))
-
-
-async def _on_idempotency_conflict(_: Request, exc: IdempotencyConflictError) -> JSONResponse:
-    body = error_body("idempotency_key_reused", str(exc), "Idempotency-Key")
-    return JSONResponse(body, status_code=409)
 
 
 async def _on_http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -114,6 +109,5 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _on_validation_error)  # type: ignore[arg-type]
     app.add_exception_handler(APIError, _on_api_error)  # type: ignore[arg-type]
     app.add_exception_handler(CoreError, _on_core_error)  # type: ignore[arg-type]
-    app.add_exception_handler(IdempotencyConflictError, _on_idempotency_conflict)  # type: ignore[arg-type]
     app.add_exception_handler(StarletteHTTPException, _on_http_error)  # type: ignore[arg-type]
     app.add_exception_handler(SQLAlchemyError, _on_database_error)  # type: ignore[arg-type]

@@ -31,3 +31,9 @@ class ConflictError(CoreError):
 
 class InvalidRequestError(CoreError, ValueError):
     """The request is well-formed but its content is not acceptable (HTTP 400)."""
+
+
+class TooLargeError(CoreError, ValueError):
+    """The upload is over a size limit (HTTP 413)."""
+
+    code = "too_large"

@@ -27,6 +27,7 @@ from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from core.errors import InvalidRequestError
 from core.schemas import (
     MAX_NEW_TOKENS_LIMIT,
     MAX_PROMPT_CHARS,
@@ -53,14 +54,11 @@ _DEFAULT_ONLY: dict[str, tuple[object, ...]] = {
 }
 
 
-class RequestError(ValueError):
+class RequestError(InvalidRequestError):
     """A request that cannot be run: OpenAI's error ``code``, a message and the param."""
 
     def __init__(self, code: str, message: str, param: str | None = None) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.param = param
+        super().__init__(message, param=param, code=code)
 
 
 class CompletionRequest(BaseModel):
