@@ -85,11 +85,6 @@ BATCH_TRANSITIONS: dict[BatchStatus, frozenset[BatchStatus]] = {
 }
 
 
-def can_transition(current: JobStatus, new: JobStatus) -> bool:
-    """Whether a job in ``current`` may move to ``new``."""
-    return new in TRANSITIONS[current]
-
-
 S = TypeVar("S", JobStatus, BatchStatus)
 
 

@@ -1,5 +1,6 @@
-"""The job state machine (core/jobstate.py): each transition is one conditional
-UPDATE, so racing transitions cannot both win, and one transition is one event.
+"""The job and batch state machines (core/jobstate.py, core/batches/lifecycle.py):
+each transition is one conditional UPDATE, so racing transitions cannot both win,
+and one transition is one event.
 
 The races run the real functions on two real PostgreSQL connections, each in its
 own transaction: the second UPDATE blocks on the first's row lock, and the test
@@ -17,11 +18,12 @@ import pytest
 from sqlalchemy import insert, select, text
 from sqlalchemy.orm import Session
 
-from core import jobstate, submit, webhooks
+from core import batches, jobstate, submit, webhooks
 from core.db import get_sessionmaker, session_scope
 from core.models import Job, WebhookDelivery
-from core.schemas import JobCreate
-from core.status import JobStatus
+from core.openai_format import ParsedRequest
+from core.schemas import GenerationParams, JobCreate
+from core.status import TRANSITIONS, BatchStatus, JobStatus, sources
 
 HOOK = "http://hooks.test/genq"
 OUTCOME = jobstate.Outcome(
@@ -216,3 +218,65 @@ def test_an_aborted_output_never_makes_a_job_succeeded(database_url: str) -> Non
         assert jobstate.store_outcomes(session, [(claim, aborted)]) == [False]
     assert status(database_url, job_id).status == JobStatus.RUNNING
     assert events(database_url, job_id) == []
+
+
+# --- batches (core/batches/lifecycle.py) -----------------------------------------------
+
+
+def done_batch(url: str) -> str:
+    """A committed in_progress batch whose only job is final, ready to finalize."""
+    request = ParsedRequest(None, "one two", "fake", GenerationParams(max_new_tokens=2))
+    with get_sessionmaker(url)() as session:
+        batch = batches.create_batch(
+            session,
+            owner="local",
+            input_file_id=None,
+            parsed=[(1, request)],
+            completion_window=None,
+            models=["fake"],
+            max_lines=10,
+            callback_url=HOOK,
+        )
+        jobstate.cancel_where(session, Job.batch_id == batch.id)
+        session.commit()
+        return batch.id
+
+
+def batch_events(url: str, batch_id: str) -> list[str]:
+    with session_scope(url) as session:
+        query = select(WebhookDelivery.event).where(WebhookDelivery.batch_id == batch_id)
+        return list(session.scalars(query))
+
+
+def test_a_cancel_waiting_on_a_finalizer_finds_the_batch_completed(pg: str) -> None:
+    batch_id = done_batch(pg)
+
+    def finalize(session: Session) -> bool:
+        return batches.finalize(session, batches.get_batch(session, batch_id, owner=None))
+
+    def cancel(session: Session) -> str:
+        try:
+            batches.cancel_batch(session, batch_id, owner=None)
+        except batches.BatchConflictError as exc:
+            return str(exc)
+        return "cancelling"
+
+    assert "already completed" in race(pg, finalize, cancel)
+    with session_scope(pg) as session:
+        assert batches.get_batch(session, batch_id, owner=None).status == BatchStatus.COMPLETED
+    assert batch_events(pg, batch_id) == ["batch.completed"]
+
+
+def test_two_finalizers_racing_finalize_once(pg: str) -> None:
+    batch_id = done_batch(pg)
+
+    def finalize(session: Session) -> bool:
+        return batches.finalize(session, batches.get_batch(session, batch_id, owner=None))
+
+    assert race(pg, finalize, finalize) is False
+    assert batch_events(pg, batch_id) == ["batch.completed"]
+
+
+def test_a_transition_the_rules_forbid_cannot_be_declared() -> None:
+    with pytest.raises(ValueError, match="succeeded -> queued"):
+        sources(TRANSITIONS, JobStatus.QUEUED, JobStatus.SUCCEEDED)
