@@ -115,6 +115,9 @@ class FakeEngine:
         self._closed = True
         with self._lock:
             self._aborted.update(self._progress)
+            waiting, self._waiting = list(self._waiting.values()), {}
+        for _, outer in waiting:  # never started: fail them, none hangs
+            outer.set_exception(GenerationError("engine_stopped", "the engine is closed"))
         self._pool.shutdown(wait=True, cancel_futures=True)
 
     def _generate(self, request: GenerationRequest) -> GenerationResult:
