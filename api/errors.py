@@ -12,8 +12,8 @@ from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from core.db import is_transient
-from core.idempotency import IdempotencyConflictError
-from core.jobs import JobConflictError, JobNotFoundError
+from core.errors import ConflictError, CoreError, InvalidRequestError, NotFoundError, TooLargeError
+from core.submit import NoChatTemplateError, RequestTooLargeError, UnknownModelError
 
 log = logging.getLogger(__name__)
 
@@ -69,17 +69,25 @@ async def _on_api_error(_: Request, exc: APIError) -> JSONResponse:
     return JSONResponse(error_body(exc.code, exc.message, exc.param), status_code=exc.status)
 
 
-async def _on_not_found(_: Request, exc: JobNotFoundError) -> JSONResponse:
-    return JSONResponse(error_body("not_found", str(exc), "id"), status_code=404)
+# Each kind of core error and its HTTP status: the one place core meets HTTP.
+STATUS_OF: tuple[tuple[type[CoreError], int], ...] = (
+    (NotFoundError, 404),
+    (ConflictError, 409),
+    (InvalidRequestError, 400),
+    (TooLargeError, 413),
+    (UnknownModelError, 422),
+    (RequestTooLargeError, 422),
+    (NoChatTemplateError, 422),
+)
 
 
-async def _on_idempotency_conflict(_: Request, exc: IdempotencyConflictError) -> JSONResponse:
-    body = error_body("idempotency_key_reused", str(exc), "Idempotency-Key")
-    return JSONResponse(body, status_code=409)
+def status_of(exc: CoreError) -> int:
+    """The HTTP status for a core error (422 for one of no listed kind)."""
+    return next((status for kind, status in STATUS_OF if isinstance(exc, kind)), 422)
 
 
-async def _on_conflict(_: Request, exc: JobConflictError) -> JSONResponse:
-    return JSONResponse(error_body("conflict", str(exc)), status_code=409)
+async def _on_core_error(_: Request, exc: CoreError) -> JSONResponse:
+    return JSONResponse(error_body(exc.code, exc.message, exc.param), status_code=status_of(exc))
 
 
 async def _on_http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -101,8 +109,6 @@ def install(app: FastAPI) -> None:
     """Register the JSON error handlers on ``app``."""
     app.add_exception_handler(RequestValidationError, _on_validation_error)  # type: ignore[arg-type]
     app.add_exception_handler(APIError, _on_api_error)  # type: ignore[arg-type]
-    app.add_exception_handler(JobNotFoundError, _on_not_found)  # type: ignore[arg-type]
-    app.add_exception_handler(JobConflictError, _on_conflict)  # type: ignore[arg-type]
-    app.add_exception_handler(IdempotencyConflictError, _on_idempotency_conflict)  # type: ignore[arg-type]
+    app.add_exception_handler(CoreError, _on_core_error)  # type: ignore[arg-type]
     app.add_exception_handler(StarletteHTTPException, _on_http_error)  # type: ignore[arg-type]
     app.add_exception_handler(SQLAlchemyError, _on_database_error)  # type: ignore[arg-type]

@@ -16,7 +16,7 @@ import httpx
 import typer
 from rich.table import Table
 
-from cli.main import console, err, wait_for_job
+from cli.common import console, err, wait_for_job
 
 PROMPTS = ["Once upon a time", "The little dog wanted to", "One day, Tom and his mom"]
 

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import time
-from pathlib import Path
 from typing import Annotated, Any
 
-import httpx
 import typer
-from rich.console import Console
 
+from cli import demo, keys, run
 from cli.client import api_client
+from cli.common import FINAL, console, err, fail_http, migrate_embedded, wait_for_job
 from core.settings import get_settings
 
 app = typer.Typer(
@@ -20,32 +18,6 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
 )
-FINAL = ("succeeded", "failed", "cancelled")
-console = Console()
-err = Console(stderr=True)
-
-
-def _migrate_embedded() -> None:
-    """On the embedded default (SQLite), bring the schema up to date on start.
-
-    ``genq api`` and ``genq worker`` often start together: a file lock makes the
-    second wait for the first instead of both creating the same tables.
-    """
-    settings = get_settings()
-    url = settings.resolved_database_url
-    if not url.startswith("sqlite"):
-        return
-    import fcntl
-
-    from sqlalchemy.engine import make_url
-
-    import migrations
-
-    database = Path(make_url(url).database or settings.data_dir / "memory")
-    database.parent.mkdir(parents=True, exist_ok=True)
-    with database.with_name(database.name + ".migrate-lock").open("w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        migrations.upgrade(url)
 
 
 @app.command()
@@ -67,7 +39,7 @@ def api(
     """Serve the HTTP API (docs at /docs)."""
     import uvicorn
 
-    _migrate_embedded()
+    migrate_embedded()
     uvicorn.run(
         "api.app:create_app", factory=True, host=host, port=port, workers=workers, log_level="info"
     )
@@ -104,7 +76,7 @@ def worker(
     from worker.celery_app import app as celery_app
     from worker.celery_app import quiet_root_warning
 
-    _migrate_embedded()
+    migrate_embedded()
     settings = get_settings()
     try:
         lifecycle.get_runtime()  # load the model before taking any job
@@ -127,31 +99,6 @@ def worker(
     ]
     quiet_root_warning(celery_app.conf.accept_content)
     celery_app.worker_main(argv)
-
-
-def _fail_http(response: httpx.Response) -> None:
-    if response.is_success:
-        return
-    try:
-        error = response.json()["error"]
-        err.print(f"[red]error {response.status_code}[/red] {error['code']}: {error['message']}")
-    except (ValueError, KeyError, TypeError):
-        err.print(f"[red]error {response.status_code}[/red] {response.text[:500]}")
-    raise typer.Exit(1)
-
-
-def wait_for_job(client: httpx.Client, job_id: str, timeout: float) -> dict[str, Any]:
-    """Poll a job until it reaches a final status or ``timeout`` seconds pass."""
-    deadline = time.monotonic() + timeout
-    delay = 0.1
-    while True:
-        response = client.get(f"/v1/jobs/{job_id}")
-        _fail_http(response)
-        job: dict[str, Any] = response.json()
-        if job["status"] in FINAL or time.monotonic() > deadline:
-            return job
-        time.sleep(delay)
-        delay = min(delay * 1.5, 1.0)
 
 
 @app.command()
@@ -185,7 +132,7 @@ def submit(
         body["do_sample"] = True
     with api_client(api_url) as client:
         response = client.post("/v1/jobs", json=body)
-        _fail_http(response)
+        fail_http(response)
         job = response.json()
         if wait:
             job = wait_for_job(client, job["id"], timeout)
@@ -206,7 +153,7 @@ def status(
     """Show a job's status and output."""
     with api_client(api_url) as client:
         response = client.get(f"/v1/jobs/{job_id}")
-        _fail_http(response)
+        fail_http(response)
     _print_job(response.json(), as_json=as_json, brief=False)
 
 
@@ -233,12 +180,6 @@ def _redact(url: str) -> str:
         return url
 
 
-def _register_subcommands() -> None:
-    from cli import demo, keys, run
-
-    app.command(name="demo")(demo.demo)
-    app.add_typer(keys.app, name="keys")
-    app.command(name="run")(run.run)
-
-
-_register_subcommands()
+app.command(name="demo")(demo.demo)
+app.add_typer(keys.app, name="keys")
+app.command(name="run")(run.run)

@@ -19,6 +19,7 @@ from typing import Any, BinaryIO, Literal
 from sqlalchemy import delete, insert, select
 from sqlalchemy.orm import Session
 
+from core.errors import InvalidRequestError, NotFoundError, TooLargeError
 from core.models import File, FileChunk, utcnow
 from core.openai_format import unix
 
@@ -27,26 +28,36 @@ PURPOSES = ("batch",)
 OUTPUT_PURPOSE = "batch_output"
 
 
-class NoSuchFileError(LookupError):
+class NoSuchFileError(NotFoundError):
     """No file with that id (or not visible to the caller)."""
 
-    def __init__(self, file_id: str) -> None:
-        super().__init__(f"no file with id {file_id!r}")
+    def __init__(self, file_id: str, *, param: str = "file_id") -> None:
+        super().__init__(f"no file with id {file_id!r}", param=param)
         self.file_id = file_id
 
 
-class FileTooLargeError(ValueError):
+class FileTooLargeError(TooLargeError):
+    """The upload is over GENQ_MAX_FILE_BYTES."""
+
+    code = "file_too_large"
+
     def __init__(self, limit: int) -> None:
         super().__init__(
-            f"the file is larger than the limit of {limit} bytes (GENQ_MAX_FILE_BYTES)"
+            f"the file is larger than the limit of {limit} bytes (GENQ_MAX_FILE_BYTES)",
+            param="file",
         )
         self.limit = limit
 
 
-class TooManyLinesError(ValueError):
+class TooManyLinesError(InvalidRequestError):
+    """The upload has more requests than a batch may."""
+
+    code = "too_many_lines"
+
     def __init__(self, limit: int) -> None:
         super().__init__(
-            f"the file has more than {limit} requests, the limit per batch (GENQ_MAX_BATCH_LINES)"
+            f"the file has more than {limit} requests, the limit per batch (GENQ_MAX_BATCH_LINES)",
+            param="file",
         )
         self.limit = limit
 

@@ -16,17 +16,21 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from core.errors import ConflictError
 from core.models import IdempotencyRecord, utcnow
 
 MAX_KEY_LENGTH = 255
 
 
-class IdempotencyConflictError(Exception):
+class IdempotencyConflictError(ConflictError):
     """The key was used before with a different request."""
+
+    code = "idempotency_key_reused"
 
     def __init__(self, key: str) -> None:
         super().__init__(
-            f"Idempotency-Key {key!r} was already used with a different request body or endpoint"
+            f"Idempotency-Key {key!r} was already used with a different request body or endpoint",
+            param="Idempotency-Key",
         )
         self.key = key
 

@@ -1,334 +1,40 @@
-"""The job service: every database call about jobs lives here.
+"""Reading jobs: one, a page, a bulk submission's.
 
-Writes by a worker are conditional on its claim (the attempt number it got when
-it claimed the job), so a stale or duplicate delivery cannot overwrite a result.
+Jobs are created by :mod:`core.submit` and change status only through
+:mod:`core.jobstate`.
 """
 
 from __future__ import annotations
 
-import logging
-import os
-import secrets
-import time
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Sequence
 
-from sqlalchemy import insert, select
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from core import idempotency, webhooks, workers
-from core.chat import template_messages
-from core.models import LOCAL_OWNER, Job, utcnow
-from core.queue import JobQueue, Route
-from core.schemas import JobCreate
-from core.settings import Settings, model_id
-from core.status import JobStatus
-
-log = logging.getLogger(__name__)
+from core.jobstate import JobNotFoundError
+from core.models import Job, WebhookDelivery
+from core.schemas import JobRead
+from core.status import FINAL_STATUSES, JobStatus
 
 
-class JobNotFoundError(LookupError):
-    """No job with that id (or not visible to the caller)."""
-
-    def __init__(self, job_id: str) -> None:
-        super().__init__(f"no job with id {job_id!r}")
-        self.job_id = job_id
-
-
-class JobConflictError(Exception):
-    """The job is in a status that does not allow the operation."""
-
-
-class UnknownModelError(ValueError):
-    """The job asks for a model no worker serves."""
-
-    def __init__(self, model: str, available: Sequence[str], *, param: str = "model") -> None:
-        super().__init__(f"model {model!r} is not served; available: {', '.join(available)}")
-        self.model = model
-        self.available = list(available)
-        self.param = param  # the request field that named it
-
-
-class NoChatTemplateError(ValueError):
-    """Chat messages for a model whose tokenizer has no chat template."""
-
-    def __init__(self, model: str, *, param: str = "model") -> None:
-        super().__init__(f"model {model!r} has no chat template: send a prompt instead of messages")
-        self.model = model
-        self.param = param
-
-
-class RequestTooLargeError(ValueError):
-    """The job needs more of a worker's cache than a worker has: it could never run."""
-
-    def __init__(self, message: str, *, param: str) -> None:
-        super().__init__(message)
-        self.param = param  # the request field that asks for too much
-
-
-def served_models(session: Session, settings: Settings, *, fresh: bool = False) -> list[str]:
-    """The models jobs may ask for: the configured ones and those live workers serve
-    (as seen up to two seconds ago, unless ``fresh``)."""
-    within_s = settings.worker_heartbeat_s * 3
-    if fresh:
-        live = workers.live_models(session, within_s=within_s)
-    else:
-        live = workers.live_models_cached(session, within_s=within_s)
-    return sorted({*map(model_id, settings.models), settings.model_id, *live})
-
-
-def models_without_chat_template(session: Session, settings: Settings) -> set[str]:
-    """Served models known to have no chat template (see core.chat)."""
-    within_s = settings.worker_heartbeat_s * 3
-    return workers.models_without_chat_template(session, within_s=within_s)
-
-
-def new_job_id() -> str:
-    """A time-ordered id: 48 bits of milliseconds then 80 random bits, in hex.
-
-    Sorting by id is sorting by creation time, which makes cursor pagination a
-    plain ``id < after``.
-    """
-    millis = time.time_ns() // 1_000_000
-    return f"job_{millis:012x}{secrets.token_hex(10)}"
-
-
-def new_job_ids(count: int) -> list[str]:
-    """``count`` ids for jobs submitted together: like :func:`new_job_id`, but the
-    random part is 32 bits shared by the group and then a counter, so they also
-    sort in submission order."""
-    millis = time.time_ns() // 1_000_000
-    group = secrets.token_hex(4)
-    return [f"job_{millis:012x}{group}{index:012x}" for index in range(count)]
-
-
-def draw_seed() -> int:
-    """A seed for a job that gave none, stored so the job can be reproduced."""
-    return int.from_bytes(os.urandom(4), "big")
-
-
-def job_values(
-    body: JobCreate,
-    *,
-    default_model: str,
-    default_max_new_tokens: int,
-    owner: str | None = None,
-    job_id: str | None = None,
-    submission_id: str | None = None,
-) -> dict[str, Any]:
-    """The row of a queued job, with its parameters and seed fixed."""
-    params = body.params().with_defaults(default_max_new_tokens)
-    now = utcnow()
-    return {
-        "id": job_id or new_job_id(),
-        "status": JobStatus.QUEUED.value,
-        "prompt": body.prompt or "",
-        "messages": template_messages(body.messages) if body.messages else None,
-        "model": body.model or default_model,
-        "params": params.model_dump(mode="json", exclude_none=True),
-        "seed": params.seed if params.seed is not None else draw_seed(),
-        "owner": owner or LOCAL_OWNER,
-        "priority": body.priority,
-        "callback_url": str(body.callback_url) if body.callback_url else None,
-        "submission_id": submission_id,
-        "attempts": 0,
-        "created_at": now,
-        "enqueued_at": now,
-    }
-
-
-def create_job(
-    session: Session,
-    body: JobCreate,
-    *,
-    default_model: str,
-    default_max_new_tokens: int,
-    owner: str | None = None,
-) -> Job:
-    """Add a queued job row (not yet committed) with its parameters and seed fixed."""
-    job = Job(
-        **job_values(
-            body,
-            default_model=default_model,
-            default_max_new_tokens=default_max_new_tokens,
-            owner=owner,
+def views(session: Session, jobs: Sequence[Job]) -> list[JobRead]:
+    """The API view of each job, with its webhook delivery: one query for all of
+    them (none when no job is final: only a final job can have a delivery)."""
+    final = [job.id for job in jobs if job.status in FINAL_STATUSES]
+    newest: dict[str | None, WebhookDelivery] = {}
+    if final:
+        query = (
+            select(WebhookDelivery)
+            .where(WebhookDelivery.job_id.in_(final))
+            .order_by(WebhookDelivery.created_at)
         )
-    )
-    session.add(job)
-    session.flush()
-    return job
+        newest = {row.job_id: row for row in session.scalars(query)}  # the last one wins
+    return [JobRead.from_job(job, newest.get(job.id)) for job in jobs]
 
 
-def _check_models(
-    session: Session, settings: Settings, models: Sequence[str], *, param: Callable[[int], str]
-) -> None:
-    """Raise UnknownModelError for the first of ``models`` that is not served."""
-    available = served_models(session, settings)
-    if not set(models) <= set(available):
-        available = served_models(session, settings, fresh=True)  # a worker just started?
-    for index, model in enumerate(models):
-        if model not in available:
-            raise UnknownModelError(model, available, param=param(index))
-
-
-def _check_chat(
-    session: Session,
-    settings: Settings,
-    items: Sequence[tuple[str, JobCreate]],
-    *,
-    param: Callable[[int], str],
-) -> None:
-    """Raise NoChatTemplateError for the first chat job whose model has no template."""
-    if not any(body.messages for _, body in items):
-        return
-    without = models_without_chat_template(session, settings)
-    for index, (model, body) in enumerate(items):
-        if body.messages and model in without:
-            raise NoChatTemplateError(model, param=param(index))
-
-
-def _check_fits(
-    settings: Settings, bodies: Sequence[JobCreate], *, prefix: Callable[[int], str]
-) -> None:
-    """Raise RequestTooLargeError for the first job that needs more rows or cache tokens
-    than ``max_batch_size`` / ``max_tokens_in_flight`` allow: a lower bound, as the API
-    does not tokenize (each row holds at least one prompt token plus its new tokens)."""
-    for index, body in enumerate(bodies):
-        params = body.params().with_defaults(settings.default_max_new_tokens)
-        field = "num_beams" if params.uses_beams else "num_return_sequences"
-        rows = params.num_beams if params.uses_beams else params.num_return_sequences
-        if rows > settings.max_batch_size:
-            message = f"{field}={rows} needs {rows} rows; a worker holds {settings.max_batch_size}"
-            raise RequestTooLargeError(message, param=prefix(index) + field)
-        if params.max_new_tokens is not None:
-            field, per_row = "max_new_tokens", params.max_new_tokens + 1
-        else:
-            field, per_row = "max_length", params.max_length or 0
-        if rows * per_row > settings.max_tokens_in_flight:
-            message = (
-                f"{field} over {rows} rows needs at least {rows * per_row} tokens of cache;"
-                f" a worker holds {settings.max_tokens_in_flight} (max_tokens_in_flight)"
-            )
-            raise RequestTooLargeError(message, param=prefix(index) + field)
-
-
-def submit_job(
-    session: Session,
-    queue: JobQueue,
-    body: JobCreate,
-    *,
-    settings: Settings,
-    owner: str | None = None,
-    idempotency_key: str | None = None,
-) -> tuple[Job, bool]:
-    """Commit a new job, then send its id to the broker; returns it and whether it
-    is a replay (an earlier request with the same idempotency key made it).
-
-    The row is committed first: a job exists once its row does. If the broker
-    is unreachable the job stays queued in SQL, and the sweeper re-sends it.
-    """
-    replay = idempotency.IdempotentRequest.begin(
-        session,
-        owner=owner or LOCAL_OWNER,
-        key=idempotency_key,
-        endpoint="jobs",
-        body=body.model_dump(mode="json", exclude_unset=True),
-    )
-    if replay is not None and (earlier := replay.earlier()) is not None:
-        return get_job(session, earlier), True
-    model = model_id(body.model) if body.model else settings.model_id
-    _check_models(session, settings, [model], param=lambda _: "model")
-    _check_chat(session, settings, [(model, body)], param=lambda _: "model")
-    _check_fits(settings, [body], prefix=lambda _: "")
-    job = create_job(
-        session,
-        body.model_copy(update={"model": model}),
-        default_model=model,
-        default_max_new_tokens=settings.default_max_new_tokens,
-        owner=owner,
-    )
-    if replay is not None:
-        replay.remember(job.id)
-    try:
-        session.commit()
-    except IntegrityError:
-        # The same key raced in from a concurrent retry and won: answer with its job.
-        session.rollback()
-        if replay is None or (earlier := replay.earlier()) is None:
-            raise
-        return get_job(session, earlier), True
-    try:
-        queue.enqueue(job.id, model=job.model, priority=job.priority)
-    except Exception:
-        log.warning(
-            "could not enqueue job %s; it stays queued for the sweeper", job.id, exc_info=True
-        )
-    return job, False
-
-
-def submit_jobs(
-    session: Session,
-    queue: JobQueue,
-    bodies: Sequence[JobCreate],
-    *,
-    settings: Settings,
-    owner: str | None = None,
-    idempotency_key: str | None = None,
-) -> tuple[list[Job], bool]:
-    """Commit many jobs in one transaction (all or none), then send them a few per
-    message; returns them in the order given and whether this is a replay.
-
-    Their ids sort in the order given. If the broker is unreachable they stay
-    queued in SQL, and the sweeper re-sends them.
-    """
-    replay = idempotency.IdempotentRequest.begin(
-        session,
-        owner=owner or LOCAL_OWNER,
-        key=idempotency_key,
-        endpoint="jobs.bulk",
-        body=[body.model_dump(mode="json", exclude_unset=True) for body in bodies],
-    )
-    if replay is not None and (earlier := replay.earlier()) is not None:
-        return submission_jobs(session, earlier), True
-    models = [model_id(body.model) if body.model else settings.model_id for body in bodies]
-    _check_models(session, settings, models, param=lambda index: f"jobs.{index}.model")
-    _check_chat(
-        session,
-        settings,
-        list(zip(models, bodies, strict=True)),
-        param=lambda index: f"jobs.{index}.model",
-    )
-    _check_fits(settings, bodies, prefix=lambda index: f"jobs.{index}.")
-    submission_id = f"sub_{secrets.token_hex(12)}"
-    rows = [
-        job_values(
-            body,
-            default_model=model,
-            default_max_new_tokens=settings.default_max_new_tokens,
-            owner=owner,
-            job_id=job_id,
-            submission_id=submission_id,
-        )
-        for job_id, body, model in zip(new_job_ids(len(bodies)), bodies, models, strict=True)
-    ]
-    session.execute(insert(Job), rows)  # one multi-row INSERT, not one ORM object each
-    if replay is not None:
-        replay.remember(submission_id)
-    try:
-        session.commit()
-    except IntegrityError:
-        session.rollback()  # the same key raced in from a concurrent retry and won
-        if replay is None or (earlier := replay.earlier()) is None:
-            raise
-        return submission_jobs(session, earlier), True
-    try:
-        queue.enqueue_many([Route(row["id"], row["model"], row["priority"]) for row in rows])
-    except Exception:
-        log.warning(
-            "could not enqueue %d jobs; they stay queued for the sweeper", len(rows), exc_info=True
-        )
-    return [Job(**row) for row in rows], False
+def view(session: Session, job: Job) -> JobRead:
+    """The API view of one job (see :func:`views`)."""
+    return views(session, [job])[0]
 
 
 def submission_jobs(session: Session, submission_id: str) -> list[Job]:
@@ -359,26 +65,10 @@ def list_jobs(
     if owner is not None:
         query = query.where(Job.owner == owner)
     if status is not None:
-        query = query.where(Job.status == status.value)
+        query = query.where(Job.status == status)
     if after is not None:
         query = query.where(Job.id < after)
     if batch_id is not None:
         query = query.where(Job.batch_id == batch_id)
     rows = list(session.scalars(query))
     return rows[:limit], len(rows) > limit
-
-
-def cancel_job(session: Session, job_id: str, *, owner: str | None = None) -> Job:
-    """Cancel a queued or running job. A running one stops within a few steps and
-    keeps what it generated; a finished one cannot be cancelled."""
-    job = get_job(session, job_id, owner=owner)
-    if job.job_status.is_final:
-        if job.job_status is JobStatus.CANCELLED:
-            return job
-        raise JobConflictError(f"job {job_id} already {job.status}; it cannot be cancelled")
-    job.status = JobStatus.CANCELLED.value
-    job.finished_at = utcnow()
-    job.lease_expires_at = None
-    session.flush()
-    webhooks.record_job_events(session, [job.id])
-    return job

@@ -106,7 +106,7 @@ def oldest_queued(session: Session, now: dt.datetime) -> dict[str, float]:
     """Per model, the age in seconds of its oldest queued job."""
     rows = session.execute(
         select(Job.model, func.min(Job.created_at))
-        .where(Job.status == JobStatus.QUEUED.value)
+        .where(Job.status == JobStatus.QUEUED)
         .group_by(Job.model)
     )
     result: dict[str, float] = {}
@@ -124,7 +124,7 @@ def queues_to_measure(session: Session, settings: Settings) -> list[str]:
     for worker in workers.live_workers(session, within_s=alive_within_s(settings)):
         names.update(worker.queues or [])
     queued = session.execute(
-        select(Job.model, Job.priority).where(Job.status == JobStatus.QUEUED.value).distinct()
+        select(Job.model, Job.priority).where(Job.status == JobStatus.QUEUED).distinct()
     )
     names.update(queue_name(settings.queue, str(m), str(p)) for m, p in queued)
     return sorted(names)[:MAX_QUEUES]

@@ -22,7 +22,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from core.status import JobStatus
+from core.status import BatchStatus, JobStatus
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -52,6 +52,32 @@ class UTCDateTime(TypeDecorator[dt.datetime]):
         return value
 
 
+class JobStatusType(TypeDecorator[JobStatus]):
+    """A job status: stored as its text, read back as :class:`JobStatus`."""
+
+    impl = String(16)
+    cache_ok = True
+
+    def process_bind_param(self, value: str | None, dialect: Dialect) -> str | None:
+        return None if value is None else JobStatus(value).value
+
+    def process_result_value(self, value: str | None, dialect: Dialect) -> JobStatus | None:
+        return None if value is None else JobStatus(value)
+
+
+class BatchStatusType(TypeDecorator[BatchStatus]):
+    """A batch status: stored as its text, read back as :class:`BatchStatus`."""
+
+    impl = String(16)
+    cache_ok = True
+
+    def process_bind_param(self, value: str | None, dialect: Dialect) -> str | None:
+        return None if value is None else BatchStatus(value).value
+
+    def process_result_value(self, value: str | None, dialect: Dialect) -> BatchStatus | None:
+        return None if value is None else BatchStatus(value)
+
+
 def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
@@ -71,7 +97,8 @@ class Job(Base):
     __tablename__ = "job"
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
-    status: Mapped[str] = mapped_column(String(16), index=True, default=JobStatus.QUEUED.value)
+    # Written only by core.jobstate's conditional UPDATEs, never assigned here.
+    status: Mapped[JobStatus] = mapped_column(JobStatusType(), index=True, default=JobStatus.QUEUED)
     # A chat job's prompt is empty until its worker renders ``messages`` with the
     # model's chat template; the rendered prompt is stored with the result.
     prompt: Mapped[str] = mapped_column(Text)
@@ -116,10 +143,6 @@ class Job(Base):
     seed: Mapped[int | None] = mapped_column(BigInteger)
     torch_version: Mapped[str | None] = mapped_column(String(32))
     transformers_version: Mapped[str | None] = mapped_column(String(32))
-
-    @property
-    def job_status(self) -> JobStatus:
-        return JobStatus(self.status)
 
 
 class ApiKey(Base):
@@ -187,7 +210,8 @@ class Batch(Base):
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     owner: Mapped[str] = mapped_column(String(255), index=True)
-    status: Mapped[str] = mapped_column(String(16), index=True)
+    # Written only by core.batches.lifecycle (creation, then conditional UPDATEs).
+    status: Mapped[BatchStatus] = mapped_column(BatchStatusType(), index=True)
     endpoint: Mapped[str] = mapped_column(String(64))
     completion_window: Mapped[str] = mapped_column(String(16))
     model: Mapped[str | None] = mapped_column(String(512))

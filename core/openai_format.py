@@ -31,6 +31,7 @@ from typing import Any, Literal, Protocol
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from core.chat import ChatMessage, Messages, check_conversation, template_messages
+from core.errors import InvalidRequestError
 from core.logprobs import chat_logprobs, completion_logprobs, sequence
 from core.schemas import (
     MAX_NEW_TOKENS_LIMIT,
@@ -58,14 +59,11 @@ _DEFAULT_ONLY: dict[str, tuple[object, ...]] = {
 }
 
 
-class RequestError(ValueError):
+class RequestError(InvalidRequestError):
     """A request that cannot be run: OpenAI's error ``code``, a message and the param."""
 
     def __init__(self, code: str, message: str, param: str | None = None) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.param = param
+        super().__init__(message, param=param, code=code)
 
 
 class SamplingRequest(BaseModel):
@@ -392,7 +390,6 @@ class JobLike(Protocol):
 
     id: str
     custom_id: str | None
-    status: str
     model: str
     outputs: list[str] | None
     finish_reasons: list[str] | None
@@ -404,6 +401,9 @@ class JobLike(Protocol):
     error_message: str | None
     created_at: dt.datetime
     finished_at: dt.datetime | None
+
+    @property
+    def status(self) -> str: ...  # read-only, so a JobStatus column fits
 
 
 def unix(moment: dt.datetime | None) -> int | None:

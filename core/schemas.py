@@ -18,8 +18,6 @@ from pydantic import (
     ValidationInfo,
     field_validator,
 )
-from sqlalchemy import select
-from sqlalchemy.orm import object_session
 
 from core.chat import ChatMessage, Messages, check_conversation
 from core.logprobs import TokenLogprob
@@ -38,7 +36,7 @@ MIN_TEMPERATURE = 1e-3
 # Smallest repetition penalty: dividing a logit by less overflows the same way.
 MIN_REPETITION_PENALTY = 1e-2
 
-FinishReason = Literal["length", "eos", "stop"]
+FinishReason = Literal["length", "eos", "stop", "cancelled"]
 Priority = Literal["high", "normal", "low"]
 CallbackUrl = Annotated[
     AnyHttpUrl, UrlConstraints(max_length=2048, allowed_schemes=["http", "https"])
@@ -240,30 +238,17 @@ class WebhookStatus(BaseModel):
     last_error: str | None = None
     delivered_at: dt.datetime | None = None
 
-
-def webhook_status(job: Job) -> WebhookStatus | None:
-    """The newest webhook delivery of a finished job, read through the job's session
-    (only a finished job can have one, so running jobs cost no query)."""
-    session = object_session(job)
-    if session is None or not JobStatus(job.status).is_final:
-        return None
-    row = session.scalars(
-        select(WebhookDelivery)
-        .where(WebhookDelivery.job_id == job.id)
-        .order_by(WebhookDelivery.created_at.desc())
-        .limit(1)
-    ).first()
-    if row is None:
-        return None
-    return WebhookStatus(
-        id=row.id,
-        event=row.event,
-        status=row.status,
-        attempts=row.attempts,
-        last_status_code=row.last_status_code,
-        last_error=row.last_error,
-        delivered_at=row.delivered_at,
-    )
+    @classmethod
+    def from_row(cls, row: WebhookDelivery) -> WebhookStatus:
+        return cls(
+            id=row.id,
+            event=row.event,
+            status=row.status,
+            attempts=row.attempts,
+            last_status_code=row.last_status_code,
+            last_error=row.last_error,
+            delivered_at=row.delivered_at,
+        )
 
 
 class JobRead(BaseModel):
@@ -300,13 +285,14 @@ class JobRead(BaseModel):
     webhook: WebhookStatus | None = None
 
     @classmethod
-    def from_job(cls, job: Job) -> JobRead:
-        """The API view of a job row. While it runs, ``output`` is the partial text."""
+    def from_job(cls, job: Job, webhook: WebhookDelivery | None = None) -> JobRead:
+        """The API view of a job row (and its webhook delivery, read by the caller:
+        this makes no query). While it runs, ``output`` is the partial text."""
         outputs = job.outputs
         reasons = job.finish_reasons
         return cls(
             id=job.id,
-            status=JobStatus(job.status),
+            status=job.status,
             prompt=job.prompt,
             messages=job.messages,
             model=job.model,
@@ -335,7 +321,7 @@ class JobRead(BaseModel):
             custom_id=job.custom_id,
             priority=job.priority,
             callback_url=job.callback_url,
-            webhook=webhook_status(job),
+            webhook=WebhookStatus.from_row(webhook) if webhook is not None else None,
         )
 
 

@@ -31,7 +31,6 @@ import dataclasses
 import datetime as dt
 import hashlib
 import hmac
-import json
 import logging
 import random
 import secrets
@@ -41,6 +40,8 @@ from typing import Any
 
 import httpx
 from sqlalchemy import delete, insert, select, update
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
 from core.db import session_scope
@@ -111,8 +112,32 @@ def backoff_s(
 # --- the outbox: written with the final status ------------------------------------------
 
 
-def new_delivery_id() -> str:
-    return f"whd_{time.time_ns() // 1_000_000:012x}{secrets.token_hex(8)}"
+def delivery_id(object_id: str, event: str) -> str:
+    """The id of the one delivery of ``event`` for a job or batch: derived from both,
+    so a transition recorded twice (a store retried after an ambiguous commit) is
+    one outbox row, and a receiver deduplicating on ``Genq-Delivery`` sees one event."""
+    digest = hashlib.sha256(f"{object_id}\x00{event}".encode()).hexdigest()
+    return f"whd_{digest[:32]}"
+
+
+def _insert_once(session: Session, rows: list[dict[str, Any]]) -> None:
+    """Insert outbox rows, skipping those whose (deterministic) id exists already."""
+    dialect = session.get_bind().dialect.name
+    statement: Any
+    if dialect == "postgresql":
+        statement = postgresql_insert(WebhookDelivery).on_conflict_do_nothing()
+    elif dialect == "sqlite":
+        statement = sqlite_insert(WebhookDelivery).on_conflict_do_nothing()
+    else:  # pragma: no cover - genq supports PostgreSQL and SQLite
+        existing = set(
+            session.scalars(
+                select(WebhookDelivery.id).where(WebhookDelivery.id.in_([r["id"] for r in rows]))
+            )
+        )
+        rows = [r for r in rows if r["id"] not in existing]
+        statement = insert(WebhookDelivery)
+    if rows:
+        session.execute(statement, rows)
 
 
 def default_callback(session: Session, owner: str) -> str | None:
@@ -150,7 +175,7 @@ def record_job_events(session: Session, job_ids: Iterable[str]) -> int:
                 _outbox_row(owner, f"job.{status}", url, now, job_id=job_id, batch_id=None)
             )
     if values:
-        session.execute(insert(WebhookDelivery), values)
+        _insert_once(session, values)
     return len(values)
 
 
@@ -161,7 +186,7 @@ def record_batch_event(session: Session, batch: Batch) -> bool:
     if url is None:
         return False
     row = _outbox_row(batch.owner, f"batch.{batch.status}", url, utcnow(), None, batch.id)
-    session.execute(insert(WebhookDelivery), [row])
+    _insert_once(session, [row])
     return True
 
 
@@ -169,7 +194,7 @@ def _outbox_row(
     owner: str, event: str, url: str, now: dt.datetime, job_id: str | None, batch_id: str | None
 ) -> dict[str, Any]:
     return {
-        "id": new_delivery_id(),
+        "id": delivery_id(job_id or batch_id or "", event),
         "owner": owner,
         "job_id": job_id,
         "batch_id": batch_id,
@@ -278,27 +303,15 @@ def signing_secrets(session: Session, owner: str, fallback: str | None) -> list[
     return secrets_ or ([fallback] if fallback else [])
 
 
-def payload(session: Session, delivery: WebhookDelivery) -> bytes | None:
-    """The JSON body: the job as ``GET /v1/jobs/{id}`` returns it (without its own
-    ``webhook`` status) or the batch object; None if the object no longer exists."""
-    if delivery.job_id is not None:
-        from core.schemas import JobRead
-
-        job = session.get(Job, delivery.job_id)
-        if job is None:
-            return None
-        return JobRead.from_job(job).model_dump_json(exclude={"webhook"}).encode()
-    if delivery.batch_id is not None:
-        from core.batches import batch_object
-
-        batch = session.get(Batch, delivery.batch_id)
-        if batch is None:
-            return None
-        return json.dumps(batch_object(session, batch), separators=(",", ":")).encode()
-    return None
+PayloadBuilder = Callable[[Session, WebhookDelivery], bytes | None]
+"""Builds a delivery's JSON body from the rows as they are now (None: the object is
+gone). Passed in by the caller (``core.webhook_payloads.build``), so this lower
+layer never imports the API's views of jobs and batches."""
 
 
-def prepare(session: Session, claimed: Claimed, settings: Settings) -> Prepared | None:
+def prepare(
+    session: Session, claimed: Claimed, settings: Settings, build: PayloadBuilder
+) -> Prepared | None:
     """The request for a claimed attempt, built from the rows as they are now."""
     delivery = session.get(WebhookDelivery, claimed.id)
     if delivery is None:
@@ -307,7 +320,7 @@ def prepare(session: Session, claimed: Claimed, settings: Settings) -> Prepared 
         claimed=claimed,
         url=delivery.url,
         event=delivery.event,
-        body=payload(session, delivery),
+        body=build(session, delivery),
         secrets=signing_secrets(session, delivery.owner, settings.webhook_secret),
     )
 
@@ -397,12 +410,16 @@ def lease_s(settings: Settings) -> float:
 
 
 def deliver(
-    database_url: str, client: httpx.Client, claimed: Claimed, settings: Settings
+    database_url: str,
+    client: httpx.Client,
+    claimed: Claimed,
+    settings: Settings,
+    build: PayloadBuilder,
 ) -> str | None:
     """Build, POST and record one claimed attempt; returns the delivery's new status
     (None if it vanished or the claim was lost). No transaction is open during the POST."""
     with session_scope(database_url) as session:
-        prepared = prepare(session, claimed, settings)
+        prepared = prepare(session, claimed, settings, build)
     if prepared is None:
         return None
     if prepared.body is not None and not prepared.secrets:

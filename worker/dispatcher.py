@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 
-from core import webhooks
+from core import webhook_payloads, webhooks
 from core.db import session_scope
 from core.settings import Settings
 
@@ -68,7 +68,14 @@ class Dispatcher:
                 session, limit=CLAIM_LIMIT, lease_s=webhooks.lease_s(self.settings)
             )
         futures = [
-            self._pool.submit(webhooks.deliver, self._url, self._client, claimed, self.settings)
+            self._pool.submit(
+                webhooks.deliver,
+                self._url,
+                self._client,
+                claimed,
+                self.settings,
+                webhook_payloads.build,
+            )
             for claimed in claims
         ]
         for future in futures:

@@ -24,7 +24,7 @@ from typing import TypeVar
 
 from sqlalchemy.orm import Session
 
-from core import delivery, workers
+from core import delivery, jobstate, workers
 from core.db import run_with_retry, session_scope
 from core.queue import JobQueue, queues_for
 from core.settings import Settings
@@ -39,6 +39,8 @@ from worker.isolation import JobSlots, SharedExclusiveLock
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+# How long to wait for requests aborted at the time limit to let go of the engine.
+ABORT_WAIT_S = 5.0
 
 # Engine errors that are not the job's fault: the job goes back to the queue.
 _HAND_BACK_CODES = frozenset({REQUEUE, "engine_failed", "engine_stopped"})
@@ -75,7 +77,7 @@ class WorkerRuntime:
         self.queue = queue
         self._db_url = settings.resolved_database_url
         self._lock = threading.Lock()
-        self._in_flight: dict[str, delivery.Claim] = {}
+        self._in_flight: dict[str, jobstate.Claim] = {}
         self._reported: dict[str, int] = {}
         self._handing_back: set[str] = set()
         self._isolation = SharedExclusiveLock()
@@ -123,7 +125,7 @@ class WorkerRuntime:
                 if self._draining.is_set():
                     raise DrainingError(ids)
                 claims, suspects = self._db(
-                    lambda s: delivery.claim_fresh(
+                    lambda s: jobstate.claim_fresh(
                         s, ids, worker=worker, lease_s=self.settings.lease_s
                     )
                 )
@@ -140,8 +142,8 @@ class WorkerRuntime:
             log.info("jobs %s not queued (cancelled, taken or finished): skipped", skipped)
         return statuses
 
-    def _claim_suspect(self, job_id: str, worker: str, session: Session) -> delivery.Claim | None:
-        return delivery.claim_job(
+    def _claim_suspect(self, job_id: str, worker: str, session: Session) -> jobstate.Claim | None:
+        return jobstate.claim_job(
             session,
             job_id,
             worker=worker,
@@ -149,13 +151,13 @@ class WorkerRuntime:
             max_attempts=self.settings.max_attempts,
         )
 
-    def _run_claimed(self, claims: list[delivery.Claim]) -> dict[str, str]:
+    def _run_claimed(self, claims: list[jobstate.Claim]) -> dict[str, str]:
         """Generate the claimed jobs together; store each result as it comes (those
         that finish together in one transaction)."""
         if not claims:
             return {}
-        futures: dict[Future[GenerationResult], delivery.Claim] = {}
-        ready: list[tuple[delivery.Claim, GenerationResult | GenerationError]] = []
+        futures: dict[Future[GenerationResult], jobstate.Claim] = {}
+        ready: list[tuple[jobstate.Claim, GenerationResult | GenerationError]] = []
         with self._lock:
             self._in_flight.update((c.job_id, c) for c in claims)
             if self._hand_back_now:  # claimed just as running jobs were handed back
@@ -189,9 +191,15 @@ class WorkerRuntime:
                     return_when=FIRST_COMPLETED,
                 )
                 if not done:  # past the time limit: stop them and fail them
-                    done, pending = set(pending), set()
-                    for future in done:
+                    for future in pending:
                         self.engine.abort(futures[future].job_id)
+                    # Wait for the aborts to land (a few steps), then store each as
+                    # a timeout, never as the short output it may have made: an
+                    # aborted request is not a success, whether it ran or waited.
+                    wait(pending, timeout=ABORT_WAIT_S)
+                    ready = [(futures[f], _timed_out(f)) for f in pending]
+                    pending = set()
+                    continue
                 ready = [(futures[f], _outcome(f)) for f in done]
         except BaseException:
             # The database stayed down past its retries: let go of what is left. Its
@@ -204,7 +212,7 @@ class WorkerRuntime:
             raise
 
     def _store(
-        self, ready: list[tuple[delivery.Claim, GenerationResult | GenerationError]]
+        self, ready: list[tuple[jobstate.Claim, GenerationResult | GenerationError]]
     ) -> dict[str, str]:
         """Store finished generations in one transaction; hand back those the
         worker gave up on while shutting down."""
@@ -223,7 +231,7 @@ class WorkerRuntime:
         }
         to_store = [(c, r) for c, r in ready if c.job_id not in handing_back]
         outcomes = [(c, self._outcome_row(r)) for c, r in to_store]
-        stored = self._db(lambda s: delivery.store_outcomes(s, outcomes))
+        stored = self._db(lambda s: jobstate.store_outcomes(s, outcomes))
         for (claim, result), ok in zip(to_store, stored, strict=True):
             status = _status(result)
             statuses[claim.job_id] = status
@@ -241,11 +249,11 @@ class WorkerRuntime:
 
     def _outcome_row(
         self, result: GenerationResult | GenerationError
-    ) -> delivery.Outcome | delivery.Failure:
+    ) -> jobstate.Outcome | jobstate.Failure:
         if isinstance(result, GenerationError):
-            return delivery.Failure(result.code, result.message)
+            return jobstate.Failure(result.code, result.message)
         info = self.engine.info
-        return delivery.Outcome(
+        return jobstate.Outcome(
             outputs=result.outputs,
             finish_reasons=list(result.finish_reasons),
             prompt_tokens=result.prompt_tokens,
@@ -253,16 +261,17 @@ class WorkerRuntime:
             model_revision=info.revision,
             torch_version=info.torch_version,
             transformers_version=info.transformers_version,
+            aborted=result.aborted,
             logprobs=result.logprobs,
             prompt=result.prompt,
         )
 
-    def _hand_back(self, claim: delivery.Claim) -> str:
+    def _hand_back(self, claim: jobstate.Claim) -> str:
         """Return a running job to queued, its attempt uncounted. Its message goes
         back to the broker through the caller (the Celery task rejects it with
         requeue): a new send from a stopping worker would need a second broker
         connection, and on the embedded SQLite broker it waits on the consumer's."""
-        self._db(lambda s: delivery.release_job(s, claim))
+        self._db(lambda s: jobstate.release_job(s, claim))
         log.info("job %s handed back to the queue", claim.job_id)
         return HANDED_BACK
 
@@ -313,7 +322,7 @@ class WorkerRuntime:
                 progress = self.engine.progress(claim.job_id)
                 if progress is None or progress.tokens == self._reported.get(claim.job_id):
                     continue
-                changed.append((claim, progress.tokens, progress.text))
+                changed.append((claim, progress.tokens, progress.text, progress.prompt_tokens))
                 self._reported[claim.job_id] = progress.tokens
             delivery.record_progress(session, changed)
             cancelled = delivery.cancelled_among(session, (c.job_id for c in claims))
@@ -388,6 +397,16 @@ def _outcome(future: Future[GenerationResult]) -> GenerationResult | GenerationE
 
 def _requeued(result: GenerationResult | GenerationError) -> bool:
     return isinstance(result, GenerationError) and result.code in _HAND_BACK_CODES
+
+
+def _timed_out(future: Future[GenerationResult]) -> GenerationError:
+    """What to store for a request stopped at the task time limit."""
+    message = "the job ran past the task time limit (GENQ_TASK_TIME_LIMIT_S)"
+    if future.done() and future.exception(timeout=0) is not None:
+        outcome = _outcome(future)
+        if isinstance(outcome, GenerationError):
+            return outcome  # it failed by itself meanwhile: keep its own error
+    return GenerationError("timeout", message)
 
 
 def _status(result: GenerationResult | GenerationError) -> str:

@@ -19,7 +19,7 @@ import logging
 import threading
 import time
 
-from core import batches, delivery
+from core import batches, delivery, jobstate, submit
 from core.db import get_sessionmaker, session_scope
 from core.queue import JobQueue, Route, queue_name
 from core.settings import Settings
@@ -63,7 +63,7 @@ class Sweeper:
         with session_scope(self._url) as session:
             if not delivery.acquire_lock(session, LOCK_NAME, holder=self.holder, ttl_s=ttl):
                 return {}
-            requeued, failed = delivery.reclaim_expired(
+            requeued, failed = jobstate.reclaim_expired(
                 session, max_attempts=self.settings.max_attempts
             )
         report = {"reclaimed": len(requeued), "quarantined": len(failed)}
@@ -104,4 +104,4 @@ class Sweeper:
         return jobs + batch_count + file_count
 
     def _send(self, routes: list[Route]) -> None:
-        self.queue.enqueue_many(routes)
+        submit.send(self.queue, routes)

@@ -12,11 +12,11 @@ from api.deps import IdempotencyKeyHeader, OwnerDep, QueueDep, SessionDep, Setti
 from api.errors import APIError
 from core import batches, files, idempotency
 from core.db import get_sessionmaker
-from core.jobs import models_without_chat_template, served_models
 from core.models import LOCAL_OWNER
-from core.openai_format import COMPLETIONS_URL, RequestError, list_object
+from core.openai_format import COMPLETIONS_URL, list_object
 from core.queue import JobQueue
 from core.schemas import CallbackUrl
+from core.submit import models_without_chat_template, served_models
 
 router = APIRouter(prefix="/v1/batches", tags=["batches"])
 log = logging.getLogger(__name__)
@@ -43,10 +43,6 @@ def _enqueue(database_url: str, queue: JobQueue, batch_id: str) -> None:
         log.info("batch %s: %d jobs sent", batch_id, sent)
     except Exception:  # the jobs are committed; the sweeper re-sends queued ones
         log.warning("batch %s: jobs not all sent; the sweeper will", batch_id, exc_info=True)
-
-
-def _not_found(exc: LookupError) -> APIError:
-    return APIError(404, "not_found", str(exc), "batch_id")
 
 
 @router.post("")
@@ -87,8 +83,6 @@ def create_batch(
         )
     except files.NoSuchFileError as exc:
         raise APIError(404, "not_found", str(exc), "input_file_id") from exc
-    except RequestError as exc:
-        raise APIError(400, exc.code, exc.message, exc.param) from exc
     if batch.status == "in_progress":
         # After the response: the rows are committed, sending 50k messages takes a while.
         background.add_task(_enqueue, settings.resolved_database_url, queue, batch.id)
@@ -111,10 +105,7 @@ def list_batches(
 @router.get("/{batch_id}")
 def retrieve_batch(batch_id: str, session: SessionDep, owner: OwnerDep) -> dict[str, Any]:
     """One batch; finalized here if all its requests are done."""
-    try:
-        batch = batches.get_batch(session, batch_id, owner=owner)
-    except batches.NoSuchBatchError as exc:
-        raise _not_found(exc) from exc
+    batch = batches.get_batch(session, batch_id, owner=owner)
     if batches.finalize(session, batch):
         session.commit()
     return batches.batch_object(session, batch)
@@ -123,11 +114,6 @@ def retrieve_batch(batch_id: str, session: SessionDep, owner: OwnerDep) -> dict[
 @router.post("/{batch_id}/cancel")
 def cancel_batch(batch_id: str, session: SessionDep, owner: OwnerDep) -> dict[str, Any]:
     """Cancel queued requests and stop running ones; finished ones are kept."""
-    try:
-        batch = batches.cancel_batch(session, batch_id, owner=owner)
-    except batches.NoSuchBatchError as exc:
-        raise _not_found(exc) from exc
-    except batches.BatchConflictError as exc:
-        raise APIError(409, "conflict", str(exc)) from exc
+    batch = batches.cancel_batch(session, batch_id, owner=owner)
     session.commit()
     return batches.batch_object(session, batch)

@@ -10,6 +10,7 @@ runs out. A client that disconnects while waiting cancels its job.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from typing import Annotated, Any
 
@@ -18,9 +19,9 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
-from api.deps import OwnerDep, QueueDep, SessionDep, SettingsDep
+from api.deps import IdempotencyKeyHeader, OwnerDep, QueueDep, SessionDep, SettingsDep
 from api.errors import APIError, error_body
-from core import batches, jobs
+from core import jobstate, submit
 from core.chat import template_messages
 from core.db import get_sessionmaker
 from core.models import LOCAL_OWNER, Job
@@ -51,9 +52,9 @@ def _read(database_url: str, job_id: str) -> Job | None:
 def _cancel(database_url: str, job_id: str) -> None:
     with get_sessionmaker(database_url)() as session:
         try:
-            jobs.cancel_job(session, job_id)
+            jobstate.cancel_job(session, job_id)
             session.commit()
-        except jobs.JobConflictError:
+        except jobstate.JobConflictError:
             pass
 
 
@@ -65,14 +66,18 @@ async def create_completion(
     settings: SettingsDep,
     queue: QueueDep,
     owner: OwnerDep,
+    idempotency_key: IdempotencyKeyHeader = None,
 ) -> JSONResponse:
-    """Generate a completion: the body and the answer are OpenAI's."""
+    """Generate a completion: the body and the answer are OpenAI's. With an
+    ``Idempotency-Key``, a retry with the same body waits on the same job."""
     try:
-        parsed, params = parse_completion(body, models=jobs.served_models(session, settings))
+        parsed, params = parse_completion(body, models=submit.served_models(session, settings))
     except RequestError as exc:
         raise _api_error(exc) from exc
     job_request = ParsedRequest(None, parsed.prompt, parsed.model, params)
-    return await run_and_wait(request, session, settings, queue, owner, job_request)
+    return await _submit_and_wait(
+        request, session, settings, queue, owner, idempotency_key, body, job_request
+    )
 
 
 @router.post("/v1/chat/completions")
@@ -83,20 +88,23 @@ async def create_chat_completion(
     settings: SettingsDep,
     queue: QueueDep,
     owner: OwnerDep,
+    idempotency_key: IdempotencyKeyHeader = None,
 ) -> JSONResponse:
     """Answer a conversation: the body and the answer are OpenAI's. The model's own
     chat template renders the messages (on the worker)."""
     try:
         parsed, params = parse_chat(
             body,
-            models=jobs.served_models(session, settings),
-            without_template=jobs.models_without_chat_template(session, settings),
+            models=submit.served_models(session, settings),
+            without_template=submit.models_without_chat_template(session, settings),
         )
     except RequestError as exc:
         raise _api_error(exc) from exc
     messages = template_messages(parsed.messages)
     job_request = ParsedRequest(None, "", parsed.model, params, messages)
-    return await run_and_wait(request, session, settings, queue, owner, job_request)
+    return await _submit_and_wait(
+        request, session, settings, queue, owner, idempotency_key, body, job_request
+    )
 
 
 def _api_error(exc: RequestError) -> APIError:
@@ -104,27 +112,47 @@ def _api_error(exc: RequestError) -> APIError:
     return APIError(status.get(exc.code, 400), exc.code, exc.message, exc.param)
 
 
-async def run_and_wait(
+async def _submit_and_wait(
     request: Request,
     session: Session,
     settings: Settings,
     queue: JobQueue,
     owner: str | None,
+    idempotency_key: str | None,
+    body: dict[str, Any],
     job_request: ParsedRequest,
 ) -> JSONResponse:
-    """Queue the job, then wait for it (polling SQL) and answer in OpenAI's shape, or
-    202 with the job when the wait runs out; a client that goes away cancels it."""
-    job_id = await run_in_threadpool(
-        batches.submit_request, session, queue, job_request, owner=owner or LOCAL_OWNER
+    """Queue the job, then answer once it is final (or 202 when the wait runs out)."""
+    job_id, replay = await run_in_threadpool(
+        functools.partial(
+            submit.submit_request,
+            session,
+            queue,
+            job_request,
+            settings=settings,
+            owner=owner or LOCAL_OWNER,
+            idempotency_key=idempotency_key,
+            body=body,
+        )
     )
-    url = settings.resolved_database_url
-    deadline = time.monotonic() + settings.completion_wait_s
+    answer = await _wait(
+        request, settings.resolved_database_url, job_id, settings.completion_wait_s
+    )
+    if replay:
+        answer.headers["Idempotent-Replayed"] = "true"
+    return answer
+
+
+async def _wait(request: Request, url: str, job_id: str, wait_s: float) -> JSONResponse:
+    """The job's answer once it is final, a 202 with the job once ``wait_s`` passed,
+    or 499 (and the job cancelled) once the client went away."""
+    deadline = time.monotonic() + wait_s
     delay = POLL_MIN_S
     while True:
         job = await run_in_threadpool(_read, url, job_id)
         if job is None:  # purged or deleted meanwhile
             raise APIError(404, "not_found", f"job {job_id} disappeared", "id")
-        if JobStatus(job.status).is_final:
+        if job.status.is_final:
             return _answer(job)
         if time.monotonic() >= deadline:
             content = JobRead.from_job(job).model_dump(mode="json")
@@ -138,9 +166,9 @@ async def run_and_wait(
 
 
 def _answer(job: Job) -> JSONResponse:
-    if job.status == JobStatus.SUCCEEDED.value:
+    if job.status is JobStatus.SUCCEEDED:
         return JSONResponse(response_object(job))
-    if job.status == JobStatus.CANCELLED.value:
+    if job.status is JobStatus.CANCELLED:
         body = error_body("cancelled", f"job {job.id} was cancelled", job_id=job.id)
         return JSONResponse(body, status_code=409)
     code = job.error_code or "internal_error"

@@ -30,6 +30,7 @@ from fastapi.responses import StreamingResponse
 from api.deps import OwnerDep, SessionDep
 from core import jobs
 from core.db import get_sessionmaker
+from core.errors import NotFoundError
 from core.schemas import JobRead
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -77,8 +78,8 @@ class JobEvents:
 def _read(database_url: str, job_id: str) -> JobRead | None:
     with get_sessionmaker(database_url)() as session:
         try:
-            return JobRead.from_job(jobs.get_job(session, job_id))
-        except jobs.JobNotFoundError:  # deleted meanwhile (retention)
+            return jobs.view(session, jobs.get_job(session, job_id))
+        except NotFoundError:  # deleted meanwhile (retention)
             return None
 
 
@@ -131,7 +132,7 @@ def job_events(
     ] = MAX_STREAM_S,
 ) -> StreamingResponse:
     """Stream the job's status changes and new text as server-sent events, until it ends."""
-    first = JobRead.from_job(jobs.get_job(session, job_id, owner=owner))
+    first = jobs.view(session, jobs.get_job(session, job_id, owner=owner))
     # The request's session is not needed while streaming: give its connection back now.
     session.close()
     database_url = request.app.state.settings.resolved_database_url

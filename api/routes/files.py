@@ -18,10 +18,6 @@ from core.openai_format import list_object
 router = APIRouter(prefix="/v1/files", tags=["files"])
 
 
-def not_found(exc: files.NoSuchFileError) -> APIError:
-    return APIError(404, "not_found", str(exc), "file_id")
-
-
 @router.post("")
 def upload_file(
     file: UploadFile,
@@ -47,12 +43,9 @@ def upload_file(
             max_bytes=settings.max_file_bytes,
             max_lines=settings.max_batch_lines,
         )
-    except files.FileTooLargeError as exc:
-        session.rollback()
-        raise APIError(413, "file_too_large", str(exc), "file") from exc
-    except files.TooManyLinesError as exc:
-        session.rollback()
-        raise APIError(400, "too_many_lines", str(exc), "file") from exc
+    except (files.FileTooLargeError, files.TooManyLinesError):
+        session.rollback()  # api/errors.py answers 413 / 400
+        raise
     row = upload.file
     replay = idempotency.IdempotentRequest.begin(
         session,
@@ -90,19 +83,13 @@ def list_files(
 @router.get("/{file_id}")
 def retrieve_file(file_id: str, session: SessionDep, owner: OwnerDep) -> dict[str, Any]:
     """One file's metadata."""
-    try:
-        return files.file_object(files.get_file(session, file_id, owner=owner))
-    except files.NoSuchFileError as exc:
-        raise not_found(exc) from exc
+    return files.file_object(files.get_file(session, file_id, owner=owner))
 
 
 @router.delete("/{file_id}")
 def delete_file(file_id: str, session: SessionDep, owner: OwnerDep) -> dict[str, Any]:
     """Delete a file. A batch made from it keeps its jobs and results."""
-    try:
-        files.delete_file(session, file_id, owner=owner)
-    except files.NoSuchFileError as exc:
-        raise not_found(exc) from exc
+    files.delete_file(session, file_id, owner=owner)
     session.commit()
     return {"id": file_id, "object": "file", "deleted": True}
 
@@ -120,10 +107,7 @@ def file_content(
     file_id: str, session: SessionDep, settings: SettingsDep, owner: OwnerDep
 ) -> StreamingResponse:
     """The file's content, streamed (a batch's output is made from its job rows)."""
-    try:
-        file = files.get_file(session, file_id, owner=owner)
-    except files.NoSuchFileError as exc:
-        raise not_found(exc) from exc
+    file = files.get_file(session, file_id, owner=owner)
     headers = {"Content-Disposition": f'attachment; filename="{file.filename}"'}
     if file.virtual is None:
         headers["Content-Length"] = str(file.bytes)

@@ -7,8 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Response, status
 
 from api.deps import IdempotencyKeyHeader, OwnerDep, QueueDep, SessionDep, SettingsDep
-from api.errors import APIError
-from core import jobs
+from core import jobs, jobstate, submit
 from core.schemas import JobBulkCreate, JobCreate, JobList, JobRead, JobsCreated
 from core.status import JobStatus
 
@@ -30,20 +29,13 @@ def create_job(
     With an ``Idempotency-Key`` header, a retry with the same key and body gets
     the same job back (``Idempotent-Replayed: true``); another body gets a 409.
     """
-    try:
-        job, replay = jobs.submit_job(
-            session, queue, body, settings=settings, owner=owner, idempotency_key=idempotency_key
-        )
-    except jobs.UnknownModelError as exc:
-        raise APIError(422, "model_not_found", str(exc), exc.param) from exc
-    except jobs.NoChatTemplateError as exc:
-        raise APIError(422, "model_without_chat_template", str(exc), exc.param) from exc
-    except jobs.RequestTooLargeError as exc:
-        raise APIError(422, "invalid_request", str(exc), exc.param) from exc
+    job, replay = submit.submit_job(
+        session, queue, body, settings=settings, owner=owner, idempotency_key=idempotency_key
+    )
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     if replay:
         response.headers["Idempotent-Replayed"] = "true"
-    return JobRead.from_job(job)
+    return jobs.view(session, job)
 
 
 @router.post("/bulk", status_code=status.HTTP_202_ACCEPTED, response_model=JobsCreated)
@@ -63,24 +55,12 @@ def create_jobs(
 
     ``Idempotency-Key`` works as for ``POST /v1/jobs``: a retry gets the same jobs.
     """
-    try:
-        created, replay = jobs.submit_jobs(
-            session,
-            queue,
-            body.jobs,
-            settings=settings,
-            owner=owner,
-            idempotency_key=idempotency_key,
-        )
-    except jobs.UnknownModelError as exc:
-        raise APIError(422, "model_not_found", str(exc), exc.param) from exc
-    except jobs.NoChatTemplateError as exc:
-        raise APIError(422, "model_without_chat_template", str(exc), exc.param) from exc
-    except jobs.RequestTooLargeError as exc:
-        raise APIError(422, "invalid_request", str(exc), exc.param) from exc
+    created, replay = submit.submit_jobs(
+        session, queue, body.jobs, settings=settings, owner=owner, idempotency_key=idempotency_key
+    )
     if replay:
         response.headers["Idempotent-Replayed"] = "true"
-    return JobsCreated(data=[JobRead.from_job(job) for job in created])
+    return JobsCreated(data=jobs.views(session, created))
 
 
 @router.get("", response_model=JobList)
@@ -96,19 +76,19 @@ def list_jobs(
     rows, has_more = jobs.list_jobs(
         session, status=status, limit=limit, after=after, owner=owner, batch_id=batch_id
     )
-    data = [JobRead.from_job(job) for job in rows]
+    data = jobs.views(session, rows)
     return JobList(data=data, has_more=has_more, next_after=data[-1].id if has_more else None)
 
 
 @router.get("/{job_id}", response_model=JobRead)
 def get_job(job_id: str, session: SessionDep, owner: OwnerDep) -> JobRead:
     """One job: its status, and its output (partial while it runs)."""
-    return JobRead.from_job(jobs.get_job(session, job_id, owner=owner))
+    return jobs.view(session, jobs.get_job(session, job_id, owner=owner))
 
 
 @router.post("/{job_id}/cancel", response_model=JobRead)
 def cancel_job(job_id: str, session: SessionDep, owner: OwnerDep) -> JobRead:
     """Cancel a queued or running job; a running one keeps what it generated."""
-    job = jobs.cancel_job(session, job_id, owner=owner)
+    job = jobstate.cancel_job(session, job_id, owner=owner)
     session.commit()
-    return JobRead.from_job(job)
+    return jobs.view(session, job)

@@ -7,7 +7,7 @@ from typing import Any
 from fastapi import APIRouter
 
 from api.deps import OwnerDep, SessionDep, SettingsDep
-from core import jobs, workers
+from core import submit, workers
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
@@ -24,6 +24,6 @@ def list_models(session: SessionDep, settings: SettingsDep, _owner: OwnerDep) ->
             "owned_by": "genq",
             "workers": live.get(model, 0),
         }
-        for model in jobs.served_models(session, settings)
+        for model in submit.served_models(session, settings)
     ]
     return {"object": "list", "data": data}

@@ -211,6 +211,7 @@ def test_progress(stories: Any, make_engine: Any) -> None:
     wait_for_tokens(engine, req.id, 3)
     progress = engine.progress(req.id)
     assert progress is not None and progress.tokens >= 3 and progress.text
+    assert progress.prompt_tokens is not None and progress.prompt_tokens > 0  # known from the start
     engine.abort(req.id)
     future.result(timeout=5)
     assert engine.progress(req.id) is None

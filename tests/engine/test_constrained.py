@@ -28,7 +28,7 @@ LABEL = {
     "type": "object",
     "properties": {
         "label": {"enum": ["positive", "negative", "neutral"]},
-        "score": {"type": "number", "minimum": 0, "maximum": 1},
+        "score": {"type": "integer", "minimum": 0, "maximum": 100},
         "tags": {
             "type": "array",
             "items": {"type": "string", "maxLength": 6},

@@ -6,9 +6,10 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import event
 
-from core import delivery
-from core.db import session_scope
+from core import jobstate
+from core.db import get_engine, session_scope
 from core.settings import Settings
 from tests.conftest import RecordingQueue
 
@@ -97,16 +98,16 @@ def test_cancel_a_queued_job_and_a_finished_one_cannot_be(
 
     done = submit(client)
     with session_scope(settings.resolved_database_url) as session:
-        claim = delivery.claim_job(session, done["id"], worker="w1", lease_s=60, max_attempts=3)
+        claim = jobstate.claim_job(session, done["id"], worker="w1", lease_s=60, max_attempts=3)
         assert claim is not None
-        delivery.finish_job(session, claim, _outcome())
+        jobstate.store_outcomes(session, [(claim, _outcome())])
     response = client.post(f"/v1/jobs/{done['id']}/cancel")
     assert response.status_code == 409
     assert "already succeeded" in response.json()["error"]["message"]
 
 
-def _outcome() -> delivery.Outcome:
-    return delivery.Outcome(
+def _outcome() -> jobstate.Outcome:
+    return jobstate.Outcome(
         outputs=["x"],
         finish_reasons=["length"],
         prompt_tokens=1,
@@ -322,3 +323,40 @@ def test_a_bulk_submit_retried_with_its_idempotency_key_gets_the_same_jobs(
     # A key used for one job is not confused with a bulk submit's.
     single = client.post("/v1/jobs", json={"prompt": "p0"}, headers={"Idempotency-Key": "bulk-1"})
     assert single.status_code == 409
+
+
+def _statements_listing(client: TestClient, url: str, limit: int) -> tuple[int, int]:
+    """(statements run, jobs listed) by one ``GET /v1/jobs?limit=...``."""
+    engine = get_engine(url)
+    seen: list[str] = []
+
+    def count(*args: Any) -> None:
+        seen.append(args[2])
+
+    event.listen(engine, "before_cursor_execute", count)
+    try:
+        response = client.get(f"/v1/jobs?limit={limit}")
+    finally:
+        event.remove(engine, "before_cursor_execute", count)
+    assert response.status_code == 200
+    return len(seen), len(response.json()["data"])
+
+
+def test_listing_jobs_runs_a_constant_number_of_statements(
+    client: TestClient, settings: Settings
+) -> None:
+    # Final jobs with webhook deliveries: the case that used to cost a query per job.
+    url = settings.resolved_database_url
+    for _ in range(3):
+        job = submit(client, callback_url="http://hooks.test/x")
+        assert client.post(f"/v1/jobs/{job['id']}/cancel").status_code == 200
+    few, listed = _statements_listing(client, url, 100)
+    assert listed == 3
+    for _ in range(40):
+        job = submit(client, callback_url="http://hooks.test/x")
+        assert client.post(f"/v1/jobs/{job['id']}/cancel").status_code == 200
+    many, listed = _statements_listing(client, url, 100)
+    assert listed == 43
+    assert many == few
+    page = client.get("/v1/jobs?limit=100").json()["data"]
+    assert all(job["webhook"]["event"] == "job.cancelled" for job in page)

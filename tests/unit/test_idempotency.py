@@ -1,4 +1,5 @@
-"""Idempotency-Key on POST /v1/files and /v1/batches: a retry gets the same object."""
+"""Idempotency-Key on POST /v1/files, /v1/batches and /v1/completions: a retry gets
+the same object."""
 
 from __future__ import annotations
 
@@ -6,6 +7,10 @@ import json
 from typing import Any
 
 from fastapi.testclient import TestClient
+
+from api.app import create_app
+from core.settings import Settings
+from tests.conftest import RecordingQueue
 
 LINE = {
     "custom_id": "a",
@@ -55,3 +60,25 @@ def test_a_retried_batch_returns_the_same_batch_and_another_body_is_409(
     changed = client.post("/v1/batches", json={**body, "metadata": {"run": "2"}}, headers=headers)
     assert changed.status_code == 409
     assert changed.json()["error"]["param"] == "Idempotency-Key"
+
+
+def test_a_retried_completion_waits_on_the_same_job_and_another_body_is_409(
+    settings: Settings, queue: RecordingQueue
+) -> None:
+    quick = settings.model_copy(update={"completion_wait_s": 0})  # no worker: answers 202
+    body = {"model": "fake", "prompt": "one two", "max_tokens": 3}
+    with TestClient(create_app(quick, queue=queue)) as client:
+        first = client.post("/v1/completions", json=body, headers={"Idempotency-Key": "c1"})
+        again = client.post("/v1/completions", json=body, headers={"Idempotency-Key": "c1"})
+        other = client.post(
+            "/v1/completions", json={**body, "prompt": "three"}, headers={"Idempotency-Key": "c1"}
+        )
+        fresh = client.post("/v1/completions", json=body)
+    assert first.status_code == again.status_code == 202
+    assert again.json()["id"] == first.json()["id"]
+    assert again.headers["Idempotent-Replayed"] == "true"
+    assert "Idempotent-Replayed" not in first.headers
+    assert other.status_code == 409
+    assert other.json()["error"]["code"] == "idempotency_key_reused"
+    assert fresh.json()["id"] != first.json()["id"]
+    assert queue.sent == [first.json()["id"], fresh.json()["id"]]  # one job per key

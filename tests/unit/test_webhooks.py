@@ -13,10 +13,10 @@ from typing import Any
 import httpx
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, insert, select, update
 from sqlalchemy.orm import Session
 
-from core import batches, delivery, jobs, keys, webhooks
+from core import batches, jobs, jobstate, keys, submit, webhooks
 from core.db import get_sessionmaker, session_scope
 from core.models import Job, WebhookDelivery
 from core.openai_format import COMPLETIONS_URL
@@ -81,9 +81,14 @@ def runtime(settings: Settings) -> Iterator[WorkerRuntime]:
 
 def new_job(session: Session, owner: str = "local", **body: Any) -> Job:
     create = JobCreate.model_validate({"prompt": "one two", **body})
-    return jobs.create_job(
-        session, create, default_model="fake", default_max_new_tokens=4, owner=owner
+    row = submit.job_row(
+        submit.NewJob.from_create(create, default_model="fake"),
+        job_id=submit.new_job_id(),
+        owner=owner,
+        default_max_new_tokens=4,
     )
+    session.execute(insert(Job), [row])
+    return session.get_one(Job, row["id"])
 
 
 def outbox(settings: Settings) -> list[WebhookDelivery]:
@@ -127,12 +132,12 @@ def test_quarantine_by_the_sweeper_writes_job_failed(
 ) -> None:
     job_id = submit_prompt(client, callback_url=HOOK)
     with session_scope(settings.resolved_database_url) as session:
-        claim = delivery.claim_job(session, job_id, worker="w1", lease_s=60, max_attempts=1)
+        claim = jobstate.claim_job(session, job_id, worker="w1", lease_s=60, max_attempts=1)
         assert claim is not None
         past = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=5)
         session.execute(update(Job).where(Job.id == job_id).values(lease_expires_at=past))
     with session_scope(settings.resolved_database_url) as session:
-        requeued, failed = delivery.reclaim_expired(session, max_attempts=1)
+        requeued, failed = jobstate.reclaim_expired(session, max_attempts=1)
     assert (requeued, failed) == ([], [job_id])
     assert [(r.job_id, r.event) for r in outbox(settings)] == [(job_id, "job.failed")]
 
@@ -148,7 +153,7 @@ def test_the_owners_key_default_is_used_when_the_job_has_none(settings: Settings
         own = new_job(session, owner="alice", callback_url="http://own.test/")
         bob = new_job(session, owner="bob")
         for job in (plain, own, bob):
-            jobs.cancel_job(session, job.id)
+            jobstate.cancel_job(session, job.id)
     rows = {row.job_id: row.url for row in outbox(settings)}
     assert rows == {plain.id: HOOK, own.id: "http://own.test/"}  # the newest key's default
 
@@ -182,7 +187,7 @@ def test_a_batch_sends_one_webhook_when_it_ends_not_one_per_job(
         failed = make_batch(session, [b"not json"], HOOK)
         assert failed.status == "failed"
         ids = {batch.id: "batch.completed", failed.id: "batch.failed"}
-        job_ids = list(batches.queued_ids(session, batch.id))
+        job_ids = list(session.scalars(select(Job.id).where(Job.batch_id == batch.id)))
         session.rollback()
         for job_id in job_ids:
             assert runtime.run_job(job_id, worker="w1") == "succeeded"
@@ -241,10 +246,7 @@ def test_a_delivery_is_signed_with_the_owners_key_and_shown_on_the_job(
     sent = json.loads(request.content)
     assert sent["id"] == job.id and sent["status"] == "succeeded" and "webhook" not in sent
     with session_scope(url) as session:
-        shown = jobs.get_job(session, job.id)
-        from core.schemas import JobRead
-
-        webhook = JobRead.from_job(shown).webhook
+        webhook = jobs.view(session, jobs.get_job(session, job.id)).webhook
     assert webhook is not None
     assert (webhook.status, webhook.attempts, webhook.last_status_code) == ("delivered", 1, 200)
     assert webhook.delivered_at is not None

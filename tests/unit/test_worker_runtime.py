@@ -13,7 +13,7 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy.exc import OperationalError
 
-from core import delivery
+from core import jobstate
 from core.db import session_scope
 from core.models import Job, utcnow
 from core.settings import Settings
@@ -86,28 +86,27 @@ def test_a_stale_claim_cannot_overwrite_a_result(client: TestClient, settings: S
     job_id = submit_prompt(client)
     url = settings.resolved_database_url
     with session_scope(url) as session:
-        stale = delivery.claim_job(session, job_id, worker="old", lease_s=60, max_attempts=3)
+        stale = jobstate.claim_job(session, job_id, worker="old", lease_s=60, max_attempts=3)
     assert stale is not None
     # The attempt is handed back and claimed again by another worker.
     with session_scope(url) as session:
-        requeued, _ = delivery.reclaim_expired(session, max_attempts=3)
+        requeued, _ = jobstate.reclaim_expired(session, max_attempts=3)
         assert requeued == []
         session.get(Job, job_id).lease_expires_at = utcnow() - dt.timedelta(seconds=1)
     with session_scope(url) as session:
-        routes, failed = delivery.reclaim_expired(session, max_attempts=3)
+        routes, failed = jobstate.reclaim_expired(session, max_attempts=3)
         assert [r.job_id for r in routes] == [job_id] and failed == []
     with session_scope(url) as session:
-        fresh = delivery.claim_job(session, job_id, worker="new", lease_s=60, max_attempts=3)
+        fresh = jobstate.claim_job(session, job_id, worker="new", lease_s=60, max_attempts=3)
     assert fresh is not None and fresh.attempt == stale.attempt + 1
-    outcome = delivery.Outcome(["stale"], ["length"], 1, 1, "r", "t", "tf")
+    outcome = jobstate.Outcome(["stale"], ["length"], 1, 1, "r", "t", "tf")
     with session_scope(url) as session:
-        assert delivery.finish_job(session, stale, outcome) is False
-        assert delivery.fail_job(session, stale, code="x", message="y") is False
+        assert jobstate.store_outcomes(session, [(stale, outcome)]) == [False]
+        assert jobstate.store_outcomes(session, [(stale, jobstate.Failure("x", "y"))]) == [False]
     with session_scope(url) as session:
-        assert (
-            delivery.finish_job(session, fresh, dataclasses.replace(outcome, outputs=["fresh"]))
-            is True
-        )
+        assert jobstate.store_outcomes(
+            session, [(fresh, dataclasses.replace(outcome, outputs=["fresh"]))]
+        ) == [True]
     assert client.get(f"/v1/jobs/{job_id}").json()["output"] == "fresh"
 
 
@@ -125,6 +124,7 @@ def test_progress_is_visible_and_a_running_job_can_be_cancelled_keeping_its_outp
         job = _wait_for(client, job_id, lambda j: (j["usage"]["completion_tokens"] or 0) >= 5)
         assert job["status"] == "running"
         assert job["output"].startswith(" three two one")
+        assert job["usage"]["prompt_tokens"] == 3  # known while it runs (issue 14)
         client.post(f"/v1/jobs/{job_id}/cancel")
         thread.join(timeout=10)
         assert outcome["status"] == "cancelled"
@@ -132,6 +132,7 @@ def test_progress_is_visible_and_a_running_job_can_be_cancelled_keeping_its_outp
         assert job["status"] == "cancelled"
         assert 5 <= job["usage"]["completion_tokens"] < 1000
         assert len(job["output"].split()) == job["usage"]["completion_tokens"]
+        assert job["finish_reason"] == "cancelled"  # not "length" (issue 14)
     finally:
         runtime.close()
 
@@ -298,7 +299,7 @@ def test_results_that_cannot_be_stored_leave_their_jobs_for_the_sweeper(
         def database_down(*_: Any, **__: Any) -> None:
             raise OperationalError("UPDATE job", {}, Exception("database down"))
 
-        monkeypatch.setattr(delivery, "store_outcomes", database_down)
+        monkeypatch.setattr(jobstate, "store_outcomes", database_down)
         with pytest.raises(OperationalError):  # storing the quick one fails
             runtime.run_jobs(ids, worker="w1")
         monkeypatch.undo()
@@ -312,7 +313,7 @@ def test_results_that_cannot_be_stored_leave_their_jobs_for_the_sweeper(
                 assert job.status == "running" and job.lease_expires_at == leases[job_id]
                 job.lease_expires_at = utcnow() - dt.timedelta(seconds=1)
         with session_scope(url) as session:
-            routes, _ = delivery.reclaim_expired(session, max_attempts=3)
+            routes, _ = jobstate.reclaim_expired(session, max_attempts=3)
         assert sorted(r.job_id for r in routes) == sorted(ids)
     finally:
         runtime.close()
@@ -401,5 +402,29 @@ def test_a_dead_engine_hands_back_its_jobs_leaves_the_registry_and_stops_the_wor
             assert "mortal" not in [w.name for w in live_workers(session, within_s=3600)]
         with pytest.raises(DrainingError):  # the next message goes back to the broker
             runtime.run_job(submit_prompt(client), worker="w1")
+    finally:
+        runtime.close()
+
+
+def test_jobs_past_the_time_limit_fail_with_timeout_whether_running_or_waiting(
+    client: TestClient, fast_settings: Settings
+) -> None:
+    # One engine slot: the first job runs (slowly), the second waits behind it. At
+    # the limit both are aborted; an aborted request resolves as a short result,
+    # which must be stored as a timeout, never as a success.
+    settings = fast_settings.model_copy(update={"task_time_limit_s": 1})
+    runtime = WorkerRuntime(settings, FakeEngine(token_delay_s=0.02, max_workers=1))
+    try:
+        response = client.post(
+            "/v1/jobs/bulk",
+            json={"jobs": [{"prompt": "runs", "max_new_tokens": 1000}, {"prompt": "waits"}]},
+        )
+        ids = [job["id"] for job in response.json()["data"]]
+        statuses = runtime.run_jobs(ids, worker="w1")
+        assert statuses == dict.fromkeys(ids, "failed")
+        for job_id in ids:
+            job = client.get(f"/v1/jobs/{job_id}").json()
+            assert job["status"] == "failed", job
+            assert job["error"]["code"] == "timeout"
     finally:
         runtime.close()

@@ -47,10 +47,12 @@ class GenerationRequest:
 
 @dataclasses.dataclass(frozen=True)
 class Progress:
-    """Tokens generated so far for a running request (first sequence's text)."""
+    """Tokens generated so far for a running request (first sequence's text), and
+    the prompt's length in tokens (None where the engine does not know it)."""
 
     tokens: int
     text: str
+    prompt_tokens: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)

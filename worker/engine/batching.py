@@ -158,7 +158,7 @@ class BatchingEngine:
         if state is None or not state.started:
             return None
         tokens, text = state.progress(self.tokenizer)
-        return ProgressT(tokens=tokens, text=text)
+        return ProgressT(tokens=tokens, text=text, prompt_tokens=len(state.prompt_ids))
 
     def check_health(self) -> bool:
         """Whether the scheduler thread is alive and accepting requests."""

@@ -84,6 +84,9 @@ class FakeEngine:
         self._lock = threading.Lock()
         self._aborted: set[str] = set()
         self._progress: dict[str, Progress] = {}
+        # Requests not started yet (all pool threads busy): an abort resolves them
+        # at once, as the batching engine does with its waiting requests.
+        self._waiting: dict[str, tuple[GenerationRequest, Future[GenerationResult]]] = {}
         self._closed = False
 
     def submit(self, request: GenerationRequest) -> Future[GenerationResult]:
@@ -92,12 +95,31 @@ class FakeEngine:
             future: Future[GenerationResult] = Future()
             future.set_exception(GenerationError("engine_stopped", "the engine is closed"))
             return future
-        return self._pool.submit(self._generate, request)
+        outer: Future[GenerationResult] = Future()
+        with self._lock:
+            self._waiting[request.id] = (request, outer)
+        self._pool.submit(self._run, request, outer)
+        return outer
+
+    def _run(self, request: GenerationRequest, outer: Future[GenerationResult]) -> None:
+        with self._lock:
+            if self._waiting.pop(request.id, None) is None:  # aborted while it waited
+                self._aborted.discard(request.id)
+                return
+        try:
+            outer.set_result(self._generate(request))
+        except BaseException as exc:
+            outer.set_exception(exc)
 
     def abort(self, request_id: str) -> None:
-        """Make the request stop at its next word."""
+        """Make the request stop at its next word; a waiting one resolves at once."""
         with self._lock:
             self._aborted.add(request_id)
+            request, outer = self._waiting.pop(request_id, (None, None))
+        if request is not None and outer is not None:
+            n = request.params.num_return_sequences
+            prompt_words = len(request.prompt.split())
+            outer.set_result(GenerationResult([""] * n, ["length"] * n, prompt_words, 0, True))
 
     def progress(self, request_id: str) -> Progress | None:
         """Words so far and the text of sequence 0, or None when unknown."""
@@ -113,6 +135,9 @@ class FakeEngine:
         self._closed = True
         with self._lock:
             self._aborted.update(self._progress)
+            waiting, self._waiting = list(self._waiting.values()), {}
+        for _, outer in waiting:  # never started: fail them, none hangs
+            outer.set_exception(GenerationError("engine_stopped", "the engine is closed"))
         self._pool.shutdown(wait=True, cancel_futures=True)
 
     def _generate(self, request: GenerationRequest) -> GenerationResult:
@@ -146,7 +171,9 @@ class FakeEngine:
                 made.append(word)
                 text = " " + " ".join(made)
                 with self._lock:
-                    self._progress[request.id] = Progress(tokens=len(made), text=text)
+                    self._progress[request.id] = Progress(
+                        tokens=len(made), text=text, prompt_tokens=prompt_words
+                    )
                 if any(s in text for s in params.stop):
                     stopped = True
                     break

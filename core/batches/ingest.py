@@ -1,0 +1,297 @@
+"""Batch ingest: an input file (or ``genq run``'s requests) validated and turned into
+one job row per request, in one transaction.
+
+A batch is validated and ingested in one pass over its input: each valid line
+becomes a job row, bulk-inserted a thousand at a time; if any line is invalid the
+transaction is rolled back and the batch is stored ``failed`` with OpenAI's
+``errors`` object naming each offending line. Nothing is half-created, and the
+job ids are sent to the broker only after the commit (a lost send is re-sent by
+the sweeper, like any queued job).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import logging
+import re
+import secrets
+import time
+from collections.abc import Callable, Collection, Iterable, Iterator
+from typing import Any
+
+from sqlalchemy import insert, select
+from sqlalchemy.orm import Session
+
+from core import files, submit, webhooks
+from core.models import Batch, Job, utcnow
+from core.openai_format import (
+    COMPLETIONS_URL,
+    ENDPOINTS,
+    OPENAI_DEFAULT_MAX_TOKENS,
+    ParsedRequest,
+    RequestError,
+    error_list,
+    parse_batch_line,
+)
+from core.queue import JobQueue, Route
+from core.status import BatchStatus, JobStatus
+
+log = logging.getLogger(__name__)
+
+INSERT_CHUNK = 1000
+MAX_REPORTED_ERRORS = 100
+WINDOW = re.compile(r"^([1-9][0-9]{0,3})h$")
+
+
+@dataclasses.dataclass(frozen=True)
+class LineError:
+    """An invalid line of an input file."""
+
+    line: int | None
+    code: str
+    message: str
+    param: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"code": self.code, "message": self.message, "param": self.param, "line": self.line}
+
+
+Parsed = tuple[int, ParsedRequest | LineError]
+
+
+def new_batch_id() -> str:
+    return f"batch_{time.time_ns() // 1_000_000:012x}{secrets.token_hex(10)}"
+
+
+def parse_window(window: str | None) -> dt.timedelta | None:
+    """``"24h"`` → 24 hours; None: no expiry (``genq run``)."""
+    if window is None:
+        return None
+    match = WINDOW.match(window)
+    if not match:
+        raise RequestError(
+            "invalid_request", "completion_window must be hours, like '24h'", "completion_window"
+        )
+    return dt.timedelta(hours=int(match.group(1)))
+
+
+def parse_openai_file(
+    lines: Iterable[tuple[int, bytes]],
+    *,
+    endpoint: str,
+    models: Collection[str],
+    without_template: Collection[str] = (),
+) -> Iterator[Parsed]:
+    """Each non-blank line of a batch input file, parsed or its error."""
+    for number, raw in lines:
+        if not raw.strip():
+            continue
+        if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
+            raw = raw[3:]
+        try:
+            yield (
+                number,
+                parse_batch_line(
+                    raw, endpoint=endpoint, models=models, without_template=without_template
+                ),
+            )
+        except RequestError as exc:
+            yield number, LineError(number, exc.code, exc.message, exc.param)
+
+
+@dataclasses.dataclass
+class IngestResult:
+    total: int = 0
+    model: str | None = None
+    errors: list[LineError] = dataclasses.field(default_factory=list)
+    error_count: int = 0
+
+    def add(self, error: LineError) -> None:
+        self.error_count += 1
+        if len(self.errors) < MAX_REPORTED_ERRORS:
+            self.errors.append(error)
+
+    def errors_object(self) -> dict[str, Any]:
+        data = [e.as_dict() for e in self.errors]
+        if self.error_count > len(self.errors):
+            more = self.error_count - len(self.errors)
+            data.append(
+                LineError(None, "too_many_errors", f"and {more} more invalid lines").as_dict()
+            )
+        return error_list(data)
+
+
+def ingest(
+    session: Session,
+    batch: Batch,
+    parsed: Iterable[Parsed],
+    *,
+    max_lines: int,
+) -> IngestResult:
+    """Insert one job per valid request of ``parsed`` for ``batch``, and report the
+    invalid ones. When the result has errors the caller must roll back.
+
+    Job ids come from one :func:`core.submit.id_sequence`, so ordering a batch's
+    jobs by id is ordering them as the input was.
+    """
+    result = IngestResult()
+    seen: set[str] = set()
+    rows: list[dict[str, Any]] = []
+    now = utcnow()
+    ids = submit.id_sequence()
+    for number, item in parsed:
+        if isinstance(item, LineError):
+            result.add(item)
+            continue
+        custom_id = item.custom_id or f"line-{number}"
+        if item.custom_id is None:
+            item = dataclasses.replace(item, custom_id=custom_id)
+        if custom_id in seen:
+            result.add(
+                LineError(
+                    number,
+                    "duplicate_custom_id",
+                    f"custom_id {custom_id!r} is used by an earlier line",
+                    "custom_id",
+                )
+            )
+            continue
+        seen.add(custom_id)
+        result.total += 1
+        if result.total > max_lines:
+            result.add(
+                LineError(
+                    number,
+                    "too_many_lines",
+                    f"the file has more than {max_lines} requests, the limit per batch "
+                    "(GENQ_MAX_BATCH_LINES)",
+                )
+            )
+            break
+        result.model = result.model or item.model
+        if result.error_count:
+            continue  # the batch fails: validate the rest, insert nothing more
+        rows.append(
+            submit.job_row(
+                submit.NewJob.from_request(item, priority=batch.priority),
+                job_id=next(ids),
+                owner=batch.owner,
+                default_max_new_tokens=OPENAI_DEFAULT_MAX_TOKENS,
+                now=now,
+                batch_id=batch.id,
+            )
+        )
+        if len(rows) >= INSERT_CHUNK:
+            session.execute(insert(Job), rows)
+            rows.clear()
+    if rows and not result.error_count:
+        session.execute(insert(Job), rows)
+    if result.total == 0 and not result.error_count:
+        result.add(LineError(None, "empty_file", "the file holds no requests"))
+    return result
+
+
+def create_batch(
+    session: Session,
+    *,
+    owner: str,
+    input_file_id: str | None,
+    parsed: Iterable[Parsed] | None = None,
+    endpoint: str = COMPLETIONS_URL,
+    completion_window: str | None = "24h",
+    metadata: dict[str, Any] | None = None,
+    models: Collection[str],
+    max_lines: int,
+    without_template: Collection[str] = (),
+    run_key: str | None = None,
+    callback_url: str | None = None,
+    priority: str = "low",
+    before_commit: Callable[[Batch], None] | None = None,
+) -> Batch:
+    """Validate the input and create the batch with its jobs, committed.
+
+    The input is the file ``input_file_id`` (OpenAI's batch format) or, for
+    ``genq run``, ``parsed`` requests. Bulk work runs at ``low`` priority unless
+    told otherwise, so interactive jobs go first. A batch with an invalid line is committed
+    ``failed`` with its ``errors`` and no jobs. Send the jobs with
+    :func:`enqueue_batch` after this returns.
+    """
+    if endpoint not in ENDPOINTS:
+        raise RequestError(
+            "invalid_request",
+            f"endpoint {endpoint!r} is not supported; genq serves {', '.join(ENDPOINTS)}",
+            "endpoint",
+        )
+    window = parse_window(completion_window)
+    if parsed is None:
+        if input_file_id is None:
+            raise RequestError("missing_required_parameter", "input_file_id is required")
+        file = files.get_file(session, input_file_id, owner=owner)
+        if file.purpose != "batch":
+            raise RequestError(
+                "invalid_request",
+                f"file {file.id} has purpose {file.purpose!r}, not 'batch'",
+                "input_file_id",
+            )
+        parsed = parse_openai_file(
+            files.iter_lines(files.iter_chunks(session, file.id)),
+            endpoint=endpoint,
+            models=models,
+            without_template=without_template,
+        )
+    now = utcnow()
+
+    def new_batch(status: BatchStatus) -> Batch:
+        return Batch(
+            id=batch_id,
+            owner=owner,
+            status=status,
+            endpoint=endpoint,
+            completion_window=completion_window or "none",
+            input_file_id=input_file_id,
+            meta=metadata,
+            run_key=run_key,
+            callback_url=callback_url,
+            priority=priority,
+            created_at=now,
+            expires_at=now + window if window else None,
+        )
+
+    batch_id = new_batch_id()
+    batch = new_batch(BatchStatus.IN_PROGRESS)
+    batch.in_progress_at = now
+    session.add(batch)
+    session.flush()
+    result = ingest(session, batch, parsed, max_lines=max_lines)
+    if result.error_count:
+        session.rollback()
+        batch = new_batch(BatchStatus.FAILED)
+        batch.failed_at = utcnow()
+        batch.errors = result.errors_object()["data"]
+        session.add(batch)
+        session.flush()
+        webhooks.record_batch_event(session, batch)
+    batch.total = result.total
+    batch.model = result.model
+    if before_commit is not None:
+        before_commit(batch)  # e.g. record an idempotency key in this transaction
+    session.commit()
+    return batch
+
+
+def enqueue_batch(session: Session, queue: JobQueue, batch_id: str) -> int:
+    """Send the batch's queued jobs to their model's queue; returns how many were sent
+    (0 if the broker failed: the sweeper re-sends them).
+
+    A duplicate message is harmless (a claim is conditional), so this also serves
+    to re-send after an interruption.
+    """
+    query = (
+        select(Job.id, Job.model, Job.priority)
+        .where(Job.batch_id == batch_id, Job.status == JobStatus.QUEUED)
+        .order_by(Job.id)
+    )
+    routes = [Route(*row) for row in session.execute(query)]
+    session.rollback()  # end the read transaction before the (slow) sends
+    return len(routes) if submit.send(queue, routes) else 0

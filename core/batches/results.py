@@ -1,0 +1,134 @@
+"""Batch results: request counts and usage, and the output and error files, made
+from the batch's job rows when read (virtual files, see :mod:`core.files`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+from collections.abc import Iterator
+
+from sqlalchemy import delete, func, select
+from sqlalchemy.orm import Session
+
+from core import files
+from core.models import Batch, File, Job, utcnow
+from core.openai_format import dump_line, result_line
+from core.status import ACTIVE_STATUSES, BATCH_FINAL, BatchStatus, JobStatus
+
+RESULT_COLUMNS = (
+    Job.id,
+    Job.custom_id,
+    Job.status,
+    Job.model,
+    Job.outputs,
+    Job.finish_reasons,
+    Job.logprobs,
+    Job.messages,
+    Job.prompt_tokens,
+    Job.completion_tokens,
+    Job.error_code,
+    Job.error_message,
+    Job.created_at,
+    Job.finished_at,
+)
+
+
+@dataclasses.dataclass
+class Counts:
+    total: int = 0
+    completed: int = 0
+    failed: int = 0
+    active: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+def counts(session: Session, batch_id: str) -> Counts:
+    """The batch's request counts and token usage, from its job rows."""
+    query = (
+        select(
+            Job.status,
+            func.count(),
+            func.coalesce(func.sum(Job.prompt_tokens), 0),
+            func.coalesce(func.sum(Job.completion_tokens), 0),
+        )
+        .where(Job.batch_id == batch_id)
+        .group_by(Job.status)
+    )
+    result = Counts()
+    for status, count, prompt_tokens, completion_tokens in session.execute(query):
+        result.total += count
+        if status == JobStatus.SUCCEEDED:
+            result.completed += count
+            result.prompt_tokens += int(prompt_tokens or 0)
+            result.completion_tokens += int(completion_tokens or 0)
+        elif status in ACTIVE_STATUSES:
+            result.active += count
+        else:
+            result.failed += count
+    return result
+
+
+def cancel_code(status: BatchStatus) -> str:
+    """The error code of a batch's cancelled requests in its error file."""
+    return {BatchStatus.EXPIRED: "batch_expired", BatchStatus.CANCELLED: "batch_cancelled"}.get(
+        status, "cancelled"
+    )
+
+
+def result_lines(
+    session: Session, batch: Batch, *, kind: str | None, status: BatchStatus | None = None
+) -> Iterator[tuple[str, bytes]]:
+    """(``output`` or ``error``, line) for the batch's jobs in input order, streamed
+    from a server-side cursor. ``kind`` selects one file, None gives every job;
+    ``status``: the batch's final status when it is being finalized."""
+    query = select(*RESULT_COLUMNS).where(Job.batch_id == batch.id)
+    if kind == "output":
+        query = query.where(Job.status == JobStatus.SUCCEEDED)
+    elif kind == "error":
+        query = query.where(Job.status != JobStatus.SUCCEEDED)
+    code = cancel_code(status or batch.status)
+    for row in session.execute(query.order_by(Job.id).execution_options(yield_per=500)):
+        line_kind = "output" if row.status == JobStatus.SUCCEEDED else "error"
+        yield line_kind, dump_line(result_line(row, cancel_code=code))
+
+
+def file_content(session: Session, file: File) -> Iterator[bytes]:
+    """A file's content, streamed: stored chunks, or a batch's results from its jobs."""
+    if file.virtual is None:
+        yield from files.iter_chunks(session, file.id)
+        return
+    batch = session.get(Batch, file.batch_id) if file.batch_id else None
+    if batch is None:
+        return
+    buffer = bytearray()
+    for _, line in result_lines(session, batch, kind=file.virtual):
+        buffer += line
+        if len(buffer) >= 64 * 1024:
+            yield bytes(buffer)
+            buffer.clear()
+    if buffer:
+        yield bytes(buffer)
+
+
+def purge(session: Session, *, older_than_days: float) -> tuple[int, int]:
+    """Delete what the retention age has passed: finished batches no job refers to
+    any more (their jobs are purged first), and files made before the cutoff that no
+    unfinished batch reads. Returns (batches, files) deleted."""
+    cutoff = utcnow() - dt.timedelta(days=older_than_days)
+    has_jobs = select(Job.id).where(Job.batch_id == Batch.id).exists()
+    gone_batches = session.execute(
+        delete(Batch).where(Batch.status.in_(BATCH_FINAL), Batch.created_at < cutoff, ~has_jobs)
+    )
+    in_use = select(Batch.input_file_id).where(
+        Batch.status.not_in(BATCH_FINAL), Batch.input_file_id.is_not(None)
+    )
+    results_alive = select(Batch.id).where(Batch.id == File.batch_id).exists()
+    gone_files = session.execute(
+        delete(File).where(
+            File.created_at < cutoff,
+            File.id.not_in(in_use),
+            (File.virtual.is_(None)) | ~results_alive,
+        )
+    )
+    return int(gone_batches.rowcount), int(gone_files.rowcount)  # type: ignore[attr-defined]
