@@ -49,6 +49,9 @@ class InlineQueue:
     def depth(self, queue: str) -> int:
         return 0
 
+    def queued_jobs(self, queue: str) -> int:
+        return 0
+
     def run_held(self, count: int | None = None, threads: int = 1) -> None:
         with ThreadPoolExecutor(threads) as pool:
             list(pool.map(lambda j: self.runtime.run_job(j, worker="w1"), self.sent[:count]))
