@@ -31,6 +31,7 @@ from sqlalchemy.orm import Session
 
 from core import webhooks
 from core.errors import ConflictError, NotFoundError
+from core.locking import in_id_order, lock_in_order
 from core.models import Job, utcnow
 from core.queue import Route
 from core.schemas import GenerationParams
@@ -153,9 +154,10 @@ def claim_fresh(
     and the token, so it still identifies this attempt of each job.
     """
     token = secrets.token_hex(16)
+    fresh = Job.id.in_(job_ids) & Job.status.in_(_CLAIM_FROM) & (Job.attempts == 0)
     rows = session.execute(
         update(Job)
-        .where(Job.id.in_(job_ids), Job.status.in_(_CLAIM_FROM), Job.attempts == 0)
+        .where(in_id_order(fresh))  # one lock order for job rows: core.locking
         .values(**_claiming(worker, token, lease_s))
         .returning(*_CLAIMED)
         .execution_options(synchronize_session=False)
@@ -218,6 +220,9 @@ def store_outcomes(
     True again and writes no second event: the outbox row's id is derived from
     the job and its event.
     """
+    # The group's rows are locked in id order first, whatever order its jobs
+    # finished in: one lock order for every writer (core.locking).
+    lock_in_order(session, [claim.job_id for claim, _ in outcomes])
     complete = [(c, o) for c, o in outcomes if isinstance(o, Outcome) and not o.aborted]
     _set_succeeded(session, complete)
     for claim, outcome in outcomes:
@@ -335,7 +340,7 @@ def cancel_where(session: Session, where: ColumnElement[bool]) -> list[str]:
     ids = list(
         session.scalars(
             update(Job)
-            .where(where, Job.status.in_(_CANCEL_FROM))
+            .where(in_id_order(where & Job.status.in_(_CANCEL_FROM)))
             .values(status=CANCELLED, finished_at=utcnow(), lease_expires_at=None)
             .returning(Job.id)
             .execution_options(synchronize_session=False)
@@ -390,7 +395,10 @@ def _fail_exhausted(session: Session, where: ColumnElement[bool], max_attempts: 
 def reclaim_expired(session: Session, *, max_attempts: int) -> tuple[list[Route], list[str]]:
     """Running jobs whose lease expired (their worker died): those with attempts
     left go back to queued (returned, to be re-sent); the others fail."""
-    expired = Job.status.in_(_LAPSED_FROM) & (Job.lease_expires_at < utcnow())
+    # Rows a worker is writing right now are skipped: looked at again next sweep.
+    expired = in_id_order(
+        Job.status.in_(_LAPSED_FROM) & (Job.lease_expires_at < utcnow()), skip_locked=True
+    )
     failed = _fail_exhausted(session, expired, max_attempts)
     requeued = session.execute(
         update(Job)
