@@ -117,10 +117,11 @@ def acquire_lock(session: Session, name: str, *, holder: str, ttl_s: float) -> b
 
 
 def queued_counts(session: Session) -> dict[tuple[str, str], int]:
-    """Queued jobs per (model, priority): what each queue should hold."""
+    """Queued jobs sent to the broker per (model, priority): what each queue should
+    hold (a batch's jobs the feeder has not sent yet are not counted)."""
     rows = session.execute(
         select(Job.model, Job.priority, func.count())
-        .where(Job.status == QUEUED)
+        .where(Job.status == QUEUED, Job.enqueued_at.is_not(None))  # unsent: the feeder's
         .group_by(Job.model, Job.priority)
     )
     return {(model, priority): count for model, priority, count in rows}
@@ -139,7 +140,7 @@ def stale_queued(
                 Job.status == QUEUED,
                 Job.model == model,
                 Job.priority == priority,
-                (Job.enqueued_at < cutoff) | Job.enqueued_at.is_(None),
+                Job.enqueued_at < cutoff,  # NULL: not sent yet, the feeder's (core.feed)
             )
             .order_by(Job.id)
             .limit(limit)

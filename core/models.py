@@ -10,12 +10,14 @@ from sqlalchemy import (
     BigInteger,
     DateTime,
     ForeignKey,
+    Index,
     Integer,
     LargeBinary,
     MetaData,
     String,
     Text,
     TypeDecorator,
+    text,
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -96,8 +98,20 @@ class Job(Base):
     """One prompt to generate for, from queued to a final status."""
 
     __tablename__ = "job"
-    # Room on each page for heap-only (HOT) updates: see migration 0006.
-    __table_args__ = {"postgresql_with": {"fillfactor": JOB_FILLFACTOR}}
+    __table_args__ = (
+        # A batch's jobs not yet sent, per queue in id order: the feeder's next
+        # ones (core.feed) are a short range scan however many were sent before.
+        Index(
+            "ix_job_unsent",
+            "model",
+            "priority",
+            "id",
+            postgresql_where=text("status = 'queued' AND enqueued_at IS NULL"),
+            sqlite_where=text("status = 'queued' AND enqueued_at IS NULL"),
+        ),
+        # Room on each page for heap-only (HOT) updates: see migration 0006.
+        {"postgresql_with": {"fillfactor": JOB_FILLFACTOR}},
+    )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     # Written only by core.jobstate's conditional UPDATEs, never assigned here.
@@ -132,6 +146,8 @@ class Job(Base):
     # Not indexed, so a lease renewal is a HOT update (the sweeper finds expired
     # leases among the running jobs, through the status index).
     lease_expires_at: Mapped[dt.datetime | None]
+    # When the job's message was last sent; NULL: a batch's job the feeder has not
+    # sent yet (core.feed).
     enqueued_at: Mapped[dt.datetime | None]
 
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow, index=True)
