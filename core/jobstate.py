@@ -29,7 +29,7 @@ from typing import Any, cast
 from sqlalchemy import ColumnElement, Table, bindparam, select, update
 from sqlalchemy.orm import Session
 
-from core import webhooks
+from core import tally, webhooks
 from core.errors import ConflictError, NotFoundError
 from core.locking import in_id_order, lock_in_order
 from core.models import Job, utcnow
@@ -221,8 +221,9 @@ def store_outcomes(
     the job and its event.
     """
     # The group's rows are locked in id order first, whatever order its jobs
-    # finished in: one lock order for every writer (core.locking).
-    lock_in_order(session, [claim.job_id for claim, _ in outcomes])
+    # finished in: one lock order for every writer (core.locking). What they were
+    # then tells which of them this call moves to a final status.
+    before = lock_in_order(session, [claim.job_id for claim, _ in outcomes])
     complete = [(c, o) for c, o in outcomes if isinstance(o, Outcome) and not o.aborted]
     _set_succeeded(session, complete)
     for claim, outcome in outcomes:
@@ -237,7 +238,9 @@ def store_outcomes(
     for claim, outcome in outcomes:
         if isinstance(outcome, Outcome) and now.get(claim.job_id) is CANCELLED:
             _keep_cancelled_output(session, claim, outcome)
-    webhooks.record_job_events(session, [i for i in ids if now.get(i) in (SUCCEEDED, FAILED)])
+    ended = [i for i in ids if now.get(i) in (SUCCEEDED, FAILED)]
+    webhooks.record_job_events(session, ended)
+    tally.record_final(session, [i for i in ended if before.get(i) is RUNNING])
     return [_matches(now.get(claim.job_id), outcome) for claim, outcome in outcomes]
 
 
@@ -347,6 +350,7 @@ def cancel_where(session: Session, where: ColumnElement[bool]) -> list[str]:
         )
     )
     webhooks.record_job_events(session, ids)
+    tally.record_final(session, ids)
     return ids
 
 
@@ -389,6 +393,7 @@ def _fail_exhausted(session: Session, where: ColumnElement[bool], max_attempts: 
         )
     )
     webhooks.record_job_events(session, ids)
+    tally.record_final(session, ids)
     return ids
 
 

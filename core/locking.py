@@ -25,6 +25,7 @@ from sqlalchemy import ColumnElement, select
 from sqlalchemy.orm import Session
 
 from core.models import Job
+from core.status import JobStatus
 
 
 def in_id_order(where: ColumnElement[bool], *, skip_locked: bool = False) -> ColumnElement[bool]:
@@ -37,15 +38,16 @@ def in_id_order(where: ColumnElement[bool], *, skip_locked: bool = False) -> Col
 
 def lock_in_order(
     session: Session, job_ids: Collection[str], *, skip_locked: bool = False
-) -> set[str]:
+) -> dict[str, JobStatus]:
     """Lock these job rows in id order for the rest of the transaction; returns the
-    ids locked (all that exist, or with ``skip_locked`` those nobody else holds)."""
+    status of each row locked (all that exist, or with ``skip_locked`` those nobody
+    else holds)."""
     if not job_ids:
-        return set()
+        return {}
     query = (
-        select(Job.id)
+        select(Job.id, Job.status)
         .where(Job.id.in_(sorted(job_ids)))
         .order_by(Job.id)
         .with_for_update(skip_locked=skip_locked)
     )
-    return set(session.scalars(query))
+    return {job_id: status for job_id, status in session.execute(query)}  # noqa: C416

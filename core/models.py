@@ -239,6 +239,13 @@ class Batch(Base):
     total: Mapped[int] = mapped_column(Integer, default=0)
     priority: Mapped[str] = mapped_column(String(8), default="normal", server_default="normal")
     callback_url: Mapped[str | None] = mapped_column(Text)
+    # Requests that reached a final status, and the usage of those that succeeded,
+    # as of the last fold of their batch_tally rows (core.tally): the counts are
+    # these plus the batch's tally rows, read without scanning its jobs.
+    completed_count: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    failed_count: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    prompt_tokens: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    completion_tokens: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     # `genq run`: a hash of the input's path and content, so a re-run resumes.
     run_key: Mapped[str | None] = mapped_column(String(64), index=True)
 
@@ -299,3 +306,20 @@ class WebhookDelivery(Base):
     last_error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     delivered_at: Mapped[dt.datetime | None]
+
+
+class BatchTally(Base):
+    """What one transaction finished of a batch (insert-only, so workers storing
+    results never wait on the batch row); folded into the batch's counters by
+    :func:`core.tally.fold`."""
+
+    __tablename__ = "batch_tally"
+
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    )
+    batch_id: Mapped[str] = mapped_column(String(40), index=True)
+    completed: Mapped[int] = mapped_column(Integer, default=0)
+    failed: Mapped[int] = mapped_column(Integer, default=0)
+    prompt_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    completion_tokens: Mapped[int] = mapped_column(BigInteger, default=0)

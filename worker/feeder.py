@@ -1,4 +1,5 @@
-"""The feeder: keeps each queue topped up with a window of batch jobs (core.feed).
+"""The feeder: keeps each queue topped up with a window of batch jobs (core.feed),
+and finalizes the batches whose jobs are all final.
 
 Every worker process runs one feeder thread, but only the holder of the
 ``feeder`` lock row sends, so the broker holds one window per queue, not one per
@@ -11,7 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 
-from core import delivery, feed
+from core import batches, delivery, feed
 from core.db import get_sessionmaker, session_scope
 from core.queue import JobQueue
 from core.settings import Settings
@@ -52,7 +53,11 @@ class Feeder:
         with session_scope(self._url) as session:
             if not delivery.acquire_lock(session, LOCK_NAME, holder=self.holder, ttl_s=ttl):
                 return {}
-        sent = feed.feed_once(get_sessionmaker(self._url), self.queue, self.settings)
-        if sent:
-            log.debug("fed %s", sent)
+        factory = get_sessionmaker(self._url)
+        sent = feed.feed_once(factory, self.queue, self.settings)
+        # Batches whose jobs are all final are finalized here, within a feed
+        # interval of their last job (cheap: their counts are kept, core.tally).
+        finalized = batches.finalize_due(factory)
+        if sent or finalized:
+            log.debug("fed %s; %d batches finalized", sent, finalized)
         return sent

@@ -104,10 +104,9 @@ def list_batches(
 
 @router.get("/{batch_id}")
 def retrieve_batch(batch_id: str, session: SessionDep, owner: OwnerDep) -> dict[str, Any]:
-    """One batch; finalized here if all its requests are done."""
+    """One batch, with its request counts (kept as its jobs finish: no scan of
+    them). Finalizing happens in the background (the workers' feeder), never here."""
     batch = batches.get_batch(session, batch_id, owner=owner)
-    if batches.finalize(session, batch):
-        session.commit()
     return batches.batch_object(session, batch)
 
 
