@@ -75,7 +75,7 @@ class Settings(BaseSettings):
     )
     sweep_interval_s: float = Field(default=10.0, gt=0)
     feed_ahead: int = Field(
-        default=512, ge=1, description="a batch's job ids kept in each queue per live worker"
+        default=2048, ge=1, description="a batch's job ids kept in each queue per live worker"
     )
     feed_interval_s: float = Field(default=0.5, gt=0, description="how often queues are topped up")
     worker_heartbeat_s: float = Field(default=5.0, gt=0, description="workers register this often")
