@@ -70,9 +70,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 @contextlib.contextmanager
 def genq_stack(
-    tmp: Path, log_dir: Path, model: str, api_workers: int
+    tmp: Path, log_dir: Path, model: str, api_workers: int, extra: dict[str, str] | None = None
 ) -> Iterator[tuple[dict[str, str], str, _services.GenqProcess]]:
-    """A fresh database and queue, and a running API; yields the env, its URL, the API."""
+    """A fresh database and queue, and a running API; yields the env, its URL, the API.
+    ``extra`` adds GENQ_* settings for every process."""
     with _services.postgres_database() as db_url, _services.redis_queue() as queue:
         env = _services.genq_env(
             GENQ_MODEL=model,
@@ -83,6 +84,7 @@ def genq_stack(
             GENQ_TORCH_THREADS=str(THREADS),
             GENQ_DATA_DIR=str(tmp / "data"),
             GENQ_REQUIRE_AUTH="false",
+            **(extra or {}),
         )
         port = _services.free_port()
         args = ["api", "--port", str(port), "--workers", str(api_workers)]

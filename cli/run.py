@@ -41,7 +41,7 @@ from rich.progress import (
 
 from cli.common import migrate_embedded
 from cli.local_worker import RunWorkers
-from core import batches
+from core import batches, feed
 from core.batches.run_input import InputFormat, find_run, parse_input, run_key
 from core.db import get_sessionmaker
 from core.models import LOCAL_OWNER, Batch
@@ -146,14 +146,21 @@ def run(
 
 
 def _send(url: str, settings: Settings, batch_id: str, resumed: bool) -> None:
-    """Send the batch's queued jobs, retrying for a while (a database or broker blip);
-    a duplicate message is harmless. What is still unsent, the sweeper re-sends."""
+    """Send the first window of the batch's jobs (the workers' feeder sends the rest,
+    core.feed); on resuming, first hand its queued jobs back to the feeder (their
+    messages may be gone; a duplicate is harmless). Retried for a while (a database
+    or broker blip)."""
     deadline = time.monotonic() + settings.db_retry_s
     delay = 0.5
+    sent = 0
     while True:
         try:
-            with get_sessionmaker(url)() as session:
-                sent = batches.enqueue_batch(session, get_queue(settings), batch_id)
+            factory = get_sessionmaker(url)
+            if resumed and not sent:
+                with factory() as session:
+                    sent = feed.unsend_batch(session, batch_id)
+                    session.commit()
+            feed.feed_once(factory, get_queue(settings), settings)
             break
         except Exception as exc:
             if time.monotonic() > deadline:

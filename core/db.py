@@ -18,6 +18,15 @@ from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_expone
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
+# A genq transaction never waits on anything but the database, so a session idle
+# inside one for this long has a client that is gone or cut off. PostgreSQL cannot
+# tell: without a limit it keeps that transaction's row locks until TCP gives up on
+# the peer (hours), and the sweeper, which must lock those rows to hand the jobs
+# back, waits as long. With it, the server ends such a session and the cluster
+# goes on; the cut worker's retried write is then refused by its stale lease token.
+# Generous, because a bulk submit builds its rows between two statements.
+IDLE_IN_TRANSACTION_TIMEOUT_S = 60.0
+
 
 def prepare_sqlite_path(database: str | None) -> None:
     """Create the folder of a SQLite file, so a fresh data dir just works."""
@@ -35,6 +44,19 @@ def sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+def postgres_session_limits(dbapi_connection: Any, _record: Any) -> None:
+    """Set ``idle_in_transaction_session_timeout`` on a new connection, unless the
+    server, role, database or URL (``options=-c ...``) already set one."""
+    cursor = dbapi_connection.cursor()
+    cursor.execute("SHOW idle_in_transaction_session_timeout")
+    row = cursor.fetchone()
+    if row is not None and str(row[0]) == "0":
+        millis = max(1, round(IDLE_IN_TRANSACTION_TIMEOUT_S * 1000))
+        cursor.execute(f"SET idle_in_transaction_session_timeout = {millis}")
+    cursor.close()
+    dbapi_connection.commit()
+
+
 @functools.cache
 def get_engine(url: str) -> Engine:
     """The engine for ``url``, made once per process."""
@@ -48,6 +70,8 @@ def get_engine(url: str) -> Engine:
     engine = create_engine(url, **kwargs)
     if parsed.get_backend_name() == "sqlite":
         event.listen(engine, "connect", sqlite_pragmas)
+    elif parsed.get_backend_name() == "postgresql":
+        event.listen(engine, "connect", postgres_session_limits)
     return engine
 
 

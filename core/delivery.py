@@ -16,6 +16,7 @@ from sqlalchemy import JSON, Integer, bindparam, delete, func, select, update
 from sqlalchemy.orm import Session
 
 from core.jobstate import Claim
+from core.locking import in_id_order, lock_in_order
 from core.models import Job, Lock, utcnow
 from core.queue import Route
 from core.status import FINAL_STATUSES, JobStatus
@@ -30,7 +31,12 @@ ProgressUpdate = tuple[Claim, int, str, int | None]
 def record_progress(session: Session, updates: Iterable[ProgressUpdate]) -> None:
     """Store running jobs' partial output (first sequence) and token counts, as
     one executemany statement for all of them. The prompt's token count is known
-    from the first step, so a running job shows its usage whole."""
+    from the first step, so a running job shows its usage whole.
+
+    Rows another transaction holds (a result being stored) are skipped, not
+    waited for: their progress no longer matters (see core.locking)."""
+    changes = sorted(updates, key=lambda update: update[0].job_id)
+    free = lock_in_order(session, [change[0].job_id for change in changes], skip_locked=True)
     rows = [
         {
             "b_id": claim.job_id,
@@ -39,7 +45,8 @@ def record_progress(session: Session, updates: Iterable[ProgressUpdate]) -> None
             "b_tokens": tokens,
             "b_prompt": prompt_tokens,
         }
-        for claim, tokens, text, prompt_tokens in updates
+        for claim, tokens, text, prompt_tokens in changes
+        if claim.job_id in free
     ]
     if not rows:
         return
@@ -61,12 +68,16 @@ def record_progress(session: Session, updates: Iterable[ProgressUpdate]) -> None
 
 
 def renew_leases(session: Session, claims: Iterable[Claim], *, lease_s: float) -> None:
-    """Extend the leases of the jobs this worker holds."""
+    """Extend the leases of the jobs this worker holds, but for those whose rows
+    another transaction holds right now (their result being stored; a renewal
+    that waited could close a wait cycle, see core.locking). Called every third of
+    a lease, so a row skipped once is renewed next time."""
     tokens = sorted({c.token for c in claims})  # a group's claims share a token
     if tokens:
+        held = Job.lease_token.in_(tokens) & (Job.status == RUNNING)
         session.execute(
             update(Job)
-            .where(Job.lease_token.in_(tokens), Job.status == RUNNING)
+            .where(in_id_order(held, skip_locked=True))
             .values(lease_expires_at=utcnow() + dt.timedelta(seconds=lease_s))
         )
 
@@ -106,10 +117,11 @@ def acquire_lock(session: Session, name: str, *, holder: str, ttl_s: float) -> b
 
 
 def queued_counts(session: Session) -> dict[tuple[str, str], int]:
-    """Queued jobs per (model, priority): what each queue should hold."""
+    """Queued jobs sent to the broker per (model, priority): what each queue should
+    hold (a batch's jobs the feeder has not sent yet are not counted)."""
     rows = session.execute(
         select(Job.model, Job.priority, func.count())
-        .where(Job.status == QUEUED)
+        .where(Job.status == QUEUED, Job.enqueued_at.is_not(None))  # unsent: the feeder's
         .group_by(Job.model, Job.priority)
     )
     return {(model, priority): count for model, priority, count in rows}
@@ -128,10 +140,11 @@ def stale_queued(
                 Job.status == QUEUED,
                 Job.model == model,
                 Job.priority == priority,
-                (Job.enqueued_at < cutoff) | Job.enqueued_at.is_(None),
+                Job.enqueued_at < cutoff,  # NULL: not sent yet, the feeder's (core.feed)
             )
             .order_by(Job.id)
             .limit(limit)
+            .with_for_update(skip_locked=True)  # a worker claiming it: not stale
         )
     )
     if ids:

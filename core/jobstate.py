@@ -29,8 +29,9 @@ from typing import Any, cast
 from sqlalchemy import ColumnElement, Table, bindparam, func, select, update
 from sqlalchemy.orm import Session
 
-from core import webhooks
+from core import tally, webhooks
 from core.errors import ConflictError, NotFoundError
+from core.locking import in_id_order, lock_in_order
 from core.models import Job, utcnow
 from core.queue import Route
 from core.schemas import GenerationParams
@@ -168,9 +169,10 @@ def claim_fresh(
     and the token, so it still identifies this attempt of each job.
     """
     token = secrets.token_hex(16)
+    fresh = Job.id.in_(job_ids) & Job.status.in_(_CLAIM_FROM) & (Job.attempts == 0)
     rows = session.execute(
         update(Job)
-        .where(Job.id.in_(job_ids), Job.status.in_(_CLAIM_FROM), Job.attempts == 0)
+        .where(in_id_order(fresh))  # one lock order for job rows: core.locking
         .values(**_claiming(worker, token, lease_s))
         .returning(*_CLAIMED)
         .execution_options(synchronize_session=False)
@@ -233,6 +235,10 @@ def store_outcomes(
     True again and writes no second event: the outbox row's id is derived from
     the job and its event.
     """
+    # The group's rows are locked in id order first, whatever order its jobs
+    # finished in: one lock order for every writer (core.locking). What they were
+    # then tells which of them this call moves to a final status.
+    before = lock_in_order(session, [claim.job_id for claim, _ in outcomes])
     complete = [(c, o) for c, o in outcomes if isinstance(o, Outcome) and not o.aborted]
     _set_succeeded(session, complete)
     for claim, outcome in outcomes:
@@ -247,7 +253,9 @@ def store_outcomes(
     for claim, outcome in outcomes:
         if isinstance(outcome, Outcome) and now.get(claim.job_id) is CANCELLED:
             _keep_cancelled_output(session, claim, outcome)
-    webhooks.record_job_events(session, [i for i in ids if now.get(i) in (SUCCEEDED, FAILED)])
+    ended = [i for i in ids if now.get(i) in (SUCCEEDED, FAILED)]
+    webhooks.record_job_events(session, ended)
+    tally.record_final(session, [i for i in ended if before.get(i) is RUNNING])
     return [_matches(now.get(claim.job_id), outcome) for claim, outcome in outcomes]
 
 
@@ -353,13 +361,14 @@ def cancel_where(session: Session, where: ColumnElement[bool]) -> list[str]:
     ids = list(
         session.scalars(
             update(Job)
-            .where(where, Job.status.in_(_CANCEL_FROM))
+            .where(in_id_order(where & Job.status.in_(_CANCEL_FROM)))
             .values(status=CANCELLED, finished_at=utcnow(), lease_expires_at=None)
             .returning(Job.id)
             .execution_options(synchronize_session=False)
         )
     )
     webhooks.record_job_events(session, ids)
+    tally.record_final(session, ids)
     return ids
 
 
@@ -402,13 +411,17 @@ def _fail_exhausted(session: Session, where: ColumnElement[bool], max_attempts: 
         )
     )
     webhooks.record_job_events(session, ids)
+    tally.record_final(session, ids)
     return ids
 
 
 def reclaim_expired(session: Session, *, max_attempts: int) -> tuple[list[Route], list[str]]:
     """Running jobs whose lease expired (their worker died): those with attempts
     left go back to queued (returned, to be re-sent); the others fail."""
-    expired = Job.status.in_(_LAPSED_FROM) & (Job.lease_expires_at < utcnow())
+    # Rows a worker is writing right now are skipped: looked at again next sweep.
+    expired = in_id_order(
+        Job.status.in_(_LAPSED_FROM) & (Job.lease_expires_at < utcnow()), skip_locked=True
+    )
     failed = _fail_exhausted(session, expired, max_attempts)
     requeued = session.execute(
         update(Job)

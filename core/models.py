@@ -11,6 +11,7 @@ from sqlalchemy import (
     Boolean,
     DateTime,
     ForeignKey,
+    Index,
     Integer,
     LargeBinary,
     MetaData,
@@ -18,6 +19,7 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     false,
+    text,
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -82,6 +84,9 @@ def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
+JOB_FILLFACTOR = 80
+"""Percent of each page of the job table filled by inserts; the rest is for updates."""
+
 LOCAL_OWNER = "local"
 """The owner of everything when authentication is off."""
 
@@ -95,6 +100,20 @@ class Job(Base):
     """One prompt to generate for, from queued to a final status."""
 
     __tablename__ = "job"
+    __table_args__ = (
+        # A batch's jobs not yet sent, per queue in id order: the feeder's next
+        # ones (core.feed) are a short range scan however many were sent before.
+        Index(
+            "ix_job_unsent",
+            "model",
+            "priority",
+            "id",
+            postgresql_where=text("status = 'queued' AND enqueued_at IS NULL"),
+            sqlite_where=text("status = 'queued' AND enqueued_at IS NULL"),
+        ),
+        # Room on each page for heap-only (HOT) updates: see migration 0006.
+        {"postgresql_with": {"fillfactor": JOB_FILLFACTOR}},
+    )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     # Written only by core.jobstate's conditional UPDATEs, never assigned here.
@@ -131,7 +150,11 @@ class Job(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     worker: Mapped[str | None] = mapped_column(String(255))
     lease_token: Mapped[str | None] = mapped_column(String(32))
-    lease_expires_at: Mapped[dt.datetime | None] = mapped_column(index=True)
+    # Not indexed, so a lease renewal is a HOT update (the sweeper finds expired
+    # leases among the running jobs, through the status index).
+    lease_expires_at: Mapped[dt.datetime | None]
+    # When the job's message was last sent; NULL: a batch's job the feeder has not
+    # sent yet (core.feed).
     enqueued_at: Mapped[dt.datetime | None]
 
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow, index=True)
@@ -223,6 +246,13 @@ class Batch(Base):
     total: Mapped[int] = mapped_column(Integer, default=0)
     priority: Mapped[str] = mapped_column(String(8), default="normal", server_default="normal")
     callback_url: Mapped[str | None] = mapped_column(Text)
+    # Requests that reached a final status, and the usage of those that succeeded,
+    # as of the last fold of their batch_tally rows (core.tally): the counts are
+    # these plus the batch's tally rows, read without scanning its jobs.
+    completed_count: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    failed_count: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    prompt_tokens: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    completion_tokens: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     # `genq run`: a hash of the input's path and content, so a re-run resumes.
     run_key: Mapped[str | None] = mapped_column(String(64), index=True)
 
@@ -285,3 +315,20 @@ class WebhookDelivery(Base):
     last_error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     delivered_at: Mapped[dt.datetime | None]
+
+
+class BatchTally(Base):
+    """What one transaction finished of a batch (insert-only, so workers storing
+    results never wait on the batch row); folded into the batch's counters by
+    :func:`core.tally.fold`."""
+
+    __tablename__ = "batch_tally"
+
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    )
+    batch_id: Mapped[str] = mapped_column(String(40), index=True)
+    completed: Mapped[int] = mapped_column(Integer, default=0)
+    failed: Mapped[int] = mapped_column(Integer, default=0)
+    prompt_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    completion_tokens: Mapped[int] = mapped_column(BigInteger, default=0)

@@ -41,6 +41,7 @@ from core.schemas import (
     GenerationParams,
     StopString,
 )
+from core.settings import model_id
 
 OPENAI_DEFAULT_MAX_TOKENS = 16
 COMPLETIONS_URL = "/v1/completions"
@@ -274,6 +275,8 @@ def parse_completion(
         request = CompletionRequest.model_validate(body)
     except ValidationError as exc:
         raise _error_from_validation(exc, prefix) from exc
+    # One id per model however the caller spells it (a path as given, or resolved).
+    request = request.model_copy(update={"model": model_id(request.model)})
     if request.model not in models:
         raise RequestError(
             "model_not_found",

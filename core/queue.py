@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import json
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Literal, Protocol
@@ -26,6 +27,9 @@ broker.register()
 
 GENERATE_TASK = "genq.generate"
 GENERATE_MANY_TASK = "genq.generate_many"
+JOBS_HEADER = "genq_jobs"
+"""A message header: how many job ids the message carries (the sweeper counts them)."""
+READ_PAGE = 1000
 
 Priority = Literal["high", "normal", "low"]
 PRIORITIES: tuple[Priority, ...] = ("high", "normal", "low")
@@ -123,6 +127,11 @@ class JobQueue(Protocol):
         """Messages waiting in ``queue`` (0 if the broker lost the queue)."""
         ...
 
+    def queued_jobs(self, queue: str) -> int:
+        """Job ids in the messages waiting in ``queue`` (0 if the broker lost it),
+        or an upper bound where the broker cannot say."""
+        ...
+
 
 class CeleryQueue:
     """Sends ``genq.generate(job_id)`` and ``genq.generate_many(job_ids)`` through the broker."""
@@ -133,14 +142,20 @@ class CeleryQueue:
 
     def enqueue(self, job_id: str, *, model: str | None = None, priority: str = "normal") -> None:
         queue = queue_name(self._settings.queue, model or self._settings.model_id, priority)
-        self._app.send_task(GENERATE_TASK, args=[job_id], queue=queue)
+        self._app.send_task(GENERATE_TASK, args=[job_id], queue=queue, headers={JOBS_HEADER: 1})
 
     def enqueue_many(self, routes: Sequence[Route]) -> None:
         size = self._settings.jobs_per_message
         with self._app.producer_or_acquire() as producer:  # one connection for them all
             for model, priority, ids in group_routes(routes, size):
                 queue = queue_name(self._settings.queue, model, priority)
-                self._app.send_task(GENERATE_MANY_TASK, args=[ids], queue=queue, producer=producer)
+                self._app.send_task(
+                    GENERATE_MANY_TASK,
+                    args=[ids],
+                    queue=queue,
+                    producer=producer,
+                    headers={JOBS_HEADER: len(ids)},
+                )
 
     def ping(self) -> None:
         with self._app.connection_for_write() as conn:
@@ -153,6 +168,33 @@ class CeleryQueue:
             except channel.connection.channel_errors:
                 return 0
             return int(declared.message_count)
+
+    def queued_jobs(self, queue: str) -> int:
+        """On Redis, the job ids of every waiting message, read a page at a time
+        (messages pushed or popped meanwhile may be counted once too often or not
+        at all: the sweeper only re-sends jobs sent long ago, so a miscount costs a
+        harmless duplicate or one sweep's delay). Other brokers only say how many
+        messages wait: that times the most ids a message holds."""
+        with self._app.connection_for_read() as conn, conn.channel() as channel:
+            if conn.transport.driver_type != "redis":
+                return self.depth(queue) * self._settings.jobs_per_message
+            keys = [channel._q_for_pri(queue, pri) for pri in channel.priority_steps]
+            total = 0
+            for key in keys:
+                start = 0
+                while page := channel.client.lrange(key, start, start + READ_PAGE - 1):
+                    total += sum(_jobs_in(raw) for raw in page)
+                    start += len(page)
+            return total
+
+
+def _jobs_in(raw: bytes) -> int:
+    """The job ids a raw kombu message on Redis carries (1 if it does not say)."""
+    try:
+        count = json.loads(raw)["headers"].get(JOBS_HEADER, 1)
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return 1
+    return count if isinstance(count, int) and count > 0 else 1
 
 
 @functools.cache

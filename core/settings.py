@@ -74,6 +74,10 @@ class Settings(BaseSettings):
         default=300.0, gt=0, description="re-send a queued job whose message may be lost"
     )
     sweep_interval_s: float = Field(default=10.0, gt=0)
+    feed_ahead: int = Field(
+        default=2048, ge=1, description="a batch's job ids kept in each queue per live worker"
+    )
+    feed_interval_s: float = Field(default=0.5, gt=0, description="how often queues are topped up")
     worker_heartbeat_s: float = Field(default=5.0, gt=0, description="workers register this often")
     shutdown_grace_s: float = Field(default=30.0, ge=0, description="then jobs are handed back")
     db_retry_s: float = Field(default=120.0, ge=0, description="how long to retry the database")

@@ -174,7 +174,9 @@ def job_row(
         "submission_id": submission_id,
         "attempts": 0,
         "created_at": now,
-        "enqueued_at": now,
+        # A batch's jobs wait for the feeder (core.feed), which sends them a window
+        # at a time; other jobs are sent by their caller right after the commit.
+        "enqueued_at": None if batch_id else now,
     }
 
 

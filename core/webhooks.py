@@ -312,9 +312,12 @@ layer never imports the API's views of jobs and batches."""
 def prepare(
     session: Session, claimed: Claimed, settings: Settings, build: PayloadBuilder
 ) -> Prepared | None:
-    """The request for a claimed attempt, built from the rows as they are now."""
+    """The request for a claimed attempt, built from the rows as they are now; None
+    if the delivery is gone or the claim lapsed (another dispatcher took it over
+    while this one could not reach the database), so it is not POSTed twice at once.
+    A claim can still lapse during the POST: delivery stays at least once."""
     delivery = session.get(WebhookDelivery, claimed.id)
-    if delivery is None:
+    if delivery is None or delivery.status != PENDING or delivery.attempts != claimed.attempt:
         return None
     return Prepared(
         claimed=claimed,

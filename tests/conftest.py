@@ -55,6 +55,9 @@ class RecordingQueue:
     def depth(self, queue: str) -> int:
         return 0
 
+    def queued_jobs(self, queue: str) -> int:
+        return 0
+
 
 @pytest.fixture
 def sqlite_url(tmp_path: Path) -> str:

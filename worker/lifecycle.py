@@ -25,6 +25,7 @@ from celery.signals import worker_init, worker_shutdown, worker_shutting_down
 from core.queue import get_queue
 from core.settings import get_settings
 from worker.dispatcher import Dispatcher
+from worker.feeder import Feeder
 from worker.runtime import WorkerRuntime
 from worker.sweeper import Sweeper
 
@@ -47,13 +48,14 @@ class EngineLoadError(RuntimeError):
 
 _runtime: WorkerRuntime | None = None
 _sweeper: Sweeper | None = None
+_feeder: Feeder | None = None
 _dispatcher: Dispatcher | None = None
 _lock = threading.Lock()
 
 
 def get_runtime() -> WorkerRuntime:
     """This process's runtime, built (and the model loaded) on first call."""
-    global _runtime, _sweeper, _dispatcher
+    global _runtime, _sweeper, _feeder, _dispatcher
     with _lock:
         if _runtime is None:
             from worker.engine import build_engine
@@ -75,6 +77,8 @@ def get_runtime() -> WorkerRuntime:
             _runtime.heartbeat()
             _sweeper = Sweeper(settings, queue, holder=name)
             _sweeper.start()
+            _feeder = Feeder(settings, queue, holder=name)
+            _feeder.start()
             _dispatcher = Dispatcher(settings)
             _dispatcher.start()
         return _runtime
@@ -96,8 +100,11 @@ def _drain(**_: Any) -> None:
 
 @worker_shutdown.connect
 def _close(**_: Any) -> None:
-    global _runtime, _sweeper, _dispatcher
+    global _runtime, _sweeper, _feeder, _dispatcher
     with _lock:
+        if _feeder is not None:
+            _feeder.stop()
+            _feeder = None
         if _dispatcher is not None:
             _dispatcher.stop()
             _dispatcher = None

@@ -6,10 +6,13 @@ sweep:
 
 - hands running jobs whose lease expired back to the queue and re-sends them
   (or fails them with ``too_many_attempts`` once they used up their attempts);
-- when the broker holds fewer messages than SQL has queued jobs (a broker restart
-  without persistence, a send that failed after the commit), re-sends the queued
-  jobs that were last sent longer than ``requeue_after_s`` ago. A duplicate
-  message is harmless: a claim is conditional, so a job runs once;
+- when the broker's waiting messages carry fewer job ids than SQL has queued jobs
+  (a broker restart without persistence, a send that failed after the commit),
+  re-sends the queued jobs that were last sent longer than ``requeue_after_s``
+  ago. Jobs are compared with jobs, not with messages (a message carries up to
+  ``GENQ_JOBS_PER_MESSAGE`` ids), so a long batch tail still waiting in the broker
+  is not re-sent. A duplicate message is harmless: a claim is conditional, so a
+  job runs once;
 - purges finished jobs older than the retention age, once an hour.
 """
 
@@ -82,7 +85,7 @@ class Sweeper:
         with session_scope(self._url) as session:
             for (model, priority), queued in delivery.queued_counts(session).items():
                 queue = queue_name(self.settings.queue, model, priority)
-                if queued <= self.queue.depth(queue):
+                if queued <= self.queue.queued_jobs(queue):
                     continue  # every queued job of this queue may still have its message
                 routes = delivery.stale_queued(
                     session,

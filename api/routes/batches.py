@@ -10,12 +10,13 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from api.deps import IdempotencyKeyHeader, OwnerDep, QueueDep, SessionDep, SettingsDep
 from api.errors import APIError
-from core import batches, files, idempotency
+from core import batches, feed, files, idempotency
 from core.db import get_sessionmaker
 from core.models import LOCAL_OWNER
 from core.openai_format import COMPLETIONS_URL, list_object
 from core.queue import JobQueue
 from core.schemas import CallbackUrl
+from core.settings import Settings
 from core.submit import models_without_chat_template, served_models
 
 router = APIRouter(prefix="/v1/batches", tags=["batches"])
@@ -36,13 +37,13 @@ class BatchCreate(BaseModel):
     callback_url: CallbackUrl | None = None
 
 
-def _enqueue(database_url: str, queue: JobQueue, batch_id: str) -> None:
+def _feed(settings: Settings, queue: JobQueue, batch_id: str) -> None:
+    """Send the first window of the batch at once; the workers' feeder sends the rest."""
     try:
-        with get_sessionmaker(database_url)() as session:
-            sent = batches.enqueue_batch(session, queue, batch_id)
-        log.info("batch %s: %d jobs sent", batch_id, sent)
-    except Exception:  # the jobs are committed; the sweeper re-sends queued ones
-        log.warning("batch %s: jobs not all sent; the sweeper will", batch_id, exc_info=True)
+        sent = feed.feed_once(get_sessionmaker(settings.resolved_database_url), queue, settings)
+        log.info("batch %s: first %d jobs sent", batch_id, sum(sent.values()))
+    except Exception:  # the jobs are committed: the workers' feeder sends them
+        log.warning("batch %s: jobs not sent yet; the feeder will", batch_id, exc_info=True)
 
 
 @router.post("")
@@ -84,8 +85,8 @@ def create_batch(
     except files.NoSuchFileError as exc:
         raise APIError(404, "not_found", str(exc), "input_file_id") from exc
     if batch.status == "in_progress":
-        # After the response: the rows are committed, sending 50k messages takes a while.
-        background.add_task(_enqueue, settings.resolved_database_url, queue, batch.id)
+        # After the response: the rows are committed.
+        background.add_task(_feed, settings, queue, batch.id)
     return batches.batch_object(session, batch)
 
 
@@ -104,10 +105,9 @@ def list_batches(
 
 @router.get("/{batch_id}")
 def retrieve_batch(batch_id: str, session: SessionDep, owner: OwnerDep) -> dict[str, Any]:
-    """One batch; finalized here if all its requests are done."""
+    """One batch, with its request counts (kept as its jobs finish: no scan of
+    them). Finalizing happens in the background (the workers' feeder), never here."""
     batch = batches.get_batch(session, batch_id, owner=owner)
-    if batches.finalize(session, batch):
-        session.commit()
     return batches.batch_object(session, batch)
 
 

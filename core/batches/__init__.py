@@ -3,7 +3,7 @@
 One concept per module:
 
 - :mod:`core.batches.ingest`: parse and validate an input, create the batch and its
-  jobs in one transaction, send them;
+  jobs in one transaction (sent by :mod:`core.feed`);
 - :mod:`core.batches.lifecycle`: the batch state machine (cancel, expire, finalize);
 - :mod:`core.batches.results`: counts, usage, the output and error files, purge;
 - :mod:`core.batches.formatting`: the OpenAI batch object.
@@ -19,7 +19,6 @@ from core.batches.ingest import (
     LineError,
     Parsed,
     create_batch,
-    enqueue_batch,
     ingest,
     new_batch_id,
     parse_openai_file,
@@ -48,7 +47,6 @@ __all__ = [
     "cancel_code",
     "counts",
     "create_batch",
-    "enqueue_batch",
     "file_content",
     "finalize",
     "finalize_due",

@@ -4,9 +4,9 @@ one job row per request, in one transaction.
 A batch is validated and ingested in one pass over its input: each valid line
 becomes a job row, bulk-inserted a thousand at a time; if any line is invalid the
 transaction is rolled back and the batch is stored ``failed`` with OpenAI's
-``errors`` object naming each offending line. Nothing is half-created, and the
-job ids are sent to the broker only after the commit (a lost send is re-sent by
-the sweeper, like any queued job).
+``errors`` object naming each offending line. Nothing is half-created. The jobs
+are committed unsent: the feeder (:mod:`core.feed`) sends them a window at a
+time.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Collection, Iterable, Iterator
 from typing import Any
 
-from sqlalchemy import insert, select
+from sqlalchemy import insert
 from sqlalchemy.orm import Session
 
 from core import files, submit, webhooks
@@ -34,8 +34,7 @@ from core.openai_format import (
     error_list,
     parse_batch_line,
 )
-from core.queue import JobQueue, Route
-from core.status import BatchStatus, JobStatus
+from core.status import BatchStatus
 
 log = logging.getLogger(__name__)
 
@@ -215,7 +214,7 @@ def create_batch(
     ``genq run``, ``parsed`` requests. Bulk work runs at ``low`` priority unless
     told otherwise, so interactive jobs go first. A batch with an invalid line is committed
     ``failed`` with its ``errors`` and no jobs. Send the jobs with
-    :func:`enqueue_batch` after this returns.
+    :func:`core.feed.feed_once` after this returns (the workers' feeder goes on).
     """
     if endpoint not in ENDPOINTS:
         raise RequestError(
@@ -278,20 +277,3 @@ def create_batch(
         before_commit(batch)  # e.g. record an idempotency key in this transaction
     session.commit()
     return batch
-
-
-def enqueue_batch(session: Session, queue: JobQueue, batch_id: str) -> int:
-    """Send the batch's queued jobs to their model's queue; returns how many were sent
-    (0 if the broker failed: the sweeper re-sends them).
-
-    A duplicate message is harmless (a claim is conditional), so this also serves
-    to re-send after an interruption.
-    """
-    query = (
-        select(Job.id, Job.model, Job.priority)
-        .where(Job.batch_id == batch_id, Job.status == JobStatus.QUEUED)
-        .order_by(Job.id)
-    )
-    routes = [Route(*row) for row in session.execute(query)]
-    session.rollback()  # end the read transaction before the (slow) sends
-    return len(routes) if submit.send(queue, routes) else 0

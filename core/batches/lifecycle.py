@@ -3,8 +3,10 @@
 ``in_progress`` once ingested (validation is synchronous, so ``validating`` is
 never stored; an invalid input is created ``failed``) → ``finalizing`` →
 ``completed``; or ``cancelling`` → ``finalizing`` → ``cancelled``; or, past its
-window, ``finalizing`` → ``expired``. The finalizer (each sweep, and on read)
-completes a batch whose jobs are all final, in one transaction: it claims the
+window, ``finalizing`` → ``expired``. The finalizer (the workers' feeder and
+sweeper, never a client's request) first folds the batch's tally rows into its
+counters (:mod:`core.tally`), then completes a batch whose jobs are all final,
+in one transaction: it claims the
 batch by moving it to ``finalizing`` (of two finalizers only one wins), records
 the output and error files, then moves it to its final status and writes its
 webhook outbox row. A batch's jobs are cancelled through :mod:`core.jobstate`.
@@ -18,7 +20,7 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from core import files, jobstate, webhooks
+from core import files, jobstate, tally, webhooks
 from core.batches.results import counts, result_lines
 from core.errors import ConflictError, NotFoundError
 from core.models import Batch, File, Job, utcnow
@@ -165,6 +167,8 @@ def finalize_due(session_factory: Callable[[], Any], *, limit: int = 100) -> int
     done = 0
     for batch_id in ids:
         with session_factory() as session:
+            tally.fold(session, batch_id)
+            session.commit()
             batch = session.get(Batch, batch_id)
             if batch is not None and finalize(session, batch):
                 session.commit()

@@ -7,13 +7,13 @@ import dataclasses
 import datetime as dt
 from collections.abc import Iterator
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
-from core import files
-from core.models import Batch, File, Job, utcnow
+from core import files, tally
+from core.models import Batch, BatchTally, File, Job, utcnow
 from core.openai_format import dump_line, result_line
-from core.status import ACTIVE_STATUSES, BATCH_FINAL, BatchStatus, JobStatus
+from core.status import BATCH_FINAL, BatchStatus, JobStatus
 
 RESULT_COLUMNS = (
     Job.id,
@@ -44,29 +44,18 @@ class Counts:
 
 
 def counts(session: Session, batch_id: str) -> Counts:
-    """The batch's request counts and token usage, from its job rows."""
-    query = (
-        select(
-            Job.status,
-            func.count(),
-            func.coalesce(func.sum(Job.prompt_tokens), 0),
-            func.coalesce(func.sum(Job.completion_tokens), 0),
-        )
-        .where(Job.batch_id == batch_id)
-        .group_by(Job.status)
+    """The batch's request counts and token usage, kept as its jobs finish
+    (:mod:`core.tally`): two short reads, whatever the batch's size."""
+    total = session.scalar(select(Batch.total).where(Batch.id == batch_id)) or 0
+    done = tally.read(session, batch_id)
+    return Counts(
+        total=total,
+        completed=done.completed,
+        failed=done.failed,
+        active=max(total - done.completed - done.failed, 0),
+        prompt_tokens=done.prompt_tokens,
+        completion_tokens=done.completion_tokens,
     )
-    result = Counts()
-    for status, count, prompt_tokens, completion_tokens in session.execute(query):
-        result.total += count
-        if status == JobStatus.SUCCEEDED:
-            result.completed += count
-            result.prompt_tokens += int(prompt_tokens or 0)
-            result.completion_tokens += int(completion_tokens or 0)
-        elif status in ACTIVE_STATUSES:
-            result.active += count
-        else:
-            result.failed += count
-    return result
 
 
 def cancel_code(status: BatchStatus) -> str:
@@ -131,4 +120,5 @@ def purge(session: Session, *, older_than_days: float) -> tuple[int, int]:
             (File.virtual.is_(None)) | ~results_alive,
         )
     )
+    session.execute(delete(BatchTally).where(BatchTally.batch_id.not_in(select(Batch.id))))
     return int(gone_batches.rowcount), int(gone_files.rowcount)  # type: ignore[attr-defined]

@@ -9,7 +9,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,12 +41,17 @@ def genq_env(**values: str) -> dict[str, str]:
 
 @contextlib.contextmanager
 def genq_process(
-    args: list[str], env: dict[str, str], log: Path
+    args: list[str], env: dict[str, str], log: Path, *, prefix: Sequence[str] = ()
 ) -> Iterator[subprocess.Popen[bytes]]:
-    """Run ``genq ARGS`` until the block ends; its output goes to ``log``."""
+    """Run ``genq ARGS`` until the block ends; its output goes to ``log``. ``prefix``
+    runs it through another command that execs it (``ip netns exec NAME``)."""
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "cli", *args], cwd=REPO, env=env, stdout=out, stderr=out
+            [*prefix, sys.executable, "-m", "cli", *args],
+            cwd=REPO,
+            env=env,
+            stdout=out,
+            stderr=out,
         )
     try:
         yield proc

@@ -15,8 +15,8 @@ from fastapi.testclient import TestClient
 from sqlalchemy import update
 
 from api.app import create_app
-from core import keys
-from core.db import session_scope
+from core import batches, feed, keys
+from core.db import get_sessionmaker, session_scope
 from core.models import Batch
 from core.queue import Route
 from core.settings import Settings
@@ -47,6 +47,9 @@ class InlineQueue:
         pass
 
     def depth(self, queue: str) -> int:
+        return 0
+
+    def queued_jobs(self, queue: str) -> int:
         return 0
 
     def run_held(self, count: int | None = None, threads: int = 1) -> None:
@@ -110,6 +113,13 @@ def content_lines(client: TestClient, file_id: str) -> list[dict[str, Any]]:
     return [json.loads(x) for x in response.content.splitlines()]
 
 
+def finalized(api: TestClient, settings: Settings, batch_id: str) -> dict[str, Any]:
+    """The batch after the background finalizing pass (the workers' feeder runs it)."""
+    batches.finalize_due(get_sessionmaker(settings.resolved_database_url))
+    answer: dict[str, Any] = api.get(f"/v1/batches/{batch_id}").json()
+    return answer
+
+
 def test_files_upload_list_retrieve_content_and_delete(api: TestClient) -> None:
     content = jsonl(line("a"), line("b"))
     file = upload(api, content)
@@ -135,7 +145,7 @@ def test_files_upload_list_retrieve_content_and_delete(api: TestClient) -> None:
 
 
 def test_a_batch_runs_to_completed_with_output_and_error_files(
-    api: TestClient, inline: InlineQueue
+    api: TestClient, inline: InlineQueue, settings: Settings
 ) -> None:
     lines = [line("a"), line("b", "four five", n=2, temperature=0.7), line("c", LONG)]
     lines.append(line("d", "six seven", stop="seven", temperature=0))
@@ -145,7 +155,12 @@ def test_a_batch_runs_to_completed_with_output_and_error_files(
     assert batch["in_progress_at"] and batch["expires_at"] - batch["created_at"] == 24 * 3600
     assert len(inline.sent) == 4
 
-    done = api.get(f"/v1/batches/{batch['id']}").json()
+    # Every request is done: the counts say so, but a read does not finalize.
+    read = api.get(f"/v1/batches/{batch['id']}").json()
+    assert read["status"] == "in_progress" and read["output_file_id"] is None
+    assert read["request_counts"] == {"total": 4, "completed": 3, "failed": 1}
+    assert read["usage"]["output_tokens"] == 3 + 6 + 1
+    done = finalized(api, settings, batch["id"])
     assert done["status"] == "completed", done
     assert done["request_counts"] == {"total": 4, "completed": 3, "failed": 1}
     assert done["completed_at"] >= done["finalizing_at"] >= done["created_at"]
@@ -189,7 +204,7 @@ def test_batches_are_listed_newest_first_with_after_and_limit(api: TestClient) -
 
 
 def test_cancel_keeps_finished_requests_and_cancels_the_rest(
-    api: TestClient, inline: InlineQueue
+    api: TestClient, inline: InlineQueue, settings: Settings
 ) -> None:
     inline.hold = True
     batch = create(api, upload(api, jsonl(*(line(f"r{i}") for i in range(5))))["id"])
@@ -198,7 +213,7 @@ def test_cancel_keeps_finished_requests_and_cancels_the_rest(
     assert cancelled.status_code == 200
     assert cancelled.json()["status"] == "cancelling" and cancelled.json()["cancelling_at"]
     inline.run_held()  # the rest were cancelled: the worker skips them
-    final = api.get(f"/v1/batches/{batch['id']}").json()
+    final = finalized(api, settings, batch["id"])
     assert final["status"] == "cancelled" and final["cancelled_at"]
     assert final["request_counts"] == {"total": 5, "completed": 2, "failed": 3}
     assert [x["custom_id"] for x in content_lines(api, final["output_file_id"])] == ["r0", "r1"]
@@ -208,7 +223,7 @@ def test_cancel_keeps_finished_requests_and_cancels_the_rest(
 
     inline.hold = False
     done = create(api, upload(api, jsonl(line("x")))["id"])
-    api.get(f"/v1/batches/{done['id']}")
+    finalized(api, settings, done["id"])
     again = api.post(f"/v1/batches/{done['id']}/cancel")
     assert again.status_code == 409 and again.json()["error"]["code"] == "conflict"
     assert api.post("/v1/batches/batch_nope/cancel").status_code == 404
@@ -223,7 +238,7 @@ def test_an_expired_batch_cancels_what_did_not_run(
     with session_scope(settings.resolved_database_url) as session:
         past = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=1)
         session.execute(update(Batch).where(Batch.id == batch["id"]).values(expires_at=past))
-    final = api.get(f"/v1/batches/{batch['id']}").json()
+    final = finalized(api, settings, batch["id"])
     assert final["status"] == "expired" and final["expired_at"]
     assert final["request_counts"] == {"total": 2, "completed": 1, "failed": 1}
     errors = content_lines(api, final["error_file_id"])
@@ -398,7 +413,7 @@ def test_completions_answers_202_with_the_job_when_the_wait_runs_out(
 @pytest.mark.slow
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_a_10000_line_file_is_ingested_in_bulk_and_fully_processed(
-    api: TestClient, inline: InlineQueue
+    api: TestClient, inline: InlineQueue, settings: Settings
 ) -> None:
     n = 10_000
     content = jsonl(*(line(f"req-{i}", f"prompt number {i}", max_tokens=2) for i in range(n)))
@@ -409,11 +424,16 @@ def test_a_10000_line_file_is_ingested_in_bulk_and_fully_processed(
     elapsed = time.perf_counter() - started
     print(f"\ningested {n} lines in {elapsed:.2f} s: {n / elapsed:,.0f} lines/s (incl. enqueue)")
     assert batch["status"] == "in_progress" and batch["request_counts"]["total"] == n
-    assert len(inline.sent) == n
+    assert len(inline.sent) == settings.feed_ahead  # the first window (core.feed)
+    factory = get_sessionmaker(settings.resolved_database_url)
+    while len(inline.sent) < n:  # this broker reports nothing waiting: a window each time
+        sent = feed.feed_once(factory, inline, settings)
+        assert 0 < sum(sent.values()) <= settings.feed_ahead
+    assert inline.sent == sorted(set(inline.sent))  # each once, in input order
     started = time.perf_counter()
     inline.run_held(threads=2)
     print(f"processed {n} jobs in {time.perf_counter() - started:.1f} s (fake engine, inline)")
-    done = api.get(f"/v1/batches/{batch['id']}").json()
+    done = finalized(api, settings, batch["id"])
     assert done["status"] == "completed"
     assert done["request_counts"] == {"total": n, "completed": n, "failed": 0}
     output = api.get(f"/v1/files/{done['output_file_id']}/content").content.splitlines()

@@ -44,6 +44,9 @@ class DepthQueue:
         self.asked.append(queue)
         return self.depths.get(queue, 0)
 
+    def queued_jobs(self, queue: str) -> int:
+        return self.depth(queue)
+
 
 def add_job(
     session: Session,

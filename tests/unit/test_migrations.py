@@ -26,3 +26,13 @@ def test_downgrade_to_base_and_upgrade_again(database_url: str) -> None:
     assert set(inspect(get_engine(database_url)).get_table_names()) <= {"alembic_version"}
     migrations.upgrade(database_url)
     assert "job" in inspect(get_engine(database_url)).get_table_names()
+
+
+def test_job_pages_keep_room_for_hot_updates_on_postgresql(postgres_url: str) -> None:
+    from sqlalchemy import text
+
+    from core.models import JOB_FILLFACTOR
+
+    with get_engine(postgres_url).connect() as conn:
+        options = conn.execute(text("SELECT reloptions FROM pg_class WHERE relname = 'job'"))
+        assert options.scalar_one() == [f"fillfactor={JOB_FILLFACTOR}"]

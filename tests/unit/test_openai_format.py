@@ -166,3 +166,18 @@ def test_the_completion_object_and_result_lines() -> None:
     assert failed["error"] == {"code": "internal_error", "message": "boom"}
     expired = result_line(job(status="cancelled"), cancel_code="batch_expired")
     assert expired["response"] is None and expired["error"]["code"] == "batch_expired"
+
+
+def test_a_model_spelt_as_another_path_to_the_served_directory_is_that_model(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    served = tmp_path / "models" / "tiny"
+    served.mkdir(parents=True)
+    (tmp_path / "link").symlink_to(tmp_path / "models")
+    monkeypatch.chdir(tmp_path)
+    raw = (
+        '{"custom_id": "a", "method": "POST", "url": "/v1/completions",'
+        ' "body": {"model": "./link/tiny", "prompt": "hi"}}'
+    )
+    parsed = parse_batch_line(raw, endpoint="/v1/completions", models=[str(served.resolve())])
+    assert parsed.model == str(served.resolve())

@@ -16,7 +16,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import delete, insert, select, update
 from sqlalchemy.orm import Session
 
-from core import batches, jobs, jobstate, keys, submit, webhooks
+from core import batches, jobs, jobstate, keys, submit, webhook_payloads, webhooks
 from core.db import get_sessionmaker, session_scope
 from core.models import Job, WebhookDelivery
 from core.openai_format import COMPLETIONS_URL
@@ -312,6 +312,31 @@ def test_a_claimed_delivery_is_not_claimed_again_until_its_lease_runs_out(
     with session_scope(url) as session:
         done = webhooks.record_attempt(session, second[0], webhooks.Attempt(204, None), fast)
     assert done == "delivered"
+
+
+def test_a_lapsed_claim_is_not_posted(fast: Settings, client: TestClient) -> None:
+    """A dispatcher that lost its claim while it could not reach the database (cut
+    off, or stalled) does not POST once it can: another one owns the delivery."""
+    job_id = submit_prompt(client, callback_url=HOOK)
+    client.post(f"/v1/jobs/{job_id}/cancel")
+    url = fast.resolved_database_url
+    with session_scope(url) as session:
+        (lapsed,) = webhooks.claim_due(session, limit=10, lease_s=60)
+    with session_scope(url) as session:  # its lease runs out; another dispatcher claims it
+        session.execute(update(WebhookDelivery).values(next_attempt_at=dt.datetime.now(dt.UTC)))
+    with session_scope(url) as session:
+        (owner,) = webhooks.claim_due(session, limit=10, lease_s=60)
+    posted: list[httpx.Request] = []
+
+    def receive(request: httpx.Request) -> httpx.Response:
+        posted.append(request)
+        return httpx.Response(200)
+
+    with httpx.Client(transport=httpx.MockTransport(receive)) as http:
+        late = webhooks.deliver(url, http, lapsed, fast, webhook_payloads.build)
+        assert late is None and posted == []
+        assert webhooks.deliver(url, http, owner, fast, webhook_payloads.build) == "delivered"
+    assert len(posted) == 1
 
 
 def test_unreachable_receivers_and_vanished_jobs(fast: Settings, client: TestClient) -> None:

@@ -1,0 +1,118 @@
+"""A batch's request counts, kept as its jobs finish: status reads in constant time.
+
+Every transition of a job into a final status (:mod:`core.jobstate`) calls
+:func:`record_final` in its own transaction, which inserts one ``batch_tally`` row
+per batch it touched: how many of its jobs succeeded (with their token usage) and
+how many failed or were cancelled. Inserting, not updating the batch row, keeps
+workers from queueing on one hot row (and out of any lock cycle with a batch
+cancel, which holds the batch row while it cancels job rows).
+
+:func:`fold` (run by the feeder's finalizing pass) moves a batch's tally rows
+into its counters; :func:`read` adds the counters and the rows not folded yet in
+one statement (one snapshot), so a read never sees a fold half done.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Collection
+from typing import Any
+
+from sqlalchemy import delete, func, insert, select, update
+from sqlalchemy.orm import Session
+
+from core.models import Batch, BatchTally, Job
+from core.status import JobStatus
+
+
+@dataclasses.dataclass
+class Tally:
+    """What has finished of a batch."""
+
+    completed: int = 0
+    failed: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+def record_final(session: Session, job_ids: Collection[str]) -> None:
+    """Count these jobs, which reached a final status in the caller's transaction,
+    towards their batches (jobs of no batch are ignored)."""
+    if not job_ids:
+        return
+    rows = session.execute(
+        select(
+            Job.batch_id,
+            Job.status,
+            func.count(),
+            func.coalesce(func.sum(Job.prompt_tokens), 0),
+            func.coalesce(func.sum(Job.completion_tokens), 0),
+        )
+        .where(Job.id.in_(list(job_ids)), Job.batch_id.is_not(None))
+        .group_by(Job.batch_id, Job.status)
+    )
+    tallies: dict[str, Tally] = {}
+    for batch_id, status, count, prompt_tokens, completion_tokens in rows:
+        tally = tallies.setdefault(str(batch_id), Tally())
+        if status == JobStatus.SUCCEEDED:
+            tally.completed += count
+            tally.prompt_tokens += int(prompt_tokens or 0)
+            tally.completion_tokens += int(completion_tokens or 0)
+        else:
+            tally.failed += count
+    if tallies:
+        session.execute(
+            insert(BatchTally),
+            [{"batch_id": b} | dataclasses.asdict(t) for b, t in sorted(tallies.items())],
+        )
+
+
+def read(session: Session, batch_id: str) -> Tally:
+    """The batch's counts: its counters plus its unfolded tally rows, in one statement."""
+
+    def pending(column: Any) -> Any:
+        return (
+            select(func.coalesce(func.sum(column), 0))
+            .where(BatchTally.batch_id == Batch.id)
+            .scalar_subquery()
+        )
+
+    row = session.execute(
+        select(
+            Batch.completed_count + pending(BatchTally.completed),
+            Batch.failed_count + pending(BatchTally.failed),
+            Batch.prompt_tokens + pending(BatchTally.prompt_tokens),
+            Batch.completion_tokens + pending(BatchTally.completion_tokens),
+        ).where(Batch.id == batch_id)
+    ).one_or_none()
+    if row is None:
+        return Tally()
+    return Tally(*(int(value) for value in row))
+
+
+def fold(session: Session, batch_id: str) -> None:
+    """Move the batch's tally rows into its counters (in the caller's transaction).
+    Rows a concurrent transaction inserts meanwhile are left for the next fold."""
+    rows = session.execute(
+        delete(BatchTally)
+        .where(BatchTally.batch_id == batch_id)
+        .returning(
+            BatchTally.completed,
+            BatchTally.failed,
+            BatchTally.prompt_tokens,
+            BatchTally.completion_tokens,
+        )
+    ).all()
+    if not rows:
+        return
+    session.execute(
+        update(Batch)
+        .where(Batch.id == batch_id)
+        .values(
+            completed_count=Batch.completed_count + sum(r[0] for r in rows),
+            failed_count=Batch.failed_count + sum(r[1] for r in rows),
+            prompt_tokens=Batch.prompt_tokens + sum(r[2] for r in rows),
+            completion_tokens=Batch.completion_tokens + sum(r[3] for r in rows),
+        )
+        .execution_options(synchronize_session=False)
+    )

@@ -1,0 +1,84 @@
+"""The sweeper compares jobs with jobs: a batch whose messages are still waiting in
+Redis is not re-sent, however long they wait; jobs whose messages were lost are."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from core import submit
+from core.db import session_scope
+from core.queue import CeleryQueue, queue_name
+from core.schemas import JobCreate
+from core.settings import Settings
+from tests.conftest import REDIS_URL
+from tests.integration.helpers import unique_queue
+from worker.sweeper import Sweeper
+
+pytestmark = pytest.mark.integration
+
+JOBS = 200  # 25 messages of 8 ids
+
+
+@pytest.fixture
+def setup(postgres_url: str, tmp_path: Path) -> Iterator[tuple[Settings, CeleryQueue, str]]:
+    """Settings on PostgreSQL and a fresh Redis queue, a short re-send age, no worker."""
+    settings = Settings(
+        data_dir=tmp_path,
+        database_url=postgres_url,
+        broker_url=REDIS_URL,
+        queue=unique_queue(),
+        model="fake",
+        require_auth=False,
+        requeue_after_s=0.5,
+    )
+    yield settings, CeleryQueue(settings), queue_name(settings.queue, "fake", "normal")
+    client = redis.Redis.from_url(REDIS_URL)
+    keys = list(client.scan_iter(match=f"*{settings.queue}*"))
+    if keys:
+        client.delete(*keys)
+    client.close()
+
+
+def submit_all(settings: Settings, queue: CeleryQueue) -> None:
+    bodies = [JobCreate(prompt=f"prompt {i}", max_new_tokens=4) for i in range(JOBS)]
+    with session_scope(settings.resolved_database_url) as session:
+        submit.submit_jobs(session, queue, bodies, settings=settings)
+
+
+def test_no_resend_while_every_job_still_has_its_message(
+    setup: tuple[Settings, CeleryQueue, str],
+) -> None:
+    settings, queue, name = setup
+    submit_all(settings, queue)
+    assert queue.depth(name) == JOBS // settings.jobs_per_message
+    assert queue.queued_jobs(name) == JOBS
+    sweeper = Sweeper(settings, queue, holder="test")
+    # The messages wait longer than requeue_after_s, sweep after sweep (no worker).
+    resent = []
+    for _ in range(3):
+        time.sleep(settings.requeue_after_s * 2)
+        resent.append(sweeper.sweep_once()["resent"])
+    assert resent == [0, 0, 0]
+    assert queue.depth(name) == JOBS // settings.jobs_per_message
+
+
+def test_jobs_whose_messages_were_lost_are_resent(
+    setup: tuple[Settings, CeleryQueue, str],
+) -> None:
+    settings, queue, name = setup
+    submit_all(settings, queue)
+    client = redis.Redis.from_url(REDIS_URL)
+    client.rpop(name, 2)  # two messages lost: 16 jobs no message will deliver
+    client.close()
+    assert queue.queued_jobs(name) == JOBS - 16
+    time.sleep(settings.requeue_after_s * 2)
+    report = Sweeper(settings, queue, holder="test").sweep_once()
+    # The sweeper cannot tell which jobs lost their message: it re-sends the stale
+    # ones (a duplicate is harmless: a claim is conditional).
+    assert report["resent"] == JOBS
+    assert queue.queued_jobs(name) == 2 * JOBS - 16

@@ -1,0 +1,132 @@
+"""Paced sending (core.feed): a batch reaches the broker a window at a time, oldest
+first, topped up as the workers drain it, and resumes from the rows alone."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+from sqlalchemy import select
+
+from core import batches, delivery, feed
+from core.db import get_sessionmaker
+from core.models import Job
+from core.openai_format import COMPLETIONS_URL
+from core.queue import Route
+from core.settings import Settings
+
+LINES = 100
+WINDOW = 16
+
+
+class CountingQueue:
+    """A broker that only counts: the ids waiting, in the order sent."""
+
+    def __init__(self) -> None:
+        self.waiting: list[str] = []
+        self.sent: list[str] = []
+
+    def enqueue(self, job_id: str, *, model: str | None = None, priority: str = "normal") -> None:
+        self.enqueue_many([Route(job_id, model or "fake", priority)])
+
+    def enqueue_many(self, routes: Sequence[Route]) -> None:
+        self.waiting += [r.job_id for r in routes]
+        self.sent += [r.job_id for r in routes]
+
+    def ping(self) -> None:
+        pass
+
+    def depth(self, queue: str) -> int:
+        return -(-len(self.waiting) // 8)  # messages of up to 8 ids (the default)
+
+    def queued_jobs(self, queue: str) -> int:
+        return len(self.waiting)
+
+    def drain(self, count: int) -> None:
+        """Workers take ``count`` ids from the front."""
+        del self.waiting[:count]
+
+
+def make_settings(database_url: str, tmp_path: Path) -> Settings:
+    return Settings(
+        data_dir=tmp_path,
+        database_url=database_url,
+        model="fake",
+        require_auth=False,
+        feed_ahead=WINDOW,
+    )
+
+
+def make_batch(settings: Settings) -> tuple[str, list[str]]:
+    lines = []
+    for i in range(LINES):
+        body = {"model": "fake", "prompt": f"line {i}", "max_tokens": 2}
+        request = {"custom_id": f"r{i}", "method": "POST", "url": COMPLETIONS_URL}
+        lines.append(json.dumps(request | {"body": body}).encode())
+    with get_sessionmaker(settings.resolved_database_url)() as session:
+        parsed = batches.parse_openai_file(
+            enumerate(lines, start=1), endpoint=COMPLETIONS_URL, models=["fake"]
+        )
+        batch = batches.create_batch(
+            session,
+            owner="local",
+            input_file_id=None,
+            parsed=parsed,
+            models=["fake"],
+            max_lines=LINES,
+            priority="low",
+        )
+        ids = list(session.scalars(select(Job.id).where(Job.batch_id == batch.id).order_by(Job.id)))
+    return batch.id, ids
+
+
+def test_a_batch_is_sent_a_window_at_a_time_in_order(database_url: str, tmp_path: Path) -> None:
+    settings = make_settings(database_url, tmp_path)
+    _, ids = make_batch(settings)
+    queue = CountingQueue()
+    factory = get_sessionmaker(settings.resolved_database_url)
+    assert queue.sent == []  # creating a batch sends nothing
+    feed.feed_once(factory, queue, settings)
+    assert queue.sent == ids[:WINDOW]
+    feed.feed_once(factory, queue, settings)  # nothing drained: the window is full
+    assert queue.sent == ids[:WINDOW]
+    queue.drain(WINDOW // 4)  # not yet half a window of room: wait for more
+    feed.feed_once(factory, queue, settings)
+    assert len(queue.sent) == WINDOW
+    queue.drain(WINDOW // 4)
+    feed.feed_once(factory, queue, settings)
+    assert queue.sent == ids[: WINDOW + WINDOW // 2]
+    assert len(queue.waiting) == WINDOW
+    while len(queue.sent) < LINES:
+        queue.drain(WINDOW)
+        feed.feed_once(factory, queue, settings)
+        assert len(queue.waiting) <= WINDOW
+    assert queue.sent == ids  # each once, oldest first
+
+
+def test_unsent_jobs_are_not_the_sweepers_to_resend(database_url: str, tmp_path: Path) -> None:
+    settings = make_settings(database_url, tmp_path)
+    make_batch(settings)
+    with get_sessionmaker(settings.resolved_database_url)() as session:
+        assert delivery.queued_counts(session) == {}
+        stale = delivery.stale_queued(
+            session, model="fake", priority="low", older_than_s=0, limit=1000
+        )
+        assert stale == []
+
+
+def test_resuming_hands_queued_jobs_back_to_the_feeder(database_url: str, tmp_path: Path) -> None:
+    settings = make_settings(database_url, tmp_path)
+    batch_id, ids = make_batch(settings)
+    factory = get_sessionmaker(settings.resolved_database_url)
+    first = CountingQueue()
+    feed.feed_once(factory, first, settings)
+    # The broker lost its messages and the feeder's process restarted: nothing in
+    # memory survives, the rows say what to send.
+    with factory() as session:
+        assert feed.unsend_batch(session, batch_id) == LINES
+        session.commit()
+    again = CountingQueue()
+    feed.feed_once(factory, again, settings)
+    assert again.sent == ids[:WINDOW]

@@ -1,0 +1,72 @@
+"""A worker cut off from the network in the middle of a transaction must not stall
+the cluster: PostgreSQL cannot tell a silent client from a slow one, so without a
+limit the locks of the cut worker's open transaction are held until TCP gives up
+on it (hours), and the sweeper, which must take those rows to hand the jobs back,
+waits as long. genq's connections ask the server to end a session idle inside a
+transaction for longer than ``core.db.IDLE_IN_TRANSACTION_TIMEOUT_S``."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
+
+from core import db, jobstate, submit
+from core.models import Job
+from core.queue import Route
+from core.schemas import JobCreate
+from core.settings import Settings
+from tests.conftest import RecordingQueue
+
+
+def test_a_client_silent_inside_a_transaction_does_not_block_the_sweep(
+    postgres_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(db, "IDLE_IN_TRANSACTION_TIMEOUT_S", 1.0)
+    url = f"{postgres_url}?application_name=genq-silent-client"  # an engine of its own
+    settings = Settings(data_dir=tmp_path, database_url=url, model="fake", require_auth=False)
+    with db.session_scope(url) as session:
+        job, _ = submit.submit_job(
+            session, RecordingQueue(), JobCreate(prompt="a b"), settings=settings
+        )
+    with db.session_scope(url) as session:
+        claims, _ = jobstate.claim_fresh(session, [job.id], worker="cut", lease_s=0.001)
+    (claim,) = claims
+
+    # The cut worker: its store's UPDATE took the row lock, then it fell silent.
+    silent = db.get_sessionmaker(url)()
+    silent.execute(text("SELECT 1"))
+    failure = jobstate.Failure("boom", "never committed")
+    jobstate.store_outcomes(silent, [(claim, failure)])
+
+    swept: list[tuple[list[Route], list[str]]] = []
+
+    def sweep() -> None:
+        with db.session_scope(url) as session:
+            swept.append(jobstate.reclaim_expired(session, max_attempts=3))
+
+    sweeper = threading.Thread(target=sweep, daemon=True)
+    sweeper.start()
+    sweeper.join(timeout=30)  # 30 times the limit: blocked, not slow
+    blocked = sweeper.is_alive()
+    if blocked:
+        silent.rollback()  # let the sweeper go before failing
+        sweeper.join()
+    assert not blocked, "the sweep waited on a silent client's transaction"
+    ((requeued, failed),) = swept
+    assert [route.job_id for route in requeued] == [job.id] and failed == []
+    # The server ended the silent session; when the worker comes back, its retry
+    # loop takes that for an outage, and its retried write is refused by the token.
+    with pytest.raises(DBAPIError) as ended:
+        silent.commit()
+    silent.close()
+    assert db.is_transient(ended.value), ended.value
+    retried = db.run_with_retry(
+        lambda session: jobstate.store_outcomes(session, [(claim, failure)]), url, retry_s=5
+    )
+    assert retried == [False]
+    with db.session_scope(url) as session:
+        assert session.get(Job, job.id).status == "queued"  # type: ignore[union-attr]
