@@ -15,6 +15,7 @@ from core.settings import Settings
 from tests.unit.test_files_batches import (  # noqa: F401 (fixtures)
     api,
     content_lines,
+    finalized,
     inline,
     jsonl,
     runtime,
@@ -121,7 +122,9 @@ def test_messages_on_jobs_and_bulk(api: TestClient) -> None:
     assert jobs[0]["messages"] is None and jobs[1]["messages"][1]["content"] == "one two"
 
 
-def test_a_batch_of_chat_lines_gives_chat_completion_lines(api: TestClient) -> None:
+def test_a_batch_of_chat_lines_gives_chat_completion_lines(
+    api: TestClient, settings: Settings
+) -> None:
     def chat_line(custom_id: str, **body: Any) -> dict[str, Any]:
         return {
             "custom_id": custom_id,
@@ -139,7 +142,7 @@ def test_a_batch_of_chat_lines_gives_chat_completion_lines(api: TestClient) -> N
             "completion_window": "24h",
         },
     ).json()
-    done = api.get(f"/v1/batches/{batch['id']}").json()
+    done = finalized(api, settings, batch["id"])
     assert done["status"] == "completed", done
     output = content_lines(api, done["output_file_id"])
     bodies = [line["response"]["body"] for line in output]

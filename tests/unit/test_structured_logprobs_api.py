@@ -10,10 +10,12 @@ import pytest
 from fastapi.testclient import TestClient
 
 from core.logprobs import completion_logprobs
+from core.settings import Settings
 from tests.unit.test_files_batches import (  # noqa: F401 (fixtures)
     api,
     content_lines,
     create,
+    finalized,
     inline,
     jsonl,
     line,
@@ -93,7 +95,7 @@ def test_logprobs_are_stored_and_returned_by_get_job(api: TestClient) -> None:
 
 
 def test_completions_and_batch_lines_carry_logprobs_in_openai_shape(
-    api: TestClient, inline: Any
+    api: TestClient, inline: Any, settings: Settings
 ) -> None:
     body = {"model": "fake", "prompt": "one two three", "max_tokens": 2, "logprobs": 1}
     completion = api.post("/v1/completions", json=body).json()
@@ -106,17 +108,19 @@ def test_completions_and_batch_lines_carry_logprobs_in_openai_shape(
     assert api.post("/v1/completions", json={**body, "logprobs": 6}).status_code == 400
 
     batch = create(api, upload(api, jsonl(line("a", logprobs=0), line("b")))["id"])
-    done = api.get(f"/v1/batches/{batch['id']}").json()
+    done = finalized(api, settings, batch["id"])
     output = content_lines(api, done["output_file_id"])
     first = output[0]["response"]["body"]["choices"][0]["logprobs"]
     assert first["tokens"] == [" three", " two", " one"]
     assert output[1]["response"]["body"]["choices"][0]["logprobs"] is None
 
 
-def test_a_batch_line_with_a_bad_schema_is_named(api: TestClient, inline: Any) -> None:
+def test_a_batch_line_with_a_bad_schema_is_named(
+    api: TestClient, inline: Any, settings: Settings
+) -> None:
     bad = line("x", response_format=schema_format({"type": "foo"}))
     batch = create(api, upload(api, jsonl(line("a"), bad))["id"])
-    done = api.get(f"/v1/batches/{batch['id']}").json()
+    done = finalized(api, settings, batch["id"])
     assert done["status"] == "failed"
     (error,) = done["errors"]["data"]
     assert error["line"] == 2 and "Invalid type: foo" in error["message"]
