@@ -56,6 +56,11 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(default=64, ge=1, le=1024)
     max_tokens_in_flight: int = Field(default=65_536, ge=1)
     default_max_new_tokens: int = Field(default=50, ge=1)
+    fast_decode: bool = Field(
+        default=True,
+        description="decode GPT-2 and Llama models with a step written for them (false: the"
+        " model's own forward, for every model)",
+    )
 
     # The worker process.
     worker_concurrency: int = Field(default=0, ge=0, description="0: max_batch_size + 8")

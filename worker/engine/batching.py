@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
-from worker.engine import admission, kvcache
+from worker.engine import admission, fastpath, kvcache
 from worker.engine.base import (
     REQUEUE,
     GenerationError,
@@ -87,6 +87,7 @@ class BatchingEngine:
         max_batch_size: int = 64,
         max_tokens_in_flight: int = 65_536,
         default_max_new_tokens: int = 50,
+        fast_decode: bool = True,
     ) -> None:
         self.info = info
         self.model = model
@@ -112,6 +113,9 @@ class BatchingEngine:
         self._jobs: list[RequestState] = []  # in admission order
         self._slots: dict[RequestState, list[int]] = {}  # each job's .n rows of the batch
         self._batch = kvcache.SlotCache(model.config, max_batch_size)
+        # A decode step written for the model's family (None: the model's own forward).
+        fast = fastpath.decode_step_for(model, self._batch, max_rows=max_batch_size)
+        self._fast = fast if fast_decode else None
         self._thread = threading.Thread(target=self._run, name="genq-engine", daemon=True)
         self._thread.start()
 
@@ -362,7 +366,10 @@ class BatchingEngine:
     def _decode(self) -> None:
         """One token for every row of the running batch (free slots too: no copy to skip them)."""
         ids, mask, positions = self._batch.step_inputs()
-        logits = self._forward(ids, mask, positions, self._batch.cache)
+        if self._fast is not None:
+            logits = self._fast(ids, mask, positions)
+        else:
+            logits = self._forward(ids, mask, positions, self._batch.cache)
         placed = [(state, self._slots[state]) for state in self._jobs]
         moves: Moves = []
         chosen = choose(logits, placed, self.pad_id, moves)

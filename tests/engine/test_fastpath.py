@@ -1,0 +1,142 @@
+"""The fast decode steps (worker/engine/fastpath) against the model's own forward.
+
+Each family's step must give the logits the model gives on the same slot cache (free
+slots, left padding, reallocations included) and, through the engine, greedy fp32
+outputs token for token those of ``generate``; models it does not cover keep the
+generic path, which stays checked too.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+import torch
+from torch.nn import functional
+
+from tests.engine.helpers import reference, request
+from tests.engine.test_kvcache import Driver, alone, prompts_of
+from worker.engine import fastpath
+from worker.engine.batching import BatchingEngine
+from worker.engine.fastpath.linear import packed
+
+PROMPTS = ["Once upon a time", "The dog", "Tom and Sue went to the shop to buy some", "Hello"]
+
+
+class CheckedDriver(Driver):
+    """The hand-driven batch of test_kvcache, decoding with the fast step and checking
+    every step's logits against the model's forward on the same cache."""
+
+    def __init__(self, model: Any, max_rows: int = 8, *, tolerance: float) -> None:
+        super().__init__(model, max_rows)
+        step = fastpath.decode_step_for(model, self.batch, max_rows=max_rows)
+        assert step is not None
+        self.fast = step
+        self.tolerance = tolerance
+        self.steps = 0
+
+    def _greedy(self, ids: Any, mask: Any, positions: Any, cache: Any) -> torch.Tensor:
+        if cache is not self.batch.cache:  # a prefill: the generic path does it
+            return super()._greedy(ids, mask, positions, cache)
+        out = self.model(
+            input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True
+        )
+        expected = out.logits[:, -1].float()
+        got = self.fast(ids, mask, positions)  # writes the same column again
+        live = self.batch.live[: self.batch.rows].bool()
+        scale = expected[live].abs().max()
+        difference = (got[live] - expected[live]).abs().max()
+        assert difference <= self.tolerance * scale, (self.steps, difference, scale)
+        self.steps += 1
+        return got.argmax(-1)
+
+
+@pytest.fixture
+def inference() -> Any:
+    with torch.inference_mode():
+        yield
+
+
+@pytest.mark.usefixtures("inference")
+def test_fast_step_equals_forward_through_slot_changes(loaded: Any) -> None:
+    """Rows join, finish, leave free slots, are reused and the cache is reallocated:
+    the fast step's logits stay the model's, and every request's tokens its solo run."""
+    model = loaded[0]
+    p = prompts_of(model.config.vocab_size, 5, 12, 3, 4, 40, 6)
+    drv = CheckedDriver(model, tolerance=1e-5)
+    plan = {"long": (p[0], 50), "short": (p[1], 4), "mid": (p[2], 30)}
+    drv.admit(plan)
+    drv.step(5)  # "short" leaves a free slot in the middle
+    plan["reuse"] = (p[3], 20)
+    drv.admit({"reuse": plan["reuse"]})
+    drv.step(3)
+    plan["widest"] = (p[4], 12)  # wider than all the room: a reallocation
+    drv.admit({"widest": plan["widest"], "two": (p[5], 3)})
+    drv.compact()
+    drv.run_out()
+    assert drv.steps > 40 and drv.batch.copies >= 1
+    for name, (prompt, new) in plan.items():
+        assert drv.tokens[name] == alone(model, prompt, new), name
+
+
+@pytest.mark.usefixtures("inference")
+def test_fast_step_in_bf16_stays_close_to_forward(loaded: Any) -> None:
+    """In bf16 (packed weights where oneDNN has bf16) the step follows the model's own
+    bf16 forward: same kernels' precision, different summation order."""
+    model = copy.deepcopy(loaded[0]).to(torch.bfloat16)
+    p = prompts_of(model.config.vocab_size, 7, 3, 11)
+    drv = CheckedDriver(model, tolerance=0.1)
+    drv.admit({"a": (p[0], 12), "b": (p[1], 6), "c": (p[2], 9)})
+    drv.run_out()
+    assert drv.steps >= 11
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "generic"])
+def test_engine_greedy_equals_generate(loaded: Any, fast: bool) -> None:
+    """Both decode paths, through the engine, give generate's greedy tokens in fp32."""
+    model, tokenizer, info = loaded
+    engine = BatchingEngine(model, tokenizer, info, fast_decode=fast)
+    try:
+        assert (engine._fast is not None) is fast
+        futures = [
+            engine.submit(request(p, max_new_tokens=24 + 4 * i)) for i, p in enumerate(PROMPTS)
+        ]
+        for i, (future, prompt) in enumerate(zip(futures, PROMPTS, strict=True)):
+            expected = reference(loaded, prompt, max_new_tokens=24 + 4 * i, do_sample=False)
+            assert future.result(timeout=60).outputs == expected
+    finally:
+        engine.close()
+
+
+def test_unsupported_options_keep_the_generic_path(gpt2: Any) -> None:
+    """A GPT-2 whose attention the step does not reproduce (layer-wise scaling) runs on
+    the model's own forward, and still equals generate."""
+    from transformers import GPT2LMHeadModel
+
+    model, tokenizer, info = gpt2
+    config = copy.deepcopy(model.config)
+    config.scale_attn_by_inverse_layer_idx = True
+    torch.manual_seed(1)
+    other = GPT2LMHeadModel(config).eval()
+    engine = BatchingEngine(other, tokenizer, info)
+    try:
+        assert engine._fast is None
+        result = engine.submit(request(PROMPTS[2], max_new_tokens=16)).result(timeout=60)
+        loaded = (other, tokenizer, info)
+        assert result.outputs == reference(loaded, PROMPTS[2], max_new_tokens=16, do_sample=False)
+    finally:
+        engine.close()
+
+
+def test_packed_linear_equals_f_linear_in_bf16() -> None:
+    """The once-packed oneDNN product is the product (where the CPU has bf16 kernels)."""
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(96, 64, generator=generator).to(torch.bfloat16)
+    bias = torch.randn(96, generator=generator).to(torch.bfloat16)
+    product = packed(weight, bias, max_rows=16)
+    for rows in (1, 5, 16, 40):  # fewer and more rows than it was packed for
+        x = torch.randn(rows, 1, 64, generator=generator).to(torch.bfloat16)
+        got, expected = product(x).float(), functional.linear(x, weight, bias).float()
+        assert got.shape == (rows, 1, 96)
+        torch.testing.assert_close(got, expected, atol=0.05, rtol=0.02)

@@ -1,0 +1,52 @@
+"""Decode steps written on a model's own modules, for the architectures that have one.
+
+transformers' forward is general: it builds a 4-D mask, walks its cache objects and
+computes logits through layers written for every use. A decode step of the running batch
+needs far less: embed one token per row, write each layer's new key and value in place
+into the :class:`~worker.engine.kvcache.SlotCache` buffers, attend over the filled window
+with one SDPA call, and project the last hidden state. :func:`decode_step_for` returns
+such a step for GPT-2 and Llama models (the families of the test models; each checked
+token for token against ``generate`` in fp32), and ``None`` for every other model, which
+keeps the engine's generic path (the model's own forward).
+
+The steps read and write the same buffers as the generic path, so prefill, admission,
+retirement, compaction and any reordering of rows are shared and unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import torch
+
+from worker.engine.kvcache import SlotCache
+
+
+class DecodeStep(Protocol):
+    """One decode forward of every row in view; returns ``[rows, vocab]`` float32 logits.
+
+    The arguments are :meth:`SlotCache.step_inputs`; the step writes the new column of
+    keys and values at the window's end (as the generic path's cache layers do), and
+    :meth:`SlotCache.advance` takes it into view afterwards.
+    """
+
+    def __call__(
+        self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor
+    ) -> torch.Tensor: ...
+
+
+def decode_step_for(model: Any, batch: SlotCache, *, max_rows: int) -> DecodeStep | None:
+    """A fast decode step for ``model`` over ``batch``, or ``None`` (use the generic path).
+
+    ``max_rows`` is the largest running batch, the row count packed weights are tuned for.
+    """
+    from worker.engine.fastpath import gpt2, llama
+
+    for family in (gpt2, llama):
+        if family.supports(model):
+            step: DecodeStep = family.build(model, batch, max_rows)
+            return step
+    return None
+
+
+__all__ = ["DecodeStep", "decode_step_for"]

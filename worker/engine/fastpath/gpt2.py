@@ -1,0 +1,71 @@
+"""The decode step for GPT-2 (``GPT2LMHeadModel``): learned absolute positions."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from worker.engine.fastpath.attention import attend, step_mask
+from worker.engine.fastpath.linear import Linear, linear
+from worker.engine.kvcache import SlotCache
+
+
+def supports(model: Any) -> bool:
+    """GPT-2 with the options its step reproduces (no cross-attention, no layer-wise
+    scaling, no upcast-and-reorder attention)."""
+    config = model.config
+    return (
+        type(model).__name__ == "GPT2LMHeadModel"
+        and not getattr(config, "add_cross_attention", False)
+        and not config.scale_attn_by_inverse_layer_idx
+        and not config.reorder_and_upcast_attn
+    )
+
+
+class GPT2Step:
+    """One token for every row: the model's own embeddings, norms and MLPs, with the
+    attention written on the slot cache and the weights packed where that is exact."""
+
+    def __init__(self, model: Any, batch: SlotCache, max_rows: int) -> None:
+        self.batch = batch
+        self.body = model.transformer
+        config = model.config
+        self.heads = config.n_head
+        self.head_dim = config.n_embd // config.n_head
+        self.width = config.n_embd
+        self.scale = self.head_dim**-0.5 if config.scale_attn_weights else 1.0
+        self.qkv: list[Linear] = [linear(b.attn.c_attn, max_rows) for b in self.body.h]
+        self.proj: list[Linear] = [linear(b.attn.c_proj, max_rows) for b in self.body.h]
+        self.fc: list[Linear] = [linear(b.mlp.c_fc, max_rows) for b in self.body.h]
+        self.fc_out: list[Linear] = [linear(b.mlp.c_proj, max_rows) for b in self.body.h]
+        self.lm_head = linear(model.lm_head, max_rows)
+
+    def __call__(
+        self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor
+    ) -> torch.Tensor:
+        """``[rows, vocab]`` float32 logits of the next token of every row."""
+        rows, heads, dim = ids.shape[0], self.heads, self.head_dim
+        keep = step_mask(mask)
+        h = self.body.wte(ids) + self.body.wpe(positions)
+        for i, block in enumerate(self.body.h):
+            q, k, v = torch.split(self.qkv[i](block.ln_1(h)), self.width, dim=2)
+            attn = attend(
+                self.batch,
+                i,
+                q.view(rows, 1, heads, dim).transpose(1, 2),
+                k.view(rows, 1, heads, dim).transpose(1, 2),
+                v.view(rows, 1, heads, dim).transpose(1, 2),
+                keep,
+                self.scale,
+            )
+            h = h + self.proj[i](attn)
+            mlp = block.mlp
+            h = h + self.fc_out[i](mlp.act(self.fc[i](block.ln_2(h))))
+        logits: torch.Tensor = self.lm_head(self.body.ln_f(h)[:, -1])
+        return logits.float()
+
+
+def build(model: Any, batch: SlotCache, max_rows: int) -> GPT2Step:
+    """The step for ``model`` (see :func:`supports`)."""
+    return GPT2Step(model, batch, max_rows)

@@ -1,0 +1,70 @@
+"""The decode step for Llama (``LlamaForCausalLM``): rotary positions, grouped-query
+attention, RMSNorm and a gated MLP."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from worker.engine.fastpath.attention import attend, step_mask
+from worker.engine.fastpath.linear import linear
+from worker.engine.kvcache import SlotCache
+
+
+def supports(model: Any) -> bool:
+    """Llama itself (not a subclass with other attention); tensor-parallel pretraining
+    slices (``pretraining_tp > 1``) are left to the generic path."""
+    return (
+        type(model).__name__ == "LlamaForCausalLM"
+        and getattr(model.config, "pretraining_tp", 1) == 1
+    )
+
+
+class LlamaStep:
+    """One token for every row: the model's own embeddings, rotary tables, norms and
+    activation, with the attention written on the slot cache and packed weights."""
+
+    def __init__(self, model: Any, batch: SlotCache, max_rows: int) -> None:
+        self.batch = batch
+        self.body = model.model
+        layers = self.body.layers
+        first = layers[0].self_attn
+        self.head_dim = first.head_dim
+        self.heads = model.config.num_attention_heads
+        self.kv_heads = model.config.num_key_value_heads
+        self.scale = first.scaling
+        self.q = [linear(layer.self_attn.q_proj, max_rows) for layer in layers]
+        self.k = [linear(layer.self_attn.k_proj, max_rows) for layer in layers]
+        self.v = [linear(layer.self_attn.v_proj, max_rows) for layer in layers]
+        self.o = [linear(layer.self_attn.o_proj, max_rows) for layer in layers]
+        self.gate = [linear(layer.mlp.gate_proj, max_rows) for layer in layers]
+        self.up = [linear(layer.mlp.up_proj, max_rows) for layer in layers]
+        self.down = [linear(layer.mlp.down_proj, max_rows) for layer in layers]
+        self.lm_head = linear(model.lm_head, max_rows)
+
+    def __call__(
+        self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor
+    ) -> torch.Tensor:
+        """``[rows, vocab]`` float32 logits of the next token of every row."""
+        rows, dim = ids.shape[0], self.head_dim
+        keep = step_mask(mask)
+        h = self.body.embed_tokens(ids)
+        cos, sin = self.body.rotary_emb(h, positions)
+        for i, layer in enumerate(self.body.layers):
+            x = layer.input_layernorm(h)
+            q = self.q[i](x).view(rows, 1, self.heads, dim).transpose(1, 2)
+            k = self.k[i](x).view(rows, 1, self.kv_heads, dim).transpose(1, 2)
+            v = self.v[i](x).view(rows, 1, self.kv_heads, dim).transpose(1, 2)
+            q, k = apply_rotary_pos_emb(q, k, cos, sin)
+            h = h + self.o[i](attend(self.batch, i, q, k, v, keep, self.scale))
+            x = layer.post_attention_layernorm(h)
+            h = h + self.down[i](layer.mlp.act_fn(self.gate[i](x)) * self.up[i](x))
+        logits: torch.Tensor = self.lm_head(self.body.norm(h)[:, -1])
+        return logits.float()
+
+
+def build(model: Any, batch: SlotCache, max_rows: int) -> LlamaStep:
+    """The step for ``model`` (see :func:`supports`)."""
+    return LlamaStep(model, batch, max_rows)
