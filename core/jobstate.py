@@ -94,6 +94,7 @@ class Outcome:
     model_revision: str
     torch_version: str
     transformers_version: str
+    dtype: str | None = None  # the weights' dtype: bf16 tokens can differ from fp32's
     aborted: bool = False
     logprobs: list[list[dict[str, Any]]] | None = None
     prompt: str | None = None  # a chat job's rendered prompt (None: keep the stored one)

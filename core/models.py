@@ -166,6 +166,7 @@ class Job(Base):
     seed: Mapped[int | None] = mapped_column(BigInteger)
     torch_version: Mapped[str | None] = mapped_column(String(32))
     transformers_version: Mapped[str | None] = mapped_column(String(32))
+    dtype: Mapped[str | None] = mapped_column(String(16))
 
 
 class ApiKey(Base):

@@ -225,6 +225,9 @@ class Reproducibility(BaseModel):
     seed: int | None = None
     torch_version: str | None = None
     transformers_version: str | None = None
+    dtype: str | None = Field(
+        default=None, description="the model's dtype (bfloat16 tokens can differ from float32's)"
+    )
 
 
 class WebhookStatus(BaseModel):
@@ -313,6 +316,7 @@ class JobRead(BaseModel):
                 seed=job.seed,
                 torch_version=job.torch_version,
                 transformers_version=job.transformers_version,
+                dtype=job.dtype,
             ),
             created_at=job.created_at,
             started_at=job.started_at,

@@ -261,6 +261,7 @@ class WorkerRuntime:
             model_revision=info.revision,
             torch_version=info.torch_version,
             transformers_version=info.transformers_version,
+            dtype=info.dtype,
             aborted=result.aborted,
             logprobs=result.logprobs,
             prompt=result.prompt,

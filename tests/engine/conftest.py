@@ -22,7 +22,8 @@ Loaded = tuple[Any, Any, ModelInfo]
 def _load(path: Path) -> Loaded:
     from worker.engine.loader import load_model
 
-    return load_model(Settings(model=str(path), torch_threads=1))
+    # float32: the tests compare tokens with generate's, and auto may pick bf16.
+    return load_model(Settings(model=str(path), torch_threads=1, dtype="float32"))
 
 
 @pytest.fixture(scope="session")

@@ -66,3 +66,46 @@ def test_a_model_the_engine_cannot_batch_is_refused_with_a_clear_error(
     with pytest.raises(ModelLoadError) as info:
         build_engine(Settings(model=str(target), torch_threads=1))
     assert str(target) in str(info.value) and "sliding-window" in str(info.value)
+
+
+def test_auto_dtype_is_bf16_only_where_the_hardware_has_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """auto: bf16 on a CPU with AVX512-BF16 or AMX (and oneDNN bf16 kernels), else fp32;
+    a named dtype is taken as named."""
+    import torch
+
+    from worker.engine import loader
+
+    cpu = torch.device("cpu")
+    for flags, native in [
+        ({"avx512f", "avx512_bf16"}, True),
+        ({"avx512f", "amx_bf16", "amx_tile"}, True),
+        ({"avx512f", "avx2"}, False),
+        (set(), False),
+    ]:
+        monkeypatch.setattr(loader, "cpu_flags", lambda flags=flags: frozenset(flags))
+        kernels = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        expected = torch.bfloat16 if native and kernels else torch.float32
+        assert loader.resolve_dtype("auto", cpu) == expected, flags
+        assert loader.resolve_dtype("float32", cpu) == torch.float32
+        assert loader.resolve_dtype("bfloat16", cpu) == torch.bfloat16
+
+
+def test_cpu_flags_are_read_from_cpuinfo() -> None:
+    from worker.engine.loader import cpu_flags
+
+    flags = cpu_flags()
+    if Path("/proc/cpuinfo").is_file():
+        assert flags and all(" " not in f for f in flags)
+    else:
+        assert flags == frozenset()
+
+
+def test_auto_dtype_is_recorded(models_dir: Path) -> None:
+    """The ModelInfo (the job's reproducibility record) names the dtype auto chose."""
+    import torch
+
+    from worker.engine.loader import load_model, resolve_dtype
+
+    _, _, info = load_model(Settings(model=str(tiny_gpt2_dir(models_dir)), torch_threads=1))
+    chosen = resolve_dtype("auto", torch.device("cpu"))
+    assert info.dtype == str(chosen).removeprefix("torch.")

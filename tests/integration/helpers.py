@@ -27,10 +27,12 @@ def free_port() -> int:
 
 
 def genq_env(**values: str) -> dict[str, str]:
-    """The environment for a genq process: no stray GENQ_* from outside, one torch thread."""
+    """The environment for a genq process: no stray GENQ_* from outside, one torch thread,
+    float32 (``auto`` would pick bf16 on CPUs that have it, and the expected texts are fp32's)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("GENQ_")}
     env.update(
         GENQ_TORCH_THREADS="1",
+        GENQ_DTYPE="float32",
         GENQ_REQUIRE_AUTH="false",
         PYTHONUNBUFFERED="1",
         HF_HUB_OFFLINE="1",

@@ -52,6 +52,7 @@ def check_story(job: dict[str, Any]) -> None:
         assert job["usage"]["completion_tokens"] == 40
         assert job["reproducibility"]["model_revision"]
         assert job["reproducibility"]["torch_version"]
+        assert job["reproducibility"]["dtype"] == "float32"  # as genq_env asks
 
 
 @pytest.fixture

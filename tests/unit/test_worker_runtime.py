@@ -48,6 +48,7 @@ def test_a_job_is_claimed_generated_and_stored(client: TestClient, runtime: Work
     assert job["started_at"] is not None and job["finished_at"] is not None
     assert job["reproducibility"]["model_revision"] == "fake"
     assert job["reproducibility"]["torch_version"] == "none"
+    assert job["reproducibility"]["dtype"] == "none"  # the fake engine has no weights
 
 
 def test_a_job_cancelled_before_it_starts_is_not_generated(

@@ -34,12 +34,44 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+# CPU features that give bf16 matrix products natively (AVX512-BF16 dot products,
+# AMX tiles); without them oneDNN emulates bf16 and fp32 is faster.
+NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
+
+
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where there is none)."""
+    try:
+        with Path("/proc/cpuinfo").open() as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "flags":
+                    return frozenset(value.split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def cpu_has_native_bf16(flags: frozenset[str] | None = None) -> bool:
+    """Whether the CPU computes bf16 natively and torch's oneDNN kernels can use it."""
+    if not NATIVE_BF16_FLAGS & (cpu_flags() if flags is None else flags):
+        return False
+    mkldnn: Any = torch.backends.mkldnn
+    return bool(mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """``auto`` means bf16 on CUDA and float32 elsewhere (bf16 on CPU only when asked:
-    it is slower than fp32 on most CPUs and changes the tokens)."""
-    if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return _DTYPES[dtype]
+    """``auto`` picks half precision where the hardware has it natively, as vLLM's
+    ``auto`` does: bf16 on CUDA (fp16 where the GPU has no bf16) and on CPUs with
+    AVX512-BF16 or AMX; fp32 elsewhere (emulated bf16 is slower than fp32). bf16
+    tokens can differ from fp32's; the job's reproducibility record names the dtype."""
+    if dtype != "auto":
+        return _DTYPES[dtype]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu" and cpu_has_native_bf16():
+        return torch.bfloat16
+    return torch.float32
 
 
 def physical_cores() -> int:
