@@ -140,3 +140,23 @@ def test_packed_linear_equals_f_linear_in_bf16() -> None:
         got, expected = product(x).float(), functional.linear(x, weight, bias).float()
         assert got.shape == (rows, 1, 96)
         torch.testing.assert_close(got, expected, atol=0.05, rtol=0.02)
+
+
+@pytest.mark.parametrize(
+    ("activation", "reference_act"),
+    [
+        ("gelu_new", lambda x: functional.gelu(x, approximate="tanh")),
+        ("silu", functional.silu),
+    ],
+)
+def test_packed_linear_fuses_the_activation(activation: str, reference_act: Any) -> None:
+    """The activation fused into the packed bf16 product is the activation."""
+    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        pytest.skip("no oneDNN bf16 kernels on this CPU")
+    generator = torch.Generator().manual_seed(1)
+    weight = (torch.randn(128, 64, generator=generator) * 0.2).to(torch.bfloat16)
+    bias = torch.randn(128, generator=generator).to(torch.bfloat16)
+    x = torch.randn(7, 1, 64, generator=generator).to(torch.bfloat16)
+    got = packed(weight, bias, max_rows=16, activation=activation)(x).float()
+    expected = reference_act(functional.linear(x.float(), weight.float(), bias.float()))
+    torch.testing.assert_close(got, expected, atol=0.05, rtol=0.02)

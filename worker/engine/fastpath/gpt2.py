@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from worker.engine.fastpath.attention import attend, step_mask
-from worker.engine.fastpath.linear import Linear, linear
+from worker.engine.fastpath.linear import Linear, fuses, linear
 from worker.engine.kvcache import SlotCache
 
 
@@ -37,7 +37,12 @@ class GPT2Step:
         self.scale = self.head_dim**-0.5 if config.scale_attn_weights else 1.0
         self.qkv: list[Linear] = [linear(b.attn.c_attn, max_rows) for b in self.body.h]
         self.proj: list[Linear] = [linear(b.attn.c_proj, max_rows) for b in self.body.h]
-        self.fc: list[Linear] = [linear(b.mlp.c_fc, max_rows) for b in self.body.h]
+        # In bf16/fp16 the activation runs inside the first MLP product (one kernel
+        # instead of eight elementwise ones); in fp32 it is the model's own, exactly.
+        act = config.activation_function
+        self.fused_act = fuses(self.body.h[0].mlp.c_fc, act)
+        fc_act = act if self.fused_act else "none"
+        self.fc: list[Linear] = [linear(b.mlp.c_fc, max_rows, fc_act) for b in self.body.h]
         self.fc_out: list[Linear] = [linear(b.mlp.c_proj, max_rows) for b in self.body.h]
         self.lm_head = linear(model.lm_head, max_rows)
 
@@ -60,8 +65,10 @@ class GPT2Step:
                 self.scale,
             )
             h = h + self.proj[i](attn)
-            mlp = block.mlp
-            h = h + self.fc_out[i](mlp.act(self.fc[i](block.ln_2(h))))
+            hidden = self.fc[i](block.ln_2(h))
+            if not self.fused_act:
+                hidden = block.mlp.act(hidden)
+            h = h + self.fc_out[i](hidden)
         logits: torch.Tensor = self.lm_head(self.body.ln_f(h)[:, -1])
         return logits.float()
 

@@ -21,7 +21,8 @@ Linear = Callable[[torch.Tensor], torch.Tensor]
 _PACKABLE = (torch.bfloat16, torch.float16)
 
 
-def _can_pack(weight: torch.Tensor) -> bool:
+def can_pack(weight: torch.Tensor) -> bool:
+    """Whether oneDNN has a packed kernel for ``weight`` (bf16/fp16 on a CPU with them)."""
     if weight.device.type != "cpu" or weight.dtype not in _PACKABLE:
         return False
     if not torch.backends.mkldnn.is_available():  # type: ignore[no-untyped-call]
@@ -31,32 +32,56 @@ def _can_pack(weight: torch.Tensor) -> bool:
     return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
 
 
-def packed(weight: torch.Tensor, bias: torch.Tensor | None, max_rows: int) -> Linear:
-    """``x @ weight.T + bias`` for a ``[out, in]`` weight, packed once when that pays."""
-    if not _can_pack(weight):
+# Activations oneDNN applies inside the product (a post-op): the hidden layer is then
+# written once instead of being read and written by each elementwise op of the formula.
+# ``name: (post-op, algorithm)``, the names being transformers' ``ACT2FN`` keys.
+FUSED_ACTIVATIONS = {
+    "gelu_new": ("gelu", "tanh"),
+    "gelu_pytorch_tanh": ("gelu", "tanh"),
+    "gelu": ("gelu", "none"),
+    "silu": ("swish", ""),
+}
+
+
+def packed(
+    weight: torch.Tensor, bias: torch.Tensor | None, max_rows: int, activation: str = "none"
+) -> Linear:
+    """``act(x @ weight.T + bias)`` for a ``[out, in]`` weight, packed once when that pays;
+    ``activation`` is a key of :data:`FUSED_ACTIVATIONS` (packed weights only) or ``none``."""
+    if not can_pack(weight):
+        if activation != "none":
+            raise ValueError("activations are fused only into packed products")
         return lambda x: functional.linear(x, weight, bias)
+    post_op, algorithm = FUSED_ACTIVATIONS.get(activation, ("none", ""))
     packed_weight = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), max_rows)
     detached_bias = None if bias is None else bias.detach()
 
     def call(x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
         out: torch.Tensor = torch.ops.mkldnn._linear_pointwise(
-            flat, packed_weight, detached_bias, "none", [], ""
+            flat, packed_weight, detached_bias, post_op, [], algorithm
         )
         return out.view(*x.shape[:-1], out.shape[-1])
 
     return call
 
 
-def linear(module: Any, max_rows: int) -> Linear:
+def linear(module: Any, max_rows: int, activation: str = "none") -> Linear:
     """A callable for ``module``: an ``nn.Linear`` or transformers' ``Conv1D``
-    (GPT-2's layers, whose weight is stored ``[in, out]``)."""
+    (GPT-2's layers, whose weight is stored ``[in, out]``), with ``activation`` fused
+    (see :func:`fuses`)."""
     weight: torch.Tensor = module.weight
     bias: torch.Tensor | None = module.bias
     if type(module).__name__ == "Conv1D":
-        if not _can_pack(weight):
+        if not can_pack(weight):
             return module  # type: ignore[no-any-return]  # addmm, exactly as the model does
         weight = weight.t().contiguous()
     elif not isinstance(module, torch.nn.Linear):
         raise TypeError(f"not a linear layer: {type(module).__name__}")
-    return packed(weight, bias, max_rows)
+    return packed(weight, bias, max_rows, activation)
+
+
+def fuses(module: Any, activation: str) -> bool:
+    """Whether :func:`linear` can fuse ``activation`` into ``module``'s product: packed
+    weights (bf16/fp16; fp32 keeps the model's own activation, exactly) and a known one."""
+    return activation in FUSED_ACTIVATIONS and can_pack(module.weight)

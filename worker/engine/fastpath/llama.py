@@ -9,7 +9,7 @@ import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from worker.engine.fastpath.attention import attend, step_mask
-from worker.engine.fastpath.linear import linear
+from worker.engine.fastpath.linear import fuses, linear
 from worker.engine.kvcache import SlotCache
 
 
@@ -39,7 +39,11 @@ class LlamaStep:
         self.k = [linear(layer.self_attn.k_proj, max_rows) for layer in layers]
         self.v = [linear(layer.self_attn.v_proj, max_rows) for layer in layers]
         self.o = [linear(layer.self_attn.o_proj, max_rows) for layer in layers]
-        self.gate = [linear(layer.mlp.gate_proj, max_rows) for layer in layers]
+        # In bf16/fp16 the gate's activation runs inside its product (see gpt2.py).
+        act = getattr(model.config, "hidden_act", "")
+        self.fused_act = fuses(layers[0].mlp.gate_proj, act)
+        gate_act = act if self.fused_act else "none"
+        self.gate = [linear(layer.mlp.gate_proj, max_rows, gate_act) for layer in layers]
         self.up = [linear(layer.mlp.up_proj, max_rows) for layer in layers]
         self.down = [linear(layer.mlp.down_proj, max_rows) for layer in layers]
         self.lm_head = linear(model.lm_head, max_rows)
@@ -60,7 +64,10 @@ class LlamaStep:
             q, k = apply_rotary_pos_emb(q, k, cos, sin)
             h = h + self.o[i](attend(self.batch, i, q, k, v, keep, self.scale))
             x = layer.post_attention_layernorm(h)
-            h = h + self.down[i](layer.mlp.act_fn(self.gate[i](x)) * self.up[i](x))
+            gate = self.gate[i](x)
+            if not self.fused_act:
+                gate = layer.mlp.act_fn(gate)
+            h = h + self.down[i](gate * self.up[i](x))
         logits: torch.Tensor = self.lm_head(self.body.norm(h)[:, -1])
         return logits.float()
 
