@@ -96,6 +96,9 @@ def main() -> None:
     parser.add_argument("--new", type=int, default=64)
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--skip-static", action="store_true")
+    parser.add_argument(
+        "--hardware", action="store_true", help="also the matmul ceiling and a step breakdown"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model, tokenizer = build()
@@ -137,6 +140,26 @@ def main() -> None:
         print(f"mixed:   engine / static 64   = {ratio:.2f} (>= 1.3)")
         one = results["uniform one-at-a-time"]
         print(f"uniform: engine / one-at-a-time = {results['uniform engine'] / one:.2f}")
+    if args.hardware:
+        print_hardware(model, tokenizer, uniform, results["uniform engine"])
+
+
+def print_hardware(model: Any, tokenizer: Any, jobs: list[tuple[str, int]], engine: float) -> None:
+    """The uniform run's share of the matrix-product ceiling, and where a step's time goes."""
+    from bench import _hardware
+    from bench._workload import Prompt
+
+    rows = len(jobs)
+    ceiling = _hardware.matmul_ceiling(model, rows)
+    print(f"CPU flags: {_hardware.cpu_flags()}")
+    print(
+        f"matrix-product ceiling at {rows} rows: {ceiling.tokens_per_s:.0f} tokens/s; "
+        f"uniform engine share {engine / ceiling.tokens_per_s:.2f}"
+    )
+    prompts = [Prompt(text=p, ids=(), max_new_tokens=n) for p, n in jobs]
+    for fast in (True, False):
+        parts = _hardware.step_breakdown(model, tokenizer, prompts, rows, fast=fast)
+        print(f"  decode step ({parts.pop('path')} path): {parts}")
 
 
 if __name__ == "__main__":

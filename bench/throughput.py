@@ -28,7 +28,7 @@ from typing import Any
 
 import httpx
 
-from bench import _genq, _hf, _http, _report, _services
+from bench import _genq, _hardware, _hf, _http, _report, _services
 from bench._workload import Prompt, Workload, build_model_dir, workload_prompts
 
 DEFAULT_JOBS = {"uniform": 64, "mixed": 64, "plumbing": 2000, "beam": 64}
@@ -57,6 +57,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--idle-jobs", type=int, default=50, help="plumbing: sequential jobs")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds to wait for genq")
+    parser.add_argument(
+        "--no-hardware", action="store_true", help="skip the matmul ceiling and step breakdown"
+    )
     parser.add_argument("--log-dir", type=Path, help="keep the api/worker logs here")
     parser.add_argument(
         "--worker-env",
@@ -255,7 +258,22 @@ def run_model(args: argparse.Namespace, tmp: Path, log_dir: Path) -> dict[str, A
             "static_batch_vs_fp32": round(sb.tokens_per_s / static_rate, 3),
             "genq_vs_fp32": round(genq_bf16.tokens_per_s / genq.tokens_per_s, 3),
         }
+    if not args.no_hardware:
+        result["hardware"] = hardware_share(args, model_dir, prompts, result)
     return result
+
+
+def hardware_share(
+    args: argparse.Namespace, model_dir: Path, prompts: Sequence[Prompt], result: dict[str, Any]
+) -> dict[str, Any]:
+    """The matrix-product ceiling, each system's share of it and the decode-step breakdown,
+    for each dtype measured, at genq's running batch size."""
+    rates = {result["dtype"]: dict(result["tokens_per_s"])}
+    rates[result["dtype"]].pop("seed_loop", None)
+    if "bf16" in result:
+        rates["bfloat16"] = {k: result["bf16"][k] for k in ("static_batch", "genq")}
+    rows = _hardware.running_rows(args.worker_env, len(prompts))
+    return _hardware.measure(model_dir, prompts, rates, rows)
 
 
 def run_plumbing(args: argparse.Namespace, tmp: Path, log_dir: Path) -> dict[str, Any]:
@@ -367,6 +385,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         _beam.print_result(result)
     else:
         _report.print_model(result)
+        if "hardware" in result:
+            _hardware.print_report(result["hardware"])
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     return 0
