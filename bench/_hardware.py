@@ -24,6 +24,8 @@ from typing import Any
 
 from bench._workload import Prompt
 
+# New tokens per prompt in the breakdown run (fewer when a prompt asks for fewer).
+BREAKDOWN_STEPS = 32
 _MATMUL_OPS = ("aten::addmm", "aten::mm", "aten::bmm", "mkldnn::_linear_pointwise")
 _ATTENTION_MARKS = ("scaled_dot_product", "flash_attention")
 
@@ -261,6 +263,11 @@ def measure(
     from bench import _hf, _report
 
     out: dict[str, Any] = {"cpu_flags": cpu_flags(), "rows": rows}
+    # The breakdown needs a few dozen steps of a full batch, not the whole workload.
+    short = [
+        dataclasses.replace(p, max_new_tokens=min(p.max_new_tokens, BREAKDOWN_STEPS))
+        for p in prompts
+    ]
     for dtype, systems in rates.items():
         model, tokenizer = _hf.load(model_dir, dtype)
         _report.step(f"hardware {dtype}: matrix-product ceiling at {rows} rows")
@@ -277,9 +284,7 @@ def measure(
         for fast in (True, False):
             path = "fast" if fast else "generic"
             _report.step(f"hardware {dtype}: decode-step breakdown, {path} path")
-            figures[f"breakdown_{path}"] = step_breakdown(
-                model, tokenizer, prompts, rows, fast=fast
-            )
+            figures[f"breakdown_{path}"] = step_breakdown(model, tokenizer, short, rows, fast=fast)
         out[dtype] = figures
         del model
         gc.collect()
