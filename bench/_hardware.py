@@ -336,3 +336,48 @@ def print_report(hardware: dict[str, Any]) -> None:
         )
         console.print(table)
     console.print(f"[dim]CPU flags: {flags}[/dim]")
+
+
+def min_step_ms(model: Any, rows: int, prompt: int = 30, repeats: int = 16) -> dict[str, float]:
+    """The fastest of ``repeats`` decode steps of each path, interleaved, on a slot cache
+    of ``rows`` rows of ``prompt`` random tokens: on a busy machine the minimum is the
+    figure least disturbed by other work. ``{"fast": ms, "generic": ms}``."""
+    import torch
+    from transformers import DynamicCache
+
+    from worker.engine import fastpath
+    from worker.engine.kvcache import SlotCache
+
+    with torch.inference_mode():
+        batch = SlotCache(model.config, rows)
+        generator = torch.Generator().manual_seed(0)
+        ids = torch.randint(0, model.config.vocab_size, (rows, prompt), generator=generator)
+        mask = torch.ones_like(ids)
+        cache = DynamicCache(config=model.config)
+        model(input_ids=ids, attention_mask=mask, cache=cache, use_cache=True)
+        batch.admit(cache, mask, torch.zeros(rows, dtype=torch.long))
+        fast = fastpath.decode_step_for(model, batch, max_rows=rows)
+        if fast is None:
+            raise ValueError("no fast decode step for this model")
+
+        def generic(ids: Any, mask: Any, positions: Any) -> Any:
+            out = model(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=positions,
+                cache=batch.cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+            return out.logits[:, -1].float()
+
+        paths: dict[str, Callable[..., Any]] = {"fast": fast, "generic": generic}
+        best = dict.fromkeys(paths, float("inf"))
+        for k in range(repeats):
+            for name in list(paths) if k % 2 == 0 else list(paths)[::-1]:
+                inputs = batch.step_inputs()
+                start = time.perf_counter()
+                logits = paths[name](*inputs)
+                best[name] = min(best[name], (time.perf_counter() - start) * 1000)
+                batch.advance(logits.argmax(-1))
+    return best

@@ -73,6 +73,20 @@ def _rounds(
     return best
 
 
+def _print_steps(dtype: str, model: Any, rows: int) -> None:
+    steps = _hardware.min_step_ms(model, rows)
+    ceiling = _hardware.matmul_ceiling(model, rows, repeats=10)
+    packed = f", packed {ceiling.packed_ms:.1f} ms" if ceiling.packed_ms else ""
+    print(
+        f"{dtype}, {rows} rows: fastest step fast {steps['fast']:.1f} ms"
+        f" ({rows / steps['fast'] * 1000:.0f} tok/s), generic {steps['generic']:.1f} ms"
+        f" ({rows / steps['generic'] * 1000:.0f} tok/s), generic/fast"
+        f" {steps['generic'] / steps['fast']:.2f}x; F.linear alone {ceiling.linear_ms:.1f} ms"
+        f"{packed} (load {os.getloadavg()[0]:.1f})",
+        flush=True,
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Measure and print; asserts nothing."""
     parser = argparse.ArgumentParser(prog="python -m bench.speed_ab", description=__doc__)
@@ -81,6 +95,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument(
+        "--steps-only",
+        action="store_true",
+        help="only the fastest decode step of each path (min of 16, interleaved) and the ceiling",
+    )
     args = parser.parse_args(argv)
 
     import dataclasses
@@ -100,6 +119,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         eos = tokenizer.eos_token_id
         for dtype in args.dtypes.split(","):
             model, tokenizer = _hf.load(model_dir, dtype)
+            if args.steps_only:
+                _print_steps(dtype, model, args.prompts)
+                continue
             _hf.warm_up(model, prompts, eos)
             best = _rounds(dtype, model, tokenizer, prompts, args.rounds)
             ceiling = _hardware.matmul_ceiling(model, len(prompts))
