@@ -154,6 +154,7 @@ def step_breakdown(
 ) -> dict[str, Any]:
     """One engine run of ``rows`` prompts; milliseconds per decode step by section."""
     from core.schemas import GenerationParams
+    from worker.engine import batching
     from worker.engine.base import GenerationRequest, ModelInfo
     from worker.engine.batching import BatchingEngine
 
@@ -193,8 +194,11 @@ def step_breakdown(
     else:
         engine._forward = sections.wrap("forward", forward, decode_only=True)
     engine._decode = sections.wrap("decode_step", decoding, decode_only=False)
-    engine._choose = sections.wrap("sampling", engine._choose, decode_only=True)
-    engine._record = sections.wrap("record", engine._record, decode_only=True)
+    # Choosing and recording are module functions the engine calls by name.
+    namespace = vars(batching)
+    originals = {name: namespace[name] for name in ("choose", "record")}
+    namespace["choose"] = sections.wrap("sampling", originals["choose"], decode_only=True)
+    namespace["record"] = sections.wrap("record", originals["record"], decode_only=True)
     engine._retire = sections.wrap("retire", engine._retire, decode_only=False)
     engine._prefill = sections.wrap("prefill", engine._prefill, decode_only=False)
     try:
@@ -214,6 +218,7 @@ def step_breakdown(
         seconds = time.perf_counter() - start
     finally:
         engine.close()
+        namespace.update(originals)
     ms, steps = sections.ms, max(1, sections.steps)
     per_step = {k: v / steps for k, v in ms.items() if k != "prefill"}
     if sections.profiled_ms:  # the profiled step's forward (profiler included) left out
