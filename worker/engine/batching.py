@@ -322,6 +322,8 @@ class BatchingEngine:
         self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any
     ) -> torch.Tensor:
         """Last-position logits in float32 (as generate computes them); ``cache`` grows."""
+        if self._fast is not None and cache is self._batch.cache:  # a decode step
+            return self._fast(ids, mask, positions)
         out = self.model(
             input_ids=ids,
             attention_mask=mask,
@@ -366,10 +368,7 @@ class BatchingEngine:
     def _decode(self) -> None:
         """One token for every row of the running batch (free slots too: no copy to skip them)."""
         ids, mask, positions = self._batch.step_inputs()
-        if self._fast is not None:
-            logits = self._fast(ids, mask, positions)
-        else:
-            logits = self._forward(ids, mask, positions, self._batch.cache)
+        logits = self._forward(ids, mask, positions, self._batch.cache)
         placed = [(state, self._slots[state]) for state in self._jobs]
         moves: Moves = []
         chosen = choose(logits, placed, self.pad_id, moves)
