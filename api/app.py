@@ -8,7 +8,9 @@ from fastapi_offline import FastAPIOffline
 from api import errors
 from api.limits import BodySizeLimit
 from api.routes import batches, completions, events, files, health, jobs, metrics, models, ui
+from api.textguard import TextGuard
 from core.queue import JobQueue, get_queue
+from core.quotas import RateLimiter, StreamSlots
 from core.settings import Settings, get_settings
 
 DOCS_STATIC_URL = "/docs-static"
@@ -28,7 +30,12 @@ def create_app(settings: Settings | None = None, queue: JobQueue | None = None) 
     )
     app.state.settings = settings
     app.state.queue = queue or get_queue(settings)
+    app.state.rate_limiter = RateLimiter(
+        settings.quota_requests_per_s, settings.quota_request_burst
+    )
+    app.state.streams = StreamSlots(settings.quota_streams)
     errors.install(app)
+    app.add_middleware(TextGuard)  # inside BodySizeLimit: it reads bounded bodies only
     app.add_middleware(BodySizeLimit, limit_for=lambda path: _body_limit(settings, path))
     app.include_router(health.router)
     app.include_router(jobs.router)

@@ -10,8 +10,9 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
 from api.errors import APIError
-from core import keys
+from core import keys, quotas
 from core.db import get_sessionmaker
+from core.models import LOCAL_OWNER
 from core.queue import JobQueue
 from core.settings import Settings
 
@@ -40,23 +41,49 @@ QueueDep = Annotated[JobQueue, Depends(get_job_queue)]
 bearer = HTTPBearer(auto_error=False, description="an API key made by `genq keys create`")
 
 
-def get_owner(
+def get_caller(
+    request: Request,
     session: SessionDep,
     settings: SettingsDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
-) -> str | None:
-    """Who is calling: the owner of the bearer key, or None (anyone) with auth off."""
+) -> keys.Caller | None:
+    """Who is calling (the bearer key's owner and permissions), or None (anyone) with
+    auth off; over the owner's request rate, a 429 (core.quotas)."""
     if not settings.require_auth:
-        return None
-    if credentials is None or not credentials.credentials.strip():
+        caller = None
+    elif credentials is None or not credentials.credentials.strip():
         raise APIError(401, "missing_api_key", "send an API key as 'Authorization: Bearer <key>'")
-    owner = keys.owner_of(session, credentials.credentials.strip())
-    if owner is None:
-        raise APIError(401, "invalid_api_key", "the API key is wrong or revoked")
-    return owner
+    else:
+        caller = keys.caller_of(session, credentials.credentials.strip())
+        if caller is None:
+            raise APIError(401, "invalid_api_key", "the API key is wrong or revoked")
+    limiter: quotas.RateLimiter = request.app.state.rate_limiter
+    limiter.check(caller.owner if caller else LOCAL_OWNER)
+    return caller
+
+
+CallerDep = Annotated[keys.Caller | None, Depends(get_caller)]
+
+
+def get_owner(caller: CallerDep) -> str | None:
+    """Who is calling: the owner of the bearer key, or None (anyone) with auth off."""
+    return caller.owner if caller else None
 
 
 OwnerDep = Annotated[str | None, Depends(get_owner)]
+
+
+def may_use_high(caller: keys.Caller | None) -> bool:
+    """Whether the caller may submit priority ``high`` (anyone, with auth off)."""
+    return caller is None or caller.high_priority
+
+
+def get_streams(request: Request) -> quotas.StreamSlots:
+    streams: quotas.StreamSlots = request.app.state.streams
+    return streams
+
+
+StreamsDep = Annotated[quotas.StreamSlots, Depends(get_streams)]
 
 
 IdempotencyKeyHeader = Annotated[

@@ -12,8 +12,11 @@ from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from core.db import is_transient
+from core.egress import CallbackRefusedError
 from core.errors import ConflictError, CoreError, InvalidRequestError, NotFoundError, TooLargeError
+from core.quotas import PriorityNotAllowedError, QuotaExceededError, retry_after_header
 from core.submit import NoChatTemplateError, RequestTooLargeError, UnknownModelError
+from core.text import UnstorableTextError
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +81,10 @@ STATUS_OF: tuple[tuple[type[CoreError], int], ...] = (
     (UnknownModelError, 422),
     (RequestTooLargeError, 422),
     (NoChatTemplateError, 422),
+    (CallbackRefusedError, 422),
+    (UnstorableTextError, 422),
+    (QuotaExceededError, 429),
+    (PriorityNotAllowedError, 403),
 )
 
 
@@ -87,11 +94,16 @@ def status_of(exc: CoreError) -> int:
 
 
 async def _on_core_error(_: Request, exc: CoreError) -> JSONResponse:
-    return JSONResponse(error_body(exc.code, exc.message, exc.param), status_code=status_of(exc))
+    headers = None
+    if isinstance(exc, QuotaExceededError):  # when the owner may try again
+        headers = {"Retry-After": retry_after_header(exc.retry_after_s)}
+    body = error_body(exc.code, exc.message, exc.param)
+    return JSONResponse(body, status_code=status_of(exc), headers=headers)
 
 
 async def _on_http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    codes = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
+    code = codes.get(exc.status_code, "http_error")
     return JSONResponse(
         error_body(code, str(exc.detail)), status_code=exc.status_code, headers=exc.headers
     )

@@ -5,11 +5,21 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 
+from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 
-class BodyTooLargeError(Exception):
-    pass
+class BodyTooLargeError(HTTPException):
+    """Raised from ``receive`` once a body streams past its limit. An HTTPException
+    so that FastAPI, which turns other errors while reading a body into a 400,
+    lets it through (the handler answers 413 if this middleware does not)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, too_large_message(limit))
+
+
+def too_large_message(limit: int) -> str:
+    return f"the request body is larger than the limit of {limit} bytes"
 
 
 class BodySizeLimit:
@@ -41,7 +51,7 @@ class BodySizeLimit:
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > limit:
-                    raise BodyTooLargeError
+                    raise BodyTooLargeError(limit)
             return message
 
         async def tracking_send(message: Message) -> None:
@@ -61,7 +71,7 @@ async def _reject(send: Send, limit: int) -> None:
         {
             "error": {
                 "code": "request_too_large",
-                "message": f"the request body is larger than the limit of {limit} bytes",
+                "message": too_large_message(limit),
                 "param": None,
             }
         }

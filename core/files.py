@@ -19,6 +19,7 @@ from typing import Any, BinaryIO, Literal
 from sqlalchemy import delete, insert, select
 from sqlalchemy.orm import Session
 
+from core import text
 from core.errors import InvalidRequestError, NotFoundError, TooLargeError
 from core.models import File, FileChunk, utcnow
 from core.openai_format import unix
@@ -81,6 +82,31 @@ def iter_lines(chunks: Iterable[bytes]) -> Iterator[tuple[int, bytes]]:
         yield number + 1, rest
 
 
+def iter_bounded_lines(
+    chunks: Iterable[bytes], max_line_bytes: int
+) -> Iterator[tuple[int, bytes | None]]:
+    """Like :func:`iter_lines`, but a line longer than ``max_line_bytes`` is yielded
+    as None and its bytes are dropped as they come, so memory stays bounded
+    whatever one line holds."""
+    number = 0
+    rest = b""
+    oversized = False  # the current line already went past the limit
+    for chunk in chunks:
+        parts = chunk.split(b"\n")
+        last = parts.pop()
+        for part in parts:
+            number += 1
+            line = rest + part
+            yield number, None if oversized or len(line) > max_line_bytes else line
+            rest, oversized = b"", False
+        if not oversized:
+            rest += last
+            if len(rest) > max_line_bytes:
+                rest, oversized = b"", True
+    if rest or oversized:
+        yield number + 1, None if oversized else rest
+
+
 @dataclasses.dataclass(frozen=True)
 class Upload:
     """A stored upload's row and the SHA-256 of its content."""
@@ -104,6 +130,7 @@ def store_upload(
     Raises :class:`FileTooLargeError` or :class:`TooManyLinesError`; the caller
     rolls back.
     """
+    text.check(filename, "file")  # the multipart part's filename
     file_id = new_file_id()
     session.add(
         File(
@@ -157,6 +184,11 @@ def iter_chunks(session: Session, file_id: str) -> Iterator[bytes]:
             return
         yield data
         seq += 1
+
+
+def exists(session: Session, file_id: str) -> bool:
+    """Whether a file with that id exists (whoever owns it)."""
+    return session.scalar(select(File.id).where(File.id == file_id)) is not None
 
 
 def get_file(session: Session, file_id: str, *, owner: str | None) -> File:

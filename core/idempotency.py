@@ -9,11 +9,12 @@ two exist together or not at all.
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import hashlib
 import json
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from core.errors import ConflictError
@@ -101,6 +102,14 @@ class IdempotentRequest:
             self.session, owner=self.owner, key=self.key, request_hash=self.request_hash
         )
 
+    def forget(self) -> None:
+        """Drop this key's record (its object was deleted: a retry makes a new one)."""
+        self.session.execute(
+            delete(IdempotencyRecord).where(
+                IdempotencyRecord.owner == self.owner, IdempotencyRecord.key == self.key
+            )
+        )
+
     def remember(self, resource_id: str) -> None:
         """Record that this key made ``resource_id`` (in the caller's transaction)."""
         remember(
@@ -111,3 +120,11 @@ class IdempotentRequest:
             request_hash=self.request_hash,
             resource_id=resource_id,
         )
+
+
+def purge(session: Session, *, older_than_days: float) -> int:
+    """Delete records older than the retention age (their objects are purged too)."""
+    cutoff = utcnow() - dt.timedelta(days=older_than_days)
+    result = session.execute(delete(IdempotencyRecord).where(IdempotencyRecord.created_at < cutoff))
+    count: int = result.rowcount  # type: ignore[attr-defined]
+    return count

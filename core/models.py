@@ -111,6 +111,8 @@ class Job(Base):
             postgresql_where=text("status = 'queued' AND enqueued_at IS NULL"),
             sqlite_where=text("status = 'queued' AND enqueued_at IS NULL"),
         ),
+        # Per-owner counts of queued + running jobs (core.quotas) read this index only.
+        Index("ix_job_owner_status", "owner", "status"),
         # Room on each page for heap-only (HOT) updates: see migration 0006.
         {"postgresql_with": {"fillfactor": JOB_FILLFACTOR}},
     )
@@ -185,6 +187,8 @@ class ApiKey(Base):
     # secret their deliveries are signed with (HMAC-SHA256).
     callback_url: Mapped[str | None] = mapped_column(Text)
     webhook_secret: Mapped[str | None] = mapped_column(String(64))
+    # Whether the key may submit priority "high" jobs (core.quotas.check_priority).
+    high_priority: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
 
 class Lock(Base):

@@ -30,6 +30,7 @@ from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from core import text
 from core.chat import ChatMessage, Messages, check_conversation, template_messages
 from core.errors import InvalidRequestError
 from core.logprobs import chat_logprobs, completion_logprobs, sequence
@@ -329,6 +330,13 @@ def parse_chat(
     return request, params
 
 
+# One line of a batch file: a prompt may be 200,000 characters, 6 bytes each when
+# JSON-escaped; nothing a request needs nests more than a few levels.
+MAX_LINE_BYTES = 2 * 1024 * 1024
+MAX_LINE_DEPTH = 32
+_too_deep = f"the line nests arrays or objects more than {MAX_LINE_DEPTH} deep"
+
+
 class BatchLine(BaseModel):
     """One line of a batch input file."""
 
@@ -349,12 +357,23 @@ def parse_batch_line(
     default_max_tokens: int = OPENAI_DEFAULT_MAX_TOKENS,
 ) -> ParsedRequest:
     """Validate one JSONL line of a batch input file; raise :class:`RequestError`."""
+    if len(raw) > MAX_LINE_BYTES:
+        raise RequestError(
+            "line_too_large", f"the line is longer than the limit of {MAX_LINE_BYTES} bytes"
+        )
     try:
         data = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise RequestError("invalid_json_line", f"the line is not valid JSON: {exc}") from exc
+        reason = text.storable(str(exc), 200)
+        raise RequestError("invalid_json_line", f"the line is not valid JSON: {reason}") from exc
+    except RecursionError as exc:
+        raise RequestError("line_too_deep", _too_deep) from exc
     if not isinstance(data, dict):
         raise RequestError("invalid_json_line", "the line must be a JSON object")
+    if text.depth_exceeds(data, MAX_LINE_DEPTH):
+        raise RequestError("line_too_deep", _too_deep)
+    if (bad := text.first_unstorable(data)) is not None:
+        raise RequestError("invalid_text", f"{bad[0]}: {bad[1]}", bad[0] or None)
     try:
         line = BatchLine.model_validate(data)
     except ValidationError as exc:

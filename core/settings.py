@@ -8,6 +8,7 @@ set, genq runs embedded: a SQLite database and a SQLite-backed broker under
 from __future__ import annotations
 
 import functools
+from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -92,6 +93,21 @@ class Settings(BaseSettings):
     require_auth: bool = True
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
 
+    # Per-owner limits (core.quotas): a 429 with Retry-After past them; 0 turns one off.
+    quota_active_jobs: int = Field(
+        default=1_000_000, ge=0, description="queued + running jobs per owner"
+    )
+    quota_file_bytes: int = Field(
+        default=50 * 1024**3, ge=0, description="bytes of uploaded files per owner"
+    )
+    quota_requests_per_s: float = Field(
+        default=1000.0, ge=0, description="API requests a second per owner, per API process"
+    )
+    quota_request_burst: int = Field(default=10_000, ge=1, description="requests at once above it")
+    quota_streams: int = Field(
+        default=64, ge=0, description="open event streams + waiting completions per owner"
+    )
+
     # Bulk generation: files, batches, /v1/completions (core.batches, docs/batch.md).
     max_file_bytes: int = Field(default=200 * 1024 * 1024, ge=1024, description="per upload")
     max_batch_lines: int = Field(default=50_000, ge=1, description="requests per batch")
@@ -103,13 +119,38 @@ class Settings(BaseSettings):
     webhook_secret: str | None = Field(
         default=None, description="signs webhooks of owners without a key secret (auth off)"
     )
-    webhook_timeout_s: float = Field(default=10.0, gt=0, description="per POST")
+    webhook_timeout_s: float = Field(
+        default=10.0, gt=0, description="one attempt's whole time: resolve, connect, send, answer"
+    )
+    webhook_allow_networks: str = Field(
+        default="",
+        description="CIDRs webhooks may go to beside public addresses (e.g. 127.0.0.0/8)",
+    )
+    webhook_senders: int = Field(default=16, ge=1, le=256, description="POSTs at once per worker")
+    webhook_per_host: int = Field(
+        default=2, ge=1, description="POSTs at once to one host; more wait (not a sender each)"
+    )
     webhook_max_age_s: float = Field(
         default=86_400.0, gt=0, description="retry a failing webhook this long, then give up"
     )
     webhook_backoff_base_s: float = Field(default=5.0, gt=0, description="first retry's wait")
     webhook_backoff_max_s: float = Field(default=3600.0, gt=0, description="longest retry wait")
     webhook_poll_s: float = Field(default=1.0, gt=0, description="how often due ones are sent")
+
+    @field_validator("webhook_allow_networks")
+    @classmethod
+    def _networks(cls, value: str) -> str:
+        from core.egress import parse_networks
+
+        parse_networks(value)  # a bad entry is an error at start, naming it
+        return value
+
+    @property
+    def webhook_allow(self) -> tuple[IPv4Network | IPv6Network, ...]:
+        """``webhook_allow_networks`` parsed (core.egress)."""
+        from core.egress import parse_networks
+
+        return parse_networks(self.webhook_allow_networks)
 
     @property
     def resolved_database_url(self) -> str:

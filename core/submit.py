@@ -26,7 +26,7 @@ from sqlalchemy import insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from core import idempotency, workers
+from core import egress, idempotency, quotas, workers
 from core.chat import template_messages
 from core.errors import CoreError
 from core.jobs import get_job, submission_jobs
@@ -280,12 +280,23 @@ def create(
 ) -> tuple[list[dict[str, Any]], str | None]:
     """Validate, insert, commit and send ``new_jobs``; returns their rows, or no rows
     and the id an earlier request with the same idempotency key made (a job's id,
-    or for ``grouped`` jobs their submission's id)."""
+    or for ``grouped`` jobs their submission's id).
+
+    Validation covers every door alike: served models, fit in a worker, the
+    webhook egress policy for each ``callback_url`` and the owner's quota of
+    queued + running jobs (a replay is answered before any of them)."""
     if replay is not None and (earlier := replay.earlier()) is not None:
         return [], earlier
     check_models(session, settings, [new.model for new in new_jobs], param=param)
     check_chat(session, new_jobs, settings, param=param)
     check_fits(settings, new_jobs, prefix=prefix)
+    egress.check_callbacks(
+        ((prefix(index) + "callback_url", new.callback_url) for index, new in enumerate(new_jobs)),
+        settings.webhook_allow,
+    )
+    quotas.check_active_jobs(
+        session, owner or LOCAL_OWNER, len(new_jobs), settings.quota_active_jobs
+    )
     submission_id = f"sub_{secrets.token_hex(12)}" if grouped else None
     ids = id_sequence() if grouped else iter([new_job_id()])
     now = utcnow()

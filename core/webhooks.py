@@ -22,7 +22,11 @@ Every request carries::
     Genq-Signature: t=1767225600,v1=5f0c...   (hex HMAC-SHA256 of f"{t}.{body}")
 
 with one ``v1`` per live API key of the owner (so rotating keys never breaks a
-receiver), or the server's ``GENQ_WEBHOOK_SECRET`` when the owner has none.
+receiver), or the server's ``GENQ_WEBHOOK_SECRET`` when the owner has none; and
+the same signatures per the Standard Webhooks spec (``webhook-id``,
+``webhook-timestamp``, ``webhook-signature``). Where the POST may go is
+:mod:`core.egress`'s policy; an attempt has one total deadline and its record
+keeps the status code and a reason of genq's own, never the receiver's body.
 """
 
 from __future__ import annotations
@@ -44,9 +48,12 @@ from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
+from core import egress
 from core.db import session_scope
 from core.models import ApiKey, Batch, Job, WebhookDelivery, utcnow
 from core.settings import Settings
+from core.standard_webhooks import standard_signature
+from core.text import storable
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +62,6 @@ DELIVERY_HEADER = "Genq-Delivery"
 SIGNATURE_HEADER = "Genq-Signature"
 SECRET_PREFIX = "whsec_"
 PENDING, DELIVERED, FAILED = "pending", "delivered", "failed"
-MAX_SIGNATURES = 5
 USER_AGENT = "genq-webhooks/1"
 
 
@@ -217,6 +223,7 @@ class Claimed:
     id: str
     attempt: int
     created_at: dt.datetime
+    url: str = ""  # where it goes (the dispatcher limits sends per host)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -238,6 +245,13 @@ class Prepared:
         }
         if self.secrets and self.body is not None:
             headers[SIGNATURE_HEADER] = signature_header(self.secrets, self.body, timestamp)
+            # The same, the Standard Webhooks way (standardwebhooks.com), so that
+            # receivers can verify with an off-the-shelf library.
+            headers["webhook-id"] = self.claimed.id
+            headers["webhook-timestamp"] = str(timestamp)
+            headers["webhook-signature"] = standard_signature(
+                self.secrets, self.claimed.id, timestamp, self.body
+            )
         return headers
 
 
@@ -279,14 +293,20 @@ def claim_due(session: Session, *, limit: int, lease_s: float) -> list[Claimed]:
             attempts=WebhookDelivery.attempts + 1,
             next_attempt_at=now + dt.timedelta(seconds=lease_s),
         )
-        .returning(WebhookDelivery.id, WebhookDelivery.attempts, WebhookDelivery.created_at)
+        .returning(
+            WebhookDelivery.id,
+            WebhookDelivery.attempts,
+            WebhookDelivery.created_at,
+            WebhookDelivery.url,
+        )
         .execution_options(synchronize_session=False)
     )
     return [Claimed(*row) for row in rows]
 
 
 def signing_secrets(session: Session, owner: str, fallback: str | None) -> list[str]:
-    """The webhook secrets of the owner's live keys, oldest first; else ``fallback``."""
+    """The webhook secrets of all the owner's live keys, oldest first (a receiver
+    holding any one of them verifies); else ``fallback``."""
     found = list(
         session.scalars(
             select(ApiKey.webhook_secret)
@@ -296,7 +316,6 @@ def signing_secrets(session: Session, owner: str, fallback: str | None) -> list[
                 ApiKey.webhook_secret.is_not(None),
             )
             .order_by(ApiKey.created_at)
-            .limit(MAX_SIGNATURES)
         )
     )
     secrets_ = [s for s in found if s]
@@ -328,22 +347,30 @@ def prepare(
     )
 
 
-def post(client: httpx.Client, prepared: Prepared) -> Attempt:
-    """POST a prepared delivery; redirects are not followed (they count as failures)."""
+def post(client: httpx.Client, prepared: Prepared, *, timeout_s: float = 10.0) -> Attempt:
+    """POST a prepared delivery within one total deadline of ``timeout_s``. Redirects
+    are not followed (they count as failures) and no byte of the answer's body is
+    read: only its status code matters, and a receiver's body is never stored."""
     if prepared.body is None:
         return Attempt(None, "the object no longer exists")
     try:
-        response = client.post(
-            prepared.url,
-            content=prepared.body,
-            headers=prepared.headers(int(time.time())),
-            follow_redirects=False,
-        )
+        with (
+            egress.deadline(timeout_s),
+            client.stream(
+                "POST",
+                prepared.url,
+                content=prepared.body,
+                headers=prepared.headers(int(time.time())),
+                follow_redirects=False,
+                timeout=timeout_s,
+            ) as response,
+        ):
+            code = response.status_code
     except httpx.HTTPError as exc:
-        return Attempt(None, f"{type(exc).__name__}: {exc}"[:1000])
-    if 200 <= response.status_code < 300:
-        return Attempt(response.status_code, None)
-    return Attempt(response.status_code, f"HTTP {response.status_code}: {response.text[:500]}")
+        return Attempt(None, storable(f"{type(exc).__name__}: {exc}", 300))
+    if 200 <= code < 300:
+        return Attempt(code, None)
+    return Attempt(code, f"HTTP {code}: the receiver did not answer 2xx")
 
 
 def record_attempt(
@@ -362,7 +389,7 @@ def record_attempt(
     now = utcnow()
     values: dict[str, Any] = {
         "last_status_code": attempt.status_code,
-        "last_error": attempt.error,
+        "last_error": None if attempt.error is None else storable(attempt.error),
     }
     if attempt.ok:
         values.update(status=DELIVERED, delivered_at=now)
@@ -407,9 +434,9 @@ def purge(session: Session, *, older_than_days: float) -> int:
 
 
 def lease_s(settings: Settings) -> float:
-    """How long a claimed attempt is held: longer than a POST can take (httpx's
-    timeout bounds each phase: connect, write, read) plus the database writes."""
-    return settings.webhook_timeout_s * 3 + 10
+    """How long a claimed attempt is held: longer than a POST can take (one total
+    deadline, :func:`post`) plus name resolution and the database writes."""
+    return settings.webhook_timeout_s * 2 + 30
 
 
 def deliver(
@@ -427,7 +454,7 @@ def deliver(
         return None
     if prepared.body is not None and not prepared.secrets:
         log.warning("webhook %s sent unsigned: no key secret nor GENQ_WEBHOOK_SECRET", claimed.id)
-    attempt = post(client, prepared)
+    attempt = post(client, prepared, timeout_s=settings.webhook_timeout_s)
     with session_scope(database_url) as session:
         status = record_attempt(session, claimed, attempt, settings, gone=prepared.body is None)
     log.info(

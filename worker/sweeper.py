@@ -13,7 +13,8 @@ sweep:
   ``GENQ_JOBS_PER_MESSAGE`` ids), so a long batch tail still waiting in the broker
   is not re-sent. A duplicate message is harmless: a claim is conditional, so a
   job runs once;
-- purges finished jobs older than the retention age, once an hour.
+- purges finished jobs (and batches, files, idempotency keys) older than the
+  retention age, once an hour.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import logging
 import threading
 import time
 
-from core import batches, delivery, jobstate, submit
+from core import batches, delivery, idempotency, jobstate, submit
 from core.db import get_sessionmaker, session_scope
 from core.queue import JobQueue, Route, queue_name
 from core.settings import Settings
@@ -104,7 +105,9 @@ class Sweeper:
             jobs = delivery.purge_finished(session, older_than_days=days)
         with session_scope(self._url) as session:
             batch_count, file_count = batches.purge(session, older_than_days=days)
-        return jobs + batch_count + file_count
+        with session_scope(self._url) as session:  # the keys of what was just purged
+            keys = idempotency.purge(session, older_than_days=days)
+        return jobs + batch_count + file_count + keys
 
     def _send(self, routes: list[Route]) -> None:
         submit.send(self.queue, routes)

@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from api.deps import IdempotencyKeyHeader, OwnerDep, QueueDep, SessionDep, SettingsDep
 from api.errors import APIError
-from core import batches, feed, files, idempotency
+from core import batches, egress, feed, files, idempotency, quotas
 from core.db import get_sessionmaker
 from core.models import LOCAL_OWNER
 from core.openai_format import COMPLETIONS_URL, list_object
@@ -59,6 +59,8 @@ def create_batch(
     """Validate the input file and queue one job per line; a file with an invalid line
     gives a ``failed`` batch whose ``errors`` name each offending line. With an
     ``Idempotency-Key``, a retry with the same body returns the same batch."""
+    callback_url = str(body.callback_url) if body.callback_url else None
+    egress.check_callbacks([("callback_url", callback_url)], settings.webhook_allow)
     replay = idempotency.IdempotentRequest.begin(
         session,
         owner=owner or LOCAL_OWNER,
@@ -68,6 +70,11 @@ def create_batch(
     )
     if replay is not None and (earlier := replay.earlier()) is not None:
         return batches.batch_object(session, batches.get_batch(session, earlier, owner=owner))
+    try:
+        lines = files.get_file(session, body.input_file_id, owner=owner).lines
+    except files.NoSuchFileError as exc:
+        raise APIError(404, "not_found", str(exc), "input_file_id") from exc
+    quotas.check_active_jobs(session, owner or LOCAL_OWNER, lines, settings.quota_active_jobs)
     try:
         batch = batches.create_batch(
             session,
@@ -79,7 +86,7 @@ def create_batch(
             models=served_models(session, settings),
             without_template=models_without_chat_template(session, settings),
             max_lines=settings.max_batch_lines,
-            callback_url=str(body.callback_url) if body.callback_url else None,
+            callback_url=callback_url,
             before_commit=(lambda batch: replay.remember(batch.id)) if replay else None,
         )
     except files.NoSuchFileError as exc:

@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
-from api.deps import IdempotencyKeyHeader, OwnerDep, QueueDep, SessionDep, SettingsDep
+from api.deps import IdempotencyKeyHeader, OwnerDep, QueueDep, SessionDep, SettingsDep, StreamsDep
 from api.errors import APIError, error_body
 from core import jobstate, submit
 from core.chat import template_messages
@@ -34,6 +34,7 @@ from core.openai_format import (
     response_object,
 )
 from core.queue import JobQueue
+from core.quotas import StreamSlots
 from core.schemas import JobRead
 from core.settings import Settings
 from core.status import JobStatus
@@ -66,6 +67,7 @@ async def create_completion(
     settings: SettingsDep,
     queue: QueueDep,
     owner: OwnerDep,
+    streams: StreamsDep,
     idempotency_key: IdempotencyKeyHeader = None,
 ) -> JSONResponse:
     """Generate a completion: the body and the answer are OpenAI's. With an
@@ -76,7 +78,7 @@ async def create_completion(
         raise _api_error(exc) from exc
     job_request = ParsedRequest(None, parsed.prompt, parsed.model, params)
     return await _submit_and_wait(
-        request, session, settings, queue, owner, idempotency_key, body, job_request
+        request, session, settings, queue, owner, streams, idempotency_key, body, job_request
     )
 
 
@@ -88,6 +90,7 @@ async def create_chat_completion(
     settings: SettingsDep,
     queue: QueueDep,
     owner: OwnerDep,
+    streams: StreamsDep,
     idempotency_key: IdempotencyKeyHeader = None,
 ) -> JSONResponse:
     """Answer a conversation: the body and the answer are OpenAI's. The model's own
@@ -103,7 +106,7 @@ async def create_chat_completion(
     messages = template_messages(parsed.messages)
     job_request = ParsedRequest(None, "", parsed.model, params, messages)
     return await _submit_and_wait(
-        request, session, settings, queue, owner, idempotency_key, body, job_request
+        request, session, settings, queue, owner, streams, idempotency_key, body, job_request
     )
 
 
@@ -118,26 +121,29 @@ async def _submit_and_wait(
     settings: Settings,
     queue: JobQueue,
     owner: str | None,
+    streams: StreamSlots,
     idempotency_key: str | None,
     body: dict[str, Any],
     job_request: ParsedRequest,
 ) -> JSONResponse:
     """Queue the job, then answer once it is final (or 202 when the wait runs out)."""
-    job_id, replay = await run_in_threadpool(
-        functools.partial(
-            submit.submit_request,
-            session,
-            queue,
-            job_request,
-            settings=settings,
-            owner=owner or LOCAL_OWNER,
-            idempotency_key=idempotency_key,
-            body=body,
+    tenant = owner or LOCAL_OWNER
+    with streams.hold(tenant):  # a waiting completion holds a slot, like an event stream
+        job_id, replay = await run_in_threadpool(
+            functools.partial(
+                submit.submit_request,
+                session,
+                queue,
+                job_request,
+                settings=settings,
+                owner=tenant,
+                idempotency_key=idempotency_key,
+                body=body,
+            )
         )
-    )
-    answer = await _wait(
-        request, settings.resolved_database_url, job_id, settings.completion_wait_s
-    )
+        answer = await _wait(
+            request, settings.resolved_database_url, job_id, settings.completion_wait_s
+        )
     if replay:
         answer.headers["Idempotent-Replayed"] = "true"
     return answer

@@ -20,17 +20,19 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any
 
 import anyio
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
 
-from api.deps import OwnerDep, SessionDep
+from api.deps import OwnerDep, SessionDep, StreamsDep
 from core import jobs
 from core.db import get_sessionmaker
 from core.errors import NotFoundError
+from core.models import LOCAL_OWNER
 from core.schemas import JobRead
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -121,12 +123,33 @@ async def _stream(
     yield sse("timeout", job.model_dump(mode="json"))
 
 
+class _HeldStream(StreamingResponse):
+    """A streaming response that gives the owner's stream slot back when it is done,
+    however it ends (finished, timed out, or the client went away: Starlette then
+    cancels the body's iteration, so a ``finally`` in the generator would not run)."""
+
+    def __init__(self, content: AsyncIterator[str], release: Callable[[], None]) -> None:
+        super().__init__(
+            content,
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+        self._release = release
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._release()
+
+
 @router.get("/{job_id}/events", response_class=StreamingResponse)
 def job_events(
     job_id: str,
     request: Request,
     session: SessionDep,
     owner: OwnerDep,
+    streams: StreamsDep,
     max_s: Annotated[
         float, Query(gt=0, le=MAX_STREAM_S, description="close the stream after this long")
     ] = MAX_STREAM_S,
@@ -136,8 +159,8 @@ def job_events(
     # The request's session is not needed while streaming: give its connection back now.
     session.close()
     database_url = request.app.state.settings.resolved_database_url
-    return StreamingResponse(
-        _stream(request, database_url, first, max_s),
-        media_type="text/event-stream",
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    tenant = owner or LOCAL_OWNER
+    streams.acquire(tenant)  # a 429 past the owner's open streams; released at the end
+    return _HeldStream(
+        _stream(request, database_url, first, max_s), lambda: streams.release(tenant)
     )

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from typing import Annotated, Any, Literal
+from urllib.parse import quote
 
 from fastapi import APIRouter, Form, Query, UploadFile
 from fastapi.responses import StreamingResponse
 
 from api.deps import IdempotencyKeyHeader, OwnerDep, SessionDep, SettingsDep
 from api.errors import APIError
-from core import batches, files, idempotency
+from core import batches, files, idempotency, quotas
 from core.db import get_sessionmaker
 from core.models import LOCAL_OWNER, File
 from core.openai_format import list_object
@@ -33,6 +34,8 @@ def upload_file(
         raise APIError(
             400, "invalid_request", f"purpose must be one of {', '.join(files.PURPOSES)}", "purpose"
         )
+    tenant = owner or LOCAL_OWNER
+    quotas.check_file_bytes(session, tenant, 1, settings.quota_file_bytes)  # already full?
     try:
         upload = files.store_upload(
             session,
@@ -46,6 +49,11 @@ def upload_file(
     except (files.FileTooLargeError, files.TooManyLinesError):
         session.rollback()  # api/errors.py answers 413 / 400
         raise
+    try:  # the owner's files, this one included (flushed, not committed)
+        quotas.check_file_bytes(session, tenant, 0, settings.quota_file_bytes)
+    except quotas.QuotaExceededError:
+        session.rollback()
+        raise
     row = upload.file
     replay = idempotency.IdempotentRequest.begin(
         session,
@@ -56,8 +64,10 @@ def upload_file(
     )
     if replay is not None:
         if (earlier := replay.earlier()) is not None:
-            session.rollback()  # drop this copy of the upload
-            return files.file_object(files.get_file(session, earlier, owner=owner))
+            if files.exists(session, earlier):
+                session.rollback()  # drop this copy of the upload
+                return files.file_object(files.get_file(session, earlier, owner=owner))
+            replay.forget()  # that file was deleted since: this upload takes its place
         replay.remember(row.id)
     session.commit()
     return files.file_object(row)
@@ -102,13 +112,22 @@ def _stream(database_url: str, file_id: str) -> Iterator[bytes]:
             yield from batches.file_content(session, file)
 
 
+def content_disposition(filename: str) -> str:
+    """``attachment`` with the name per RFC 6266: an ASCII fallback in ``filename``
+    and the exact name, UTF-8 and percent-encoded, in ``filename*``."""
+    fallback = "".join(
+        c if c.isascii() and c.isprintable() and c not in '"\\' else "_" for c in filename
+    )
+    return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(filename, safe='')}"
+
+
 @router.get("/{file_id}/content")
 def file_content(
     file_id: str, session: SessionDep, settings: SettingsDep, owner: OwnerDep
 ) -> StreamingResponse:
     """The file's content, streamed (a batch's output is made from its job rows)."""
     file = files.get_file(session, file_id, owner=owner)
-    headers = {"Content-Disposition": f'attachment; filename="{file.filename}"'}
+    headers = {"Content-Disposition": content_disposition(file.filename)}
     if file.virtual is None:
         headers["Content-Length"] = str(file.bytes)
     return StreamingResponse(

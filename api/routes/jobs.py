@@ -6,8 +6,16 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Response, status
 
-from api.deps import IdempotencyKeyHeader, OwnerDep, QueueDep, SessionDep, SettingsDep
-from core import jobs, jobstate, submit
+from api.deps import (
+    CallerDep,
+    IdempotencyKeyHeader,
+    OwnerDep,
+    QueueDep,
+    SessionDep,
+    SettingsDep,
+    may_use_high,
+)
+from core import jobs, jobstate, quotas, submit
 from core.schemas import JobBulkCreate, JobCreate, JobList, JobRead, JobsCreated
 from core.status import JobStatus
 
@@ -22,6 +30,7 @@ def create_job(
     queue: QueueDep,
     settings: SettingsDep,
     owner: OwnerDep,
+    caller: CallerDep,
     idempotency_key: IdempotencyKeyHeader = None,
 ) -> JobRead:
     """Queue a prompt for generation; answers at once with the queued job.
@@ -29,6 +38,7 @@ def create_job(
     With an ``Idempotency-Key`` header, a retry with the same key and body gets
     the same job back (``Idempotent-Replayed: true``); another body gets a 409.
     """
+    quotas.check_priority(may_use_high(caller), [("priority", body.priority)])
     job, replay = submit.submit_job(
         session, queue, body, settings=settings, owner=owner, idempotency_key=idempotency_key
     )
@@ -46,6 +56,7 @@ def create_jobs(
     queue: QueueDep,
     settings: SettingsDep,
     owner: OwnerDep,
+    caller: CallerDep,
     idempotency_key: IdempotencyKeyHeader = None,
 ) -> JobsCreated:
     """Queue many prompts at once (up to 10,000): all are accepted, or none is and
@@ -55,6 +66,9 @@ def create_jobs(
 
     ``Idempotency-Key`` works as for ``POST /v1/jobs``: a retry gets the same jobs.
     """
+    quotas.check_priority(
+        may_use_high(caller), ((f"jobs.{i}.priority", b.priority) for i, b in enumerate(body.jobs))
+    )
     created, replay = submit.submit_jobs(
         session, queue, body.jobs, settings=settings, owner=owner, idempotency_key=idempotency_key
     )

@@ -23,11 +23,12 @@ from typing import Any
 from sqlalchemy import insert
 from sqlalchemy.orm import Session
 
-from core import files, submit, webhooks
+from core import files, spool, submit, webhooks
 from core.models import Batch, Job, utcnow
 from core.openai_format import (
     COMPLETIONS_URL,
     ENDPOINTS,
+    MAX_LINE_BYTES,
     OPENAI_DEFAULT_MAX_TOKENS,
     ParsedRequest,
     RequestError,
@@ -76,14 +77,25 @@ def parse_window(window: str | None) -> dt.timedelta | None:
 
 
 def parse_openai_file(
-    lines: Iterable[tuple[int, bytes]],
+    lines: Iterable[tuple[int, bytes | None]],
     *,
     endpoint: str,
     models: Collection[str],
     without_template: Collection[str] = (),
 ) -> Iterator[Parsed]:
-    """Each non-blank line of a batch input file, parsed or its error."""
+    """Each non-blank line of a batch input file, parsed or its error (a line given
+    as None was longer than :data:`core.openai_format.MAX_LINE_BYTES`)."""
     for number, raw in lines:
+        if raw is None:
+            yield (
+                number,
+                LineError(
+                    number,
+                    "line_too_large",
+                    f"the line is longer than the limit of {MAX_LINE_BYTES} bytes",
+                ),
+            )
+            continue
         if not raw.strip():
             continue
         if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
@@ -233,11 +245,13 @@ def create_batch(
                 f"file {file.id} has purpose {file.purpose!r}, not 'batch'",
                 "input_file_id",
             )
-        parsed = parse_openai_file(
-            files.iter_lines(files.iter_chunks(session, file.id)),
-            endpoint=endpoint,
-            models=models,
-            without_template=without_template,
+        parsed = spool.prevalidated(  # parsed now, before the batch's first write
+            parse_openai_file(
+                files.iter_bounded_lines(files.iter_chunks(session, file.id), MAX_LINE_BYTES),
+                endpoint=endpoint,
+                models=models,
+                without_template=without_template,
+            )
         )
     now = utcnow()
 

@@ -93,6 +93,7 @@ def stack(postgres_url: str, tmp_path: Path) -> Iterator[tuple[Settings, TestCli
         model="fake",
         queue=unique_queue(),
         require_auth=False,
+        webhook_allow_networks="127.0.0.0/8",  # the receivers are local
     )
     with session_scope(postgres_url) as session:
         key, _ = keys.create_key(session, name="hooks", owner=LOCAL_OWNER)
@@ -114,6 +115,7 @@ def worker_env(settings: Settings, tmp: Path) -> dict[str, str]:
         GENQ_WEBHOOK_BACKOFF_BASE_S="0.2",
         GENQ_WEBHOOK_BACKOFF_MAX_S="0.5",
         GENQ_WEBHOOK_TIMEOUT_S="5",
+        GENQ_WEBHOOK_ALLOW_NETWORKS="127.0.0.0/8",
     )
 
 

@@ -1,0 +1,201 @@
+"""Per-owner limits, so that one owner cannot crowd out the others.
+
+Each is answered with :class:`QuotaExceededError` (the API's 429 with
+``Retry-After``): queued + running jobs (:func:`check_active_jobs`), stored file
+bytes (:func:`check_file_bytes`), requests per second (:class:`RateLimiter`) and
+open event streams or waiting completions (:class:`StreamSlots`). The defaults
+(``GENQ_QUOTA_*``) are generous enough that one user of an embedded genq never
+meets them; 0 turns a limit off. The rate and stream limits are kept in each API
+process (with N replicas an owner gets N times them): they protect a process's
+threads and connections, which is what they are for.
+
+Priority ``high`` is a permission of a key (``genq keys create --high-priority``),
+checked by :func:`check_priority`; without authentication everything is allowed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import threading
+import time
+from collections.abc import Iterable, Iterator
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from core.errors import CoreError
+from core.models import File, Job
+from core.status import JobStatus
+
+ACTIVE = (JobStatus.QUEUED.value, JobStatus.RUNNING.value)
+
+
+class QuotaExceededError(CoreError):
+    """An owner is over a limit: retry after ``retry_after_s`` (HTTP 429 with
+    ``Retry-After``)."""
+
+    def __init__(self, code: str, message: str, retry_after_s: float, param: str | None = None):
+        super().__init__(message, param=param, code=code)
+        self.retry_after_s = retry_after_s
+
+
+class PriorityNotAllowedError(CoreError):
+    """The key may not use priority ``high`` (HTTP 403 naming ``param``)."""
+
+    code = "priority_not_allowed"
+
+    def __init__(self, param: str) -> None:
+        super().__init__(
+            f"{param}: this API key may not use priority 'high' "
+            "(create one with `genq keys create --high-priority`)",
+            param=param,
+        )
+
+
+def check_priority(may_use_high: bool, priorities: Iterable[tuple[str, str]]) -> None:
+    """Raise for the first ``(param, priority)`` that is ``high`` unless allowed."""
+    if may_use_high:
+        return
+    for param, priority in priorities:
+        if priority == "high":
+            raise PriorityNotAllowedError(param)
+
+
+def active_jobs(session: Session, owner: str, *, up_to: int) -> int:
+    """The owner's queued and running jobs, counted up to ``up_to`` (a bounded scan)."""
+    inner = select(Job.id).where(Job.owner == owner, Job.status.in_(ACTIVE)).limit(up_to).subquery()
+    count: int = session.scalar(select(func.count()).select_from(inner)) or 0
+    return count
+
+
+def check_active_jobs(session: Session, owner: str, adding: int, limit: int) -> None:
+    """Raise if ``adding`` more jobs would take the owner past ``limit`` queued +
+    running jobs (0: no limit)."""
+    if limit <= 0:
+        return
+    if adding > limit:
+        raise QuotaExceededError(
+            "quota_exceeded",
+            f"{adding} jobs are more than the limit of {limit} queued or running jobs per "
+            "owner (GENQ_QUOTA_ACTIVE_JOBS)",
+            retry_after_s=60,
+        )
+    now = active_jobs(session, owner, up_to=limit)
+    if now + adding > limit:
+        raise QuotaExceededError(
+            "quota_exceeded",
+            f"the owner has {now} queued or running jobs; {adding} more would pass the limit "
+            f"of {limit} (GENQ_QUOTA_ACTIVE_JOBS): retry when some have finished",
+            retry_after_s=30,
+        )
+
+
+def stored_bytes(session: Session, owner: str) -> int:
+    """The bytes of the owner's uploaded files (outputs are made on demand: free)."""
+    total = session.scalar(
+        select(func.coalesce(func.sum(File.bytes), 0)).where(
+            File.owner == owner, File.virtual.is_(None)
+        )
+    )
+    return int(total or 0)
+
+
+def check_file_bytes(session: Session, owner: str, adding: int, limit: int) -> None:
+    """Raise if the owner's files plus ``adding`` bytes would pass ``limit`` (0: none)."""
+    if limit <= 0:
+        return
+    now = stored_bytes(session, owner)
+    if now + adding > limit:
+        raise QuotaExceededError(
+            "storage_quota_exceeded",
+            f"the owner's files hold {now} bytes; this one would pass the limit of {limit} "
+            "(GENQ_QUOTA_FILE_BYTES): delete some files",
+            retry_after_s=3600,
+            param="file",
+        )
+
+
+class RateLimiter:
+    """A token bucket per owner: ``rate`` requests a second, bursts of ``burst``."""
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self.rate = rate
+        self.burst = max(1, burst)
+        self._buckets: dict[str, tuple[float, float]] = {}  # owner: (tokens, at)
+        self._lock = threading.Lock()
+
+    def take(self, owner: str, now: float | None = None) -> float | None:
+        """Spend one token; None if there was one, else the seconds until there is."""
+        if self.rate <= 0:
+            return None
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            tokens, at = self._buckets.get(owner, (float(self.burst), now))
+            tokens = min(float(self.burst), tokens + (now - at) * self.rate)
+            if tokens < 1:
+                self._buckets[owner] = (tokens, now)
+                return (1 - tokens) / self.rate
+            self._buckets[owner] = (tokens - 1, now)
+            if len(self._buckets) > 100_000:  # forget full buckets: they are the default
+                full = [o for o, (t, _) in self._buckets.items() if t >= self.burst - 1]
+                for key in full:
+                    del self._buckets[key]
+            return None
+
+    def check(self, owner: str) -> None:
+        """Raise :class:`QuotaExceededError` when the owner is over its rate."""
+        wait = self.take(owner)
+        if wait is not None:
+            raise QuotaExceededError(
+                "rate_limited",
+                f"more than {self.rate:g} requests a second (GENQ_QUOTA_REQUESTS_PER_S)",
+                retry_after_s=wait,
+            )
+
+
+class StreamSlots:
+    """At most ``limit`` open long requests (event streams, waiting completions) per
+    owner in this process (0: no limit)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._open: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def acquire(self, owner: str) -> None:
+        """Take a slot (give it back with :meth:`release`), or raise
+        :class:`QuotaExceededError`."""
+        with self._lock:
+            if self.limit > 0 and self._open.get(owner, 0) >= self.limit:
+                raise QuotaExceededError(
+                    "too_many_streams",
+                    f"the owner has {self.limit} event streams or waiting completions open, "
+                    "the limit (GENQ_QUOTA_STREAMS): close one",
+                    retry_after_s=5,
+                )
+            self._open[owner] = self._open.get(owner, 0) + 1
+
+    def release(self, owner: str) -> None:
+        with self._lock:
+            self._open[owner] -= 1
+            if not self._open[owner]:
+                del self._open[owner]
+
+    @contextlib.contextmanager
+    def hold(self, owner: str) -> Iterator[None]:
+        """Hold a slot while the block runs, or raise :class:`QuotaExceededError`."""
+        self.acquire(owner)
+        try:
+            yield
+        finally:
+            self.release(owner)
+
+    def open(self, owner: str) -> int:
+        with self._lock:
+            return self._open.get(owner, 0)
+
+
+def retry_after_header(seconds: float) -> str:
+    """``Retry-After`` in whole seconds, at least 1."""
+    return str(max(1, math.ceil(seconds)))

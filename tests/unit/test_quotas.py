@@ -1,0 +1,203 @@
+"""Tenancy and per-owner limits (SQLite and PostgreSQL): keys are separate tenants
+unless made for the same owner; priority high is a key's permission; queued +
+running jobs, file bytes, request rate and open streams are limited per owner
+with a 429 and Retry-After, and one owner's limit never touches another's."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from typer.testing import CliRunner
+
+from api.app import create_app
+from cli.main import app as cli
+from core import keys, quotas
+from core.db import session_scope
+from core.settings import Settings, get_settings
+from tests.conftest import RecordingQueue
+
+
+def app_with(settings: Settings, **limits: Any) -> TestClient:
+    tuned = settings.model_copy(update={"require_auth": True, **limits})
+    return TestClient(create_app(tuned, queue=RecordingQueue()))
+
+
+def key(settings: Settings, name: str, **kwargs: Any) -> dict[str, str]:
+    with session_scope(settings.resolved_database_url) as session:
+        _, secret = keys.create_key(session, name=name, **kwargs)
+    return {"Authorization": f"Bearer {secret}"}
+
+
+@pytest.fixture
+def api(settings: Settings) -> Iterator[TestClient]:
+    with app_with(settings) as client:
+        yield client
+
+
+def test_keys_with_the_same_name_are_separate_tenants(api: TestClient, settings: Settings) -> None:
+    first, second = key(settings, "webapp"), key(settings, "webapp")
+    job = api.post("/v1/jobs", json={"prompt": "hi"}, headers=first).json()
+    assert api.get(f"/v1/jobs/{job['id']}", headers=second).status_code == 404
+    with session_scope(settings.resolved_database_url) as session:
+        owners = {k.owner for k in keys.list_keys(session)}
+    assert len(owners) == 2 and all(o.startswith("ten_") for o in owners)
+    shared = key(settings, "other-name", owner=next(iter(owners)))
+    mine = [k for k in (first, second) if api.get(f"/v1/jobs/{job['id']}", headers=k).is_success]
+    assert mine == [first]
+    # A key made for the job's owner sees it, whatever its name.
+    with session_scope(settings.resolved_database_url) as session:
+        owner_of_job = keys.owner_of(session, first["Authorization"].split()[1])
+    assert owner_of_job is not None
+    sibling = key(settings, "sibling", owner=owner_of_job)
+    assert api.get(f"/v1/jobs/{job['id']}", headers=sibling).status_code == 200
+    assert shared  # (a key for the other tenant works too; it just sees other jobs)
+
+
+def test_priority_high_only_for_keys_allowed_it(api: TestClient, settings: Settings) -> None:
+    plain, allowed = key(settings, "plain"), key(settings, "vip", high_priority=True)
+    denied = api.post("/v1/jobs", json={"prompt": "a", "priority": "high"}, headers=plain)
+    assert denied.status_code == 403, denied.text
+    assert denied.json()["error"]["param"] == "priority"
+    bulk = {"jobs": [{"prompt": "a"}, {"prompt": "b", "priority": "high"}]}
+    denied_bulk = api.post("/v1/jobs/bulk", json=bulk, headers=plain)
+    assert denied_bulk.status_code == 403
+    assert denied_bulk.json()["error"]["param"] == "jobs.1.priority"
+    assert api.post("/v1/jobs", json={"prompt": "a", "priority": "low"}, headers=plain).is_success
+    ok = api.post("/v1/jobs", json={"prompt": "a", "priority": "high"}, headers=allowed)
+    assert ok.status_code == 202 and ok.json()["priority"] == "high"
+
+
+def test_without_auth_everything_is_allowed(client: TestClient) -> None:
+    response = client.post("/v1/jobs", json={"prompt": "a", "priority": "high"})
+    assert response.status_code == 202
+
+
+def test_queued_and_running_jobs_are_limited_per_owner(settings: Settings) -> None:
+    with app_with(settings, quota_active_jobs=3) as api:
+        alice, bob = key(settings, "alice"), key(settings, "bob")
+        ids = [
+            api.post("/v1/jobs", json={"prompt": "a"}, headers=alice).json()["id"] for _ in "abc"
+        ]
+        over = api.post("/v1/jobs", json={"prompt": "a"}, headers=alice)
+        assert over.status_code == 429, over.text
+        assert over.json()["error"]["code"] == "quota_exceeded"
+        assert int(over.headers["Retry-After"]) >= 1
+        bulk = {"jobs": [{"prompt": "a"}, {"prompt": "b"}]}
+        assert api.post("/v1/jobs/bulk", json=bulk, headers=bob).status_code == 202
+        assert api.post("/v1/jobs/bulk", json=bulk, headers=bob).status_code == 429
+        api.post(f"/v1/jobs/{ids[0]}/cancel", headers=alice)  # one fewer queued
+        assert api.post("/v1/jobs", json={"prompt": "a"}, headers=alice).status_code == 202
+
+
+def upload(api: TestClient, headers: dict[str, str], size: int) -> Any:
+    line = b'{"custom_id": "a", "method": "POST", "url": "/v1/completions", "body": {}}'
+    content = (line + b"\n") * (size // (len(line) + 1))
+    return api.post(
+        "/v1/files",
+        files={"file": ("f.jsonl", content)},
+        data={"purpose": "batch"},
+        headers=headers,
+    )
+
+
+def test_stored_file_bytes_are_limited_per_owner(settings: Settings) -> None:
+    with app_with(settings, quota_file_bytes=3000) as api:
+        alice, bob = key(settings, "alice"), key(settings, "bob")
+        first = upload(api, alice, 2000)
+        assert first.status_code == 200, first.text
+        over = upload(api, alice, 2000)
+        assert over.status_code == 429 and over.json()["error"]["code"] == "storage_quota_exceeded"
+        assert "Retry-After" in over.headers
+        assert len(api.get("/v1/files", headers=alice).json()["data"]) == 1  # nothing kept
+        assert upload(api, bob, 2000).status_code == 200
+        api.delete(f"/v1/files/{first.json()['id']}", headers=alice)
+        assert upload(api, alice, 2000).status_code == 200
+
+
+def test_the_request_rate_is_limited_per_owner(settings: Settings) -> None:
+    with app_with(settings, quota_requests_per_s=0.001, quota_request_burst=3) as api:
+        alice, bob = key(settings, "alice"), key(settings, "bob")
+        codes = [api.get("/v1/jobs", headers=alice).status_code for _ in range(4)]
+        assert codes == [200, 200, 200, 429]
+        limited = api.get("/v1/jobs", headers=alice)
+        assert limited.json()["error"]["code"] == "rate_limited"
+        assert int(limited.headers["Retry-After"]) >= 1
+        assert api.get("/v1/jobs", headers=bob).status_code == 200
+
+
+def test_rate_limiter_refills() -> None:
+    limiter = quotas.RateLimiter(rate=2, burst=2)
+    assert limiter.take("a", now=0) is None and limiter.take("a", now=0) is None
+    wait = limiter.take("a", now=0)
+    assert wait is not None and wait == pytest.approx(0.5)
+    assert limiter.take("a", now=0.5) is None  # half a second: one more token
+    assert limiter.take("b", now=0.5) is None
+
+
+def test_open_event_streams_are_limited_per_owner(settings: Settings) -> None:
+    # TestClient cannot hold a stream open (tests/security does, against a real
+    # server): take the owner's one slot as an open stream would.
+    with app_with(settings, quota_streams=1) as api:
+        alice, bob = key(settings, "alice"), key(settings, "bob")
+        job = api.post("/v1/jobs", json={"prompt": "a"}, headers=alice).json()["id"]
+        bob_job = api.post("/v1/jobs", json={"prompt": "a"}, headers=bob).json()["id"]
+        with session_scope(settings.resolved_database_url) as session:
+            alice_owner = keys.owner_of(session, alice["Authorization"].split()[1])
+        streams: quotas.StreamSlots = api.app.state.streams  # type: ignore[attr-defined]
+        assert alice_owner is not None
+        with streams.hold(alice_owner):
+            second = api.get(f"/v1/jobs/{job}/events?max_s=1", headers=alice)
+            assert second.status_code == 429
+            assert second.json()["error"]["code"] == "too_many_streams"
+            waiting = api.post(
+                "/v1/completions", json={"model": "fake", "prompt": "a"}, headers=alice
+            )
+            assert waiting.status_code == 429
+            with api.stream("GET", f"/v1/jobs/{bob_job}/events?max_s=0.2", headers=bob) as r:
+                assert r.status_code == 200
+        assert streams.open(alice_owner) == 0 and streams.open("bob") == 0
+        with api.stream("GET", f"/v1/jobs/{job}/events?max_s=0.2", headers=alice) as r:
+            assert r.status_code == 200
+        assert streams.open(alice_owner) == 0  # given back when the stream ended
+
+
+def test_stream_slots() -> None:
+    slots = quotas.StreamSlots(2)
+    with slots.hold("a"), slots.hold("a"):
+        with pytest.raises(quotas.QuotaExceededError):
+            slots.acquire("a")
+        with slots.hold("b"):
+            assert slots.open("b") == 1
+    assert slots.open("a") == 0
+
+
+def test_keys_cli_takes_an_owner_and_the_high_priority_permission(
+    tmp_path: Path, sqlite_url: str
+) -> None:
+    env = {"GENQ_DATABASE_URL": sqlite_url, "GENQ_DATA_DIR": str(tmp_path)}
+    get_settings.cache_clear()
+    runner = CliRunner()
+    try:
+        made = runner.invoke(
+            cli, ["keys", "create", "--name", "a", "--owner", "team-1", "--high-priority"], env=env
+        )
+        assert made.exit_code == 0, made.output
+        with session_scope(sqlite_url) as session:
+            caller = keys.caller_of(session, made.output.strip().splitlines()[-1])
+        assert caller == keys.Caller(owner="team-1", high_priority=True)
+        refused = runner.invoke(
+            cli, ["keys", "create", "--name", "b", "--callback-url", "http://2130706433/"], env=env
+        )
+        assert refused.exit_code == 2 and "--callback-url" in refused.output
+        other = runner.invoke(cli, ["keys", "create", "--name", "a"], env=env)
+        assert other.exit_code == 0
+        listed = runner.invoke(cli, ["keys", "list", "--owner", "team-1"], env=env).output
+        assert "team-1" in listed and len(listed.strip().splitlines()) == 2  # header + 1
+        bad_name = runner.invoke(cli, ["keys", "create", "--name", "x" * 300], env=env)
+        assert bad_name.exit_code == 2 and "--name" in bad_name.output
+    finally:
+        get_settings.cache_clear()
