@@ -8,6 +8,7 @@ transaction for longer than ``core.db.IDLE_IN_TRANSACTION_TIMEOUT_S``."""
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -36,28 +37,34 @@ def test_a_client_silent_inside_a_transaction_does_not_block_the_sweep(
         claims, _ = jobstate.claim_fresh(session, [job.id], worker="cut", lease_s=0.001)
     (claim,) = claims
 
+    def sweep() -> tuple[list[Route], list[str]]:
+        with db.session_scope(url) as session:
+            return jobstate.reclaim_expired(session, max_attempts=3)
+
     # The cut worker: its store's UPDATE took the row lock, then it fell silent.
     silent = db.get_sessionmaker(url)()
     silent.execute(text("SELECT 1"))
     failure = jobstate.Failure("boom", "never committed")
     jobstate.store_outcomes(silent, [(claim, failure)])
 
-    swept: list[tuple[list[Route], list[str]]] = []
-
-    def sweep() -> None:
-        with db.session_scope(url) as session:
-            swept.append(jobstate.reclaim_expired(session, max_attempts=3))
-
-    sweeper = threading.Thread(target=sweep, daemon=True)
-    sweeper.start()
-    sweeper.join(timeout=30)  # 30 times the limit: blocked, not slow
-    blocked = sweeper.is_alive()
-    if blocked:
-        silent.rollback()  # let the sweeper go before failing
-        sweeper.join()
-    assert not blocked, "the sweep waited on a silent client's transaction"
-    ((requeued, failed),) = swept
-    assert [route.job_id for route in requeued] == [job.id] and failed == []
+    # Sweeps skip rows another transaction holds, so none waits on the silent client;
+    # once the server has ended its session (the limit above), a sweep hands the job back.
+    requeued: list[Route] = []
+    deadline = time.monotonic() + 30  # 30 times the limit: never released, not slow
+    while not requeued and time.monotonic() < deadline:
+        swept: list[tuple[list[Route], list[str]]] = []
+        sweeper = threading.Thread(target=lambda out=swept: out.append(sweep()), daemon=True)
+        sweeper.start()
+        sweeper.join(timeout=30)
+        blocked = sweeper.is_alive()
+        if blocked:
+            silent.rollback()  # let the sweeper go before failing
+            sweeper.join()
+        assert not blocked, "the sweep waited on a silent client's transaction"
+        ((requeued, failed),) = swept
+        assert failed == []
+        time.sleep(0.2)
+    assert [route.job_id for route in requeued] == [job.id], "the silent client kept its lock"
     # The server ended the silent session; when the worker comes back, its retry
     # loop takes that for an outage, and its retried write is refused by the token.
     with pytest.raises(DBAPIError) as ended:
