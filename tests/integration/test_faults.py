@@ -178,7 +178,7 @@ def test_redis_emptied_mid_run_every_job_still_completes(
         wait_until(
             lambda: cluster.count(ids, "succeeded") >= 5, 120, "first results", cluster.logs[0]
         )
-        queue = queue_name(cluster.settings.queue, cluster.settings.model, "normal")
+        queue = queue_name(cluster.settings.queue, cluster.settings.model_id, "normal")
         lost_messages = fault_redis.llen(queue)
         fault_redis.flushdb()  # as a Redis restart without persistence would
         jobs = cluster.wait_final(ids, 180)
