@@ -10,42 +10,30 @@ job rows (unsent ones have ``enqueued_at`` NULL).
 from __future__ import annotations
 
 import logging
-import threading
 
 from core import batches, delivery, feed
 from core.db import get_sessionmaker, session_scope
 from core.queue import JobQueue
 from core.settings import Settings
+from worker.periodic import Periodic
 
 log = logging.getLogger(__name__)
 
 LOCK_NAME = "feeder"
 
 
-class Feeder:
+class Feeder(Periodic):
     """A daemon thread topping up the queues every ``settings.feed_interval_s``."""
 
     def __init__(self, settings: Settings, queue: JobQueue, *, holder: str) -> None:
+        super().__init__(settings.feed_interval_s, name="feeder")
         self.settings = settings
         self.queue = queue
         self.holder = holder
         self._url = settings.resolved_database_url
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="genq-feeder", daemon=True)
 
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.settings.feed_interval_s):
-            try:
-                self.feed_once()
-            except Exception:  # a database or broker outage: try again next interval
-                log.warning("feeding failed; retrying next interval", exc_info=True)
+    def tick(self) -> object:
+        return self.feed_once()
 
     def feed_once(self) -> dict[str, int]:
         """One top-up of every queue, if this process holds the lock; what it sent."""

@@ -20,13 +20,13 @@ sweep:
 from __future__ import annotations
 
 import logging
-import threading
 import time
 
 from core import batches, delivery, idempotency, jobstate, submit
 from core.db import get_sessionmaker, session_scope
 from core.queue import JobQueue, Route, queue_name
 from core.settings import Settings
+from worker.periodic import Periodic
 
 log = logging.getLogger(__name__)
 
@@ -35,31 +35,19 @@ RESEND_BATCH = 1000
 PURGE_EVERY_S = 3600.0
 
 
-class Sweeper:
+class Sweeper(Periodic):
     """A daemon thread sweeping every ``settings.sweep_interval_s``."""
 
     def __init__(self, settings: Settings, queue: JobQueue, *, holder: str) -> None:
+        super().__init__(settings.sweep_interval_s, name="sweeper")
         self.settings = settings
         self.queue = queue
         self.holder = holder
         self._url = settings.resolved_database_url
-        self._stop = threading.Event()
         self._last_purge: float | None = None  # the first sweep purges
-        self._thread = threading.Thread(target=self._loop, name="genq-sweeper", daemon=True)
 
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.settings.sweep_interval_s):
-            try:
-                self.sweep_once()
-            except Exception:  # a database or broker outage: try again next interval
-                log.warning("sweep failed; retrying next interval", exc_info=True)
+    def tick(self) -> object:
+        return self.sweep_once()
 
     def sweep_once(self) -> dict[str, int]:
         """One sweep, if this process holds the lock; returns what it did."""
