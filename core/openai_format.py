@@ -26,7 +26,7 @@ import datetime as dt
 import json
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -262,54 +262,27 @@ class ParsedRequest:
     messages: list[dict[str, str]] | None = None
 
 
-def parse_completion(
+_Request = TypeVar("_Request", CompletionRequest, ChatCompletionRequest)
+
+
+def _parse(
+    kind: type[_Request],
     body: object,
     *,
     models: Collection[str],
-    prefix: str = "",
-    default_max_tokens: int = OPENAI_DEFAULT_MAX_TOKENS,
-) -> tuple[CompletionRequest, GenerationParams]:
-    """Validate a completion body; raise :class:`RequestError` naming what is wrong."""
+    prefix: str,
+    default_max_tokens: int,
+    without_template: Collection[str] = (),
+) -> tuple[_Request, GenerationParams]:
+    """Validate a request body of ``kind``; raise :class:`RequestError` naming what is wrong."""
     if not isinstance(body, dict):
         raise RequestError("invalid_request", "the body must be a JSON object", prefix or None)
     try:
-        request = CompletionRequest.model_validate(body)
+        request = kind.model_validate(body)
     except ValidationError as exc:
         raise _error_from_validation(exc, prefix) from exc
     # One id per model however the caller spells it (a path as given, or resolved).
     request = request.model_copy(update={"model": model_id(request.model)})
-    if request.model not in models:
-        raise RequestError(
-            "model_not_found",
-            f"model {request.model!r} is not served; available: {', '.join(models)}",
-            f"{prefix}model",
-        )
-    try:
-        params = to_params(request, default_max_tokens=default_max_tokens)
-    except RequestError as exc:
-        raise RequestError(exc.code, exc.message, f"{prefix}{exc.param or ''}" or None) from exc
-    return request, params
-
-
-def parse_chat(
-    body: object,
-    *,
-    models: Collection[str],
-    without_template: Collection[str] = (),
-    prefix: str = "",
-    default_max_tokens: int = OPENAI_DEFAULT_MAX_TOKENS,
-) -> tuple[ChatCompletionRequest, GenerationParams]:
-    """Validate a chat completion body; raise :class:`RequestError` naming what is wrong.
-
-    ``without_template``: served models known to have no chat template (their live
-    workers say so); a chat request for one is ``model_without_chat_template``.
-    """
-    if not isinstance(body, dict):
-        raise RequestError("invalid_request", "the body must be a JSON object", prefix or None)
-    try:
-        request = ChatCompletionRequest.model_validate(body)
-    except ValidationError as exc:
-        raise _error_from_validation(exc, prefix) from exc
     if request.model not in models:
         raise RequestError(
             "model_not_found",
@@ -328,6 +301,42 @@ def parse_chat(
     except RequestError as exc:
         raise RequestError(exc.code, exc.message, f"{prefix}{exc.param or ''}" or None) from exc
     return request, params
+
+
+def parse_completion(
+    body: object,
+    *,
+    models: Collection[str],
+    prefix: str = "",
+    default_max_tokens: int = OPENAI_DEFAULT_MAX_TOKENS,
+) -> tuple[CompletionRequest, GenerationParams]:
+    """Validate a completion body; raise :class:`RequestError` naming what is wrong."""
+    return _parse(
+        CompletionRequest, body, models=models, prefix=prefix, default_max_tokens=default_max_tokens
+    )
+
+
+def parse_chat(
+    body: object,
+    *,
+    models: Collection[str],
+    without_template: Collection[str] = (),
+    prefix: str = "",
+    default_max_tokens: int = OPENAI_DEFAULT_MAX_TOKENS,
+) -> tuple[ChatCompletionRequest, GenerationParams]:
+    """Validate a chat completion body; raise :class:`RequestError` naming what is wrong.
+
+    ``without_template``: served models known to have no chat template (their live
+    workers say so); a chat request for one is ``model_without_chat_template``.
+    """
+    return _parse(
+        ChatCompletionRequest,
+        body,
+        models=models,
+        prefix=prefix,
+        default_max_tokens=default_max_tokens,
+        without_template=without_template,
+    )
 
 
 # One line of a batch file: a prompt may be 200,000 characters, 6 bytes each when
