@@ -237,17 +237,29 @@ def validate_params(values: dict[str, Any]) -> GenerationParams:
         raise RequestError("invalid_request", message) from exc
 
 
-def _error_from_validation(exc: ValidationError, prefix: str) -> RequestError:
-    first = exc.errors()[0]
-    loc = ".".join(str(p) for p in first.get("loc", ()))
+def _problem(error: Any, prefix: str) -> RequestError:
+    """One of pydantic's validation errors as the code, message and param it means."""
+    loc = ".".join(str(p) for p in error.get("loc", ()))
     param = f"{prefix}{loc}" if loc else prefix.rstrip(".") or None
-    kind = first.get("type")
-    message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+    kind = error.get("type")
+    message = str(error.get("msg", "invalid value")).removeprefix("Value error, ")
     if kind == "missing":
         return RequestError("missing_required_parameter", f"missing required field {param}", param)
     if kind == "extra_forbidden":
         return RequestError("invalid_request", f"unknown field {param}", param)
     return RequestError("invalid_request", f"{param}: {message}" if param else message, param)
+
+
+def _combined(problems: list[RequestError]) -> RequestError:
+    """Every problem in one error: the first one's code and param, all the messages."""
+    first = problems[0]
+    if len(problems) == 1:
+        return first
+    return RequestError(first.code, "; ".join(p.message for p in problems), first.param)
+
+
+def _error_from_validation(exc: ValidationError, prefix: str) -> RequestError:
+    return _combined([_problem(error, prefix) for error in exc.errors()])
 
 
 @dataclass(frozen=True)
@@ -383,34 +395,72 @@ def parse_batch_line(
         raise RequestError("line_too_deep", _too_deep)
     if (bad := text.first_unstorable(data)) is not None:
         raise RequestError("invalid_text", f"{bad[0]}: {bad[1]}", bad[0] or None)
+    # Every problem of the line is reported, not only the first one found.
+    problems: list[RequestError] = []
     try:
-        line = BatchLine.model_validate(data)
+        line: BatchLine | None = BatchLine.model_validate(data)
     except ValidationError as exc:
-        raise _error_from_validation(exc, "") from exc
-    if line.method.upper() != "POST":
-        raise RequestError("invalid_method", f"method must be POST, not {line.method!r}", "method")
-    if line.url != endpoint:
-        raise RequestError(
-            "invalid_url",
-            f"url {line.url!r} is not this batch's endpoint {endpoint!r}"
-            if line.url in ENDPOINTS
-            else f"url {line.url!r} is not supported; genq serves {', '.join(ENDPOINTS)}",
-            "url",
+        problems.append(_error_from_validation(exc, ""))
+        line = None
+    url = line.url if line is not None else endpoint
+    if line is not None and line.method.upper() != "POST":
+        problems.append(
+            RequestError("invalid_method", f"method must be POST, not {line.method!r}", "method")
         )
-    if line.url == CHAT_URL:
+    if line is not None and line.url != endpoint:
+        problems.append(
+            RequestError(
+                "invalid_url",
+                f"url {line.url!r} is not this batch's endpoint {endpoint!r}"
+                if line.url in ENDPOINTS
+                else f"url {line.url!r} is not supported; genq serves {', '.join(ENDPOINTS)}",
+                "url",
+            )
+        )
+        url = endpoint
+    body = data.get("body")
+    parsed: ParsedRequest | None = None
+    if isinstance(body, dict):
+        try:
+            parsed = _parse_body(
+                url,
+                body,
+                custom_id=line.custom_id if line is not None else None,
+                models=models,
+                without_template=without_template,
+                default_max_tokens=default_max_tokens,
+            )
+        except RequestError as exc:
+            problems.append(exc)
+    if problems:
+        raise _combined(problems)
+    assert parsed is not None  # a line without problems has a valid body
+    return parsed
+
+
+def _parse_body(
+    url: str,
+    body: dict[str, Any],
+    *,
+    custom_id: str | None,
+    models: Collection[str],
+    without_template: Collection[str],
+    default_max_tokens: int,
+) -> ParsedRequest:
+    """A batch line's body, as the endpoint ``url`` reads it."""
+    if url == CHAT_URL:
         chat, params = parse_chat(
-            line.body,
+            body,
             models=models,
             without_template=without_template,
             prefix="body.",
             default_max_tokens=default_max_tokens,
         )
-        messages = template_messages(chat.messages)
-        return ParsedRequest(line.custom_id, "", chat.model, params, messages)
+        return ParsedRequest(custom_id, "", chat.model, params, template_messages(chat.messages))
     request, params = parse_completion(
-        line.body, models=models, prefix="body.", default_max_tokens=default_max_tokens
+        body, models=models, prefix="body.", default_max_tokens=default_max_tokens
     )
-    return ParsedRequest(line.custom_id, request.prompt, request.model, params)
+    return ParsedRequest(custom_id, request.prompt, request.model, params)
 
 
 # --- responses --------------------------------------------------------------------

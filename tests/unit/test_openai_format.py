@@ -181,3 +181,21 @@ def test_a_model_spelt_as_another_path_to_the_served_directory_is_that_model(
     )
     parsed = parse_batch_line(raw, endpoint="/v1/completions", models=[str(served.resolve())])
     assert parsed.model == str(served.resolve())
+
+
+def test_a_batch_line_with_two_problems_reports_both() -> None:
+    raw = (
+        '{"custom_id": "a", "method": "GET", "url": "/v1/completions",'
+        ' "body": {"model": "m", "prompt": "hi", "max_tokens": -1}}'
+    )
+    with pytest.raises(RequestError) as caught:
+        parse_batch_line(raw, endpoint="/v1/completions", models=["m"])
+    assert caught.value.param == "method"
+    assert "method must be POST" in caught.value.message
+    assert "body.max_tokens" in caught.value.message
+
+
+def test_a_body_with_two_invalid_fields_names_both() -> None:
+    with pytest.raises(RequestError) as caught:
+        parse_completion({"model": "m", "prompt": "hi", "top_p": 7, "n": 0}, models=["m"])
+    assert "top_p" in caught.value.message and "n" in caught.value.message
