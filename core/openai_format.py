@@ -294,11 +294,12 @@ def _parse(
     except ValidationError as exc:
         raise _error_from_validation(exc, prefix) from exc
     # One id per model however the caller spells it (a path as given, or resolved).
-    request = request.model_copy(update={"model": model_id(request.model)})
+    spelt = request.model
+    request = request.model_copy(update={"model": model_id(spelt)})
     if request.model not in models:
         raise RequestError(
             "model_not_found",
-            f"model {request.model!r} is not served; available: {', '.join(models)}",
+            f"model {spelt!r} is not served; available: {', '.join(models)}",
             f"{prefix}model",
         )
     if request.model in without_template:

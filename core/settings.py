@@ -182,9 +182,12 @@ def model_id(spec: str) -> str:
     name stays as it is (transformers, too, prefers a local directory of that name)."""
     if spec == "fake" or spec.startswith("fake:"):
         return spec
-    path = Path(spec).expanduser()
-    if spec.startswith((".", "/", "~")) or path.is_dir():
-        return str(path.resolve())
+    try:
+        path = Path(spec).expanduser()
+        if spec.startswith((".", "/", "~")) or path.is_dir():
+            return str(path.resolve())
+    except (OSError, RuntimeError, ValueError):  # a caller's name no path can be
+        return spec
     return spec
 
 

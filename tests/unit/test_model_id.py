@@ -67,3 +67,9 @@ def test_a_worker_registers_and_serves_its_model_under_the_served_name(
             assert runtime.run_job(job["id"], worker="w") == "succeeded"
     finally:
         runtime.close()
+
+
+def test_a_name_no_path_can_be_is_kept_as_given() -> None:
+    """A hostile model name must not raise (it would be a 500 at every door)."""
+    for spec in ["a" * 300, "/" + "b" * 5000, "~nosuchuser_genq/x", "./\x00x"]:
+        assert model_id(spec) == spec
