@@ -17,13 +17,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
 from core import files, jobstate, tally, webhooks
 from core.batches.results import counts, result_lines
 from core.errors import ConflictError, NotFoundError
-from core.models import Batch, File, Job, utcnow
+from core.models import Batch, BatchTally, File, Job, utcnow
 from core.status import BATCH_OPEN, BATCH_TRANSITIONS, BatchStatus, sources
 
 IN_PROGRESS, CANCELLING = BatchStatus.IN_PROGRESS, BatchStatus.CANCELLING
@@ -155,22 +155,47 @@ def _result_files(session: Session, batch: Batch, final: BatchStatus) -> dict[st
     return ids
 
 
-def finalize_due(session_factory: Callable[[], Any], *, limit: int = 100) -> int:
-    """Finalize the open batches that can be (the sweeper calls this); each in its
-    own transaction. Returns how many were finalized."""
-    with session_factory() as session:
-        ids = list(
-            session.scalars(
-                select(Batch.id).where(Batch.status.in_(BATCH_OPEN)).order_by(Batch.id).limit(limit)
-            )
+def _due(after: str, limit: int) -> Any:
+    """Open batches that may be finalizable, in id order after ``after``: those with
+    finished jobs not yet folded into their counts, whose counts are complete, that
+    are cancelling (or were left finalizing), or that are past their expiry. The
+    rest cannot have changed, so however many batches are open, a pass is cheap
+    and none is starved."""
+    unfolded = select(BatchTally.id).where(BatchTally.batch_id == Batch.id).exists()
+    return (
+        select(Batch.id)
+        .where(
+            Batch.status.in_(BATCH_OPEN),
+            Batch.id > after,
+            or_(
+                unfolded,
+                Batch.completed_count + Batch.failed_count >= Batch.total,
+                Batch.status.in_((CANCELLING, FINALIZING)),
+                Batch.expires_at < utcnow(),
+            ),
         )
+        .order_by(Batch.id)
+        .limit(limit)
+    )
+
+
+def finalize_due(session_factory: Callable[[], Any], *, limit: int = 100) -> int:
+    """Finalize the open batches that can be (the feeder and the sweeper call this),
+    ``limit`` at a time until none is left; each in its own transaction. Returns how
+    many were finalized."""
     done = 0
-    for batch_id in ids:
+    after = ""
+    while True:
         with session_factory() as session:
-            tally.fold(session, batch_id)
-            session.commit()
-            batch = session.get(Batch, batch_id)
-            if batch is not None and finalize(session, batch):
+            ids = list(session.scalars(_due(after, limit)))
+        for batch_id in ids:
+            with session_factory() as session:
+                tally.fold(session, batch_id)
                 session.commit()
-                done += 1
-    return done
+                batch = session.get(Batch, batch_id)
+                if batch is not None and finalize(session, batch):
+                    session.commit()
+                    done += 1
+        if len(ids) < limit:
+            return done
+        after = ids[-1]

@@ -440,3 +440,23 @@ def test_a_10000_line_file_is_ingested_in_bulk_and_fully_processed(
     assert len(output) == n
     assert json.loads(output[0])["custom_id"] == "req-0"
     assert json.loads(output[-1])["custom_id"] == f"req-{n - 1}"
+
+
+def test_a_finished_batch_is_finalized_however_many_older_batches_are_open(
+    api: TestClient, inline: InlineQueue, settings: Settings
+) -> None:
+    """The finalizing pass reaches every open batch, not only the oldest ``limit``."""
+    inline.hold = True
+    created = [create(api, upload(api, jsonl(line(f"c{i}")))["id"]) for i in range(3)]
+    newest = api.get(f"/v1/batches/{created[-1]['id']}").json()
+    assert newest["status"] == "in_progress"
+    jobs = api.get("/v1/jobs", params={"limit": 10}).json()["data"]
+    newest_job = next(job for job in jobs if job["batch_id"] == created[-1]["id"])
+    assert api.post(f"/v1/jobs/{newest_job['id']}/cancel").status_code == 200
+    factory = get_sessionmaker(settings.resolved_database_url)
+    assert batches.finalize_due(factory, limit=1) == 1
+    assert api.get(f"/v1/batches/{created[-1]['id']}").json()["status"] == "completed"
+    assert [api.get(f"/v1/batches/{b['id']}").json()["status"] for b in created[:2]] == [
+        "in_progress",
+        "in_progress",
+    ]
