@@ -35,6 +35,10 @@ def unstorable_reason(value: str) -> str | None:
 def may_hold_unstorable(raw_json: bytes) -> bool:
     """A fast pre-check of a raw JSON document: False means no string in it can be
     unstorable (no escape that decodes to one), so it need not be walked."""
+    # JSON may come in UTF-16 or UTF-32 (json.loads detects them), whose bytes
+    # interleave NULs with the escapes: walk any document holding a NUL byte or a BOM.
+    if b"\x00" in raw_json or raw_json.startswith((b"\xef\xbb\xbf", b"\xff\xfe", b"\xfe\xff")):
+        return True
     return _JSON_ESCAPES.search(raw_json) is not None
 
 

@@ -241,3 +241,12 @@ def test_idempotency_records_are_purged_with_retention(
         assert idempotency.purge(session, older_than_days=30) == 1
     with session_scope(url) as session:
         assert list(session.scalars(select(IdempotencyRecord.key))) == ["k-new"]
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le", "utf-32"])
+def test_nul_in_a_utf16_or_utf32_body_is_a_422(client: TestClient, encoding: str) -> None:
+    """JSON decoders accept UTF-16/32 bodies; the NUL check must see through them."""
+    body = json.dumps({"prompt": "a\u0000b"}).encode(encoding)
+    response = client.post("/v1/jobs", content=body, headers={"Content-Type": "application/json"})
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["param"] == "prompt"
