@@ -118,6 +118,10 @@ def check_callback_url(url: str, allow: Iterable[IPNetwork] = ()) -> str | None:
     host = urlsplit(url).hostname or ""
     if not host:
         return "the URL has no host"
+    try:
+        host.encode("idna")
+    except UnicodeError:
+        return f"the host {host!r} is not a valid host name"
     if odd_ipv4_spelling(host):
         return f"the host {host!r} is an IPv4 address in an unusual spelling; write it dotted"
     ip = literal_ip(host)
@@ -158,6 +162,8 @@ def resolve(host: str, port: int, allow: Iterable[IPNetwork] = ()) -> list[str]:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except OSError as exc:
         raise httpcore.ConnectError(f"cannot resolve {host!r}: {exc.strerror or exc}") from exc
+    except (UnicodeError, ValueError) as exc:  # not a name the resolver can take
+        raise httpcore.ConnectError(f"cannot resolve {host!r}: {exc}") from exc
     addresses: list[str] = []
     for info in infos:
         address = str(info[4][0]).split("%", 1)[0]  # drop an IPv6 zone

@@ -366,7 +366,9 @@ def post(client: httpx.Client, prepared: Prepared, *, timeout_s: float = 10.0) -
             ) as response,
         ):
             code = response.status_code
-    except httpx.HTTPError as exc:
+    except (httpx.HTTPError, UnicodeError, ValueError) as exc:
+        # UnicodeError/ValueError: a URL no client can send to; recorded as the
+        # attempt's failure like any other, so the delivery is retried and given up.
         return Attempt(None, storable(f"{type(exc).__name__}: {exc}", 300))
     if 200 <= code < 300:
         return Attempt(code, None)

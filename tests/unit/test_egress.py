@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+import httpcore
 import httpx
 import pytest
 from fastapi.testclient import TestClient
@@ -236,3 +237,13 @@ def test_a_trickling_receiver_cannot_hold_an_attempt_past_its_deadline() -> None
     finally:
         stop.set()
         server.close()
+
+
+@pytest.mark.parametrize("url", ["http://a..b/", f"http://{'x' * 64}.example/"])
+def test_a_host_no_resolver_can_take_is_refused_at_submit_and_at_send(url: str) -> None:
+    """Such a name passes URL parsing but makes the IDNA codec raise; it must be a
+    clear refusal, never an exception that leaves the delivery unrecorded."""
+    assert "not a valid host name" in (egress.check_callback_url(url) or "")
+    host = url.split("/")[2]
+    with pytest.raises(httpcore.ConnectError, match="cannot resolve"):
+        egress.resolve(host, 80)
