@@ -340,13 +340,14 @@ def _back_to_queue() -> dict[str, Any]:
     }
 
 
-def release_job(session: Session, claim: Claim) -> bool:
+def release_job(session: Session, claim: Claim, *, counted: bool = False) -> bool:
     """Hand a running job back to the queue (worker shutting down). The attempt
-    does not count: the job did nothing wrong. Partial output is dropped."""
+    does not count (the job did nothing wrong) unless ``counted`` (it could not run
+    even alone). Partial output is dropped."""
     result = session.execute(
         update(Job)
         .where(_owned(claim, *_RELEASE_FROM))
-        .values(attempts=Job.attempts - 1, started_at=None, **_back_to_queue())
+        .values(attempts=Job.attempts - (0 if counted else 1), started_at=None, **_back_to_queue())
         .execution_options(synchronize_session=False)
     )
     return bool(_rowcount(result))

@@ -224,10 +224,15 @@ class WorkerRuntime:
                 self._reported.pop(claim.job_id, None)
             handing_back = {c.job_id for c, _ in ready} & self._handing_back
             self._handing_back -= handing_back
-        # The engine could not place these (not their fault): back to the queue.
+        # The engine could not place these (not their fault): back to the queue. One
+        # that cannot run even alone (out of memory) uses an attempt each time, so
+        # max_attempts ends it instead of it coming back (and disturbing the batch) forever.
+        counted = {c.job_id for c, r in ready if _counted_requeue(r)} - handing_back
         handing_back |= {c.job_id for c, r in ready if _requeued(r)}
         statuses = {
-            job_id: self._hand_back(c) for c, _ in ready if (job_id := c.job_id) in handing_back
+            job_id: self._hand_back(c, counted=job_id in counted)
+            for c, _ in ready
+            if (job_id := c.job_id) in handing_back
         }
         to_store = [(c, r) for c, r in ready if c.job_id not in handing_back]
         outcomes = [(c, self._outcome_row(r)) for c, r in to_store]
@@ -267,12 +272,12 @@ class WorkerRuntime:
             prompt=result.prompt,
         )
 
-    def _hand_back(self, claim: jobstate.Claim) -> str:
-        """Return a running job to queued, its attempt uncounted. Its message goes
-        back to the broker through the caller (the Celery task rejects it with
+    def _hand_back(self, claim: jobstate.Claim, *, counted: bool = False) -> str:
+        """Return a running job to queued, its attempt uncounted unless ``counted``.
+        Its message goes back to the broker through the caller (the Celery task rejects it with
         requeue): a new send from a stopping worker would need a second broker
         connection, and on the embedded SQLite broker it waits on the consumer's."""
-        self._db(lambda s: jobstate.release_job(s, claim))
+        self._db(lambda s: jobstate.release_job(s, claim, counted=counted))
         log.info("job %s handed back to the queue", claim.job_id)
         return HANDED_BACK
 
@@ -398,6 +403,10 @@ def _outcome(future: Future[GenerationResult]) -> GenerationResult | GenerationE
 
 def _requeued(result: GenerationResult | GenerationError) -> bool:
     return isinstance(result, GenerationError) and result.code in _HAND_BACK_CODES
+
+
+def _counted_requeue(result: GenerationResult | GenerationError) -> bool:
+    return isinstance(result, GenerationError) and result.code == REQUEUE
 
 
 def _timed_out(future: Future[GenerationResult]) -> GenerationError:

@@ -342,7 +342,13 @@ def test_a_job_the_engine_cannot_place_goes_back_to_the_queue_not_to_failed(
         assert runtime.run_job(job_id, worker="w1") == "handed_back"
         job = client.get(f"/v1/jobs/{job_id}").json()
         # Queued again, no failure stored; its message goes back through the task.
-        assert job["status"] == "queued" and job["error"] is None and job["attempts"] == 0
+        assert job["status"] == "queued" and job["error"] is None and job["attempts"] == 1
+        # Each time it uses an attempt, so it cannot come back forever.
+        for _ in range(fast_settings.max_attempts + 1):
+            runtime.run_job(job_id, worker="w1")
+        job = client.get(f"/v1/jobs/{job_id}").json()
+        assert job["status"] == "failed" and job["error"]["code"] == "too_many_attempts"
+        assert job["attempts"] <= fast_settings.max_attempts
     finally:
         runtime.close()
 

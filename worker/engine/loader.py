@@ -68,7 +68,8 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype != "auto":
         return _DTYPES[dtype]
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        native = torch.cuda.is_bf16_supported(including_emulation=False)  # not emulated
+        return torch.bfloat16 if native else torch.float16
     if device.type == "cpu" and cpu_has_native_bf16():
         return torch.bfloat16
     return torch.float32
