@@ -194,3 +194,24 @@ def test_a_request_larger_than_the_worker_is_refused_not_run_alone(
     _fails_with(engine.submit(request(STORY, max_new_tokens=200)), "request_too_large")
     _fails_with(engine.submit(request(STORY, num_beams=5, max_new_tokens=5)), "request_too_large")
     assert engine.submit(request(STORY, max_new_tokens=5)).result(timeout=30).completion_tokens == 5
+
+
+def test_a_request_that_cannot_start_fails_alone_and_never_hangs(
+    loaded: Any, make_engine: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Any exception while a request joins the batch is that request's error."""
+    engine = make_engine(loaded)
+    start = engine_requests.RequestState.start
+
+    def flaky(self: Any, *args: Any) -> None:
+        start(self, *args)
+        if self.request.id == "unlucky":
+            raise KeyError("a bug in one request's set-up")
+
+    monkeypatch.setattr(engine_requests.RequestState, "start", flaky)
+    futures = _healthy(engine)
+    params = GenerationParams(max_new_tokens=10)
+    bad = engine.submit(GenerationRequest(id="unlucky", prompt=STORY, params=params, seed=1))
+    _fails_with(bad, "generation_failed")
+    _check_healthy(loaded, futures)
+    assert engine.check_health()

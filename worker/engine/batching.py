@@ -280,14 +280,20 @@ class BatchingEngine:
         return newcomers
 
     def _start(self, state: RequestState) -> None:
-        generator = (
-            make_generator(state.request.seed, self.device) if state.spec.do_sample else None
-        )
-        state.start(generator, self.eos_ids, self.tokenizer)
-        try:  # a fresh matcher per (re)start: a restarted request starts over
+        """Ready a request to join the batch; whatever goes wrong is its own error
+        (it leaves the batch with it), never an exception that strands its future."""
+        try:
+            generator = (
+                make_generator(state.request.seed, self.device) if state.spec.do_sample else None
+            )
+            state.start(generator, self.eos_ids, self.tokenizer)
+            # A fresh matcher per (re)start: a restarted request starts over.
             state.constraint = self._grammar.constraint_for(state.request.params, state.n)
         except GenerationError as exc:
             state.error = exc
+        except Exception as exc:
+            log.exception("request %s could not start", state.request.id)
+            state.error = GenerationError("generation_failed", f"could not start: {exc!r}")
 
     def _tokenize(self, state: RequestState) -> bool:
         """Tokenize and size a request; fail it (and return False) if it cannot run."""
