@@ -14,7 +14,6 @@ import torch
 from transformers import DynamicCache
 
 from tests.engine.helpers import reference, request, wait_for_tokens
-from worker.engine import batching
 from worker.engine.kvcache import SlotCache
 
 Prompt = list[int]
@@ -186,13 +185,11 @@ def test_engine_mixed_lengths_equal_solo(loaded: Any, make_engine: Any) -> None:
         assert future.result(timeout=60).outputs == reference(loaded, prompt, max_new_tokens=new)
 
 
-def test_engine_freed_slot_wider_prompt(
-    loaded: Any, make_engine: Any, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_engine_freed_slot_wider_prompt(loaded: Any, make_engine: Any) -> None:
     """A request admitted into a slot freed mid-batch, with a prompt wider than the
     window, makes the tokens it makes alone (compaction off, so the slot is reused)."""
-    monkeypatch.setattr(batching, "COMPACT_FREE_SHARE", 2.0)
     engine = make_engine(loaded)
+    engine.compact_free_slots = False
     long = request("The dog", max_new_tokens=400)
     with engine._lock:  # one admission: "short" takes slot 0, "long" slot 1
         short = engine.submit(request("Hello", max_new_tokens=2))
@@ -206,12 +203,10 @@ def test_engine_freed_slot_wider_prompt(
     assert result.outputs == reference(loaded, wide, max_new_tokens=12)
 
 
-def test_engine_num_return_sequences_in_crowd(
-    stories: Any, make_engine: Any, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_engine_num_return_sequences_in_crowd(stories: Any, make_engine: Any) -> None:
     """Seeded n=3 sampling in scattered free slots draws exactly as alone."""
-    monkeypatch.setattr(batching, "COMPACT_FREE_SHARE", 2.0)
     engine = make_engine(stories)
+    engine.compact_free_slots = False
     kwargs: dict[str, Any] = {"max_new_tokens": 16, "do_sample": True, "num_return_sequences": 3}
     story = "Once upon a time"
     expected = reference(stories, story, seed=7, **kwargs)

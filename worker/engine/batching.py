@@ -55,11 +55,6 @@ from worker.engine.sampling import SamplingSpec, make_generator
 
 log = logging.getLogger(__name__)
 
-# Compact the running batch once this share of its rows are free slots and nothing
-# waits to take them. Compaction copies only the rows it moves, each about what one
-# decode step of a row costs, while a free row costs that at every step: compact at once.
-COMPACT_FREE_SHARE = 0.0
-
 # What one prefill forward costs beyond its tokens, in prompt tokens (call overhead,
 # smaller matrix products). Newcomers of very different lengths are prefilled in
 # groups of similar length when that saves more padding than this per extra forward.
@@ -94,6 +89,10 @@ class BatchingEngine:
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
         self.max_tokens_in_flight = max_tokens_in_flight
+        # Close free slots as soon as nothing waits to take them: compaction copies only
+        # the rows it moves (about one decode step of each), while a free row costs that
+        # at every step. Tests turn it off to keep rows where they are.
+        self.compact_free_slots = True
         self.default_max_new_tokens = default_max_new_tokens
         self.device = next(model.parameters()).device
         self.eos_ids = eos_ids(model, tokenizer)
@@ -399,7 +398,7 @@ class BatchingEngine:
         self._jobs = remaining
         self._batch.retire(freed)
         free = self._batch.free_rows
-        if remaining and free and free >= COMPACT_FREE_SHARE * self._batch.rows:
+        if remaining and free and self.compact_free_slots:
             with self._lock:
                 waiting = bool(self._waiting)
             if not waiting:
