@@ -70,7 +70,9 @@ class Sweeper(Periodic):
         return report
 
     def _resend_lost(self) -> int:
-        resent = 0
+        # Sent after the commit, as every message is: a worker's claim must not wait on
+        # rows this transaction holds, and a failed commit must not leave messages out.
+        lost: list[Route] = []
         with session_scope(self._url) as session:
             for (model, priority), queued in delivery.queued_counts(session).items():
                 queue = queue_name(self.settings.queue, model, priority)
@@ -83,9 +85,9 @@ class Sweeper(Periodic):
                     older_than_s=self.settings.requeue_after_s,
                     limit=RESEND_BATCH,
                 )
-                self._send(routes)
-                resent += len(routes)
-        return resent
+                lost.extend(routes)
+        self._send(lost)
+        return len(lost)
 
     def _purge(self) -> int:
         days = self.settings.retention_days

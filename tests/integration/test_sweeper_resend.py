@@ -6,12 +6,15 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
+from sqlalchemy import select
 
 from core import submit
 from core.db import session_scope
+from core.models import Job
 from core.queue import CeleryQueue, queue_name
 from core.schemas import JobCreate
 from core.settings import Settings
@@ -82,3 +85,29 @@ def test_jobs_whose_messages_were_lost_are_resent(
     # ones (a duplicate is harmless: a claim is conditional).
     assert report["resent"] == JOBS
     assert queue.queued_jobs(name) == 2 * JOBS - 16
+
+
+def test_resent_messages_leave_after_the_commit(setup: tuple[Settings, CeleryQueue, str]) -> None:
+    """A worker taking a re-sent message must find its job's row free: the sweeper
+    sends only once its transaction (which marks the jobs re-sent) has committed."""
+    settings, queue, name = setup
+    submit_all(settings, queue)
+    client = redis.Redis.from_url(REDIS_URL)
+    client.delete(name)  # every message lost
+    client.close()
+    time.sleep(settings.requeue_after_s * 2)
+    seen_locked: list[bool] = []
+
+    class Probe(CeleryQueue):
+        def enqueue_many(self, routes: Any) -> None:
+            ids = [route.job_id for route in routes]
+            with session_scope(settings.resolved_database_url) as session:
+                free = session.scalars(
+                    select(Job.id).where(Job.id.in_(ids)).with_for_update(skip_locked=True)
+                )
+                seen_locked.append(len(list(free)) != len(ids))
+            super().enqueue_many(routes)
+
+    report = Sweeper(settings, Probe(settings), holder="test").sweep_once()
+    assert report["resent"] == JOBS
+    assert seen_locked == [False]
