@@ -141,17 +141,25 @@ async def _submit_and_wait(
                 body=body,
             )
         )
+        # With an Idempotency-Key the client may come back for the same job (a retry after
+        # its connection dropped), so going away does not cancel it.
         answer = await _wait(
-            request, settings.resolved_database_url, job_id, settings.completion_wait_s
+            request,
+            settings.resolved_database_url,
+            job_id,
+            settings.completion_wait_s,
+            cancel_on_disconnect=idempotency_key is None,
         )
     if replay:
         answer.headers["Idempotent-Replayed"] = "true"
     return answer
 
 
-async def _wait(request: Request, url: str, job_id: str, wait_s: float) -> JSONResponse:
+async def _wait(
+    request: Request, url: str, job_id: str, wait_s: float, *, cancel_on_disconnect: bool
+) -> JSONResponse:
     """The job's answer once it is final, a 202 with the job once ``wait_s`` passed,
-    or 499 (and the job cancelled) once the client went away."""
+    or 499 once the client went away (the job cancelled if ``cancel_on_disconnect``)."""
     deadline = time.monotonic() + wait_s
     delay = POLL_MIN_S
     while True:
@@ -165,7 +173,8 @@ async def _wait(request: Request, url: str, job_id: str, wait_s: float) -> JSONR
             headers = {"Location": f"/v1/jobs/{job_id}"}
             return JSONResponse(content, status_code=202, headers=headers)
         if await request.is_disconnected():
-            await run_in_threadpool(_cancel, url, job_id)
+            if cancel_on_disconnect:
+                await run_in_threadpool(_cancel, url, job_id)
             return JSONResponse(error_body("cancelled", "the client went away"), status_code=499)
         await asyncio.sleep(delay)
         delay = min(delay * 1.5, POLL_MAX_S)
