@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
@@ -10,6 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Send
 
 from core.db import is_transient
 from core.egress import CallbackRefusedError
@@ -34,6 +36,16 @@ class APIError(Exception):
 
 def error_body(code: str, message: str, param: str | None = None, **extra: Any) -> dict[str, Any]:
     return {"error": {"code": code, "message": message, "param": param, **extra}}
+
+
+async def send_error(
+    send: Send, status: int, code: str, message: str, param: str | None = None
+) -> None:
+    """Answer with the JSON error body from ASGI middleware (below FastAPI's handlers)."""
+    body = json.dumps(error_body(code, message, param)).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
 def _param(loc: tuple[Any, ...]) -> str | None:

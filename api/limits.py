@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from api.errors import send_error
 
 
 class BodyTooLargeError(HTTPException):
@@ -67,23 +68,4 @@ class BodySizeLimit:
 
 
 async def _reject(send: Send, limit: int) -> None:
-    body = json.dumps(
-        {
-            "error": {
-                "code": "request_too_large",
-                "message": too_large_message(limit),
-                "param": None,
-            }
-        }
-    ).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": 413,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
+    await send_error(send, 413, "request_too_large", too_large_message(limit))

@@ -15,6 +15,7 @@ from urllib.parse import parse_qsl
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from api.errors import send_error
 from core import text
 
 
@@ -87,17 +88,4 @@ def _replay(bodies: list[bytes], first: Message | None, receive: Receive) -> Rec
 
 
 async def _reject(send: Send, param: str, reason: str) -> None:
-    body = json.dumps(
-        {"error": {"code": "invalid_text", "message": f"{param}: {reason}", "param": param}}
-    ).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": 422,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
+    await send_error(send, 422, "invalid_text", f"{param}: {reason}", param)
