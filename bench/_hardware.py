@@ -166,14 +166,14 @@ def step_breakdown(
     engine: Any = BatchingEngine(model, tokenizer, info, max_batch_size=rows, fast_decode=fast)
     sections = _Sections()
     shares: dict[str, float] = {}
-    step = engine._fast if engine._fast is not None else engine._forward
+    step = engine._main.fast if engine._main.fast is not None else engine._forward
     decode = engine._decode
     # Profile a mid-run step: a full batch and a warm allocator.
     profile_at = max(2, min(16, max(p.max_new_tokens for p in prompts[:rows]) // 2))
 
     def forward(*args: Any) -> Any:
         sections.steps += 1
-        sections.rows += engine._batch.rows
+        sections.rows += engine._main.batch.rows
         if sections.steps == profile_at and not shares:
             out: list[Any] = []
             start = time.perf_counter()
@@ -182,15 +182,15 @@ def step_breakdown(
             return out[0]
         return step(*args)
 
-    def decoding() -> None:
+    def decoding(lane: Any) -> None:
         sections.in_decode = True
         try:
-            decode()
+            decode(lane)
         finally:
             sections.in_decode = False
 
-    if engine._fast is not None:
-        engine._fast = sections.wrap("forward", forward, decode_only=True)
+    if engine._main.fast is not None:
+        engine._main.fast = sections.wrap("forward", forward, decode_only=True)
     else:
         engine._forward = sections.wrap("forward", forward, decode_only=True)
     engine._decode = sections.wrap("decode_step", decoding, decode_only=False)

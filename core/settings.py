@@ -62,6 +62,13 @@ class Settings(BaseSettings):
         description="decode GPT-2 and Llama models with a step written for them (false: the"
         " model's own forward, for every model)",
     )
+    express_max_new_tokens: int = Field(
+        default=16,
+        ge=0,
+        le=256,
+        description="requests of at most this many new tokens skip a busy batch in small"
+        " steps of their own (0: off)",
+    )
 
     # The worker process.
     worker_concurrency: int = Field(default=0, ge=0, description="0: max_batch_size + 8")

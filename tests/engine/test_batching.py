@@ -225,7 +225,7 @@ def test_scheduler_death_fails_everything(stories: Any, make_engine: Any) -> Non
 
     engine = make_engine(stories, max_batch_size=1)
 
-    def explode() -> None:
+    def explode(lane: Any) -> None:
         raise Boom("scheduler bug")
 
     engine._decode = explode

@@ -98,7 +98,7 @@ def test_engine_greedy_equals_generate(loaded: Any, fast: bool) -> None:
     model, tokenizer, info = loaded
     engine = BatchingEngine(model, tokenizer, info, fast_decode=fast)
     try:
-        assert (engine._fast is not None) is fast
+        assert (engine._main.fast is not None) is fast
         futures = [
             engine.submit(request(p, max_new_tokens=24 + 4 * i)) for i, p in enumerate(PROMPTS)
         ]
@@ -121,7 +121,7 @@ def test_unsupported_options_keep_the_generic_path(gpt2: Any) -> None:
     other = GPT2LMHeadModel(config).eval()
     engine = BatchingEngine(other, tokenizer, info)
     try:
-        assert engine._fast is None
+        assert engine._main.fast is None
         result = engine.submit(request(PROMPTS[2], max_new_tokens=16)).result(timeout=60)
         loaded = (other, tokenizer, info)
         assert result.outputs == reference(loaded, PROMPTS[2], max_new_tokens=16, do_sample=False)

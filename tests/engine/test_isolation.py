@@ -48,11 +48,14 @@ def _poison_rows_of(engine: Any, request_id: str) -> None:
 
     def poisoned(*args: Any) -> torch.Tensor:
         logits = forward(*args)
-        for state, rows in engine._slots.items():
-            if state.request.id == request_id and logits.shape[0] > max(rows):
-                steps[0] += 1
-                if steps[0] > 2:
-                    logits[rows] = float("nan")
+        for lane in (engine._express, engine._main):
+            if args[3] is not lane.batch.cache:  # not this lane's decode step
+                continue
+            for state, rows in lane.slots.items():
+                if state.request.id == request_id:
+                    steps[0] += 1
+                    if steps[0] > 2:
+                        logits[rows] = float("nan")
         return logits
 
     engine._forward = poisoned
@@ -151,7 +154,7 @@ def test_a_scheduler_bug_outside_the_model_step_does_not_kill_the_engine(
 ) -> None:
     """An exception while retiring restarts the batch; the thread lives, nobody fails."""
     engine = make_engine(loaded)
-    retire = engine._batch.retire
+    retire = engine._main.batch.retire
     calls = [0]
 
     def flaky(slots: list[int]) -> None:
@@ -160,7 +163,7 @@ def test_a_scheduler_bug_outside_the_model_step_does_not_kill_the_engine(
             raise RuntimeError("a scheduler bug")
         retire(slots)
 
-    engine._batch.retire = flaky
+    engine._main.batch.retire = flaky
     futures = _healthy(engine)
     _check_healthy(loaded, futures)
     assert calls[0] >= 1 and engine.check_health()

@@ -53,6 +53,7 @@ def build_engine(settings: Settings) -> Engine:
             max_tokens_in_flight=settings.max_tokens_in_flight,
             default_max_new_tokens=settings.default_max_new_tokens,
             fast_decode=settings.fast_decode,
+            express_max_new_tokens=settings.express_max_new_tokens,
         )
     except ValueError as exc:  # a cache layout the engine cannot batch
         raise ModelLoadError(f"cannot serve {settings.model!r}: {exc}") from exc

@@ -4,6 +4,10 @@ FIFO, within the rows and cache tokens left; when the oldest waiting request doe
 fit (a beam request waiting for ``num_beams`` rows), later ones that do fit go first, so
 a short job is not held up behind it, until the oldest has been passed over
 ``MAX_PASSED_OVER`` times: then admission waits for it (no request starves).
+
+The prompts admitted at one iteration hold at most ``PREFILL_TOKENS`` tokens (one
+request at least): a prefill stops every running row for its whole forward, so newcomers
+arriving in a burst are prefilled a slice per iteration, with decode steps between.
 """
 
 from __future__ import annotations
@@ -17,16 +21,22 @@ from worker.engine.requests import RequestState
 ADMIT_SCAN = 256
 # How often the oldest waiting request may be passed over by later, smaller ones.
 MAX_PASSED_OVER = 64
+# Prompt tokens prefilled per iteration (about one decode step of a full batch on a CPU).
+PREFILL_TOKENS = 256
 
 
 def pick(
     waiting: deque[RequestState],
     room: tuple[int, int],
     tokenize: Callable[[RequestState], bool],
+    *,
+    eligible: Callable[[RequestState], bool] | None = None,
+    prefill_tokens: int = PREFILL_TOKENS,
 ) -> list[RequestState]:
     """Remove from ``waiting`` and return the requests that fit in ``room`` (free rows,
-    free cache tokens). ``tokenize`` sizes a request on first sight; a request it
-    refuses (and resolves) is dropped from ``waiting``."""
+    free cache tokens) and ``prefill_tokens``. ``tokenize`` sizes a request on first
+    sight; a request it refuses (and resolves) is dropped from ``waiting``. With
+    ``eligible``, only the requests it accepts are looked at (the others stay)."""
     rows, tokens = room
     chosen: list[RequestState] = []
     blocked: RequestState | None = None
@@ -36,6 +46,10 @@ def pick(
         if not state.tokenized and not tokenize(state):
             waiting.remove(state)
             continue
+        if eligible is not None and not eligible(state):
+            continue
+        if chosen and len(state.prompt_ids) > prefill_tokens:
+            break
         if state.n > rows or state.cost > tokens:
             blocked = blocked or state
             continue
@@ -45,4 +59,5 @@ def pick(
         chosen.append(state)
         rows -= state.n
         tokens -= state.cost
+        prefill_tokens -= len(state.prompt_ids)
     return chosen

@@ -1,13 +1,17 @@
 """Continuous batching over the KV cache, for any transformers causal LM.
 
 A daemon scheduler thread owns the model. Each iteration it (1) admits waiting
-requests FIFO within ``max_batch_size`` rows and ``max_tokens_in_flight`` tokens,
-prefilling them as one left-padded mini-batch whose keys and values are copied
-into free slots of the running cache (:class:`~worker.engine.kvcache.SlotCache`);
+requests FIFO within ``max_batch_size`` rows and ``max_tokens_in_flight`` tokens
+(about ``admission.PREFILL_TOKENS`` prompt tokens per iteration), prefilling them as
+left-padded mini-batches (a request's prompt once, however many rows it has) whose keys
+and values are copied into free slots of the running cache
+(:class:`~worker.engine.kvcache.SlotCache`);
 (2) runs one decode step for every row, greedy, sampled and beam rows alike (a beam
 request owns ``num_beams`` rows and reorders them after each step,
 :mod:`worker.engine.beam`); (3) retires finished requests, which only frees their
-slots (when nothing waits to fill them, the last rows move into them). Left padding
+slots (when nothing waits to fill them, the last rows move into them). Short requests
+that arrive while the batch is busy run in an express lane of their own, which gets a
+turn before each of the batch's forwards (:mod:`worker.engine.lanes`). Left padding
 is exact because every forward gets the attention mask and explicit position ids
 (real tokens so far), for absolute (GPT-2) and rotary (Llama) positions alike.
 
@@ -31,7 +35,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
-from worker.engine import admission, fastpath, kvcache
+from worker.engine import admission, fastpath, kvcache, lanes
 from worker.engine.base import (
     REQUEUE,
     GenerationError,
@@ -50,6 +54,7 @@ from worker.engine.choosing import (
     record,
 )
 from worker.engine.constrained import GrammarCompiler, logits_width
+from worker.engine.lanes import Lane
 from worker.engine.requests import RequestState, eos_ids, prefill_groups
 from worker.engine.sampling import SamplingSpec, make_generator
 
@@ -83,6 +88,7 @@ class BatchingEngine:
         max_tokens_in_flight: int = 65_536,
         default_max_new_tokens: int = 50,
         fast_decode: bool = True,
+        express_max_new_tokens: int = 16,
     ) -> None:
         self.info = info
         self.model = model
@@ -94,6 +100,8 @@ class BatchingEngine:
         # at every step. Tests turn it off to keep rows where they are.
         self.compact_free_slots = True
         self.default_max_new_tokens = default_max_new_tokens
+        # Short requests (at most this many new tokens; 0: none) skip a busy main batch.
+        self.express_max_new_tokens = express_max_new_tokens
         self.device = next(model.parameters()).device
         self.eos_ids = eos_ids(model, tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -108,13 +116,16 @@ class BatchingEngine:
         self._accepting = True
         self._closing = False
         self._dead: BaseException | None = None
-        # Running batch, touched only by the scheduler thread.
-        self._jobs: list[RequestState] = []  # in admission order
-        self._slots: dict[RequestState, list[int]] = {}  # each job's .n rows of the batch
-        self._batch = kvcache.SlotCache(model.config, max_batch_size)
+        # The running batches, touched only by the scheduler thread (worker.engine.lanes).
+        main = kvcache.SlotCache(model.config, max_batch_size)
+        express = kvcache.SlotCache(model.config, lanes.EXPRESS_ROWS)
         # A decode step written for the model's family (None: the model's own forward).
-        fast = fastpath.decode_step_for(model, self._batch, max_rows=max_batch_size)
-        self._fast = fast if fast_decode else None
+        fast = fastpath.decode_step_for(model, main, max_rows=max_batch_size)
+        if not fast_decode:
+            fast = None
+        self._main = Lane(main, fast)
+        self._express = Lane(express, fastpath.rebind(fast, express) if fast else None)
+        self._lanes = (self._express, self._main)
         self._thread = threading.Thread(target=self._run, name="genq-engine", daemon=True)
         self._thread.start()
 
@@ -185,7 +196,8 @@ class BatchingEngine:
                         self._iteration()
                     except Exception:  # a scheduler bug must not end every job for good
                         log.exception("engine iteration failed; restarting the running batch")
-                        self._restart(list(self._jobs))
+                        for lane in self._lanes:
+                            self._restart(lane, list(lane.jobs))
         except BaseException as exc:  # the thread must never die silently
             log.exception("engine scheduler died")
             self._dead = exc
@@ -194,41 +206,74 @@ class BatchingEngine:
             self._fail_all(GenerationError("engine_stopped", "the engine was closed"))
 
     def _iteration(self) -> None:
+        """Admit, prefill the newcomers, and run one decode step of the main batch; short
+        requests get an express turn before each of the main batch's forwards."""
+        if not self._wait_for_work():
+            return
+        self._express_turn()
         newcomers = self._admit()
         if newcomers:
             for group in prefill_groups(newcomers, PREFILL_FORWARD_COST):
-                self._prefill_split(group)
-            self._retire()
-        if self._jobs:
-            try:
-                self._decode()
-            except Exception as exc:  # the forward of everyone: no request to blame yet
-                self._unattributed(exc)
-            self._retire()
+                self._prefill_split(self._main, group)
+                self._express_turn()
+            self._retire(self._main)
+        if self._main.jobs:
+            self._step(self._main)
 
-    def _prefill_split(self, group: list[RequestState]) -> None:
+    def _express_turn(self) -> None:
+        """Admit the short requests waiting (:func:`~worker.engine.lanes.express`) and run
+        the express lane until it is empty (at most ``express_max_new_tokens`` steps)."""
+        if not self.express_max_new_tokens:
+            return
+        with self._lock:
+            newcomers = admission.pick(
+                self._waiting,
+                (lanes.EXPRESS_ROWS - self._express.rows, lanes.EXPRESS_MAX_TOKENS),
+                self._tokenize,
+                eligible=lambda s: lanes.express(s, self._main, self.express_max_new_tokens),
+            )
+        for state in newcomers:
+            self._start(state)
+        if newcomers:
+            for group in prefill_groups(newcomers, PREFILL_FORWARD_COST):
+                self._prefill_split(self._express, group)
+            self._retire(self._express)
+        for _ in range(self.express_max_new_tokens):
+            if not self._express.jobs:
+                break
+            self._step(self._express)
+
+    def _step(self, lane: Lane) -> None:
+        """One decode step of ``lane``, then retire whoever finished."""
+        try:
+            self._decode(lane)
+        except Exception as exc:  # the forward of everyone: no request to blame yet
+            self._unattributed(lane, exc)
+        self._retire(lane)
+
+    def _prefill_split(self, lane: Lane, group: list[RequestState]) -> None:
         """Prefill ``group``; if that fails, each half on its own, down to one request."""
         try:
-            self._prefill(group)
+            self._prefill(lane, group)
         except Exception as exc:
             log.warning("prefill of %d requests failed: %r", len(group), exc)
             for state in group:  # choosing may have begun: begin again
                 self._start(state)
             if len(group) > 1:
                 half = len(group) // 2
-                self._prefill_split(group[:half])
-                self._prefill_split(group[half:])
+                self._prefill_split(lane, group[:half])
+                self._prefill_split(lane, group[half:])
             else:
                 self._blame(group[0], exc)
 
-    def _unattributed(self, exc: Exception) -> None:
+    def _unattributed(self, lane: Lane, exc: Exception) -> None:
         """A decode step failed: take the newest half of the batch out to start again
         later; a request alone in the batch is the cause."""
-        log.warning("decode step over %d requests failed: %r", len(self._jobs), exc)
-        if len(self._jobs) == 1:
-            self._blame(self._jobs[0], exc)
+        log.warning("decode step over %d requests failed: %r", len(lane.jobs), exc)
+        if len(lane.jobs) == 1:
+            self._blame(lane.jobs[0], exc)
             return
-        self._restart(self._jobs[len(self._jobs) // 2 :])
+        self._restart(lane, lane.jobs[len(lane.jobs) // 2 :])
 
     def _blame(self, state: RequestState, exc: Exception) -> None:
         """A request failed alone: its fault, unless memory ran out (then the queue's)."""
@@ -236,19 +281,19 @@ class BatchingEngine:
             state.error = GenerationError(REQUEUE, f"out of memory even alone: {exc!r}")
         else:
             state.error = error_of(exc)
-        if state not in self._jobs:
+        if not any(state in lane.jobs for lane in self._lanes):
             self._finish(state, state.error)
 
-    def _restart(self, states: list[RequestState]) -> None:
-        """Take ``states`` out of the batch; they start again from their prompt (same
+    def _restart(self, lane: Lane, states: list[RequestState]) -> None:
+        """Take ``states`` out of ``lane``; they start again from their prompt (same
         tokens: a sampling request's generator restarts from its seed)."""
-        running = [s for s in states if s in self._slots]
-        freed = [row for s in running for row in self._slots.pop(s)]
-        self._jobs = [s for s in self._jobs if s not in set(states)]
-        if not self._jobs:
-            self._batch.clear()
+        running = [s for s in states if s in lane.slots]
+        freed = [row for s in running for row in lane.slots.pop(s)]
+        lane.jobs = [s for s in lane.jobs if s not in set(states)]
+        if not lane.jobs:
+            lane.batch.clear()
         elif freed:
-            self._batch.retire(freed)
+            lane.batch.retire(freed)
         again: list[RequestState] = []
         for state in states:
             state.restarts += 1
@@ -263,20 +308,30 @@ class BatchingEngine:
         with self._lock:
             self._waiting.extendleft(reversed(again))
 
-    def _admit(self) -> list[RequestState]:
-        """Pop the requests that fit (:func:`~worker.engine.admission.pick`) and start them."""
+    def _wait_for_work(self) -> bool:
+        """Sleep until a request waits or runs; False when the engine is closing."""
         with self._lock:
-            while not self._closing and not self._waiting and not self._jobs:
+            while not self._closing and not self._waiting and not self.running:
                 self._lock.wait()
-            if self._closing:
-                return []
-            rows = sum(s.n for s in self._jobs)
-            tokens = sum(s.cost for s in self._jobs)
-            room = (self.max_batch_size - rows, self.max_tokens_in_flight - tokens)
+            return not self._closing
+
+    def _admit(self) -> list[RequestState]:
+        """Pop the requests that fit the main batch
+        (:func:`~worker.engine.admission.pick`) and start them."""
+        with self._lock:
+            room = (
+                self.max_batch_size - self._main.rows,
+                self.max_tokens_in_flight - self._main.tokens - self._express.tokens,
+            )
             newcomers = admission.pick(self._waiting, room, self._tokenize)
         for state in newcomers:
             self._start(state)
         return newcomers
+
+    @property
+    def running(self) -> bool:
+        """Whether any request is in a running batch."""
+        return any(lane.jobs for lane in self._lanes)
 
     def _start(self, state: RequestState) -> None:
         """Ready a request to join the batch; whatever goes wrong is its own error
@@ -327,8 +382,9 @@ class BatchingEngine:
         self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any
     ) -> torch.Tensor:
         """Last-position logits in float32 (as generate computes them); ``cache`` grows."""
-        if self._fast is not None and cache is self._batch.cache:  # a decode step
-            return self._fast(ids, mask, positions)
+        for lane in self._lanes:
+            if lane.fast is not None and cache is lane.batch.cache:  # a decode step
+                return lane.fast(ids, mask, positions)
         out = self.model(
             input_ids=ids,
             attention_mask=mask,
@@ -340,9 +396,12 @@ class BatchingEngine:
         logits: torch.Tensor = out.logits[:, -1, :].float()
         return logits
 
-    def _prefill(self, newcomers: list[RequestState]) -> None:
-        """Prefill the newcomers as their own mini-batch, then copy them into free slots."""
-        prompts = [s.prompt_ids for s in newcomers for _ in range(s.n)]
+    def _prefill(self, lane: Lane, newcomers: list[RequestState]) -> None:
+        """Prefill the newcomers as their own mini-batch, then copy them into free slots.
+
+        A request's ``n`` rows (beams, or sequences to return) share one prompt: it is
+        computed once and its logits, keys and values are copied to the other rows."""
+        prompts = [s.prompt_ids for s in newcomers]
         width = max(len(p) for p in prompts)
         ids = torch.tensor(
             [[self.pad_id] * (width - len(p)) + p for p in prompts],
@@ -357,58 +416,60 @@ class BatchingEngine:
         positions = (mask.cumsum(-1) - 1).clamp_min(0)
         cache = DynamicCache(config=self.model.config)
         logits = self._forward(ids, mask, positions, cache)
+        if any(s.n > 1 for s in newcomers):
+            logits, mask = _expand_rows(newcomers, logits, mask, cache)
         placed = placed_consecutively(newcomers)
         chosen = choose(logits, placed, self.pad_id)
         record(chosen, placed, self.eos_ids, self.tokenizer)
         try:
-            rows = self._batch.admit(cache, mask, chosen)
+            rows = lane.batch.admit(cache, mask, chosen)
         except Exception:
             # A half-done admission leaves the slots in no known state: start them again.
-            self._restart(list(self._jobs))
+            self._restart(lane, list(lane.jobs))
             raise
         for state, local in placed:
-            self._slots[state] = [rows[i] for i in local]
-        self._jobs.extend(newcomers)
+            lane.slots[state] = [rows[i] for i in local]
+        lane.jobs.extend(newcomers)
 
-    def _decode(self) -> None:
-        """One token for every row of the running batch (free slots too: no copy to skip them)."""
-        ids, mask, positions = self._batch.step_inputs()
-        logits = self._forward(ids, mask, positions, self._batch.cache)
-        placed = [(state, self._slots[state]) for state in self._jobs]
+    def _decode(self, lane: Lane) -> None:
+        """One token for every row of ``lane`` (free slots too: no copy to skip them)."""
+        ids, mask, positions = lane.batch.step_inputs()
+        logits = self._forward(ids, mask, positions, lane.batch.cache)
+        placed = [(state, lane.slots[state]) for state in lane.jobs]
         moves: Moves = []
         chosen = choose(logits, placed, self.pad_id, moves)
-        self._batch.advance(chosen)
+        lane.batch.advance(chosen)
         if moves:  # every beam request's rows in one gather per buffer (their rows are disjoint)
             targets = [row for own, _ in moves for row in own]
-            self._batch.reorder(targets, [source for _, sources in moves for source in sources])
+            lane.batch.reorder(targets, [source for _, sources in moves for source in sources])
         record(chosen, placed, self.eos_ids, self.tokenizer)
 
-    def _retire(self) -> None:
+    def _retire(self, lane: Lane) -> None:
         """Resolve finished or aborted requests and free their slots (no copy)."""
         freed: list[int] = []
         remaining: list[RequestState] = []
-        for state in self._jobs:
+        for state in lane.jobs:
             if state.done:
                 self._finish(state, self._outcome(state))
-                freed.extend(self._slots.pop(state))
+                freed.extend(lane.slots.pop(state))
             else:
                 remaining.append(state)
         if not freed:
             return
-        self._jobs = remaining
-        self._batch.retire(freed)
-        free = self._batch.free_rows
+        lane.jobs = remaining
+        lane.batch.retire(freed)
+        free = lane.batch.free_rows
         if remaining and free and self.compact_free_slots:
             with self._lock:
                 waiting = bool(self._waiting)
             if not waiting:
-                self._compact()
+                self._compact(lane)
 
-    def _compact(self) -> None:
+    def _compact(self, lane: Lane) -> None:
         """Close the free slots (the tail of a workload: nothing will take them)."""
-        moved = self._batch.compact()
-        for state, rows in self._slots.items():
-            self._slots[state] = [moved.get(row, row) for row in rows]
+        moved = lane.batch.compact()
+        for state, rows in lane.slots.items():
+            lane.slots[state] = [moved.get(row, row) for row in rows]
 
     def _outcome(self, state: RequestState) -> GenerationResult | GenerationError:
         if state.error is not None:
@@ -438,3 +499,18 @@ class BatchingEngine:
             self._waiting.clear()
         for state in states:
             self._finish(state, error)
+
+
+def _expand_rows(
+    states: list[RequestState], logits: torch.Tensor, mask: torch.Tensor, cache: Any
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Give each request's one prefilled row to all its ``n`` rows: logits, mask and
+    ``cache`` (in place). ``generate`` computes the copies; they are the same numbers."""
+    index = torch.tensor(
+        [i for i, state in enumerate(states) for _ in range(state.n)], device=logits.device
+    )
+    for layer in cache.layers:
+        if getattr(layer, "keys", None) is not None:
+            layer.keys = layer.keys.index_select(0, index)
+            layer.values = layer.values.index_select(0, index)
+    return logits.index_select(0, index), mask.index_select(0, index)

@@ -15,6 +15,7 @@ retirement, compaction and any reordering of rows are shared and unchanged.
 
 from __future__ import annotations
 
+import copy
 from typing import Any, Protocol
 
 import torch
@@ -29,6 +30,8 @@ class DecodeStep(Protocol):
     keys and values at the window's end (as the generic path's cache layers do), and
     :meth:`SlotCache.advance` takes it into view afterwards.
     """
+
+    batch: SlotCache
 
     def __call__(
         self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor
@@ -49,4 +52,11 @@ def decode_step_for(model: Any, batch: SlotCache, *, max_rows: int) -> DecodeSte
     return None
 
 
-__all__ = ["DecodeStep", "decode_step_for"]
+def rebind(step: DecodeStep, batch: SlotCache) -> DecodeStep:
+    """``step`` over another slot cache, sharing its packed weights."""
+    other = copy.copy(step)
+    other.batch = batch
+    return other
+
+
+__all__ = ["DecodeStep", "decode_step_for", "rebind"]

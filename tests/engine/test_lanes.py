@@ -1,0 +1,110 @@
+"""A short request beside a busy batch runs in its own small steps (the express lane),
+and a beam request's prompt is prefilled once for all its beams."""
+
+from __future__ import annotations
+
+from collections import deque
+from concurrent.futures import Future
+from typing import Any
+
+import pytest
+
+from tests.engine.helpers import reference, request, wait_for_tokens
+from worker.engine import admission
+from worker.engine.requests import RequestState
+from worker.engine.sampling import SamplingSpec
+
+STORY = "Once upon a time"
+BEAMS: dict[str, Any] = {"num_beams": 5, "max_new_tokens": 40}
+PROMPTS = ["The dog", "Tom and Sue went to the shop to buy some", "A big red ball was"]
+
+
+def _count_steps(engine: Any) -> dict[str, int]:
+    """Decode steps so far, per lane."""
+    counts = {"main": 0, "express": 0}
+    decode = engine._decode
+
+    def counted(lane: Any) -> None:
+        counts["main" if lane is engine._main else "express"] += 1
+        decode(lane)
+
+    engine._decode = counted
+    return counts
+
+
+@pytest.mark.parametrize("express", [16, 0], ids=["express", "no-express"])
+def test_a_short_request_beside_busy_beams_takes_no_turns_of_theirs(
+    loaded: Any, make_engine: Any, express: int
+) -> None:
+    """Behind 15 beam rows, an 8-token greedy request is done within about one of their
+    steps (without the express lane it rides eight of them); everyone equals generate."""
+    engine = make_engine(loaded, express_max_new_tokens=express)
+    counts = _count_steps(engine)
+    beams = [request(p, **BEAMS) for p in PROMPTS]
+    beam_futures = [engine.submit(r) for r in beams]
+    wait_for_tokens(engine, beams[0].id, 5)
+
+    before = counts["main"]
+    at_finish: list[int] = []
+    short = engine.submit(request(STORY, max_new_tokens=8))
+    short.add_done_callback(lambda _: at_finish.append(counts["main"]))
+    assert short.result(timeout=60).outputs == reference(loaded, STORY, max_new_tokens=8)
+
+    main_steps_meanwhile = at_finish[0] - before
+    if express:
+        assert main_steps_meanwhile <= 2 and counts["express"] >= 7
+    else:
+        assert main_steps_meanwhile >= 7 and counts["express"] == 0
+    for future, prompt in zip(beam_futures, PROMPTS, strict=True):
+        assert future.result(timeout=120).outputs == reference(loaded, prompt, **BEAMS), prompt
+
+
+def test_short_requests_on_an_idle_engine_share_the_main_batch(
+    stories: Any, make_engine: Any
+) -> None:
+    """With nothing big running, short requests are batched together as usual."""
+    engine = make_engine(stories)
+    counts = _count_steps(engine)
+    futures = [engine.submit(request(p, max_new_tokens=6)) for p in PROMPTS]
+    for future, prompt in zip(futures, PROMPTS, strict=True):
+        assert future.result(timeout=60).outputs == reference(stories, prompt, max_new_tokens=6)
+    assert counts["express"] == 0
+
+
+def test_a_beam_request_prefills_its_prompt_once(loaded: Any, make_engine: Any) -> None:
+    """The prefill forward holds one row per request, not one per beam."""
+    engine = make_engine(loaded)
+    forward = engine._forward
+    prefill_rows: list[int] = []
+
+    def recorded(ids: Any, mask: Any, positions: Any, cache: Any) -> Any:
+        if all(cache is not lane.batch.cache for lane in (engine._main, engine._express)):
+            prefill_rows.append(ids.shape[0])
+        return forward(ids, mask, positions, cache)
+
+    engine._forward = recorded
+    kwargs: dict[str, Any] = {"num_beams": 4, "num_return_sequences": 2, "max_new_tokens": 10}
+    futures = [engine.submit(request(p, **kwargs)) for p in PROMPTS[:2]]
+    for future, prompt in zip(futures, PROMPTS[:2], strict=True):
+        assert future.result(timeout=60).outputs == reference(loaded, prompt, **kwargs)
+    assert sum(prefill_rows) == 2
+
+
+def _waiting(prompt_tokens: int) -> RequestState:
+    state = RequestState(request=request("x"), future=Future(), spec=SamplingSpec())
+    state.prompt_ids, state.max_new, state.tokenized = [1] * prompt_tokens, 4, True
+    return state
+
+
+def test_a_burst_of_prompts_is_prefilled_a_slice_per_iteration() -> None:
+    """Prompt tokens admitted at one iteration stay within PREFILL_TOKENS (one request
+    at least, however long its prompt)."""
+    waiting = deque([_waiting(admission.PREFILL_TOKENS - 10), _waiting(20), _waiting(30)])
+    first = admission.pick(waiting, (64, 10**6), lambda s: True)
+    assert [len(s.prompt_ids) for s in first] == [admission.PREFILL_TOKENS - 10]
+    assert [len(s.prompt_ids) for s in admission.pick(waiting, (64, 10**6), lambda s: True)] == [
+        20,
+        30,
+    ]
+    long = _waiting(admission.PREFILL_TOKENS * 3)
+    assert admission.pick(deque([long, _waiting(5)]), (64, 10**6), lambda s: True) == [long]

@@ -1,0 +1,60 @@
+"""The engine's running batches: the main lane, and an express lane for short requests.
+
+Every row of a running batch gets one token per decode step, and a step costs what all
+its rows cost: a 4-token greedy job sharing steps with 60 beam rows would take four of
+their steps, ten times its time alone. So short requests (:func:`express`) that arrive
+while the main lane is busy run in a lane of their own: a small slot cache that gets a
+turn before each of the main batch's forwards (prefill or decode step). A turn admits
+the short requests waiting and runs their steps to the end, at most
+``express_max_new_tokens`` of them, so a short request waits for at most one main
+forward and then runs as if alone. The main batch waits meanwhile, at most that many
+small steps per forward; with nothing short waiting it runs as before.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from worker.engine.fastpath import DecodeStep
+from worker.engine.kvcache import SlotCache
+from worker.engine.requests import RequestState
+
+# Rows in the express lane; a request needing more (beams) runs in the main lane.
+EXPRESS_ROWS = 4
+# The most cache tokens (prompt plus new tokens, over its rows) of an express request:
+# a long prompt is a prefill that would stall the main batch.
+EXPRESS_MAX_TOKENS = 512
+
+
+@dataclasses.dataclass(eq=False)
+class Lane:
+    """A running batch: its slot cache, its requests in admission order, their rows
+    of the cache, and the model's fast decode step bound to that cache (None: the
+    model's own forward)."""
+
+    batch: SlotCache
+    fast: DecodeStep | None
+    jobs: list[RequestState] = dataclasses.field(default_factory=list)
+    slots: dict[RequestState, list[int]] = dataclasses.field(default_factory=dict)
+
+    @property
+    def rows(self) -> int:
+        """Rows the lane's requests hold."""
+        return sum(state.n for state in self.jobs)
+
+    @property
+    def tokens(self) -> int:
+        """Cache tokens the lane's requests may hold."""
+        return sum(state.cost for state in self.jobs)
+
+
+def express(state: RequestState, main: Lane, max_new_tokens: int) -> bool:
+    """Whether a tokenized request goes to the express lane: it is short (few rows, at
+    most ``max_new_tokens`` new tokens, a small prompt) and the main lane is busy
+    (more rows than the express lane holds; otherwise joining it costs as little)."""
+    return (
+        main.rows > EXPRESS_ROWS
+        and state.n <= EXPRESS_ROWS
+        and state.max_new <= max_new_tokens
+        and state.cost <= EXPRESS_MAX_TOKENS
+    )
