@@ -19,16 +19,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import time
-from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any
 
-import anyio
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import StreamingResponse
-from starlette.types import Receive, Scope, Send
 
 from api.deps import OwnerDep, SessionDep, StreamsDep
+from api.streaming import HeldStream, follow
 from core import jobs
 from core.db import get_sessionmaker
 from core.errors import NotFoundError
@@ -37,12 +34,8 @@ from core.schemas import JobRead
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
-POLL_S = 0.2
-"""How often the job row is read."""
 MAX_STREAM_S = 3600.0
 """The longest a stream stays open; a client may reconnect."""
-KEEPALIVE_S = 15.0
-"""A comment line this often keeps proxies from closing a quiet stream."""
 
 
 def sse(event: str, data: Any) -> str:
@@ -54,8 +47,17 @@ def sse(event: str, data: Any) -> str:
 class JobEvents:
     """Turns successive snapshots of a job into the events between them."""
 
+    job_id: str = ""
     status: str | None = None
     text: str = ""
+    finished: bool = False
+
+    def start(self, first: JobRead) -> list[str]:
+        """The job as it is first; then, for a stream joined mid-run (or after the
+        end), the text so far as one token event, so that the deltas a client
+        concatenates always add up to the output, whenever it joined."""
+        self.job_id, self.status = first.id, first.status
+        return [sse("status", first.model_dump(mode="json")), *self.update(first)]
 
     def update(self, job: JobRead) -> list[str]:
         """The events that take a client from the last snapshot to ``job``."""
@@ -74,7 +76,16 @@ class JobEvents:
             self.status = job.status
         if job.status.is_final:
             events.append(sse("done", job.model_dump(mode="json")))
+            self.finished = True
         return events
+
+    def missing(self) -> list[str]:
+        self.finished = True
+        return [sse("error", {"code": "not_found", "message": f"job {self.job_id} was deleted"})]
+
+    def timeout(self, last: JobRead) -> list[str]:
+        self.finished = True
+        return [sse("timeout", last.model_dump(mode="json"))]
 
 
 def _read(database_url: str, job_id: str) -> JobRead | None:
@@ -83,64 +94,6 @@ def _read(database_url: str, job_id: str) -> JobRead | None:
             return jobs.view(session, jobs.get_job(session, job_id))
         except NotFoundError:  # deleted meanwhile (retention)
             return None
-
-
-async def _stream(
-    request: Request, database_url: str, first: JobRead, max_s: float
-) -> AsyncIterator[str]:
-    state = JobEvents()
-    # The job as it is first; then, for a stream joined mid-run (or after the
-    # end), the text so far as one token event, so that the deltas a client
-    # concatenates always add up to the output, whenever it joined.
-    state.status = first.status
-    yield sse("status", first.model_dump(mode="json"))
-    for event in state.update(first):
-        yield event
-    if first.status.is_final:
-        return
-    deadline = time.monotonic() + max_s
-    quiet_since = time.monotonic()
-    job = first
-    while time.monotonic() < deadline:
-        await anyio.sleep(POLL_S)
-        if await request.is_disconnected():
-            return
-        latest = await anyio.to_thread.run_sync(_read, database_url, first.id)
-        if latest is None:
-            yield sse("error", {"code": "not_found", "message": f"job {first.id} was deleted"})
-            return
-        job = latest
-        events = state.update(job)
-        for event in events:
-            yield event
-        if job.status.is_final:
-            return
-        if events:
-            quiet_since = time.monotonic()
-        elif time.monotonic() - quiet_since >= KEEPALIVE_S:
-            yield ": keep-alive\n\n"
-            quiet_since = time.monotonic()
-    yield sse("timeout", job.model_dump(mode="json"))
-
-
-class _HeldStream(StreamingResponse):
-    """A streaming response that gives the owner's stream slot back when it is done,
-    however it ends (finished, timed out, or the client went away: Starlette then
-    cancels the body's iteration, so a ``finally`` in the generator would not run)."""
-
-    def __init__(self, content: AsyncIterator[str], release: Callable[[], None]) -> None:
-        super().__init__(
-            content,
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-        )
-        self._release = release
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            self._release()
 
 
 @router.get("/{job_id}/events", response_class=StreamingResponse)
@@ -161,6 +114,9 @@ def job_events(
     database_url = request.app.state.settings.resolved_database_url
     tenant = owner or LOCAL_OWNER
     streams.acquire(tenant)  # a 429 past the owner's open streams; released at the end
-    return _HeldStream(
-        _stream(request, database_url, first, max_s), lambda: streams.release(tenant)
-    )
+
+    async def release() -> None:
+        streams.release(tenant)
+
+    events = follow(request, JobEvents(), first, lambda: _read(database_url, first.id), max_s=max_s)
+    return HeldStream(events, release)
