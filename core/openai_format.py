@@ -15,9 +15,11 @@ uses OpenAI's names with OpenAI's meanings, mapped to :class:`GenerationParams`:
 - ``logprobs`` (0 to 5) → ``logprobs`` with that many ``top_logprobs``.
 - ``response_format`` (an extension here; OpenAI has it on chat): ``json_object`` or
   ``json_schema``, constrained generation (core/structured.py).
-- OpenAI parameters genq does not implement (``stream``, ``echo``,
-  ``best_of``, ``suffix``, ``logit_bias``, the penalties) are accepted at their
-  default values only; ``user`` is accepted and ignored. Any other field is an error.
+- ``stream`` and ``stream_options`` (``include_usage``) are OpenAI's on the two
+  endpoints (core/openai_stream.py makes the chunks); a batch line may not stream.
+- OpenAI parameters genq does not implement (``echo``, ``best_of``, ``suffix``,
+  ``logit_bias``, the penalties) are accepted at their default values only;
+  ``user`` is accepted and ignored. Any other field is an error.
 """
 
 from __future__ import annotations
@@ -28,7 +30,14 @@ from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    ValidationError,
+    field_validator,
+)
 
 from core import text
 from core.chat import ChatMessage, Messages, check_conversation, template_messages
@@ -51,13 +60,11 @@ ENDPOINTS = (COMPLETIONS_URL, CHAT_URL)
 
 # Accepted only at these values (None: omitted); anything else is "not supported".
 _DEFAULT_ONLY: dict[str, tuple[object, ...]] = {
-    "stream": (None, False),
     "echo": (None, False),
     "suffix": (None, ""),
     "logit_bias": (None, {}),
     "presence_penalty": (None, 0, 0.0),
     "frequency_penalty": (None, 0, 0.0),
-    "stream_options": (None,),
 }
 
 
@@ -66,6 +73,17 @@ class RequestError(InvalidRequestError):
 
     def __init__(self, code: str, message: str, param: str | None = None) -> None:
         super().__init__(message, param=param, code=code)
+
+
+class StreamOptions(BaseModel):
+    """OpenAI's ``stream_options``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    include_usage: StrictBool | None = None
+    # OpenAI pads chunks against a length side channel unless told not to; genq
+    # does not pad, so either value means what genq does.
+    include_obfuscation: StrictBool | None = None
 
 
 class SamplingRequest(BaseModel):
@@ -84,14 +102,14 @@ class SamplingRequest(BaseModel):
     best_of: int | None = Field(default=None, ge=1, le=MAX_SEQUENCES)
     user: str | None = Field(default=None, max_length=512)
     response_format: dict[str, Any] | None = None
+    stream: StrictBool | None = None
+    stream_options: StreamOptions | None = None
     # Accepted at their defaults only (see _DEFAULT_ONLY).
-    stream: Any = None
     echo: Any = None
     suffix: Any = None
     logit_bias: Any = None
     presence_penalty: Any = None
     frequency_penalty: Any = None
-    stream_options: Any = None
     # transformers' extensions
     do_sample: bool | None = None
     top_k: int | None = Field(default=None, ge=0, le=100_000)
@@ -113,9 +131,20 @@ class SamplingRequest(BaseModel):
             return value
         raise ValueError(f"{info.field_name} is not supported by genq; omit it")
 
+    @field_validator("stream_options")
+    @classmethod
+    def _options_need_stream(cls, value: StreamOptions | None, info: Any) -> StreamOptions | None:
+        if value is not None and not info.data.get("stream"):
+            raise ValueError("stream_options needs stream to be true")
+        return value
+
     def top_logprobs_asked(self) -> int | None:
         """How many top logprobs per token (None: no logprobs at all)."""
         raise NotImplementedError
+
+    def include_usage(self) -> bool:
+        """Whether a stream ends with a usage chunk."""
+        return bool(self.stream_options and self.stream_options.include_usage)
 
 
 class CompletionRequest(SamplingRequest):
@@ -285,6 +314,7 @@ def _parse(
     prefix: str,
     default_max_tokens: int,
     without_template: Collection[str] = (),
+    may_stream: bool = False,
 ) -> tuple[_Request, GenerationParams]:
     """Validate a request body of ``kind``; raise :class:`RequestError` naming what is wrong."""
     if not isinstance(body, dict):
@@ -293,6 +323,12 @@ def _parse(
         request = kind.model_validate(body)
     except ValidationError as exc:
         raise _error_from_validation(exc, prefix) from exc
+    if request.stream and not may_stream:
+        raise RequestError(
+            "invalid_request",
+            f"{prefix}stream: a batch request cannot stream; omit stream or set it to false",
+            f"{prefix}stream",
+        )
     # One id per model however the caller spells it (a path as given, or resolved).
     spelt = request.model
     request = request.model_copy(update={"model": model_id(spelt)})
@@ -322,10 +358,17 @@ def parse_completion(
     models: Collection[str],
     prefix: str = "",
     default_max_tokens: int = OPENAI_DEFAULT_MAX_TOKENS,
+    may_stream: bool = False,
 ) -> tuple[CompletionRequest, GenerationParams]:
-    """Validate a completion body; raise :class:`RequestError` naming what is wrong."""
+    """Validate a completion body; raise :class:`RequestError` naming what is wrong.
+    ``may_stream``: ``stream: true`` is allowed (the endpoint, not a batch line)."""
     return _parse(
-        CompletionRequest, body, models=models, prefix=prefix, default_max_tokens=default_max_tokens
+        CompletionRequest,
+        body,
+        models=models,
+        prefix=prefix,
+        default_max_tokens=default_max_tokens,
+        may_stream=may_stream,
     )
 
 
@@ -336,11 +379,13 @@ def parse_chat(
     without_template: Collection[str] = (),
     prefix: str = "",
     default_max_tokens: int = OPENAI_DEFAULT_MAX_TOKENS,
+    may_stream: bool = False,
 ) -> tuple[ChatCompletionRequest, GenerationParams]:
     """Validate a chat completion body; raise :class:`RequestError` naming what is wrong.
 
     ``without_template``: served models known to have no chat template (their live
     workers say so); a chat request for one is ``model_without_chat_template``.
+    ``may_stream``: ``stream: true`` is allowed (the endpoint, not a batch line).
     """
     return _parse(
         ChatCompletionRequest,
@@ -349,6 +394,7 @@ def parse_chat(
         prefix=prefix,
         default_max_tokens=default_max_tokens,
         without_template=without_template,
+        may_stream=may_stream,
     )
 
 
@@ -563,6 +609,12 @@ def error_status(code: str | None) -> int:
     return 400 if code in CLIENT_ERRORS else 500
 
 
+def error_object(code: str, message: str) -> dict[str, Any]:
+    """OpenAI's ``error`` object: a server error, or the request's fault."""
+    kind = "server_error" if error_status(code) >= 500 else "invalid_request_error"
+    return {"message": message, "type": kind, "param": None, "code": code}
+
+
 def result_line(job: JobLike, *, cancel_code: str = "batch_cancelled") -> dict[str, Any]:
     """A job as a line of a batch's output file (succeeded) or error file (otherwise)."""
     request_id = job.id
@@ -577,13 +629,10 @@ def result_line(job: JobLike, *, cancel_code: str = "batch_cancelled") -> dict[s
     elif job.status == "failed":
         code = job.error_code or "internal_error"
         message = job.error_message or "generation failed"
-        error = {"message": message, "type": "invalid_request_error", "param": None, "code": code}
-        if error_status(code) >= 500:
-            error["type"] = "server_error"
         line["response"] = {
             "status_code": error_status(code),
             "request_id": request_id,
-            "body": {"error": error},
+            "body": {"error": error_object(code, message)},
         }
         line["error"] = {"code": code, "message": message}
     elif job.status == "cancelled":

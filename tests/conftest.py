@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
+import threading
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
+import uvicorn
+from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, text
 from sqlalchemy.pool import NullPool
@@ -17,6 +22,7 @@ import migrations
 from api.app import create_app
 from core.queue import Route, group_routes
 from core.settings import Settings
+from tests.integration.helpers import free_port
 
 POSTGRES_ADMIN_URL = os.environ.get(
     "GENQ_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
@@ -123,3 +129,22 @@ def submit_prompt(client: TestClient, prompt: str = "one two three", **body: Any
     assert response.status_code == 202, response.text
     job_id: str = response.json()["id"]
     return job_id
+
+
+@contextlib.contextmanager
+def serving(app: FastAPI) -> Iterator[str]:
+    """``app`` served over real HTTP by uvicorn in a thread (TestClient cannot read a
+    stream as it arrives): its base URL."""
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)

@@ -4,23 +4,27 @@ queue as any job.
 The request becomes a job; the call waits for it (polling SQL, without holding a
 thread while it sleeps) for up to ``GENQ_COMPLETION_WAIT_S`` and answers with the
 completion object, or 202 with the job (``Location: /v1/jobs/{id}``) when the wait
-runs out. A client that disconnects while waiting cancels its job.
+runs out. With ``stream: true`` it answers OpenAI's event stream instead
+(core/openai_stream.py), for as long. A client that disconnects while waiting or
+streaming cancels its job, unless it sent an ``Idempotency-Key``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import time
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import IdempotencyKeyHeader, OwnerDep, QueueDep, SessionDep, SettingsDep, StreamsDep
 from api.errors import APIError, error_body
+from api.streaming import HeldStream, follow
 from core import jobstate, submit
 from core.chat import template_messages
 from core.db import get_sessionmaker
@@ -33,6 +37,7 @@ from core.openai_format import (
     parse_completion,
     response_object,
 )
+from core.openai_stream import ChunkStream
 from core.queue import JobQueue
 from core.quotas import StreamSlots
 from core.schemas import JobRead
@@ -69,17 +74,20 @@ async def create_completion(
     owner: OwnerDep,
     streams: StreamsDep,
     idempotency_key: IdempotencyKeyHeader = None,
-) -> JSONResponse:
-    """Generate a completion: the body and the answer are OpenAI's. With an
-    ``Idempotency-Key``, a retry with the same body waits on the same job."""
+) -> Response:
+    """Generate a completion: the body and the answer (or its stream) are OpenAI's.
+    With an ``Idempotency-Key``, a retry with the same body waits on the same job."""
     try:
-        parsed, params = parse_completion(body, models=submit.served_models(session, settings))
+        parsed, params = parse_completion(
+            body, models=submit.served_models(session, settings), may_stream=True
+        )
     except RequestError as exc:
         raise _api_error(exc) from exc
+    call = _Call(request, session, settings, queue, owner, streams, idempotency_key, body)
     job_request = ParsedRequest(None, parsed.prompt, parsed.model, params)
-    return await _submit_and_wait(
-        request, session, settings, queue, owner, streams, idempotency_key, body, job_request
-    )
+    if parsed.stream:
+        return await _submit_and_stream(call, job_request, include_usage=parsed.include_usage())
+    return await _submit_and_wait(call, job_request)
 
 
 @router.post("/v1/chat/completions")
@@ -92,22 +100,24 @@ async def create_chat_completion(
     owner: OwnerDep,
     streams: StreamsDep,
     idempotency_key: IdempotencyKeyHeader = None,
-) -> JSONResponse:
-    """Answer a conversation: the body and the answer are OpenAI's. The model's own
-    chat template renders the messages (on the worker)."""
+) -> Response:
+    """Answer a conversation: the body and the answer (or its stream) are OpenAI's.
+    The model's own chat template renders the messages (on the worker)."""
     try:
         parsed, params = parse_chat(
             body,
             models=submit.served_models(session, settings),
             without_template=submit.models_without_chat_template(session, settings),
+            may_stream=True,
         )
     except RequestError as exc:
         raise _api_error(exc) from exc
+    call = _Call(request, session, settings, queue, owner, streams, idempotency_key, body)
     messages = template_messages(parsed.messages)
     job_request = ParsedRequest(None, "", parsed.model, params, messages)
-    return await _submit_and_wait(
-        request, session, settings, queue, owner, streams, idempotency_key, body, job_request
-    )
+    if parsed.stream:
+        return await _submit_and_stream(call, job_request, include_usage=parsed.include_usage())
+    return await _submit_and_wait(call, job_request)
 
 
 def _api_error(exc: RequestError) -> APIError:
@@ -115,44 +125,92 @@ def _api_error(exc: RequestError) -> APIError:
     return APIError(status.get(exc.code, 400), exc.code, exc.message, exc.param)
 
 
-async def _submit_and_wait(
-    request: Request,
-    session: Session,
-    settings: Settings,
-    queue: JobQueue,
-    owner: str | None,
-    streams: StreamSlots,
-    idempotency_key: str | None,
-    body: dict[str, Any],
-    job_request: ParsedRequest,
-) -> JSONResponse:
-    """Queue the job, then answer once it is final (or 202 when the wait runs out)."""
-    tenant = owner or LOCAL_OWNER
-    with streams.hold(tenant):  # a waiting completion holds a slot, like an event stream
-        job_id, replay = await run_in_threadpool(
+@dataclasses.dataclass(frozen=True)
+class _Call:
+    """What a completion call brings besides its request."""
+
+    request: Request
+    session: Session
+    settings: Settings
+    queue: JobQueue
+    owner: str | None
+    streams: StreamSlots
+    idempotency_key: str | None
+    body: dict[str, Any]
+
+    @property
+    def tenant(self) -> str:
+        return self.owner or LOCAL_OWNER
+
+    async def submit(self, job_request: ParsedRequest) -> tuple[str, bool]:
+        """Queue the job (or find the one this Idempotency-Key made): its id, and
+        whether it is a replay."""
+        return await run_in_threadpool(
             functools.partial(
                 submit.submit_request,
-                session,
-                queue,
+                self.session,
+                self.queue,
                 job_request,
-                settings=settings,
-                owner=tenant,
-                idempotency_key=idempotency_key,
-                body=body,
+                settings=self.settings,
+                owner=self.tenant,
+                idempotency_key=self.idempotency_key,
+                body=self.body,
             )
         )
+
+
+async def _submit_and_wait(call: _Call, job_request: ParsedRequest) -> JSONResponse:
+    """Queue the job, then answer once it is final (or 202 when the wait runs out)."""
+    with call.streams.hold(call.tenant):  # a waiting completion holds a slot, like a stream
+        job_id, replay = await call.submit(job_request)
         # With an Idempotency-Key the client may come back for the same job (a retry after
         # its connection dropped), so going away does not cancel it.
         answer = await _wait(
-            request,
-            settings.resolved_database_url,
+            call.request,
+            call.settings.resolved_database_url,
             job_id,
-            settings.completion_wait_s,
-            cancel_on_disconnect=idempotency_key is None,
+            call.settings.completion_wait_s,
+            cancel_on_disconnect=call.idempotency_key is None,
         )
     if replay:
         answer.headers["Idempotent-Replayed"] = "true"
     return answer
+
+
+async def _submit_and_stream(
+    call: _Call, job_request: ParsedRequest, *, include_usage: bool
+) -> HeldStream:
+    """Queue the job, then stream its text as OpenAI's chunks until it is final (or
+    ``GENQ_COMPLETION_WAIT_S`` passed). Errors before the stream starts are JSON."""
+    url = call.settings.resolved_database_url
+    call.streams.acquire(call.tenant)  # held until the stream closes
+    try:
+        job_id, replay = await call.submit(job_request)
+        call.session.close()  # not needed while streaming: give its connection back
+        first = await run_in_threadpool(_read, url, job_id)
+        if first is None:  # purged or deleted meanwhile
+            raise APIError(404, "not_found", f"job {job_id} disappeared", "id")
+    except BaseException:
+        call.streams.release(call.tenant)
+        raise
+    chunks = ChunkStream(include_usage=include_usage)
+    cancel_on_disconnect = call.idempotency_key is None  # as when waiting (see above)
+
+    async def close() -> None:
+        try:
+            if cancel_on_disconnect and not chunks.finished:  # the client went away
+                await run_in_threadpool(_cancel, url, job_id)
+        finally:
+            call.streams.release(call.tenant)
+
+    events = follow(
+        call.request,
+        chunks,
+        first,
+        lambda: _read(url, job_id),
+        max_s=call.settings.completion_wait_s,
+    )
+    return HeldStream(events, close, {"Idempotent-Replayed": "true"} if replay else None)
 
 
 async def _wait(

@@ -70,7 +70,9 @@ def test_chat_requests_are_checked_field_by_field(api: TestClient, inline: Any) 
         ),
         ({"messages": [{"role": "assistant", "content": "hi"}]}, "messages"),
         ({"top_logprobs": 2}, "top_logprobs"),
-        ({"stream": True}, "stream"),
+        ({"stream": "yes"}, "stream"),
+        ({"stream_options": {"include_usage": True}}, "stream_options"),
+        ({"stream": True, "stream_options": {"usage": True}}, "stream_options.usage"),
     ]
     for body, param in cases:
         response = chat(api, **body)

@@ -15,16 +15,13 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
-from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from api.app import create_app
 from core import keys
 from core.db import session_scope
 from core.settings import Settings
-from tests.conftest import RecordingQueue
-from tests.integration.helpers import free_port
+from tests.conftest import RecordingQueue, serving
 from worker.engine.fake import FakeEngine
 from worker.runtime import WorkerRuntime
 
@@ -42,18 +39,8 @@ def runtime(settings: Settings) -> Iterator[WorkerRuntime]:
 @pytest.fixture
 def base_url(settings: Settings) -> Iterator[str]:
     """The API served over real HTTP from a thread."""
-    port = free_port()
-    app: FastAPI = create_app(settings, queue=RecordingQueue())
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=10)
+    with serving(create_app(settings, queue=RecordingQueue())) as url:
+        yield url
 
 
 def read_events(lines: Iterator[str]) -> Iterator[Event]:

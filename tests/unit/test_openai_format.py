@@ -83,7 +83,9 @@ def test_n_above_1_needs_sampling_or_beams() -> None:
         ({"n": 100}, "n", "invalid_request"),
         ({"stop": ["a"] * 20}, "stop", "invalid_request"),
         ({"seed": -1}, "seed", "invalid_request"),
-        ({"stream": True}, "stream", "invalid_request"),
+        ({"stream": True}, "stream", "invalid_request"),  # not in a batch line
+        ({"stream": 1}, "stream", "invalid_request"),
+        ({"stream_options": {"include_usage": True}}, "stream_options", "invalid_request"),
         ({"echo": True}, "echo", "invalid_request"),
         ({"logprobs": 6}, "logprobs", "invalid_request"),
         ({"presence_penalty": 0.5}, "presence_penalty", "invalid_request"),
@@ -107,6 +109,14 @@ def test_out_of_range_or_unsupported_values_name_their_param(
 def test_defaults_of_unsupported_parameters_and_user_are_accepted() -> None:
     p = params(stream=False, echo=False, logprobs=None, presence_penalty=0, best_of=1, user="u")
     assert p.max_new_tokens == 16
+
+
+def test_the_endpoints_may_stream() -> None:
+    body = {"model": "m", "prompt": "hi", "stream": True}
+    request, _ = parse_completion(body, models=["m"], may_stream=True)
+    assert request.stream and not request.include_usage()
+    body["stream_options"] = {"include_usage": True}
+    assert parse_completion(body, models=["m"], may_stream=True)[0].include_usage()
 
 
 def test_missing_fields() -> None:
