@@ -44,6 +44,7 @@ def genq(tmp_path: Path) -> Iterator[dict[str, Any]]:
         GENQ_REQUIRE_AUTH="true",
         GENQ_MAX_BATCH_SIZE="16",
         GENQ_SWEEP_INTERVAL_S="1",
+        GENQ_PROGRESS_INTERVAL_S="0.05",  # streamed text comes in several deltas
     )
     with api_and_worker(env, port, tmp_path) as (_, worker_log):
         yield {
@@ -200,3 +201,36 @@ def test_the_openai_sdk_runs_the_whole_batch_cycle(genq: dict[str, Any]) -> None
         client.completions.create(model=model, prompt="hi", max_tokens=0)
     assert bad_request.value.code == "invalid_request"
     print(f"\nSDK cycle took {time.perf_counter() - started:.1f} s")
+
+
+def test_the_openai_sdk_streams_completions(genq: dict[str, Any]) -> None:
+    model = genq["model"]
+    client = OpenAI(base_url=genq["base_url"], api_key=genq["keys"]["alice"], max_retries=0)
+    asked: dict[str, Any] = {
+        "model": model,
+        "prompt": "Once upon a time",
+        "max_tokens": 120,
+        "temperature": 0,
+    }
+    chunks = list(
+        client.completions.create(**asked, stream=True, stream_options={"include_usage": True})
+    )
+    whole = client.completions.create(**asked)
+
+    assert len({(c.id, c.created) for c in chunks}) == 1 and chunks[0].id.startswith("cmpl-")
+    assert {c.object for c in chunks} == {"text_completion"}
+    *text_chunks, usage = chunks
+    assert usage.choices == [] and usage.usage == whole.usage
+    assert "".join(c.choices[0].text for c in text_chunks) == whole.choices[0].text
+    finish = [c.choices[0].finish_reason for c in text_chunks]
+    assert finish[-1] == whole.choices[0].finish_reason and not any(finish[:-1])
+    print(f"\nstreamed {len(whole.choices[0].text)} characters in {len(text_chunks)} chunks")
+
+    # A job that fails once the stream has begun: the SDK raises APIError.
+    with pytest.raises(openai.APIError) as failed:
+        for _ in client.completions.create(
+            model=model, prompt="word " * 3000, max_tokens=5, stream=True
+        ):
+            pass
+    assert not isinstance(failed.value, openai.APIStatusError)  # not an HTTP error status
+    assert failed.value.code == "prompt_too_long"

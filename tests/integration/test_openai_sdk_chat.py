@@ -43,7 +43,12 @@ def genq(tmp_path: Path) -> Iterator[dict[str, Any]]:
     data = tmp_path / "data"
     migrations.upgrade(f"sqlite:///{data / 'genq.db'}")
     port = free_port()
-    env = genq_env(GENQ_DATA_DIR=str(data), GENQ_MODEL=model, GENQ_SWEEP_INTERVAL_S="1")
+    env = genq_env(
+        GENQ_DATA_DIR=str(data),
+        GENQ_MODEL=model,
+        GENQ_SWEEP_INTERVAL_S="1",
+        GENQ_PROGRESS_INTERVAL_S="0.05",  # streamed text comes in several deltas
+    )
     with api_and_worker(env, port, tmp_path) as (_, worker_log):
         yield {"base_url": f"http://127.0.0.1:{port}/v1", "model": model, "log": worker_log}
 
@@ -115,3 +120,30 @@ def test_the_openai_sdk_chats_and_batches_chat_lines(genq: dict[str, Any]) -> No
         bodies[0]["choices"][0]["message"]["content"]
     )
     jsonschema.validate(json.loads(bodies[1]["choices"][0]["message"]["content"]), SCHEMA)
+
+
+def test_the_openai_sdk_streams_chat_completions(genq: dict[str, Any]) -> None:
+    model = genq["model"]
+    client = OpenAI(base_url=genq["base_url"], api_key="unused", max_retries=0)
+    asked: dict[str, Any] = {
+        "model": model,
+        "messages": MESSAGES,
+        "max_tokens": 120,
+        "temperature": 0,
+    }
+    chunks = list(client.chat.completions.create(**asked, stream=True))
+    whole = client.chat.completions.create(**asked)
+
+    assert len({(c.id, c.created) for c in chunks}) == 1
+    assert chunks[0].id.startswith("chatcmpl-")
+    assert {c.object for c in chunks} == {"chat.completion.chunk"}
+    assert all(c.usage is None for c in chunks)  # not asked for
+    first, *deltas, last = chunks
+    assert first.choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in deltas) == (
+        whole.choices[0].message.content
+    )
+    assert last.choices[0].finish_reason == whole.choices[0].finish_reason
+    assert last.choices[0].delta.content is None
+    size = len(whole.choices[0].message.content or "")
+    print(f"\nstreamed {size} characters in {len(chunks)} chunks")
