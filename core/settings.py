@@ -119,7 +119,9 @@ class Settings(BaseSettings):
     max_file_bytes: int = Field(default=200 * 1024 * 1024, ge=1024, description="per upload")
     max_batch_lines: int = Field(default=50_000, ge=1, description="requests per batch")
     completion_wait_s: float = Field(
-        default=60.0, ge=0, description="POST /v1/completions waits this long, then answers 202"
+        default=60.0,
+        ge=0,
+        description="POST /v1/completions waits this long, then answers 202 (a stream ends)",
     )
 
     # Webhooks (core.webhooks, docs/webhooks.md).
