@@ -36,8 +36,9 @@ def _count_steps(engine: Any) -> dict[str, int]:
 def test_a_short_request_beside_busy_beams_takes_no_turns_of_theirs(
     loaded: Any, make_engine: Any, express: int
 ) -> None:
-    """Behind 15 beam rows, an 8-token greedy request is done within about one of their
-    steps (without the express lane it rides eight of them); everyone equals generate."""
+    """Behind 15 beam rows, an 8-token greedy request is done within three of their
+    steps (two express turns; without the express lane it rides eight of them), and
+    everyone's output equals generate's."""
     engine = make_engine(loaded, express_max_new_tokens=express)
     counts = _count_steps(engine)
     beams = [request(p, **BEAMS) for p in PROMPTS]
@@ -52,7 +53,7 @@ def test_a_short_request_beside_busy_beams_takes_no_turns_of_theirs(
 
     main_steps_meanwhile = at_finish[0] - before
     if express:
-        assert main_steps_meanwhile <= 2 and counts["express"] >= 7
+        assert main_steps_meanwhile <= 3 and counts["express"] >= 7
     else:
         assert main_steps_meanwhile >= 7 and counts["express"] == 0
     for future, prompt in zip(beam_futures, PROMPTS, strict=True):

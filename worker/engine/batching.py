@@ -222,13 +222,16 @@ class BatchingEngine:
 
     def _express_turn(self) -> None:
         """Admit the short requests waiting (:func:`~worker.engine.lanes.express`) and run
-        the express lane until it is empty (at most ``express_max_new_tokens`` steps)."""
+        up to ``EXPRESS_STEPS_PER_TURN`` steps of the express lane."""
         if not self.express_max_new_tokens:
             return
         with self._lock:
             newcomers = admission.pick(
                 self._waiting,
-                (lanes.EXPRESS_ROWS - self._express.rows, lanes.EXPRESS_MAX_TOKENS),
+                (
+                    lanes.EXPRESS_ROWS - self._express.rows,
+                    self.max_tokens_in_flight - self._main.tokens - self._express.tokens,
+                ),
                 self._tokenize,
                 eligible=lambda s: lanes.express(s, self._main, self.express_max_new_tokens),
             )
@@ -238,7 +241,7 @@ class BatchingEngine:
             for group in prefill_groups(newcomers, PREFILL_FORWARD_COST):
                 self._prefill_split(self._express, group)
             self._retire(self._express)
-        for _ in range(self.express_max_new_tokens):
+        for _ in range(lanes.EXPRESS_STEPS_PER_TURN):
             if not self._express.jobs:
                 break
             self._step(self._express)

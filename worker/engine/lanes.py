@@ -5,10 +5,11 @@ its rows cost: a 4-token greedy job sharing steps with 60 beam rows would take f
 their steps, ten times its time alone. So short requests (:func:`express`) that arrive
 while the main lane is busy run in a lane of their own: a small slot cache that gets a
 turn before each of the main batch's forwards (prefill or decode step). A turn admits
-the short requests waiting and runs their steps to the end, at most
-``express_max_new_tokens`` of them, so a short request waits for at most one main
-forward and then runs as if alone. The main batch waits meanwhile, at most that many
-small steps per forward; with nothing short waiting it runs as before.
+the short requests waiting and runs up to ``EXPRESS_STEPS_PER_TURN`` of their steps: a
+4-token job is done in one turn, waiting for at most one main forward; a 16-token job
+takes four turns instead of sixteen main steps. The main batch waits meanwhile, at most
+that many small steps per forward, however many short requests arrive; with nothing
+short waiting it runs as before.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ EXPRESS_ROWS = 4
 # The most cache tokens (prompt plus new tokens, over its rows) of an express request:
 # a long prompt is a prefill that would stall the main batch.
 EXPRESS_MAX_TOKENS = 512
+# Express steps per turn (one turn before each forward of the main batch).
+EXPRESS_STEPS_PER_TURN = 4
 
 
 @dataclasses.dataclass(eq=False)
