@@ -242,11 +242,15 @@ def test_prefill_groups_cut_padding() -> None:
     groups = prefill_groups(mixed, 64)
     assert sorted(map(id, mixed)) == sorted(id(s) for g in groups for s in g)
 
-    def padded(group: list[RequestState]) -> int:
-        return sum(s.n for s in group) * max(len(s.prompt_ids) for s in group)
+    def padded(group: list[RequestState]) -> int:  # a request's prompt is one row
+        return len(group) * max(len(s.prompt_ids) for s in group)
 
     assert 1 < len(groups) < 12
     assert sum(padded(g) for g in groups) + 64 * len(groups) < padded(mixed) * 0.7
+    capped = prefill_groups(mixed, 64, max_tokens=256)
+    assert sorted(map(id, mixed)) == sorted(id(s) for g in capped for s in g)
+    assert all(padded(g) <= 256 or len(g) == 1 for g in capped)
+    assert max(padded(g) for g in groups) > 256  # the cap is what split them
 
 
 def test_reorder_copies_parents_keys_and_values_in_place(gpt2: Any) -> None:

@@ -21,8 +21,8 @@ from worker.engine.requests import RequestState
 ADMIT_SCAN = 256
 # How often the oldest waiting request may be passed over by later, smaller ones.
 MAX_PASSED_OVER = 64
-# Prompt tokens prefilled per iteration (about one decode step of a full batch on a CPU).
-PREFILL_TOKENS = 256
+# Prompt tokens prefilled per iteration (a few forwards of batching.PREFILL_GROUP_TOKENS).
+PREFILL_TOKENS = 512
 
 
 def pick(

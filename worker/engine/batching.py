@@ -3,9 +3,9 @@
 A daemon scheduler thread owns the model. Each iteration it (1) admits waiting
 requests FIFO within ``max_batch_size`` rows and ``max_tokens_in_flight`` tokens
 (about ``admission.PREFILL_TOKENS`` prompt tokens per iteration), prefilling them as
-left-padded mini-batches (a request's prompt once, however many rows it has) whose keys
-and values are copied into free slots of the running cache
-(:class:`~worker.engine.kvcache.SlotCache`);
+left-padded mini-batches of about ``PREFILL_GROUP_TOKENS`` (a request's prompt once,
+however many rows it has) whose keys and values are copied into free slots of the
+running cache (:class:`~worker.engine.kvcache.SlotCache`);
 (2) runs one decode step for every row, greedy, sampled and beam rows alike (a beam
 request owns ``num_beams`` rows and reorders them after each step,
 :mod:`worker.engine.beam`); (3) retires finished requests, which only frees their
@@ -64,6 +64,9 @@ log = logging.getLogger(__name__)
 # smaller matrix products). Newcomers of very different lengths are prefilled in
 # groups of similar length when that saves more padding than this per extra forward.
 PREFILL_FORWARD_COST = 64
+# Padded prompt tokens of one prefill forward (one request at least): the express lane
+# gets a turn between them, so a short job waits for at most about this much prefill.
+PREFILL_GROUP_TOKENS = 128
 
 # Times a request may be taken out of the batch and started again after errors that
 # are not its own, before it is handed back to the worker's queue.
@@ -213,7 +216,7 @@ class BatchingEngine:
         self._express_turn()
         newcomers = self._admit()
         if newcomers:
-            for group in prefill_groups(newcomers, PREFILL_FORWARD_COST):
+            for group in prefill_groups(newcomers, PREFILL_FORWARD_COST, PREFILL_GROUP_TOKENS):
                 self._prefill_split(self._main, group)
                 self._express_turn()
             self._retire(self._main)
@@ -238,7 +241,7 @@ class BatchingEngine:
         for state in newcomers:
             self._start(state)
         if newcomers:
-            for group in prefill_groups(newcomers, PREFILL_FORWARD_COST):
+            for group in prefill_groups(newcomers, PREFILL_FORWARD_COST, PREFILL_GROUP_TOKENS):
                 self._prefill_split(self._express, group)
             self._retire(self._express)
         for _ in range(lanes.EXPRESS_STEPS_PER_TURN):

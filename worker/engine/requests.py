@@ -249,9 +249,13 @@ class RequestState:
         )
 
 
-def prefill_groups(states: list[RequestState], forward_cost: int) -> list[list[RequestState]]:
+def prefill_groups(
+    states: list[RequestState], forward_cost: int, max_tokens: int | None = None
+) -> list[list[RequestState]]:
     """Split newcomers into prefill mini-batches, shortest prompts first, minimising
-    padded prompt tokens (rows times the longest prompt) plus ``forward_cost`` per batch.
+    padded prompt tokens (one row per request times the longest prompt) plus
+    ``forward_cost`` per batch, each batch at most ``max_tokens`` padded tokens (or one
+    request).
 
     One left-padded batch of prompts 8 to 200 tokens long is about half padding; the
     split is exact (a dynamic programme over the sorted lengths; a few dozen requests).
@@ -260,9 +264,11 @@ def prefill_groups(states: list[RequestState], forward_cost: int) -> list[list[R
     best = [0] + [-1] * len(ordered)  # best[j]: cost of prefilling ordered[:j]
     cut = [0] * (len(ordered) + 1)
     for j in range(1, len(ordered) + 1):
-        width, rows = len(ordered[j - 1].prompt_ids), 0
+        width = len(ordered[j - 1].prompt_ids)
         for i in range(j - 1, -1, -1):
-            rows += ordered[i].n
+            rows = j - i
+            if rows > 1 and max_tokens is not None and rows * width > max_tokens:
+                break
             cost = best[i] + rows * width + forward_cost
             if best[j] < 0 or cost < best[j]:
                 best[j], cut[j] = cost, i
