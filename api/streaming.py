@@ -10,6 +10,7 @@ the stream ends.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Protocol, TypeVar
@@ -24,6 +25,8 @@ POLL_S = 0.2
 KEEPALIVE_S = 15.0
 """A comment line this often keeps proxies from closing a quiet stream."""
 KEEPALIVE = ": keep-alive\n\n"
+
+log = logging.getLogger(__name__)
 
 Snapshot = TypeVar("Snapshot", contravariant=True)
 
@@ -53,6 +56,11 @@ class Follower(Protocol[Snapshot]):
         """The events that end the stream at its maximum duration."""
         ...
 
+    def failed(self) -> list[str]:
+        """The events that end the stream when the job could not be read (the
+        server's fault, e.g. its database went away): the job itself goes on."""
+        ...
+
 
 async def follow(
     request: Request,
@@ -65,8 +73,8 @@ async def follow(
     keepalive_s: float = KEEPALIVE_S,
 ) -> AsyncIterator[str]:
     """The events of a job followed from ``first`` until the follower is finished,
-    ``max_s`` has passed, or the client went away (then it just stops, and the
-    follower stays unfinished). ``read`` (run in a thread) reads the row anew, None
+    ``max_s`` has passed, a read failed, or the client went away (then it just
+    stops, and the follower stays unfinished). ``read`` (run in a thread) reads the row anew, None
     when it is gone."""
     for event in follower.start(first):
         yield event
@@ -81,7 +89,13 @@ async def follow(
         await anyio.sleep(poll_s)
         if await request.is_disconnected():
             return
-        snapshot = await anyio.to_thread.run_sync(read)
+        try:
+            snapshot = await anyio.to_thread.run_sync(read)
+        except Exception:  # end the stream in its own format, not cut it off
+            log.exception("an event stream could not read its job")
+            for event in follower.failed():
+                yield event
+            return
         if snapshot is None:
             events = follower.missing()
         else:

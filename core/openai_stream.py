@@ -16,8 +16,9 @@ The worker stores a running job's partial text (its first sequence) every
   ``delta``), the usage chunk (``choices: []``) when ``stream_options.include_usage``
   asked for it, and ``data: [DONE]``.
 
-A job that fails, is cancelled or deleted, or outlasts the stream ends it with an
-``{"error": {...}}`` chunk and no ``[DONE]`` (OpenAI's SDK raises ``APIError``).
+A job that fails, is cancelled or deleted, or outlasts the stream (or a read of it
+that fails) ends the stream with an ``{"error": {...}}`` chunk and no ``[DONE]``
+(OpenAI's SDK raises ``APIError``).
 """
 
 from __future__ import annotations
@@ -128,6 +129,13 @@ class ChunkStream:
             "timeout",
             f"job {self.job_id} did not finish within the stream's limit "
             f"(GENQ_COMPLETION_WAIT_S); it goes on: read it at /v1/jobs/{self.job_id}",
+        )
+
+    def failed(self) -> list[str]:
+        return self._error(
+            "internal_error",
+            f"the stream could not read job {self.job_id}; it goes on: "
+            f"read it at /v1/jobs/{self.job_id}",
         )
 
     def _final(self, job: StreamedJob) -> list[str]:

@@ -87,6 +87,11 @@ class JobEvents:
         self.finished = True
         return [sse("timeout", last.model_dump(mode="json"))]
 
+    def failed(self) -> list[str]:
+        self.finished = True
+        message = f"the stream could not read job {self.job_id}; it goes on"
+        return [sse("error", {"code": "internal_error", "message": message})]
+
 
 def _read(database_url: str, job_id: str) -> JobRead | None:
     with get_sessionmaker(database_url)() as session:

@@ -262,3 +262,35 @@ def test_errors_before_the_stream_are_json(api: httpx.Client, queue: ThreadQueue
         assert response.json()["error"]["param"] == param
     assert queue.sent == []
     assert api.app.state.streams.open(LOCAL_OWNER) == 0  # type: ignore[attr-defined]
+
+
+def test_a_failing_read_mid_stream_ends_it_with_an_error_chunk_and_the_job_goes_on(
+    api: httpx.Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from api.routes import completions
+
+    real_read = completions._read
+    broken = threading.Event()
+
+    def read(database_url: str, job_id: str) -> Any:
+        if broken.is_set():  # the database went away while the stream was open
+            raise OSError("connection refused")
+        return real_read(database_url, job_id)
+
+    monkeypatch.setattr(completions, "_read", read)
+    body = {"model": "fake", "prompt": PROMPT, "max_tokens": 20, "stream": True}
+    received: list[Any] = []
+    with api.stream("POST", "/v1/completions", json=body) as response:
+        for chunk in chunks(response.iter_lines()):
+            received.append(chunk)
+            broken.set()  # the first chunk came: every read from now on fails
+    # The stream is terminated with an error the SDK raises, not cut off...
+    assert received[-1]["error"]["code"] == "internal_error"
+    assert received[-1]["error"]["type"] == "server_error"
+    job_id = received[0]["id"].removeprefix("cmpl-")
+    assert f"/v1/jobs/{job_id}" in received[-1]["error"]["message"]
+    assert "[DONE]" not in received
+    # ...and the server's fault does not cancel the client's job: it goes on.
+    monkeypatch.setattr(completions, "_read", real_read)
+    wait_for(lambda: api.get(f"/v1/jobs/{job_id}").json()["status"] != "running", "the job to end")
+    assert api.get(f"/v1/jobs/{job_id}").json()["status"] == "succeeded"

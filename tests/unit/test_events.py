@@ -20,6 +20,7 @@ from fastapi.testclient import TestClient
 from api.app import create_app
 from core import keys
 from core.db import session_scope
+from core.models import LOCAL_OWNER
 from core.settings import Settings
 from tests.conftest import RecordingQueue, serving
 from worker.engine.fake import FakeEngine
@@ -138,6 +139,24 @@ def test_the_stream_ends_at_its_maximum_duration(client: TestClient) -> None:
     events = list(read_events(iter(response.text.splitlines())))
     assert [name for name, _ in events] == ["status", "timeout"]
     assert events[-1][1]["status"] == "queued"
+
+
+def test_a_failing_read_ends_the_stream_with_an_error_event(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from api.routes import events
+
+    job_id = client.post("/v1/jobs", json={"prompt": "never run"}).json()["id"]
+
+    def read(database_url: str, job_id: str) -> None:
+        raise OSError("connection refused")  # the database went away mid-stream
+
+    monkeypatch.setattr(events, "_read", read)
+    response = client.get(f"/v1/jobs/{job_id}/events", params={"max_s": 5})
+    received = list(read_events(iter(response.text.splitlines())))
+    assert [name for name, _ in received] == ["status", "error"]
+    assert received[-1][1]["code"] == "internal_error"
+    assert client.app.state.streams.open(LOCAL_OWNER) == 0  # type: ignore[attr-defined]
 
 
 def test_events_are_owner_checked(settings: Settings) -> None:
