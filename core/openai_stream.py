@@ -28,7 +28,13 @@ import re
 from collections.abc import Sequence
 from typing import Any, Protocol
 
-from core.openai_format import JobLike, error_object, response_object, unix
+from core.openai_format import (
+    JobLike,
+    chat_completion_object,
+    completion_object,
+    error_object,
+    unix,
+)
 
 DONE = "data: [DONE]\n\n"
 
@@ -139,7 +145,8 @@ class ChunkStream:
         )
 
     def _final(self, job: StreamedJob) -> list[str]:
-        answer = response_object(job)
+        # Only the first snapshot has the messages (they tell chat from completion).
+        answer = chat_completion_object(job) if self.chat else completion_object(job)
         texts = [c["message"]["content"] if self.chat else c["text"] for c in answer["choices"]]
         if self.incremental and not texts[0].startswith(self.sent):
             return self._error(

@@ -19,7 +19,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Request
 from fastapi.responses import JSONResponse, Response
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, load_only
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import IdempotencyKeyHeader, OwnerDep, QueueDep, SessionDep, SettingsDep, StreamsDep
@@ -53,6 +53,33 @@ POLL_MAX_S = 0.5
 def _read(database_url: str, job_id: str) -> Job | None:
     with get_sessionmaker(database_url)() as session:
         return session.get(Job, job_id)
+
+
+# What a stream's polls read: not the prompt and messages, the row's largest columns
+# (a prompt of up to MAX_PROMPT_CHARS, messages up to the request body), which the
+# stream reads once, at its start.
+_POLLED = (
+    Job.id,
+    Job.custom_id,
+    Job.status,
+    Job.model,
+    Job.params,
+    Job.outputs,
+    Job.finish_reasons,
+    Job.logprobs,
+    Job.prompt_tokens,
+    Job.completion_tokens,
+    Job.error_code,
+    Job.error_message,
+    Job.created_at,
+    Job.finished_at,
+)
+
+
+def _poll(database_url: str, job_id: str) -> Job | None:
+    """The job as a stream follows it (reading another column raises)."""
+    with get_sessionmaker(database_url)() as session:
+        return session.get(Job, job_id, options=[load_only(*_POLLED, raiseload=True)])
 
 
 def _cancel(database_url: str, job_id: str) -> None:
@@ -207,7 +234,7 @@ async def _submit_and_stream(
         call.request,
         chunks,
         first,
-        lambda: _read(url, job_id),
+        lambda: _poll(url, job_id),
         max_s=call.settings.completion_wait_s,
     )
     return HeldStream(events, close, {"Idempotent-Replayed": "true"} if replay else None)

@@ -15,8 +15,10 @@ from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy import event
 
 from api.app import create_app
+from core.db import get_engine
 from core.models import LOCAL_OWNER
 from core.queue import Route
 from core.settings import Settings
@@ -269,15 +271,15 @@ def test_a_failing_read_mid_stream_ends_it_with_an_error_chunk_and_the_job_goes_
 ) -> None:
     from api.routes import completions
 
-    real_read = completions._read
+    real_poll = completions._poll
     broken = threading.Event()
 
-    def read(database_url: str, job_id: str) -> Any:
+    def poll(database_url: str, job_id: str) -> Any:
         if broken.is_set():  # the database went away while the stream was open
             raise OSError("connection refused")
-        return real_read(database_url, job_id)
+        return real_poll(database_url, job_id)
 
-    monkeypatch.setattr(completions, "_read", read)
+    monkeypatch.setattr(completions, "_poll", poll)
     body = {"model": "fake", "prompt": PROMPT, "max_tokens": 20, "stream": True}
     received: list[Any] = []
     with api.stream("POST", "/v1/completions", json=body) as response:
@@ -291,6 +293,29 @@ def test_a_failing_read_mid_stream_ends_it_with_an_error_chunk_and_the_job_goes_
     assert f"/v1/jobs/{job_id}" in received[-1]["error"]["message"]
     assert "[DONE]" not in received
     # ...and the server's fault does not cancel the client's job: it goes on.
-    monkeypatch.setattr(completions, "_read", real_read)
     wait_for(lambda: api.get(f"/v1/jobs/{job_id}").json()["status"] != "running", "the job to end")
     assert api.get(f"/v1/jobs/{job_id}").json()["status"] == "succeeded"
+
+
+def test_a_stream_reads_the_prompt_and_messages_once_not_at_every_poll(
+    api: httpx.Client, app_settings: Settings
+) -> None:
+    # A chat's messages and prompt are its row's largest columns (up to the 4 MiB
+    # body): the stream polls every 0.2 s and needs neither after its start.
+    engine = get_engine(app_settings.resolved_database_url)
+    reads: list[str] = []
+
+    def record(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if statement.lstrip().upper().startswith("SELECT") and "job.messages" in statement:
+            reads.append(statement)
+
+    event.listen(engine, "before_cursor_execute", record)
+    try:
+        long_chat = [{"role": "user", "content": "word " * 10}]
+        body = {"messages": long_chat, "max_tokens": 30, "stream": True}
+        received = stream(api, "/v1/chat/completions", body)
+    finally:
+        event.remove(engine, "before_cursor_execute", record)
+    assert received[-1] == "[DONE]"  # ~1.5 s of polls
+    # The stream's first read and the worker's claim (the submit writes), not each poll.
+    assert len(reads) <= 3, reads
