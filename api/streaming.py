@@ -22,6 +22,8 @@ from starlette.types import Receive, Scope, Send
 
 POLL_S = 0.2
 """How often the job row is read."""
+MAX_STREAM_S = 3600.0
+"""The longest a stream stays open; a client may reconnect."""
 KEEPALIVE_S = 15.0
 """A comment line this often keeps proxies from closing a quiet stream."""
 KEEPALIVE = ": keep-alive\n\n"
@@ -68,21 +70,23 @@ async def follow(
     first: Snapshot,
     read: Callable[[], Snapshot | None],
     *,
-    max_s: float,
+    max_s: float = MAX_STREAM_S,
+    idle_s: float | None = None,
     poll_s: float = POLL_S,
     keepalive_s: float = KEEPALIVE_S,
 ) -> AsyncIterator[str]:
     """The events of a job followed from ``first`` until the follower is finished,
-    ``max_s`` has passed, a read failed, or the client went away (then it just
-    stops, and the follower stays unfinished). ``read`` (run in a thread) reads the row anew, None
-    when it is gone."""
+    ``max_s`` has passed (or ``idle_s`` without an event), a read failed, or the client
+    went away (then it just stops, and the follower stays unfinished). ``read`` (run in
+    a thread) reads the row anew, None when it is gone."""
     for event in follower.start(first):
         yield event
     deadline = time.monotonic() + max_s
-    quiet_since = time.monotonic()
+    quiet_since = news_at = time.monotonic()
     last = first
     while not follower.finished:
-        if time.monotonic() >= deadline:
+        now = time.monotonic()
+        if now >= deadline or (idle_s is not None and now - news_at >= idle_s):
             for event in follower.timeout(last):
                 yield event
             return
@@ -104,7 +108,7 @@ async def follow(
         for event in events:
             yield event
         if events:
-            quiet_since = time.monotonic()
+            quiet_since = news_at = time.monotonic()
         elif time.monotonic() - quiet_since >= keepalive_s:
             yield KEEPALIVE
             quiet_since = time.monotonic()

@@ -121,7 +121,8 @@ class Settings(BaseSettings):
     completion_wait_s: float = Field(
         default=60.0,
         ge=0,
-        description="POST /v1/completions waits this long, then answers 202 (a stream ends)",
+        description="POST /v1/completions waits this long, then answers 202 (a stream ends"
+        " after this long without new text)",
     )
 
     # Webhooks (core.webhooks, docs/webhooks.md).

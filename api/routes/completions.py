@@ -235,7 +235,7 @@ async def _submit_and_stream(
         chunks,
         first,
         lambda: _poll(url, job_id),
-        max_s=call.settings.completion_wait_s,
+        idle_s=call.settings.completion_wait_s,
     )
     return HeldStream(events, close, {"Idempotent-Replayed": "true"} if replay else None)
 

@@ -25,7 +25,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import StreamingResponse
 
 from api.deps import OwnerDep, SessionDep, StreamsDep
-from api.streaming import HeldStream, follow
+from api.streaming import MAX_STREAM_S, HeldStream, follow
 from core import jobs
 from core.db import get_sessionmaker
 from core.errors import NotFoundError
@@ -33,9 +33,6 @@ from core.models import LOCAL_OWNER
 from core.schemas import JobRead
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
-
-MAX_STREAM_S = 3600.0
-"""The longest a stream stays open; a client may reconnect."""
 
 
 def sse(event: str, data: Any) -> str:
