@@ -109,3 +109,59 @@ def test_a_burst_of_prompts_is_prefilled_a_slice_per_iteration() -> None:
     ]
     long = _waiting(admission.PREFILL_TOKENS * 3)
     assert admission.pick(deque([long, _waiting(5)]), (64, 10**6), lambda s: True) == [long]
+
+
+def _prompt_of(tokenizer: Any, tokens: int) -> str:
+    """A prompt of at least ``tokens`` tokens."""
+    words = ["the dog ran"]
+    while len(tokenizer(" ".join(words))["input_ids"]) < tokens:
+        words.append("the dog ran")
+    return " ".join(words)
+
+
+def _two_prefill_groups_and_a_short_job(loaded: Any, engine: Any) -> list[tuple[Any, str, dict]]:
+    """Submit, in one go, a beam request and a greedy one whose prompts are prefilled in
+    two forwards (the beams first: a busy main lane after the first), and a short job
+    that fits the express lane; return (future, prompt, params) of each."""
+    _, tokenizer, _ = loaded
+    jobs = [
+        (_prompt_of(tokenizer, 70), {"num_beams": 5, "max_new_tokens": 6}),
+        (_prompt_of(tokenizer, 80), {"max_new_tokens": 6}),
+        (STORY, {"max_new_tokens": 8}),
+    ]
+    with engine._lock:  # the scheduler sees all three at its next admission
+        return [(engine.submit(request(p, **kw)), p, kw) for p, kw in jobs]
+
+
+def _check(loaded: Any, submitted: list[tuple[Any, str, dict]]) -> None:
+    for future, prompt, kw in submitted:
+        assert future.result(timeout=30).outputs == reference(loaded, prompt, **kw)
+
+
+def test_express_admission_counts_the_requests_still_to_prefill(
+    loaded: Any, make_engine: Any
+) -> None:
+    """Between two prefill forwards, the express lane does not take cache tokens already
+    promised to the requests admitted but not yet prefilled: the running requests never
+    hold more than max_tokens_in_flight."""
+    _, tokenizer, _ = loaded
+    costs = [
+        n * (len(tokenizer(p)["input_ids"]) + new)
+        for p, n, new in (
+            (_prompt_of(tokenizer, 70), 5, 6),
+            (_prompt_of(tokenizer, 80), 1, 6),
+            (STORY, 1, 8),
+        )
+    ]
+    limit = sum(costs) - 1  # all three together do not fit
+    engine = make_engine(loaded, max_tokens_in_flight=limit)
+    held: list[int] = []
+    decode = engine._decode
+
+    def recorded(lane: Any) -> None:
+        held.append(engine._main.tokens + engine._express.tokens)
+        decode(lane)
+
+    engine._decode = recorded
+    _check(loaded, _two_prefill_groups_and_a_short_job(loaded, engine))
+    assert max(held) <= limit

@@ -129,6 +129,10 @@ class BatchingEngine:
         self._main = Lane(main, fast)
         self._express = Lane(express, fastpath.rebind(fast, express) if fast else None)
         self._lanes = (self._express, self._main)
+        # Requests admitted to the main lane whose prefill is still to come (an iteration
+        # prefills a group at a time, with express turns between): their cache tokens are
+        # promised.
+        self._unplaced: list[RequestState] = []
         self._thread = threading.Thread(target=self._run, name="genq-engine", daemon=True)
         self._thread.start()
 
@@ -199,6 +203,7 @@ class BatchingEngine:
                         self._iteration()
                     except Exception:  # a scheduler bug must not end every job for good
                         log.exception("engine iteration failed; restarting the running batch")
+                        self._unplaced = []
                         for lane in self._lanes:
                             self._restart(lane, list(lane.jobs))
         except BaseException as exc:  # the thread must never die silently
@@ -216,8 +221,10 @@ class BatchingEngine:
         self._express_turn()
         newcomers = self._admit()
         if newcomers:
+            self._unplaced = list(newcomers)
             for group in prefill_groups(newcomers, PREFILL_FORWARD_COST, PREFILL_GROUP_TOKENS):
                 self._prefill_split(self._main, group)
+                self._unplaced = [s for s in self._unplaced if s not in group]
                 self._express_turn()
             self._retire(self._main)
         if self._main.jobs:
@@ -233,7 +240,7 @@ class BatchingEngine:
                 self._waiting,
                 (
                     lanes.EXPRESS_ROWS - self._express.rows,
-                    self.max_tokens_in_flight - self._main.tokens - self._express.tokens,
+                    self._tokens_left(),
                 ),
                 self._tokenize,
                 eligible=lambda s: lanes.express(s, self._main, self.express_max_new_tokens),
@@ -327,12 +334,18 @@ class BatchingEngine:
         with self._lock:
             room = (
                 self.max_batch_size - self._main.rows,
-                self.max_tokens_in_flight - self._main.tokens - self._express.tokens,
+                self._tokens_left(),
             )
             newcomers = admission.pick(self._waiting, room, self._tokenize)
         for state in newcomers:
             self._start(state)
         return newcomers
+
+    def _tokens_left(self) -> int:
+        """Cache tokens of max_tokens_in_flight not held by a lane's requests nor
+        promised to the admitted ones still to prefill."""
+        held = self._main.tokens + self._express.tokens + sum(s.cost for s in self._unplaced)
+        return self.max_tokens_in_flight - held
 
     @property
     def running(self) -> bool:
