@@ -165,3 +165,24 @@ def test_express_admission_counts_the_requests_still_to_prefill(
     engine._decode = recorded
     _check(loaded, _two_prefill_groups_and_a_short_job(loaded, engine))
     assert max(held) <= limit
+
+
+def test_an_error_in_the_express_turn_between_prefills_strands_no_request(
+    loaded: Any, make_engine: Any
+) -> None:
+    """A scheduler bug in the express turn that runs between two prefill forwards
+    restarts the batch; the requests admitted but not yet prefilled start again too
+    (none waits forever) and everyone's output equals generate's."""
+    engine = make_engine(loaded)
+    express_turn = engine._express_turn
+    raised = [False]
+
+    def flaky() -> None:
+        if engine._main.jobs and not raised[0]:  # the turn after the first prefill
+            raised[0] = True
+            raise RuntimeError("a scheduler bug")
+        express_turn()
+
+    engine._express_turn = flaky
+    _check(loaded, _two_prefill_groups_and_a_short_job(loaded, engine))
+    assert raised[0] and engine.check_health()

@@ -131,7 +131,7 @@ class BatchingEngine:
         self._lanes = (self._express, self._main)
         # Requests admitted to the main lane whose prefill is still to come (an iteration
         # prefills a group at a time, with express turns between): their cache tokens are
-        # promised.
+        # promised, and an iteration that fails before their prefill starts them again.
         self._unplaced: list[RequestState] = []
         self._thread = threading.Thread(target=self._run, name="genq-engine", daemon=True)
         self._thread.start()
@@ -203,7 +203,8 @@ class BatchingEngine:
                         self._iteration()
                     except Exception:  # a scheduler bug must not end every job for good
                         log.exception("engine iteration failed; restarting the running batch")
-                        self._unplaced = []
+                        unplaced, self._unplaced = self._unplaced, []
+                        self._requeue(unplaced)
                         for lane in self._lanes:
                             self._restart(lane, list(lane.jobs))
         except BaseException as exc:  # the thread must never die silently
@@ -307,6 +308,11 @@ class BatchingEngine:
             lane.batch.clear()
         elif freed:
             lane.batch.retire(freed)
+        self._requeue(states)
+
+    def _requeue(self, states: list[RequestState]) -> None:
+        """Put ``states`` (in no lane now) back at the head of the queue, or resolve those
+        that are done or were restarted too often."""
         again: list[RequestState] = []
         for state in states:
             state.restarts += 1
