@@ -163,7 +163,12 @@ def step_breakdown(
         tokenizer.pad_token = tokenizer.eos_token
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     info = ModelInfo("bench", "-", "-", "-", "cpu", dtype, 1024)
-    engine: Any = BatchingEngine(model, tokenizer, info, max_batch_size=rows, fast_decode=fast)
+    # No express lane: the breakdown is per step of the main batch, and short prompts
+    # of a burst would otherwise run some of their steps in the express lane (counted
+    # in decode_step and bookkeeping, not in forward nor steps).
+    engine: Any = BatchingEngine(
+        model, tokenizer, info, max_batch_size=rows, fast_decode=fast, express_max_new_tokens=0
+    )
     sections = _Sections()
     shares: dict[str, float] = {}
     step = engine._main.fast if engine._main.fast is not None else engine._forward
