@@ -175,6 +175,7 @@ class WorkerRuntime:
                 params=claim.params,
                 seed=claim.seed,
                 messages=claim.messages,
+                priority=claim.priority,
             )
             futures[self.engine.submit(request)] = claim
         statuses: dict[str, str] = {}

@@ -3,6 +3,7 @@ and a beam request's prompt is prefilled once for all its beams."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections import deque
 from concurrent.futures import Future
 from typing import Any
@@ -58,6 +59,23 @@ def test_a_short_request_beside_busy_beams_takes_no_turns_of_theirs(
         assert main_steps_meanwhile >= 7 and counts["express"] == 0
     for future, prompt in zip(beam_futures, PROMPTS, strict=True):
         assert future.result(timeout=120).outputs == reference(loaded, prompt, **BEAMS), prompt
+
+
+def test_a_short_bulk_request_shares_the_main_batch(loaded: Any, make_engine: Any) -> None:
+    """A batch's line (priority low), however short, rides the busy batch's steps: bulk
+    work keeps the main batch's throughput."""
+    engine = make_engine(loaded)
+    counts = _count_steps(engine)
+    beams = [request(p, **BEAMS) for p in PROMPTS]
+    beam_futures = [engine.submit(r) for r in beams]
+    wait_for_tokens(engine, beams[0].id, 5)
+    line = dataclasses.replace(request(STORY, max_new_tokens=8), priority="low")
+    assert engine.submit(line).result(timeout=60).outputs == reference(
+        loaded, STORY, max_new_tokens=8
+    )
+    assert counts["express"] == 0
+    for future in beam_futures:
+        future.result(timeout=120)
 
 
 def test_short_requests_on_an_idle_engine_share_the_main_batch(

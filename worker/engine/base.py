@@ -43,6 +43,8 @@ class GenerationRequest:
     # A chat request: ``{"role", "content"}`` messages the engine renders with the
     # model's chat template (``prompt`` is then ignored).
     messages: list[dict[str, str]] | None = None
+    # The job's queue priority: ``low`` (bulk work, batches) never takes the express lane.
+    priority: str = "normal"
 
 
 @dataclasses.dataclass(frozen=True)

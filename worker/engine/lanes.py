@@ -2,8 +2,9 @@
 
 Every row of a running batch gets one token per decode step, and a step costs what all
 its rows cost: a 4-token greedy job sharing steps with 60 beam rows would take four of
-their steps, ten times its time alone. So short requests (:func:`express`) that arrive
-while the main lane is busy run in a lane of their own: a small slot cache that gets a
+their steps, ten times its time alone. So short requests (:func:`express`; not bulk
+work: a batch's short lines share the main steps at full throughput) that arrive while
+the main lane is busy run in a lane of their own: a small slot cache that gets a
 turn before each of the main batch's forwards (prefill or decode step). A turn admits
 the short requests waiting and runs up to ``EXPRESS_STEPS_PER_TURN`` of their steps: a
 4-token job is done in one turn, waiting for at most one main forward; a 16-token job
@@ -52,11 +53,14 @@ class Lane:
 
 
 def express(state: RequestState, main: Lane, max_new_tokens: int) -> bool:
-    """Whether a tokenized request goes to the express lane: it is short (few rows, at
-    most ``max_new_tokens`` new tokens, a small prompt) and the main lane is busy
-    (more rows than the express lane holds; otherwise joining it costs as little)."""
+    """Whether a tokenized request goes to the express lane: it is not bulk work (a job
+    of ``low`` priority: a batch's lines, however short, share the main batch's steps at
+    full throughput), it is short (few rows, at most ``max_new_tokens`` new tokens, a
+    small prompt), and the main lane is busy (more rows than the express lane holds;
+    otherwise joining it costs as little)."""
     return (
-        main.rows > EXPRESS_ROWS
+        state.request.priority != "low"
+        and main.rows > EXPRESS_ROWS
         and state.n <= EXPRESS_ROWS
         and state.max_new <= max_new_tokens
         and state.cost <= EXPRESS_MAX_TOKENS
