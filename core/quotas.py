@@ -9,6 +9,11 @@ meets them; 0 turns a limit off. The rate and stream limits are kept in each API
 process (with N replicas an owner gets N times them): they protect a process's
 threads and connections, which is what they are for.
 
+The two stored quotas are a check then an insert, so concurrent requests of one
+owner must not both pass the check: :func:`lock_owner` serializes them (a
+PostgreSQL advisory lock held until the transaction ends; on SQLite the write
+lock of the database, taken before the count).
+
 Priority ``high`` is a permission of a key (``genq keys create --high-priority``),
 checked by :func:`check_priority`; without authentication everything is allowed.
 """
@@ -21,7 +26,7 @@ import threading
 import time
 from collections.abc import Iterable, Iterator
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text, update
 from sqlalchemy.orm import Session
 
 from core.errors import CoreError
@@ -62,6 +67,29 @@ def check_priority(may_use_high: bool, priorities: Iterable[tuple[str, str]]) ->
             raise PriorityNotAllowedError(param)
 
 
+# The first key of the two-key advisory locks genq takes per owner (the second is
+# hashtext(owner)): an arbitrary constant, so no other user of advisory locks on
+# the same database collides with these by chance.
+OWNER_LOCK_SPACE = 0x67_6E_71  # "gnq"
+
+
+def lock_owner(session: Session, owner: str) -> None:
+    """Hold the owner's quota lock until this transaction ends (commit or rollback),
+    so the owner's next check counts what this transaction inserts.
+
+    On PostgreSQL a transaction-scoped advisory lock on ``hashtext(owner)`` (two
+    owners whose hashes collide merely wait for each other); other owners never wait.
+    On SQLite the database's write lock, taken now by an empty write: SQLite runs one
+    writer at a time, but a read does not start a transaction there (pysqlite), so
+    without it two submits could both count before either inserts."""
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
+        session.execute(select(func.pg_advisory_xact_lock(OWNER_LOCK_SPACE, func.hashtext(owner))))
+    elif dialect == "sqlite":
+        empty = update(Job).where(text("0")).values(owner=Job.owner)
+        session.execute(empty.execution_options(synchronize_session=False))
+
+
 def active_jobs(session: Session, owner: str, *, up_to: int) -> int:
     """The owner's queued and running jobs, counted up to ``up_to`` (a bounded scan)."""
     inner = select(Job.id).where(Job.owner == owner, Job.status.in_(ACTIVE)).limit(up_to).subquery()
@@ -71,7 +99,8 @@ def active_jobs(session: Session, owner: str, *, up_to: int) -> int:
 
 def check_active_jobs(session: Session, owner: str, adding: int, limit: int) -> None:
     """Raise if ``adding`` more jobs would take the owner past ``limit`` queued +
-    running jobs (0: no limit)."""
+    running jobs (0: no limit). Takes the owner's lock (:func:`lock_owner`) first:
+    the caller inserts the jobs and commits in the same transaction."""
     if limit <= 0:
         return
     if adding > limit:
@@ -81,6 +110,7 @@ def check_active_jobs(session: Session, owner: str, adding: int, limit: int) -> 
             "owner (GENQ_QUOTA_ACTIVE_JOBS)",
             retry_after_s=60,
         )
+    lock_owner(session, owner)
     now = active_jobs(session, owner, up_to=limit)
     if now + adding > limit:
         raise QuotaExceededError(
@@ -101,10 +131,16 @@ def stored_bytes(session: Session, owner: str) -> int:
     return int(total or 0)
 
 
-def check_file_bytes(session: Session, owner: str, adding: int, limit: int) -> None:
-    """Raise if the owner's files plus ``adding`` bytes would pass ``limit`` (0: none)."""
+def check_file_bytes(
+    session: Session, owner: str, adding: int, limit: int, *, lock: bool = False
+) -> None:
+    """Raise if the owner's files plus ``adding`` bytes would pass ``limit`` (0: none).
+    With ``lock``, takes the owner's lock (:func:`lock_owner`) first: for the check
+    of a stored, uncommitted upload that the caller commits in the same transaction."""
     if limit <= 0:
         return
+    if lock:
+        lock_owner(session, owner)
     now = stored_bytes(session, owner)
     if now + adding > limit:
         raise QuotaExceededError(

@@ -49,8 +49,9 @@ def upload_file(
     except (files.FileTooLargeError, files.TooManyLinesError):
         session.rollback()  # api/errors.py answers 413 / 400
         raise
-    try:  # the owner's files, this one included (flushed, not committed)
-        quotas.check_file_bytes(session, tenant, 0, settings.quota_file_bytes)
+    try:  # the owner's files, this one included (flushed, not committed), counted
+        # under the owner's lock, so a concurrent upload is counted once it commits
+        quotas.check_file_bytes(session, tenant, 0, settings.quota_file_bytes, lock=True)
     except quotas.QuotaExceededError:
         session.rollback()
         raise
