@@ -19,13 +19,15 @@ port on localhost, across the private network. The policy:
   through the proxy, which resolves the name itself; the name is still resolved
   and checked here first, and the proxy is expected to enforce its own policy.
 
-Each attempt also has one total deadline (:func:`deadline`): every read and
-write on the connection is given only the time left, so a receiver trickling a
-byte a second cannot hold a send past it.
+Each attempt also has one total deadline (:func:`deadline`): the name's
+resolution and every read and write on the connection are given only the time
+left, so neither a slow resolver nor a receiver trickling a byte a second can
+hold a send past it (a resolution that runs out fails as ``dns_timeout``).
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import contextvars
 import dataclasses
@@ -153,13 +155,72 @@ def check_callbacks(
             raise CallbackRefusedError(reason, param)
 
 
-def resolve(host: str, port: int, allow: Iterable[IPNetwork] = ()) -> list[str]:
+# --- one deadline per attempt --------------------------------------------------------------
+
+_deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar(
+    "genq_egress_deadline", default=None
+)
+
+
+@contextlib.contextmanager
+def deadline(seconds: float) -> Iterator[None]:
+    """Within this block (this thread), resolving a name and every socket operation
+    on a connection made by an :class:`EgressTransport` get only the time left until
+    ``seconds`` from now."""
+    token = _deadline.set(time.monotonic() + seconds)
+    try:
+        yield
+    finally:
+        _deadline.reset(token)
+
+
+def _time_left(timeout: float | None) -> float | None:
+    end = _deadline.get()
+    if end is None:
+        return timeout
+    left = end - time.monotonic()
+    if left <= 0:
+        raise httpcore.ReadTimeout("the attempt's deadline passed")
+    return left if timeout is None else min(timeout, left)
+
+
+class DNSTimeoutError(httpcore.ConnectTimeout):
+    """The name was not resolved within the attempt's deadline (httpx reports it
+    as a ``ConnectTimeout`` with this message)."""
+
+    def __init__(self, host: str) -> None:
+        super().__init__(f"dns_timeout: {host!r} was not resolved within the attempt's deadline")
+
+
+# getaddrinfo cannot be interrupted: a lookup bounded by a deadline runs on one of
+# these threads and is abandoned (left to finish) when the deadline comes first.
+# Bounded, so a resolver that never answers ties up at most this many threads; a
+# lookup queued behind them times out as well.
+_resolver = concurrent.futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="genq-dns")
+
+
+def _getaddrinfo(host: str, port: int, timeout: float | None) -> list[Any]:
+    if timeout is None:
+        return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    lookup = _resolver.submit(socket.getaddrinfo, host, port, type=socket.SOCK_STREAM)
+    try:
+        return lookup.result(timeout)
+    except concurrent.futures.TimeoutError:
+        lookup.cancel()  # if it has not started yet, it never will
+        raise DNSTimeoutError(host) from None
+
+
+def resolve(
+    host: str, port: int, allow: Iterable[IPNetwork] = (), *, timeout: float | None = None
+) -> list[str]:
     """The addresses of ``host``, each checked; raises :class:`EgressRefusedError`
     if any is refused (a name that also resolves to an internal address is not
-    trusted with the public one either)."""
+    trusted with the public one either). The lookup is given at most ``timeout``
+    and what is left of the attempt's :func:`deadline`, else
+    :class:`DNSTimeoutError`."""
     allowed = tuple(allow)
     try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        infos = _getaddrinfo(host, port, _time_left(timeout))
     except OSError as exc:
         raise httpcore.ConnectError(f"cannot resolve {host!r}: {exc.strerror or exc}") from exc
     except (UnicodeError, ValueError) as exc:  # not a name the resolver can take
@@ -177,34 +238,6 @@ def resolve(host: str, port: int, allow: Iterable[IPNetwork] = ()) -> list[str]:
     if not addresses:
         raise httpcore.ConnectError(f"cannot resolve {host!r}: no address")
     return addresses
-
-
-# --- one deadline per attempt --------------------------------------------------------------
-
-_deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar(
-    "genq_egress_deadline", default=None
-)
-
-
-@contextlib.contextmanager
-def deadline(seconds: float) -> Iterator[None]:
-    """Within this block (this thread), every socket operation on a connection made
-    by an :class:`EgressTransport` gets only the time left until ``seconds`` from now."""
-    token = _deadline.set(time.monotonic() + seconds)
-    try:
-        yield
-    finally:
-        _deadline.reset(token)
-
-
-def _time_left(timeout: float | None) -> float | None:
-    end = _deadline.get()
-    if end is None:
-        return timeout
-    left = end - time.monotonic()
-    if left <= 0:
-        raise httpcore.ReadTimeout("the attempt's deadline passed")
-    return left if timeout is None else min(timeout, left)
 
 
 class _DeadlineStream(httpcore.NetworkStream):
@@ -251,7 +284,7 @@ class _Backend(httpcore.NetworkBackend):
         local_address: str | None = None,
         socket_options: Iterable[Any] | None = None,
     ) -> httpcore.NetworkStream:
-        targets = resolve(host, port, self._allow) if self._check else [host]
+        targets = resolve(host, port, self._allow, timeout=timeout) if self._check else [host]
         error: Exception | None = None
         for address in targets:  # the checked addresses, never the name again
             try:
@@ -343,6 +376,8 @@ class EgressTransport(httpx.BaseTransport):
             resolve(host, port, self._allow)
         except EgressRefusedError as exc:
             raise httpx.ConnectError(str(exc), request=request) from exc
+        except (DNSTimeoutError, httpcore.ReadTimeout) as exc:  # the deadline passed
+            raise httpx.ConnectTimeout(str(exc), request=request) from exc
         except httpcore.ConnectError:
             pass  # a name only the proxy can resolve: its policy applies
         return proxy.transport.handle_request(request)

@@ -4,6 +4,7 @@ addresses, through a proxy when one is set, within one deadline per attempt."""
 
 from __future__ import annotations
 
+import datetime as dt
 import ipaddress
 import socket
 import threading
@@ -17,7 +18,7 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from core import egress
+from core import egress, webhooks
 
 LOOPBACK = egress.parse_networks("127.0.0.0/8")
 
@@ -247,3 +248,31 @@ def test_a_host_no_resolver_can_take_is_refused_at_submit_and_at_send(url: str) 
     host = url.split("/")[2]
     with pytest.raises(httpcore.ConnectError, match="cannot resolve"):
         egress.resolve(host, 80)
+
+
+@pytest.mark.parametrize("proxies", [{}, {"http": "http://127.0.0.1:9"}], ids=["direct", "proxy"])
+def test_a_slow_resolver_fails_the_attempt_as_dns_timeout(
+    monkeypatch: pytest.MonkeyPatch, proxies: dict[str, str]
+) -> None:
+    """A resolver that takes longer than the attempt's deadline ends the attempt at
+    the deadline with genq's reason, directly and before a proxy alike."""
+    answered = threading.Event()
+    real = socket.getaddrinfo
+
+    def slow(host: Any, port: Any, *args: Any, **kwargs: Any) -> Any:
+        if host == "slow.test":
+            answered.wait(3)  # well past the deadline below
+            host = "127.0.0.1"
+        return real(host, port, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", slow)
+    claimed = webhooks.Claimed("whd_slow", 1, dt.datetime.now(dt.UTC))
+    prepared = webhooks.Prepared(claimed, "http://slow.test:9/hook", "job.completed", b"{}", [])
+    transport = egress.EgressTransport(LOOPBACK, proxies=proxies)
+    try:
+        with httpx.Client(transport=transport) as client:
+            attempt = webhooks.post(client, prepared, timeout_s=0.3)
+    finally:
+        answered.set()
+    assert attempt.status_code is None
+    assert attempt.error is not None and "dns_timeout" in attempt.error, attempt.error
