@@ -10,7 +10,7 @@ from api.limits import BodySizeLimit
 from api.routes import batches, completions, events, files, health, jobs, metrics, models, ui
 from api.textguard import TextGuard
 from core.queue import JobQueue, get_queue
-from core.quotas import RateLimiter, StreamSlots
+from core.quotas import AuthFailures, RateLimiter, StreamSlots
 from core.settings import Settings, get_settings
 
 DOCS_STATIC_URL = "/docs-static"
@@ -34,6 +34,9 @@ def create_app(settings: Settings | None = None, queue: JobQueue | None = None) 
         settings.quota_requests_per_s, settings.quota_request_burst
     )
     app.state.streams = StreamSlots(settings.quota_streams)
+    app.state.auth_failures = AuthFailures(
+        settings.quota_auth_failures_per_s, settings.quota_auth_failure_burst
+    )
     errors.install(app)
     app.add_middleware(TextGuard)  # inside BodySizeLimit: it reads bounded bodies only
     app.add_middleware(BodySizeLimit, limit_for=lambda path: _body_limit(settings, path))

@@ -48,14 +48,21 @@ def get_caller(
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
 ) -> keys.Caller | None:
     """Who is calling (the bearer key's owner and permissions), or None (anyone) with
-    auth off; over the owner's request rate, a 429 (core.quotas)."""
+    auth off; over the owner's request rate, or from an address that sent too many
+    wrong keys (checked before the key is), a 429 (core.quotas)."""
     if not settings.require_auth:
         caller = None
     elif credentials is None or not credentials.credentials.strip():
         raise APIError(401, "missing_api_key", "send an API key as 'Authorization: Bearer <key>'")
     else:
+        # Behind a reverse proxy this is the proxy's address unless uvicorn is told
+        # to trust its X-Forwarded-For (--forwarded-allow-ips).
+        address = request.client.host if request.client else "unknown"
+        failures: quotas.AuthFailures = request.app.state.auth_failures
+        failures.check(address)
         caller = keys.caller_of(session, credentials.credentials.strip())
         if caller is None:
+            failures.failed(address)
             raise APIError(401, "invalid_api_key", "the API key is wrong or revoked")
     limiter: quotas.RateLimiter = request.app.state.rate_limiter
     limiter.check(caller.owner if caller else LOCAL_OWNER)

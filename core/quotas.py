@@ -3,7 +3,8 @@
 Each is answered with :class:`QuotaExceededError` (the API's 429 with
 ``Retry-After``): queued + running jobs (:func:`check_active_jobs`), stored file
 bytes (:func:`check_file_bytes`), requests per second (:class:`RateLimiter`) and
-open event streams or waiting completions (:class:`StreamSlots`). The defaults
+open event streams or waiting completions (:class:`StreamSlots`); and per client
+address, wrong API keys (:class:`AuthFailures`), so keys cannot be guessed at speed. The defaults
 (``GENQ_QUOTA_*``) are generous enough that one user of an embedded genq never
 meets them; 0 turns a limit off. The rate and stream limits are kept in each API
 process (with N replicas an owner gets N times them): they protect a process's
@@ -161,14 +162,26 @@ class RateLimiter:
         self._buckets: dict[str, tuple[float, float]] = {}  # owner: (tokens, at)
         self._lock = threading.Lock()
 
+    def wait(self, owner: str, now: float | None = None) -> float | None:
+        """None if there is a token now (spending none), else the seconds until there is."""
+        if self.rate <= 0:
+            return None
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            tokens = self._tokens(owner, now)
+        return None if tokens >= 1 else (1 - tokens) / self.rate
+
+    def _tokens(self, owner: str, now: float) -> float:
+        tokens, at = self._buckets.get(owner, (float(self.burst), now))
+        return min(float(self.burst), tokens + (now - at) * self.rate)
+
     def take(self, owner: str, now: float | None = None) -> float | None:
         """Spend one token; None if there was one, else the seconds until there is."""
         if self.rate <= 0:
             return None
         now = time.monotonic() if now is None else now
         with self._lock:
-            tokens, at = self._buckets.get(owner, (float(self.burst), now))
-            tokens = min(float(self.burst), tokens + (now - at) * self.rate)
+            tokens = self._tokens(owner, now)
             if tokens < 1:
                 self._buckets[owner] = (tokens, now)
                 return (1 - tokens) / self.rate
@@ -230,6 +243,36 @@ class StreamSlots:
     def open(self, owner: str) -> int:
         with self._lock:
             return self._open.get(owner, 0)
+
+
+class AuthFailures:
+    """Wrong API keys per client address: a bucket of ``burst`` failures refilled at
+    ``rate`` a second (``GENQ_QUOTA_AUTH_FAILURE_BURST``, ``GENQ_QUOTA_AUTH_FAILURES_PER_S``;
+    rate 0: no limit). Once an address has spent it, every request from it that
+    carries a key is answered 429 *before* its key is looked at, valid or not, until
+    a failure's worth has refilled: were a valid key let through, the 429s would not
+    slow guessing down (the one right guess would still be told apart). Requests
+    with a valid key spend nothing, so users behind the same address are blocked
+    only while someone there keeps sending wrong keys."""
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self._bucket = RateLimiter(rate, burst)
+
+    def check(self, address: str, now: float | None = None) -> None:
+        """Raise :class:`QuotaExceededError` while ``address`` is over its failures."""
+        wait = self._bucket.wait(address, now)
+        if wait is not None:
+            raise QuotaExceededError(
+                "too_many_auth_failures",
+                "too many requests with a wrong API key from this address "
+                f"(GENQ_QUOTA_AUTH_FAILURE_BURST {self._bucket.burst}, refilled at "
+                f"{self._bucket.rate:g} a second)",
+                retry_after_s=wait,
+            )
+
+    def failed(self, address: str, now: float | None = None) -> None:
+        """Count one wrong key from ``address``."""
+        self._bucket.take(address, now)
 
 
 def retry_after_header(seconds: float) -> str:

@@ -114,6 +114,12 @@ class Settings(BaseSettings):
     quota_streams: int = Field(
         default=64, ge=0, description="open event streams + waiting completions per owner"
     )
+    quota_auth_failures_per_s: float = Field(
+        default=0.2, ge=0, description="wrong API keys a second per client address, per process"
+    )
+    quota_auth_failure_burst: int = Field(
+        default=20, ge=1, description="wrong API keys at once above that rate"
+    )
 
     # Bulk generation: files, batches, /v1/completions (core.batches, docs/batch.md).
     max_file_bytes: int = Field(default=200 * 1024 * 1024, ge=1024, description="per upload")

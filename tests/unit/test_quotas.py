@@ -138,6 +138,37 @@ def test_rate_limiter_refills() -> None:
     assert limiter.take("b", now=0.5) is None
 
 
+def test_wrong_api_keys_are_limited_per_client_address(settings: Settings) -> None:
+    limits = {"quota_auth_failures_per_s": 0.001, "quota_auth_failure_burst": 3}
+    with app_with(settings, **limits) as api:
+        alice = key(settings, "alice")
+        wrong = {"Authorization": "Bearer genq_not-a-key"}
+        for _ in range(5):  # a valid key spends none of the address's failures
+            assert api.get("/v1/jobs", headers=alice).status_code == 200
+        codes = [api.get("/v1/jobs", headers=wrong).status_code for _ in range(4)]
+        assert codes == [401, 401, 401, 429]
+        # Refused before the key is looked at, so the right guess is not told apart.
+        limited = api.get("/v1/jobs", headers=alice)
+        assert limited.status_code == 429, limited.text
+        assert limited.json()["error"]["code"] == "too_many_auth_failures"
+        assert int(limited.headers["Retry-After"]) >= 1
+        with TestClient(api.app, client=("192.0.2.7", 4000)) as elsewhere:
+            assert elsewhere.get("/v1/jobs", headers=alice).status_code == 200
+            assert elsewhere.get("/v1/jobs", headers=wrong).status_code == 401
+
+
+def test_an_address_is_let_in_again_once_a_failure_has_refilled() -> None:
+    failures = quotas.AuthFailures(rate=0.5, burst=2)
+    failures.failed("1.2.3.4", now=0)
+    failures.failed("1.2.3.4", now=0)
+    with pytest.raises(quotas.QuotaExceededError) as raised:
+        failures.check("1.2.3.4", now=1)
+    assert raised.value.retry_after_s == pytest.approx(1)
+    failures.check("5.6.7.8", now=1)  # another address
+    failures.check("1.2.3.4", now=2)  # two seconds at 0.5 a second: one try again
+    quotas.AuthFailures(rate=0, burst=1).check("1.2.3.4")  # rate 0: no limit, no raise
+
+
 def test_open_event_streams_are_limited_per_owner(settings: Settings) -> None:
     # TestClient cannot hold a stream open (tests/security does, against a real
     # server): take the owner's one slot as an open stream would.
