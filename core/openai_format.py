@@ -51,7 +51,7 @@ from core.schemas import (
     GenerationParams,
     StopString,
 )
-from core.settings import model_id
+from core.settings import served_model
 
 OPENAI_DEFAULT_MAX_TOKENS = 16
 COMPLETIONS_URL = "/v1/completions"
@@ -329,15 +329,15 @@ def _parse(
             f"{prefix}stream: a batch request cannot stream; omit stream or set it to false",
             f"{prefix}stream",
         )
-    # One id per model however the caller spells it (a path as given, or resolved).
-    spelt = request.model
-    request = request.model_copy(update={"model": model_id(spelt)})
-    if request.model not in models:
+    # One id per model however the caller spells it; an error names it as spelt.
+    served = served_model(request.model, models)
+    if served is None:
         raise RequestError(
             "model_not_found",
-            f"model {spelt!r} is not served; available: {', '.join(models)}",
+            f"model {request.model!r} is not served; available: {', '.join(models)}",
             f"{prefix}model",
         )
+    request = request.model_copy(update={"model": served})
     if request.model in without_template:
         raise RequestError(
             "model_without_chat_template",

@@ -8,6 +8,7 @@ set, genq runs embedded: a SQLite database and a SQLite-backed broker under
 from __future__ import annotations
 
 import functools
+from collections.abc import Collection
 from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
 from typing import Annotated, Literal
@@ -205,6 +206,18 @@ def model_id(spec: str) -> str:
     except (OSError, RuntimeError, ValueError):  # a caller's name no path can be
         return spec
     return spec
+
+
+def served_model(spelt: str, served: Collection[str]) -> str | None:
+    """The served model a caller's ``spelt`` names, or None: a served id as it is,
+    else a spelling :func:`model_id` resolves to a served id (``../models/m`` for the
+    served ``/srv/models/m``). The resolved path is only compared, never shown: an
+    error names ``spelt`` as sent, and a path resolving anywhere else (``/proc/self/cwd``)
+    names no model rather than telling the caller where it leads."""
+    if spelt in served:
+        return spelt
+    resolved = model_id(spelt)
+    return resolved if resolved in served else None
 
 
 @functools.lru_cache(maxsize=1)

@@ -34,7 +34,7 @@ from core.models import LOCAL_OWNER, Job, utcnow
 from core.openai_format import ParsedRequest
 from core.queue import JobQueue, Route
 from core.schemas import GenerationParams, JobCreate
-from core.settings import Settings, model_id
+from core.settings import Settings, model_id, served_model
 from core.status import JobStatus
 
 log = logging.getLogger(__name__)
@@ -91,7 +91,8 @@ class NewJob:
         return cls(
             prompt=body.prompt or "",
             messages=template_messages(body.messages) if body.messages else None,
-            model=model_id(body.model) if body.model else default_model,
+            # As the caller spelt it: create() makes it the served id (or refuses it).
+            model=body.model or default_model,
             params=body.params(),
             priority=body.priority,
             callback_url=str(body.callback_url) if body.callback_url else None,
@@ -213,14 +214,25 @@ def served_models(session: Session, settings: Settings, *, fresh: bool = False) 
 
 def check_models(
     session: Session, settings: Settings, models: Sequence[str], *, param: Callable[[int], str]
-) -> None:
-    """Raise UnknownModelError for the first of ``models`` that is not served."""
+) -> list[str]:
+    """The served id each of ``models`` (as callers spell them) names
+    (:func:`core.settings.served_model`); raise UnknownModelError, naming the model as
+    it was spelt, for the first that names none."""
+
+    def ids(available: Sequence[str]) -> list[str | None]:
+        return [served_model(model, available) for model in models]
+
     available = served_models(session, settings)
-    if not set(models) <= set(available):
+    found = ids(available)
+    if None in found:
         available = served_models(session, settings, fresh=True)  # a worker just started?
-    for index, model in enumerate(models):
-        if model not in available:
+        found = ids(available)
+    resolved: list[str] = []
+    for index, (model, served) in enumerate(zip(models, found, strict=True)):
+        if served is None:
             raise UnknownModelError(model, available, param=param(index))
+        resolved.append(served)
+    return resolved
 
 
 def models_without_chat_template(session: Session, settings: Settings) -> set[str]:
@@ -287,7 +299,10 @@ def create(
     queued + running jobs (a replay is answered before any of them)."""
     if replay is not None and (earlier := replay.earlier()) is not None:
         return [], earlier
-    check_models(session, settings, [new.model for new in new_jobs], param=param)
+    models = check_models(session, settings, [new.model for new in new_jobs], param=param)
+    new_jobs = [
+        dataclasses.replace(new, model=model) for new, model in zip(new_jobs, models, strict=True)
+    ]
     check_chat(session, new_jobs, settings, param=param)
     check_fits(settings, new_jobs, prefix=prefix)
     egress.check_callbacks(

@@ -26,7 +26,7 @@ from core.openai_format import (
     parse_batch_line,
 )
 from core.schemas import GenerationParams, JobCreate
-from core.settings import model_id
+from core.settings import served_model
 from core.status import BatchStatus
 
 
@@ -74,11 +74,12 @@ def parse_plain(
         message = str(first.get("msg", "invalid")).removeprefix("Value error, ")
         code = "missing_required_parameter" if first.get("type") == "missing" else "invalid_request"
         raise RequestError(code, f"{param}: {message}" if param else message, param) from exc
-    model = model_id(job.model) if job.model else default_model
-    if model not in models:
+    spelt = job.model or default_model
+    model = served_model(spelt, models)
+    if model is None:
         raise RequestError(
             "model_not_found",
-            f"model {model!r} is not served; available: {', '.join(models)}",
+            f"model {spelt!r} is not served; available: {', '.join(models)}",
             "model",
         )
     params = job.params().with_defaults(max_tokens)

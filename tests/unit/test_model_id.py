@@ -73,3 +73,39 @@ def test_a_name_no_path_can_be_is_kept_as_given() -> None:
     """A hostile model name must not raise (it would be a 500 at every door)."""
     for spec in ["a" * 300, "/" + "b" * 5000, "~nosuchuser_genq/x", "./\x00x"]:
         assert model_id(spec) == spec
+
+
+@pytest.mark.parametrize("spelt", ["/proc/self/cwd", ".", "../models", "~"])
+def test_an_unknown_model_is_named_as_sent_never_where_its_path_leads(
+    settings: Settings, model_dir: Path, spelt: str
+) -> None:
+    """A caller probing with paths learns nothing of the server's directories: every
+    door answers 422 naming the model as it was sent, never the path it resolves to,
+    and only a path to the served directory itself is that model."""
+    local = settings.model_copy(update={"model": str(model_dir)})
+    server_paths = [p for p in (str(model_dir.parent.parent), str(Path.home())) if p != "/"]
+    with TestClient(create_app(local, queue=RecordingQueue())) as client:
+        answers = {  # param: (answer, the door's status: OpenAI's doors say 404)
+            "model": (client.post("/v1/jobs", json={"prompt": "a", "model": spelt}), 422),
+            "jobs.1.model": (
+                client.post(
+                    "/v1/jobs/bulk",
+                    json={"jobs": [{"prompt": "a"}, {"prompt": "b", "model": spelt}]},
+                ),
+                422,
+            ),
+            "model ": (client.post("/v1/completions", json={"prompt": "a", "model": spelt}), 404),
+        }
+        for param, (answer, status) in answers.items():
+            assert answer.status_code == status, answer.text
+            error = answer.json()["error"]
+            assert error["code"] == "model_not_found" and error["param"] == param.strip()
+            assert error["message"].startswith(f"model {spelt!r} is not served")
+            # The served model's own id is listed (as /v1/models lists it): that
+            # path aside, nothing of the server's file system is in the answer.
+            rest = answer.text.replace(str(model_dir.resolve()), "")
+            assert not any(path in rest for path in server_paths), answer.text
+        via_cwd = client.post(
+            "/v1/jobs", json={"prompt": "a", "model": "/proc/self/cwd/../models/m"}
+        )
+        assert via_cwd.status_code == 202 and via_cwd.json()["model"] == str(model_dir.resolve())
