@@ -86,6 +86,7 @@ def create_batch(
             models=served_models(session, settings),
             without_template=models_without_chat_template(session, settings),
             max_lines=settings.max_batch_lines,
+            limits=settings,
             callback_url=callback_url,
             before_commit=(lambda batch: replay.remember(batch.id)) if replay else None,
         )

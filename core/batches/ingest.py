@@ -35,6 +35,7 @@ from core.openai_format import (
     error_list,
     parse_batch_line,
 )
+from core.settings import Settings
 from core.status import BatchStatus
 
 log = logging.getLogger(__name__)
@@ -76,15 +77,33 @@ def parse_window(window: str | None) -> dt.timedelta | None:
     return dt.timedelta(hours=int(match.group(1)))
 
 
+# genq's names of the generation parameters that :func:`core.submit.check_fits`
+# judges, as a batch line's body spells them.
+OPENAI_PARAM = {"max_new_tokens": "max_tokens", "num_return_sequences": "n"}
+
+
+def check_fits(request: ParsedRequest, limits: Settings) -> None:
+    """Raise :class:`core.submit.RequestTooLargeError`, naming the line's ``body``
+    field, when the request could never run in a worker of ``limits`` (the check
+    every other door makes at submit, rather than a failure at the worker)."""
+    try:
+        submit.check_fits(limits, [submit.NewJob.from_request(request)], prefix=lambda _: "")
+    except submit.RequestTooLargeError as exc:
+        param = OPENAI_PARAM.get(exc.param or "", exc.param)
+        raise submit.RequestTooLargeError(exc.message, param=f"body.{param}") from exc
+
+
 def parse_openai_file(
     lines: Iterable[tuple[int, bytes | None]],
     *,
     endpoint: str,
     models: Collection[str],
     without_template: Collection[str] = (),
+    limits: Settings | None = None,
 ) -> Iterator[Parsed]:
     """Each non-blank line of a batch input file, parsed or its error (a line given
-    as None was longer than :data:`core.openai_format.MAX_LINE_BYTES`)."""
+    as None was longer than :data:`core.openai_format.MAX_LINE_BYTES`; with
+    ``limits``, a request too large for a worker, :func:`check_fits`)."""
     for number, raw in lines:
         if raw is None:
             yield (
@@ -101,14 +120,15 @@ def parse_openai_file(
         if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
             raw = raw[3:]
         try:
-            yield (
-                number,
-                parse_batch_line(
-                    raw, endpoint=endpoint, models=models, without_template=without_template
-                ),
+            request = parse_batch_line(
+                raw, endpoint=endpoint, models=models, without_template=without_template
             )
-        except RequestError as exc:
+            if limits is not None:
+                check_fits(request, limits)
+        except (RequestError, submit.RequestTooLargeError) as exc:
             yield number, LineError(number, exc.code, exc.message, exc.param)
+        else:
+            yield number, request
 
 
 @dataclasses.dataclass
@@ -219,12 +239,14 @@ def create_batch(
     callback_url: str | None = None,
     priority: str = "low",
     before_commit: Callable[[Batch], None] | None = None,
+    limits: Settings | None = None,
 ) -> Batch:
     """Validate the input and create the batch with its jobs, committed.
 
     The input is the file ``input_file_id`` (OpenAI's batch format) or, for
     ``genq run``, ``parsed`` requests. Bulk work runs at ``low`` priority unless
-    told otherwise, so interactive jobs go first. A batch with an invalid line is committed
+    told otherwise, so interactive jobs go first. With ``limits``, a line too large
+    for a worker is invalid (:func:`check_fits`). A batch with an invalid line is committed
     ``failed`` with its ``errors`` and no jobs. Send the jobs with
     :func:`core.feed.feed_once` after this returns (the workers' feeder goes on).
     """
@@ -251,6 +273,7 @@ def create_batch(
                 endpoint=endpoint,
                 models=models,
                 without_template=without_template,
+                limits=limits,
             )
         )
     now = utcnow()

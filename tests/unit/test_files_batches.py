@@ -299,6 +299,25 @@ def test_a_bad_line_fails_the_batch_naming_the_line_and_nothing_is_queued(
     assert api.get(f"/v1/batches/{batch['id']}").json()["status"] == "failed"
 
 
+def test_a_line_too_large_for_a_worker_fails_the_batch_at_create(
+    settings: Settings, inline: InlineQueue
+) -> None:
+    """The check every door makes at submit (core.submit.check_fits) is made per line
+    at ingest too, so such a line is named at create instead of failing at a worker."""
+    small = settings.model_copy(update={"max_tokens_in_flight": 100, "max_batch_size": 4})
+    with TestClient(create_app(small, queue=inline)) as api:
+        lines = [line("ok"), line("long", max_tokens=200), line("wide", n=8, temperature=1)]
+        batch = create(api, upload(api, jsonl(*lines, line("fits", max_tokens=99)))["id"])
+        assert batch["status"] == "failed", batch
+        errors = [(e["line"], e["code"], e["param"]) for e in batch["errors"]["data"]]
+        assert errors == [
+            (2, "invalid_request", "body.max_tokens"),
+            (3, "invalid_request", "body.n"),
+        ]
+        assert "max_tokens_in_flight" in batch["errors"]["data"][0]["message"]
+        assert inline.sent == [] and api.get("/v1/jobs").json()["data"] == []
+
+
 def test_every_bad_line_is_named_up_to_a_cap(api: TestClient, inline: InlineQueue) -> None:
     lines: list[dict[str, Any] | str] = [line("ok")]
     lines += ["not json"] * 150
