@@ -437,7 +437,7 @@ def purge(session: Session, *, older_than_days: float) -> int:
 
 def lease_s(settings: Settings) -> float:
     """How long a claimed attempt is held: longer than a POST can take (one total
-    deadline, :func:`post`) plus name resolution and the database writes."""
+    deadline, name resolution included, :func:`post`) plus the database writes."""
     return settings.webhook_timeout_s * 2 + 30
 
 

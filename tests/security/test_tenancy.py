@@ -60,3 +60,22 @@ def test_open_streams_are_limited_per_owner(stack: Stack) -> None:
                 return r.status_code == 200
 
         wait_until(can_open, 30, "the slot to come back")
+
+
+def test_wrong_keys_are_limited_per_client_address(stack: Stack) -> None:
+    """Keys cannot be guessed at speed: past the default burst of wrong keys (20) an
+    address gets 429 for any key, the right one too; other addresses are untouched.
+    The guesser connects from 127.0.0.3, so the other tests' 127.0.0.1 keeps its budget."""
+    valid = stack.key("guessed")
+    wrong = {"Authorization": "Bearer genq_guess"}
+    guesser = httpx.HTTPTransport(local_address="127.0.0.3")
+    with httpx.Client(base_url=stack.url, transport=guesser, timeout=30) as client:
+        codes = [client.get("/v1/jobs", headers=wrong).status_code for _ in range(21)]
+        assert codes == [401] * 20 + [429]
+        right = client.get("/v1/jobs", headers=valid)
+        assert (
+            right.status_code == 429 and right.json()["error"]["code"] == "too_many_auth_failures"
+        )
+        assert int(right.headers["Retry-After"]) >= 1
+    with stack.client(valid) as elsewhere:
+        assert elsewhere.get("/v1/jobs").status_code == 200
