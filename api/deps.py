@@ -55,8 +55,8 @@ def get_caller(
     elif credentials is None or not credentials.credentials.strip():
         raise APIError(401, "missing_api_key", "send an API key as 'Authorization: Bearer <key>'")
     else:
-        # Behind a reverse proxy this is the proxy's address unless uvicorn is told
-        # to trust its X-Forwarded-For (--forwarded-allow-ips).
+        # Behind a reverse proxy this is the proxy's address unless uvicorn trusts
+        # its X-Forwarded-For (FORWARDED_ALLOW_IPS; 127.0.0.1 by default).
         address = request.client.host if request.client else "unknown"
         failures: quotas.AuthFailures = request.app.state.auth_failures
         failures.check(address)

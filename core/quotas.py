@@ -4,9 +4,9 @@ Each is answered with :class:`QuotaExceededError` (the API's 429 with
 ``Retry-After``): queued + running jobs (:func:`check_active_jobs`), stored file
 bytes (:func:`check_file_bytes`), requests per second (:class:`RateLimiter`) and
 open event streams or waiting completions (:class:`StreamSlots`); and per client
-address, wrong API keys (:class:`AuthFailures`), so keys cannot be guessed at speed. The defaults
-(``GENQ_QUOTA_*``) are generous enough that one user of an embedded genq never
-meets them; 0 turns a limit off. The rate and stream limits are kept in each API
+address, wrong API keys (:class:`AuthFailures`), so keys cannot be guessed at
+speed. The defaults (``GENQ_QUOTA_*``) are generous enough that one user of an
+embedded genq never meets them; 0 turns a limit off. The rate and stream limits are kept in each API
 process (with N replicas an owner gets N times them): they protect a process's
 threads and connections, which is what they are for.
 
