@@ -1,11 +1,11 @@
 """How long another owner's ``POST /v1/jobs`` waits while a large batch is created
-on SQLite (one writer at a time), with the batch file parsed before the write lock
-(core/spool.py) and, side by side in the same run, parsed under it (as before).
+on SQLite (one writer at a time): the ingest commits a chunk of job rows per
+transaction (core/batches/staging.py), so a submit waits for one chunk at most.
 
     python -m bench.ingest_lock --lines 50000
 
-Prints the batch's creation time and the submits' latencies (median, max) for
-each, their ratio, and the CPU flags. In process (TestClient), no broker.
+Prints the batch's creation time, the submits' latencies (median, max) and the
+CPU flags. In process (TestClient), no broker.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ from fastapi.testclient import TestClient
 
 import migrations
 from api.app import create_app
-from core import spool
 from core.queue import Route
 from core.settings import Settings
 
@@ -56,42 +55,36 @@ def batch_file(lines: int) -> bytes:
     return ("\n".join(out) + "\n").encode()
 
 
-def run(lines: int, parse_first: bool) -> dict[str, Any]:
+def run(lines: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         url = f"sqlite:///{Path(tmp) / 'genq.db'}"
         migrations.upgrade(url)
         settings = Settings(data_dir=Path(tmp), database_url=url, model="fake",
                             require_auth=False, max_batch_lines=lines)  # fmt: skip
-        real = spool.prevalidated
-        if not parse_first:
-            spool.prevalidated = lambda items: iter(items)
-        try:
-            with TestClient(create_app(settings, queue=NullQueue())) as client:
-                content = batch_file(lines)
-                file_id = client.post("/v1/files", files={"file": ("b.jsonl", content)},
-                                      data={"purpose": "batch"}).json()["id"]  # fmt: skip
-                latencies: list[float] = []
-                done = threading.Event()
-                took: list[float] = []
+        with TestClient(create_app(settings, queue=NullQueue())) as client:
+            content = batch_file(lines)
+            file_id = client.post("/v1/files", files={"file": ("b.jsonl", content)},
+                                  data={"purpose": "batch"}).json()["id"]  # fmt: skip
+            latencies: list[float] = []
+            done = threading.Event()
+            took: list[float] = []
 
-                def create() -> None:
-                    start = time.perf_counter()
-                    response = client.post("/v1/batches", json={"input_file_id": file_id})
-                    took.append(time.perf_counter() - start)
-                    assert response.json()["status"] == "in_progress", response.text
-                    done.set()
+            def create() -> None:
+                start = time.perf_counter()
+                response = client.post("/v1/batches", json={"input_file_id": file_id})
+                took.append(time.perf_counter() - start)
+                assert response.json()["status"] == "in_progress", response.text
+                done.set()
 
-                thread = threading.Thread(target=create)
-                thread.start()
-                time.sleep(0.05)
-                while not done.is_set():
-                    start = time.perf_counter()
-                    assert client.post("/v1/jobs", json={"prompt": "hi"}).status_code == 202
-                    latencies.append(time.perf_counter() - start)
-                    time.sleep(0.02)
-                thread.join()
-        finally:
-            spool.prevalidated = real
+            thread = threading.Thread(target=create)
+            thread.start()
+            time.sleep(0.05)
+            while not done.is_set():
+                start = time.perf_counter()
+                assert client.post("/v1/jobs", json={"prompt": "hi"}).status_code == 202
+                latencies.append(time.perf_counter() - start)
+                time.sleep(0.02)
+            thread.join()
     return {"batch_s": took[0], "submits": len(latencies),
             "p50_s": statistics.median(latencies), "max_s": max(latencies)}  # fmt: skip
 
@@ -105,13 +98,10 @@ def main(argv: Iterator[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--lines", type=int, default=50_000)
     args = parser.parse_args(list(argv) if argv is not None else None)
-    under = run(args.lines, parse_first=False)
-    first = run(args.lines, parse_first=True)
+    r = run(args.lines)
     print(f"cpu flags: {cpu_flags()}")
-    for name, r in (("parsed under the lock", under), ("parsed first", first)):
-        print(f"{name:>22}: batch {r['batch_s']:.2f} s; other submits ({r['submits']}): "
-              f"p50 {r['p50_s'] * 1000:.0f} ms, max {r['max_s'] * 1000:.0f} ms")  # fmt: skip
-    print(f"max submit wait, under/first: {under['max_s'] / first['max_s']:.1f}x")
+    print(f"batch {r['batch_s']:.2f} s; other submits ({r['submits']}): "
+          f"p50 {r['p50_s'] * 1000:.0f} ms, max {r['max_s'] * 1000:.0f} ms")  # fmt: skip
 
 
 if __name__ == "__main__":

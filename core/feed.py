@@ -1,6 +1,7 @@
 """Paced sending: a batch's jobs go to the broker a window at a time.
 
-A batch's job rows are committed unsent (``enqueued_at`` NULL). The feeder keeps
+A batch's job rows are committed unsent (``enqueued_at`` NULL), and wait while the
+batch is ``validating`` (its ingest still writing them). The feeder keeps
 about ``GENQ_FEED_AHEAD`` job ids per live worker waiting in each queue (model and
 priority) and tops the queue up, oldest unsent jobs first, as the workers drain
 it (a window is a few seconds of work: at 400 jobs/s, 2,048 ids last 5 s, so a
@@ -25,13 +26,20 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from core import workers
-from core.models import Job, utcnow
+from core.models import Batch, Job, utcnow
 from core.queue import PRIORITIES, JobQueue, Route, queue_name
 from core.settings import Settings, model_id
-from core.status import JobStatus
+from core.status import BatchStatus, JobStatus
 
-UNSENT = (Job.status == JobStatus.QUEUED.value) & Job.enqueued_at.is_(None)
-"""Queued jobs not yet sent: a batch's jobs waiting for the feeder."""
+_VALIDATING = select(Batch.id).where(Batch.status == BatchStatus.VALIDATING.value)
+UNSENT = (
+    (Job.status == JobStatus.QUEUED.value)
+    & Job.enqueued_at.is_(None)
+    # Not a batch still being validated (core.batches.staging): its jobs wait for it.
+    # In the statement itself, so it reads the batch in the same snapshot as the job.
+    & (Job.batch_id.is_(None) | Job.batch_id.not_in(_VALIDATING))
+)
+"""Queued jobs not yet sent: the jobs of accepted batches waiting for the feeder."""
 
 
 def take_unsent(session: Session, *, model: str, priority: str, limit: int) -> list[Route]:

@@ -270,6 +270,9 @@ class Batch(Base):
     expired_at: Mapped[dt.datetime | None]
     cancelling_at: Mapped[dt.datetime | None]
     cancelled_at: Mapped[dt.datetime | None]
+    # While ``validating``: renewed by each chunk its ingest commits; NULL once the
+    # sweeper has claimed a batch whose ingest stopped (core.batches.staging).
+    ingest_heartbeat_at: Mapped[dt.datetime | None]
 
 
 class IdempotencyRecord(Base):

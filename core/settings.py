@@ -88,6 +88,11 @@ class Settings(BaseSettings):
         default=300.0, gt=0, description="re-send a queued job whose message may be lost"
     )
     sweep_interval_s: float = Field(default=10.0, gt=0)
+    ingest_stale_s: float = Field(
+        default=120.0,
+        gt=0,
+        description="a validating batch whose ingest made no progress this long is failed",
+    )
     feed_ahead: int = Field(
         default=2048, ge=1, description="a batch's job ids kept in each queue per live worker"
     )

@@ -46,8 +46,8 @@ TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
 class BatchStatus(enum.StrEnum):
     """Where a batch is in its life (OpenAI's batch statuses).
 
-    ``validating`` is never stored: validation is synchronous, so a batch is
-    created ``in_progress`` (or ``failed``).
+    A batch is ``validating`` while its ingest writes its jobs in chunks
+    (core.batches.staging); its jobs are not sent until it is ``in_progress``.
     """
 
     VALIDATING = "validating"

@@ -124,13 +124,23 @@ def new_job_id() -> str:
     return f"job_{millis:012x}{secrets.token_hex(10)}"
 
 
-def id_sequence() -> Iterator[str]:
+def id_sequence(prefix: str | None = None) -> Iterator[str]:
     """Ids for jobs created together: like :func:`new_job_id`, but the random part
     is 32 bits shared by the group and then a counter, so they also sort in the
-    order they were made (a batch's jobs sort as its input)."""
-    millis = time.time_ns() // 1_000_000
-    group = secrets.token_hex(4)
-    return (f"job_{millis:012x}{group}{index:012x}" for index in itertools.count())
+    order they were made (a batch's jobs sort as its input). The n-th one (from 0)
+    is ``sequence_id(prefix, n)``, given the ``prefix`` of :func:`sequence_prefix`."""
+    prefix = prefix or sequence_prefix()
+    return (sequence_id(prefix, index) for index in itertools.count())
+
+
+def sequence_prefix() -> str:
+    """What the ids of one :func:`id_sequence` share: the time and a random group."""
+    return f"job_{time.time_ns() // 1_000_000:012x}{secrets.token_hex(4)}"
+
+
+def sequence_id(prefix: str, index: int) -> str:
+    """The ``index``-th id (from 0) of the sequence with that prefix."""
+    return f"{prefix}{index:012x}"
 
 
 def new_job_ids(count: int) -> list[str]:

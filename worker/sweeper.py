@@ -13,6 +13,8 @@ sweep:
   ``GENQ_JOBS_PER_MESSAGE`` ids), so a long batch tail still waiting in the broker
   is not re-sent. A duplicate message is harmless: a claim is conditional, so a
   job runs once;
+- fails each ``validating`` batch whose ingest stopped (its creator died) and
+  deletes its jobs (:func:`core.batches.recover_stale`);
 - purges finished jobs (and batches, files, idempotency keys) older than the
   retention age, once an hour.
 """
@@ -61,7 +63,11 @@ class Sweeper(Periodic):
         report = {"reclaimed": len(requeued), "quarantined": len(failed)}
         self._send(requeued)
         report["resent"] = self._resend_lost()
-        report["batches_finalized"] = batches.finalize_due(get_sessionmaker(self._url))
+        factory = get_sessionmaker(self._url)
+        report["batches_finalized"] = batches.finalize_due(factory)
+        report["ingests_failed"] = batches.recover_stale(
+            factory, stale_after_s=self.settings.ingest_stale_s
+        )
         if self._last_purge is None or time.monotonic() - self._last_purge > PURGE_EVERY_S:
             report["purged"] = self._purge()
             self._last_purge = time.monotonic()

@@ -3,7 +3,10 @@
 One concept per module:
 
 - :mod:`core.batches.ingest`: parse and validate an input, create the batch and its
-  jobs in one transaction (sent by :mod:`core.feed`);
+  jobs, streamed (sent by :mod:`core.feed`);
+- :mod:`core.batches.staging`: a validating batch's jobs written and deleted a chunk
+  per transaction; the sweeper's recovery of an ingest that died;
+- :mod:`core.batches.custom_ids`: the compact table of the custom_ids seen;
 - :mod:`core.batches.lifecycle`: the batch state machine (cancel, expire, finalize);
 - :mod:`core.batches.results`: counts, usage, the output and error files, purge;
 - :mod:`core.batches.formatting`: the OpenAI batch object.
@@ -34,10 +37,12 @@ from core.batches.lifecycle import (
     list_batches,
 )
 from core.batches.results import Counts, cancel_code, counts, file_content, purge, result_lines
+from core.batches.staging import IngestAbandonedError, recover_stale
 
 __all__ = [
     "BatchConflictError",
     "Counts",
+    "IngestAbandonedError",
     "IngestResult",
     "LineError",
     "NoSuchBatchError",
@@ -57,5 +62,6 @@ __all__ = [
     "parse_openai_file",
     "parse_window",
     "purge",
+    "recover_stale",
     "result_lines",
 ]

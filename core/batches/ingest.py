@@ -1,18 +1,24 @@
 """Batch ingest: an input file (or ``genq run``'s requests) validated and turned into
-one job row per request, in one transaction.
+one job row per request, streamed, a chunk of rows per transaction.
 
-A batch is validated and ingested in one pass over its input: each valid line
-becomes a job row, bulk-inserted a thousand at a time; if any line is invalid the
-transaction is rolled back and the batch is stored ``failed`` with OpenAI's
-``errors`` object naming each offending line. Nothing is half-created. The jobs
-are committed unsent: the feeder (:mod:`core.feed`) sends them a window at a
-time.
+A batch is validated and ingested in one pass over its input, in bounded memory:
+the batch row is committed ``validating``, each valid line becomes a job row, and
+every :data:`core.batches.staging.CHUNK_ROWS` rows are committed together (so on
+SQLite another owner's submit waits for a chunk, not for the batch). Then the
+batch becomes ``in_progress`` in one small commit; if any line was invalid, the
+rows written are deleted (a chunk at a time) and the batch is stored ``failed``
+with OpenAI's ``errors`` object naming each offending line. Nothing half-created
+ever runs: the feeder (:mod:`core.feed`) sends no job of a validating batch, and
+the sweeper fails a validating batch whose ingest died. Duplicate custom_ids are
+found with :class:`core.batches.custom_ids.SeenIds` (~16 bytes a line), not a set
+of the strings.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import functools
 import logging
 import re
 import secrets
@@ -20,10 +26,12 @@ import time
 from collections.abc import Callable, Collection, Iterable, Iterator
 from typing import Any
 
-from sqlalchemy import insert
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from core import files, spool, submit, webhooks
+from core import files, submit
+from core.batches import lifecycle, staging
+from core.batches.custom_ids import SeenIds
 from core.models import Batch, Job, utcnow
 from core.openai_format import (
     COMPLETIONS_URL,
@@ -40,7 +48,6 @@ from core.status import BatchStatus
 
 log = logging.getLogger(__name__)
 
-INSERT_CHUNK = 1000
 MAX_REPORTED_ERRORS = 100
 WINDOW = re.compile(r"^([1-9][0-9]{0,3})h$")
 
@@ -153,6 +160,11 @@ class IngestResult:
         return error_list(data)
 
 
+def _same(earlier: Callable[[int], str | None], custom_id: str, position: int) -> bool:
+    """Whether the request at ``position`` has ``custom_id`` (unknown counts as yes)."""
+    return earlier(position) in (custom_id, None)
+
+
 def ingest(
     session: Session,
     batch: Batch,
@@ -160,25 +172,43 @@ def ingest(
     *,
     max_lines: int,
 ) -> IngestResult:
-    """Insert one job per valid request of ``parsed`` for ``batch``, and report the
-    invalid ones. When the result has errors the caller must roll back.
+    """Insert one job per valid request of ``parsed`` for the validating ``batch``, a
+    chunk per transaction, and report the invalid ones. Once a line is invalid no
+    more rows are written (the rest is only validated); when the result has errors
+    the caller deletes the rows written (:func:`core.batches.staging.delete_jobs`).
 
     Job ids come from one :func:`core.submit.id_sequence`, so ordering a batch's
-    jobs by id is ordering them as the input was.
+    jobs by id is ordering them as the input was; the n-th distinct custom_id is
+    the n-th job.
     """
     result = IngestResult()
-    seen: set[str] = set()
+    seen = SeenIds()
     rows: list[dict[str, Any]] = []
+    written = 0  # rows committed
     now = utcnow()
-    ids = submit.id_sequence()
-    for number, item in parsed:
+    prefix = submit.sequence_prefix()
+
+    def earlier(position: int) -> str | None:
+        """The custom_id of the request at ``position`` (None: its row was not kept,
+        the batch failing already; a 64-bit hash match is then taken as it is)."""
+        if position >= written:
+            index = position - written
+            return rows[index]["custom_id"] if index < len(rows) else None
+        job_id = submit.sequence_id(prefix, position)
+        return session.scalar(select(Job.custom_id).where(Job.id == job_id))
+
+    for count, (number, item) in enumerate(parsed, start=1):
+        if result.error_count and count % staging.CHUNK_ROWS == 0:
+            # Only validating now: end the read transaction and show we are alive.
+            staging.touch(session, batch.id)
+            session.commit()
         if isinstance(item, LineError):
             result.add(item)
             continue
         custom_id = item.custom_id or f"line-{number}"
         if item.custom_id is None:
             item = dataclasses.replace(item, custom_id=custom_id)
-        if custom_id in seen:
+        if seen.add(custom_id, functools.partial(_same, earlier, custom_id)) is not None:
             result.add(
                 LineError(
                     number,
@@ -188,7 +218,6 @@ def ingest(
                 )
             )
             continue
-        seen.add(custom_id)
         result.total += 1
         if result.total > max_lines:
             result.add(
@@ -206,18 +235,19 @@ def ingest(
         rows.append(
             submit.job_row(
                 submit.NewJob.from_request(item, priority=batch.priority),
-                job_id=next(ids),
+                job_id=submit.sequence_id(prefix, written + len(rows)),
                 owner=batch.owner,
                 default_max_new_tokens=OPENAI_DEFAULT_MAX_TOKENS,
                 now=now,
                 batch_id=batch.id,
             )
         )
-        if len(rows) >= INSERT_CHUNK:
-            session.execute(insert(Job), rows)
+        if len(rows) >= staging.CHUNK_ROWS:
+            staging.write_chunk(session, batch.id, rows)
+            written += len(rows)
             rows.clear()
     if rows and not result.error_count:
-        session.execute(insert(Job), rows)
+        staging.write_chunk(session, batch.id, rows)
     if result.total == 0 and not result.error_count:
         result.add(LineError(None, "empty_file", "the file holds no requests"))
     return result
@@ -244,11 +274,17 @@ def create_batch(
     """Validate the input and create the batch with its jobs, committed.
 
     The input is the file ``input_file_id`` (OpenAI's batch format) or, for
-    ``genq run``, ``parsed`` requests. Bulk work runs at ``low`` priority unless
-    told otherwise, so interactive jobs go first. With ``limits``, a line too large
-    for a worker is invalid (:func:`check_fits`). A batch with an invalid line is committed
-    ``failed`` with its ``errors`` and no jobs. Send the jobs with
+    ``genq run``, ``parsed`` requests, streamed. Bulk work runs at ``low`` priority
+    unless told otherwise, so interactive jobs go first. With ``limits``, a line too
+    large for a worker is invalid (:func:`check_fits`). A batch with an invalid
+    line ends ``failed`` with its ``errors`` and no jobs. ``before_commit`` runs in
+    the transaction that creates the batch row (``validating``), e.g. to record an
+    idempotency key, so a retry during a long ingest finds this batch. Returns
+    once the batch is ``in_progress`` or ``failed``; send the jobs with
     :func:`core.feed.feed_once` after this returns (the workers' feeder goes on).
+    If the ingest is interrupted (an exception), its rows are deleted and the
+    batch failed before the exception goes on; if the process dies, the sweeper
+    does that (:func:`core.batches.staging.recover_stale`).
     """
     if endpoint not in ENDPOINTS:
         raise RequestError(
@@ -267,50 +303,59 @@ def create_batch(
                 f"file {file.id} has purpose {file.purpose!r}, not 'batch'",
                 "input_file_id",
             )
-        parsed = spool.prevalidated(  # parsed now, before the batch's first write
-            parse_openai_file(
-                files.iter_bounded_lines(files.iter_chunks(session, file.id), MAX_LINE_BYTES),
-                endpoint=endpoint,
-                models=models,
-                without_template=without_template,
-                limits=limits,
-            )
+        parsed = parse_openai_file(
+            files.iter_bounded_lines(files.iter_chunks(session, file.id), MAX_LINE_BYTES),
+            endpoint=endpoint,
+            models=models,
+            without_template=without_template,
+            limits=limits,
         )
     now = utcnow()
-
-    def new_batch(status: BatchStatus) -> Batch:
-        return Batch(
-            id=batch_id,
-            owner=owner,
-            status=status,
-            endpoint=endpoint,
-            completion_window=completion_window or "none",
-            input_file_id=input_file_id,
-            meta=metadata,
-            run_key=run_key,
-            callback_url=callback_url,
-            priority=priority,
-            created_at=now,
-            expires_at=now + window if window else None,
-        )
-
-    batch_id = new_batch_id()
-    batch = new_batch(BatchStatus.IN_PROGRESS)
-    batch.in_progress_at = now
+    batch = Batch(
+        id=new_batch_id(),
+        owner=owner,
+        status=BatchStatus.VALIDATING,
+        endpoint=endpoint,
+        completion_window=completion_window or "none",
+        input_file_id=input_file_id,
+        meta=metadata,
+        run_key=run_key,
+        callback_url=callback_url,
+        priority=priority,
+        created_at=now,
+        expires_at=now + window if window else None,
+        ingest_heartbeat_at=now,
+    )
     session.add(batch)
-    session.flush()
-    result = ingest(session, batch, parsed, max_lines=max_lines)
-    if result.error_count:
-        session.rollback()
-        batch = new_batch(BatchStatus.FAILED)
-        batch.failed_at = utcnow()
-        batch.errors = result.errors_object()["data"]
-        session.add(batch)
-        session.flush()
-        webhooks.record_batch_event(session, batch)
-    batch.total = result.total
-    batch.model = result.model
     if before_commit is not None:
-        before_commit(batch)  # e.g. record an idempotency key in this transaction
+        before_commit(batch)
     session.commit()
+    try:
+        result = ingest(session, batch, parsed, max_lines=max_lines)
+        if result.error_count:
+            staging.delete_jobs(session, batch.id)
+            errors = result.errors_object()["data"]
+            lifecycle.reject(session, batch.id, errors, total=result.total, model=result.model)
+        elif not lifecycle.accept(session, batch.id, total=result.total, model=result.model):
+            raise staging.IngestAbandonedError(batch.id)
+        session.commit()
+    except staging.IngestAbandonedError:
+        raise  # the sweeper has the batch: it deletes the rows and fails it
+    except BaseException:
+        session.rollback()
+        _abandon(session, batch.id)
+        raise
+    session.refresh(batch)
     return batch
+
+
+def _abandon(session: Session, batch_id: str) -> None:
+    """After an ingest interrupted by an exception: delete its rows and fail the
+    batch, if the database lets us (else the sweeper does, once it is stale)."""
+    try:
+        staging.delete_jobs(session, batch_id)
+        lifecycle.reject(session, batch_id, [staging.INTERRUPTED])
+        session.commit()
+    except Exception:
+        session.rollback()
+        log.warning("batch %s: ingest interrupted; the sweeper will fail it", batch_id)

@@ -1,7 +1,8 @@
 """The batch state machine: every change of a batch's status, each one conditional UPDATE.
 
-``in_progress`` once ingested (validation is synchronous, so ``validating`` is
-never stored; an invalid input is created ``failed``) → ``finalizing`` →
+``validating`` while its jobs are inserted in chunks (core.batches.staging), then
+``in_progress`` (:func:`accept`) or, for an invalid input or an ingest that died,
+``failed`` with its errors and no jobs (:func:`reject`) → ``finalizing`` →
 ``completed``; or ``cancelling`` → ``finalizing`` → ``cancelled``; or, past its
 window, ``finalizing`` → ``expired``. The finalizer (the workers' feeder and
 sweeper, never a client's request) first folds the batch's tally rows into its
@@ -17,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import ColumnElement, or_, select, update
 from sqlalchemy.orm import Session
 
 from core import files, jobstate, tally, webhooks
@@ -26,10 +27,13 @@ from core.errors import ConflictError, NotFoundError
 from core.models import Batch, BatchTally, File, Job, utcnow
 from core.status import BATCH_OPEN, BATCH_TRANSITIONS, BatchStatus, sources
 
+VALIDATING, FAILED = BatchStatus.VALIDATING, BatchStatus.FAILED
 IN_PROGRESS, CANCELLING = BatchStatus.IN_PROGRESS, BatchStatus.CANCELLING
 FINALIZING, COMPLETED = BatchStatus.FINALIZING, BatchStatus.COMPLETED
 CANCELLED, EXPIRED = BatchStatus.CANCELLED, BatchStatus.EXPIRED
 
+_ACCEPT_FROM = sources(BATCH_TRANSITIONS, IN_PROGRESS, VALIDATING)
+_REJECT_FROM = sources(BATCH_TRANSITIONS, FAILED, VALIDATING)
 _CANCEL_FROM = sources(BATCH_TRANSITIONS, CANCELLING, IN_PROGRESS)
 _FINALIZE_FROM = sources(BATCH_TRANSITIONS, FINALIZING, IN_PROGRESS, CANCELLING, FINALIZING)
 # The final status each open status finalizes into (past its window: expired).
@@ -77,16 +81,69 @@ def _move(
     batch_id: str,
     to: BatchStatus,
     from_: tuple[BatchStatus, ...],
+    *where: ColumnElement[bool],
     **values: Any,
 ) -> bool:
     """The one statement that changes a batch's status; whether it happened."""
     result = session.execute(
         update(Batch)
-        .where(Batch.id == batch_id, Batch.status.in_(from_))
+        .where(Batch.id == batch_id, Batch.status.in_(from_), *where)
         .values(status=to, **values)
         .execution_options(synchronize_session=False)
     )
     return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+def _ingest_owned(by_sweeper: bool) -> ColumnElement[bool]:
+    """The batch's ingest is still its creator's (heartbeat set) or the sweeper's
+    (NULL: it claimed a batch whose creator died): the loser's move does nothing."""
+    column = Batch.ingest_heartbeat_at
+    return column.is_(None) if by_sweeper else column.is_not(None)
+
+
+def accept(session: Session, batch_id: str, *, total: int, model: str | None) -> bool:
+    """``validating`` → ``in_progress`` once every job is inserted: the feeder may send
+    them from the commit on. False if the sweeper claimed the batch first. In the
+    caller's transaction: commit after."""
+    return _move(
+        session,
+        batch_id,
+        IN_PROGRESS,
+        _ACCEPT_FROM,
+        _ingest_owned(False),
+        in_progress_at=utcnow(),
+        total=total,
+        model=model,
+    )
+
+
+def reject(
+    session: Session,
+    batch_id: str,
+    errors: list[dict[str, Any]],
+    *,
+    total: int = 0,
+    model: str | None = None,
+    by_sweeper: bool = False,
+) -> bool:
+    """``validating`` → ``failed`` with OpenAI's ``errors`` (its jobs already deleted),
+    and its webhook outbox row. In the caller's transaction: commit after."""
+    moved = _move(
+        session,
+        batch_id,
+        FAILED,
+        _REJECT_FROM,
+        _ingest_owned(by_sweeper),
+        failed_at=utcnow(),
+        errors=errors,
+        total=total,
+        model=model,
+    )
+    if moved:
+        batch = session.get_one(Batch, batch_id)
+        session.refresh(batch)
+        webhooks.record_batch_event(session, batch)
+    return moved
 
 
 def cancel_batch(session: Session, batch_id: str, *, owner: str | None) -> Batch:

@@ -149,10 +149,15 @@ def parse_input(
 
 
 def find_run(session: Session, key: str, owner: str) -> Batch | None:
-    """The latest batch of a previous run of the same input, unless it failed."""
+    """The latest batch of a previous run of the same input, unless it failed (or is
+    still validating: that run's ingest died, and the sweeper fails it)."""
     return session.scalar(
         select(Batch)
-        .where(Batch.run_key == key, Batch.owner == owner, Batch.status != BatchStatus.FAILED)
+        .where(
+            Batch.run_key == key,
+            Batch.owner == owner,
+            Batch.status.not_in((BatchStatus.FAILED, BatchStatus.VALIDATING)),
+        )
         .order_by(Batch.id.desc())
         .limit(1)
     )

@@ -1,0 +1,192 @@
+"""A batch's jobs while it is validated: written and deleted in chunks, each chunk
+its own short transaction, so a large ingest never holds the database.
+
+The batch row is committed ``validating`` first; each chunk of job rows is then
+committed with a renewal of the batch's ``ingest_heartbeat_at``, and the batch
+becomes ``in_progress`` in one small commit at the end (or, for an invalid input,
+its jobs are deleted a chunk at a time and it becomes ``failed``). The feeder sends
+no job of a validating batch (:data:`core.feed.UNSENT`), the sweeper re-sends
+only jobs once sent, and the finalizer and the counts look at open batches only,
+so nothing half-created is ever running. On SQLite (one writer at a time) another
+owner's submit waits for one chunk at most, not for the whole batch.
+
+If the creating process dies mid-ingest, the heartbeat stops: the sweeper claims
+the batch (sets the heartbeat NULL, which also refuses any later chunk or
+acceptance by a creator that was only slow), deletes its jobs and fails it
+(:func:`recover_stale`).
+
+Rows are written by PostgreSQL's ``COPY`` (several times faster than a multi-row
+INSERT) and elsewhere by one executemany INSERT per chunk.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from sqlalchemy import delete, insert, or_, select, update
+from sqlalchemy.orm import Session
+
+from core.batches import lifecycle
+from core.errors import ConflictError
+from core.models import Batch, Job, utcnow
+from core.status import BatchStatus
+
+log = logging.getLogger(__name__)
+
+CHUNK_ROWS = 1000
+"""Job rows per transaction: on SQLite, the longest another writer waits on ingest."""
+
+INTERRUPTED = {
+    "code": "ingest_interrupted",
+    "message": "the batch's ingest stopped before every line was validated (the process "
+    "creating it ended); create the batch again",
+    "param": None,
+    "line": None,
+}
+
+# The columns a new job row sets (core.submit.job_row), in COPY's order.
+COLUMNS = (
+    "id",
+    "status",
+    "prompt",
+    "messages",
+    "model",
+    "params",
+    "seed",
+    "owner",
+    "priority",
+    "callback_url",
+    "custom_id",
+    "batch_id",
+    "submission_id",
+    "attempts",
+    "created_at",
+    "enqueued_at",
+)
+_JSON_COLUMNS = frozenset({"messages", "params"})
+_COPY = f"COPY job ({', '.join(COLUMNS)}) FROM STDIN"
+_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
+class IngestAbandonedError(ConflictError):
+    """The sweeper took over the batch (its ingest made no progress for
+    ``GENQ_INGEST_STALE_S``) and fails it: create the batch again (HTTP 409)."""
+
+    code = "ingest_abandoned"
+
+    def __init__(self, batch_id: str) -> None:
+        super().__init__(
+            f"batch {batch_id}: the ingest stalled past GENQ_INGEST_STALE_S and was abandoned; "
+            "create the batch again"
+        )
+
+
+def _mine(batch_id: str) -> Any:
+    return (
+        (Batch.id == batch_id)
+        & (Batch.status == BatchStatus.VALIDATING.value)
+        & Batch.ingest_heartbeat_at.is_not(None)
+    )
+
+
+def touch(session: Session, batch_id: str) -> None:
+    """Renew the batch's heartbeat in the caller's transaction (first, so that on
+    PostgreSQL this transaction holds the batch row against the sweeper's claim);
+    raise :class:`IngestAbandonedError` (rolled back) if the sweeper claimed it."""
+    result = session.execute(
+        update(Batch)
+        .where(_mine(batch_id))
+        .values(ingest_heartbeat_at=utcnow())
+        .execution_options(synchronize_session=False)
+    )
+    if not result.rowcount:  # type: ignore[attr-defined]
+        session.rollback()
+        raise IngestAbandonedError(batch_id)
+
+
+def write_chunk(session: Session, batch_id: str, rows: Sequence[dict[str, Any]]) -> None:
+    """Commit ``rows`` (of :func:`core.submit.job_row`) as the batch's next chunk."""
+    touch(session, batch_id)
+    if session.get_bind().dialect.name == "postgresql":
+        _copy(session, rows)
+    else:
+        session.execute(insert(Job), list(rows))
+    session.commit()
+
+
+def _copy(session: Session, rows: Sequence[dict[str, Any]]) -> None:
+    """``COPY`` the rows in, on the session's connection (its transaction)."""
+    driver = session.connection().connection.driver_connection
+    assert driver is not None
+    with driver.cursor() as cursor, cursor.copy(_COPY) as copy:
+        for row in rows:
+            copy.write_row(
+                [
+                    _dumps(row[c]) if c in _JSON_COLUMNS and row[c] is not None else row[c]
+                    for c in COLUMNS
+                ]
+            )
+
+
+def _delete_chunk(session: Session, batch_id: str) -> int:
+    ids = select(Job.id).where(Job.batch_id == batch_id).limit(CHUNK_ROWS)
+    result = session.execute(
+        delete(Job).where(Job.id.in_(ids)).execution_options(synchronize_session=False)
+    )
+    count: int = result.rowcount  # type: ignore[attr-defined]
+    return count
+
+
+def delete_jobs(session: Session, batch_id: str, *, by_sweeper: bool = False) -> None:
+    """Delete the validating batch's jobs a chunk per transaction (the creator's
+    chunks renew the heartbeat, and stop if the sweeper took over)."""
+    while True:
+        if not by_sweeper:
+            touch(session, batch_id)
+        deleted = _delete_chunk(session, batch_id)
+        session.commit()
+        if deleted < CHUNK_ROWS:
+            return
+
+
+def _stale(cutoff: dt.datetime) -> Any:
+    heartbeat = Batch.ingest_heartbeat_at
+    return (Batch.status == BatchStatus.VALIDATING.value) & or_(
+        heartbeat.is_(None), heartbeat < cutoff
+    )
+
+
+def recover_stale(
+    session_factory: Callable[[], Any], *, stale_after_s: float, limit: int = 100
+) -> int:
+    """Fail each validating batch whose ingest made no progress for ``stale_after_s``
+    (or that an earlier recovery claimed and did not finish): claim it, delete its
+    jobs a chunk at a time, then store it ``failed`` with ``ingest_interrupted``.
+    Returns how many were failed. Safe to repeat after a crash at any step."""
+    cutoff = utcnow() - dt.timedelta(seconds=stale_after_s)
+    with session_factory() as session:
+        ids = list(
+            session.scalars(select(Batch.id).where(_stale(cutoff)).order_by(Batch.id).limit(limit))
+        )
+    done = 0
+    for batch_id in ids:
+        with session_factory() as session:
+            claim = session.execute(
+                update(Batch)
+                .where(Batch.id == batch_id, _stale(cutoff))
+                .values(ingest_heartbeat_at=None)
+                .execution_options(synchronize_session=False)
+            )
+            session.commit()
+            if not claim.rowcount:
+                continue  # its ingest renewed the heartbeat just now: alive after all
+            delete_jobs(session, batch_id, by_sweeper=True)
+            if lifecycle.reject(session, batch_id, [INTERRUPTED], by_sweeper=True):
+                done += 1
+                log.warning("batch %s: its ingest stopped; failed and its jobs deleted", batch_id)
+            session.commit()
+    return done

@@ -1,0 +1,304 @@
+"""Batch ingest in chunks (core.batches.ingest, core.batches.staging): a large ingest
+never holds the database, nothing of a validating batch is sent, an ingest that
+stops is cleaned up (by itself, or by the sweeper when its process died), and
+duplicate custom_ids are found in bounded memory."""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import func, select, update
+
+from core import batches, delivery, feed, submit
+from core.batches import custom_ids, staging
+from core.batches.custom_ids import SeenIds
+from core.db import get_sessionmaker
+from core.models import Batch, Job, utcnow
+from core.openai_format import ParsedRequest
+from core.schemas import GenerationParams, JobCreate
+from core.settings import Settings
+from tests.conftest import RecordingQueue
+from worker.sweeper import Sweeper
+
+CHUNK = staging.CHUNK_ROWS
+
+
+class Gate:
+    """``genq run``-style parsed requests that stop after ``pause_at`` of them until
+    released (or ``wait_s`` passed), or raise there when ``fail`` is set."""
+
+    def __init__(self, lines: int, pause_at: int, *, wait_s: float = 30.0) -> None:
+        self.lines, self.pause_at, self.wait_s = lines, pause_at, wait_s
+        self.paused = threading.Event()
+        self.release = threading.Event()
+        self.fail = False
+
+    def __iter__(self) -> Iterator[tuple[int, ParsedRequest]]:
+        params = GenerationParams(max_new_tokens=2)
+        for i in range(self.lines):
+            if i == self.pause_at:
+                self.paused.set()
+                self.release.wait(self.wait_s)
+                if self.fail:
+                    raise RuntimeError("the input went away")
+            yield i + 1, ParsedRequest(f"r{i}", f"line {i}", "fake", params)
+
+
+def settings_for(url: str, tmp_path: Path, **values: Any) -> Settings:
+    return Settings(data_dir=tmp_path, database_url=url, model="fake", require_auth=False, **values)
+
+
+def create(url: str, parsed: Any, *, lines: int = 100_000) -> Batch:
+    with get_sessionmaker(url)() as session:
+        return batches.create_batch(
+            session,
+            owner="bulk",
+            input_file_id=None,
+            parsed=parsed,
+            completion_window=None,
+            models=["fake"],
+            max_lines=lines,
+        )
+
+
+def start(
+    url: str, gate: Gate, order: list[str] | None = None
+) -> tuple[threading.Thread, dict[str, Any]]:
+    """Run the ingest of ``gate`` in a thread; its outcome lands in the dict, and
+    ``"ingest"`` in ``order`` once it returned."""
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["batch"] = create(url, gate)
+        except BaseException as exc:
+            outcome["error"] = exc
+        if order is not None:
+            order.append("ingest")
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    assert gate.paused.wait(30)
+    return thread, outcome
+
+
+def state(url: str) -> tuple[str, int, list[dict[str, Any]] | None]:
+    """The (only) batch's status, its job rows, and its errors."""
+    with get_sessionmaker(url)() as session:
+        batch = session.scalars(select(Batch)).one()
+        jobs = session.scalar(select(func.count()).select_from(Job).where(Job.batch_id == batch.id))
+        return batch.status, jobs or 0, batch.errors
+
+
+def test_another_owners_submit_commits_while_a_large_ingest_runs_on_sqlite(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    settings = settings_for(sqlite_url, tmp_path)
+    gate = Gate(5 * CHUNK, pause_at=3 * CHUNK + 10, wait_s=5)
+    order: list[str] = []
+    thread, outcome = start(sqlite_url, gate, order)
+    # The ingest is between two chunks: SQLite's one write lock is free. (Held by
+    # the ingest, this submit would wait for it: the gate opens after 5 s anyway.)
+    with get_sessionmaker(sqlite_url)() as session:
+        job, _ = submit.submit_job(
+            session, RecordingQueue(), JobCreate(prompt="hi"), settings=settings, owner="web"
+        )
+    order.append("submit")
+    gate.release.set()
+    thread.join(60)
+    assert "error" not in outcome
+    assert outcome["batch"].status == "in_progress"
+    assert order == ["submit", "ingest"]
+    with get_sessionmaker(sqlite_url)() as session:
+        assert session.get_one(Job, job.id).created_at < outcome["batch"].in_progress_at
+        assert session.scalar(select(func.count()).select_from(Job)) == 5 * CHUNK + 1
+
+
+def test_nothing_of_a_validating_batch_is_sent_or_counted(
+    database_url: str, tmp_path: Path
+) -> None:
+    settings = settings_for(database_url, tmp_path)
+    gate = Gate(3 * CHUNK, pause_at=2 * CHUNK + 5)
+    thread, outcome = start(database_url, gate)
+    factory = get_sessionmaker(database_url)
+    try:
+        status, rows, _ = state(database_url)
+        assert (status, rows) == ("validating", 2 * CHUNK)  # two chunks committed
+        queue = RecordingQueue()
+        assert feed.feed_once(factory, queue, settings) == {}
+        assert queue.sent == []
+        with factory() as session:
+            assert delivery.queued_counts(session) == {}
+            assert (
+                delivery.stale_queued(
+                    session, model="fake", priority="low", older_than_s=0, limit=10
+                )
+                == []
+            )
+            batch = session.scalars(select(Batch)).one()
+            assert batches.counts(session, batch.id).total == 0
+            assert not batches.finalize(session, batch)
+    finally:
+        gate.release.set()
+        thread.join(60)
+    assert outcome["batch"].status == "in_progress"
+    assert outcome["batch"].total == 3 * CHUNK
+    queue = RecordingQueue()
+    feed.feed_once(factory, queue, settings)
+    assert queue.sent  # accepted: the feeder sends it now
+
+
+def test_a_stalled_ingest_is_taken_over_and_failed_by_the_sweeper(
+    database_url: str, tmp_path: Path
+) -> None:
+    settings = settings_for(database_url, tmp_path, ingest_stale_s=0.001)
+    gate = Gate(4 * CHUNK, pause_at=2 * CHUNK + 5)
+    thread, outcome = start(database_url, gate)
+    report = Sweeper(settings, RecordingQueue(), holder="t").sweep_once()
+    gate.release.set()  # the stalled creator wakes up: its next chunk is refused
+    thread.join(60)
+    assert report["ingests_failed"] == 1
+    assert isinstance(outcome.get("error"), batches.IngestAbandonedError)
+    status, rows, errors = state(database_url)
+    assert (status, rows) == ("failed", 0)
+    assert errors is not None and errors[0]["code"] == "ingest_interrupted"
+
+
+def test_a_dead_ingest_is_failed_by_the_sweeper_and_a_live_one_is_not(
+    database_url: str, tmp_path: Path
+) -> None:
+    settings = settings_for(database_url, tmp_path)  # the default staleness, 120 s
+    factory = get_sessionmaker(database_url)
+    params = GenerationParams(max_new_tokens=2)
+    ids: dict[str, str] = {}
+    for name, age_s in (("dead", 3600), ("live", 0)):
+        # What a creator leaves when its process dies after two chunks.
+        with factory() as session:
+            batch = Batch(
+                id=batches.new_batch_id(),
+                owner="o",
+                status="validating",
+                endpoint="/v1/completions",
+                completion_window="24h",
+                ingest_heartbeat_at=utcnow(),
+            )
+            session.add(batch)
+            session.commit()
+            sequence = submit.id_sequence()
+            request = submit.NewJob("p", "fake", params, priority="low")
+            for _ in range(2):
+                rows = [
+                    submit.job_row(
+                        request,
+                        job_id=next(sequence),
+                        owner="o",
+                        default_max_new_tokens=2,
+                        batch_id=batch.id,
+                    )
+                    for _ in range(CHUNK + 1)
+                ]
+                staging.write_chunk(session, batch.id, rows)
+            stamp = utcnow() - dt.timedelta(seconds=age_s)
+            session.execute(
+                update(Batch).where(Batch.id == batch.id).values(ingest_heartbeat_at=stamp)
+            )
+            session.commit()
+            ids[name] = batch.id
+    report = Sweeper(settings, RecordingQueue(), holder="t").sweep_once()
+    assert report["ingests_failed"] == 1
+    with factory() as session:
+        dead, live = session.get_one(Batch, ids["dead"]), session.get_one(Batch, ids["live"])
+        assert dead.status == "failed" and dead.errors is not None
+        assert dead.errors[0]["code"] == "ingest_interrupted"
+        assert live.status == "validating"
+        count = select(func.count()).select_from(Job)
+        assert session.scalar(count.where(Job.batch_id == dead.id)) == 0
+        assert session.scalar(count.where(Job.batch_id == live.id)) == 2 * (CHUNK + 1)
+
+
+def test_an_ingest_interrupted_by_an_error_deletes_its_rows(
+    database_url: str, tmp_path: Path
+) -> None:
+    gate = Gate(4 * CHUNK, pause_at=2 * CHUNK + 5)
+    gate.fail = True
+    thread, outcome = start(database_url, gate)
+    gate.release.set()
+    thread.join(60)
+    assert isinstance(outcome.get("error"), RuntimeError)
+    status, rows, errors = state(database_url)
+    assert (status, rows) == ("failed", 0)
+    assert errors is not None and errors[0]["code"] == "ingest_interrupted"
+
+
+def requests(custom: list[str]) -> Iterator[tuple[int, ParsedRequest]]:
+    params = GenerationParams(max_new_tokens=2)
+    for number, custom_id in enumerate(custom, start=1):
+        yield number, ParsedRequest(custom_id, "p", "fake", params)
+
+
+def test_a_duplicate_custom_id_chunks_apart_fails_the_batch_naming_its_line(
+    database_url: str,
+) -> None:
+    ids = [f"r{i}" for i in range(2 * CHUNK + 500)]
+    ids.append("r7")  # its first use is in a chunk committed long before
+    batch = create(database_url, requests(ids))
+    assert batch.status == "failed"
+    assert batch.errors == [
+        {
+            "code": "duplicate_custom_id",
+            "message": "custom_id 'r7' is used by an earlier line",
+            "param": "custom_id",
+            "line": len(ids),
+        }
+    ]
+    assert state(database_url)[1] == 0  # the chunks written were deleted
+
+
+def test_a_hash_collision_is_confirmed_against_the_stored_id(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # "r5" and "r5-twin" get one hash; r5's row is in a committed chunk.
+    real = custom_ids._hash
+    monkeypatch.setattr(custom_ids, "_hash", lambda s: real(s.removesuffix("-twin")))
+    ids = [f"r{i}" for i in range(CHUNK + 100)] + ["r5-twin"]
+    batch = create(database_url, requests(ids))
+    assert batch.status == "in_progress", batch.errors
+    assert batch.total == len(ids)
+    again = create(database_url, requests([*ids, "r5-twin"]))  # now truly used twice
+    assert again.status == "failed"
+    assert again.errors is not None
+    assert [(e["code"], e["line"]) for e in again.errors] == [("duplicate_custom_id", len(ids) + 1)]
+
+
+def test_seen_ids_keep_about_16_bytes_a_line() -> None:
+    seen = SeenIds()
+    lines = 200_000
+    for i in range(lines):
+        assert seen.add(f"request-{i}", lambda _: True) is None
+    assert seen.add("request-123", lambda _: True) == 123
+    assert len(seen) == lines
+    assert seen.nbytes() <= 25 * lines  # a set of the strings: ~100 bytes a line
+
+
+def test_seen_ids_tell_colliding_ids_apart_by_the_callback(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(custom_ids, "_hash", lambda s: 42)  # every id collides
+    stored: list[str] = []
+    seen = SeenIds()
+
+    def add(custom_id: str) -> int | None:
+        found = seen.add(custom_id, lambda p: stored[p] == custom_id)
+        if found is None:
+            stored.append(custom_id)
+        return found
+
+    assert [add(c) for c in ("a", "b", "c")] == [None, None, None]
+    assert add("b") == 1
+    assert add("c") == 2
+    assert add("d") is None
