@@ -1,0 +1,198 @@
+"""Batch ingest in process: lines per second, a profile, and memory against N.
+
+    python -m bench.ingest_speed --lines 100000 --db both          # lines/s, SQLite and PG
+    python -m bench.ingest_speed --lines 100000 --db sqlite --profile
+    python -m bench.ingest_speed --memory 10000,1000000            # peak RSS per N
+
+Each run uploads an N-line file of typical OpenAI batch lines (the chat request of
+OpenAI's batch guide, ``model`` ``fake``, a custom_id and ~30 words each) into a fresh
+database (a SQLite file, or a PostgreSQL database made and dropped here), then times
+``core.batches.create_batch`` on it: what ``POST /v1/batches`` does before answering.
+``--memory`` runs each N in a fresh process and prints its peak RSS over the RSS just
+before the create (the upload is done and its file closed by then). It prints figures
+and the CPU flags; it asserts nothing. No broker: the jobs are left unsent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import cProfile
+import json
+import os
+import pstats
+import resource
+import secrets
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from sqlalchemy import create_engine, text
+from sqlalchemy.pool import NullPool
+
+import migrations
+from core import batches, files
+from core.db import get_sessionmaker
+from core.models import LOCAL_OWNER
+
+POSTGRES_ADMIN_URL = os.environ.get(
+    "GENQ_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+)
+WORDS = "the quick brown fox jumps over a lazy dog while seven wizards judge".split()  # noqa: SIM905
+
+
+def write_input(path: Path, lines: int) -> None:
+    """``lines`` typical batch lines (chat, as in OpenAI's batch guide), written as made."""
+    with path.open("w") as out:
+        for i in range(lines):
+            words = " ".join(WORDS[(i + k) % len(WORDS)] for k in range(30))
+            body = {
+                "model": "fake",
+                "messages": [
+                    {"role": "system", "content": "You are a helpful assistant."},
+                    {"role": "user", "content": f"Request {i}: {words}"},
+                ],
+                "max_tokens": 64,
+            }
+            line = {"custom_id": f"request-{i}", "method": "POST",
+                    "url": "/v1/chat/completions", "body": body}  # fmt: skip
+            out.write(json.dumps(line) + "\n")
+
+
+@contextlib.contextmanager
+def database(kind: str, tmp: Path) -> Iterator[str]:
+    """A fresh migrated database's URL (PostgreSQL: dropped on the way out)."""
+    if kind == "sqlite":
+        url = f"sqlite:///{tmp / 'genq.db'}"
+        migrations.upgrade(url)
+        yield url
+        return
+    name = f"genq_bench_{secrets.token_hex(4)}"
+    admin = create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT", poolclass=NullPool)
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    url = POSTGRES_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    try:
+        migrations.upgrade(url)
+        yield url
+    finally:
+        from core.db import get_engine
+
+        get_engine(url).dispose()
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+def upload(url: str, path: Path, lines: int) -> str:
+    with get_sessionmaker(url)() as session, path.open("rb") as stream:
+        stored = files.store_upload(
+            session, stream, owner=LOCAL_OWNER, filename=path.name, purpose="batch",
+            max_bytes=1 << 40, max_lines=lines,
+        )  # fmt: skip
+        session.commit()
+        return stored.file.id
+
+
+def create(url: str, file_id: str, lines: int) -> batches.IngestResult | object:
+    with get_sessionmaker(url)() as session:
+        batch = batches.create_batch(
+            session, owner=LOCAL_OWNER, input_file_id=file_id, endpoint="/v1/chat/completions",
+            models=["fake"], max_lines=lines,
+        )  # fmt: skip
+        assert batch.status == "in_progress", (batch.status, batch.errors)
+        assert batch.total == lines
+        return batch
+
+
+def rss_mib() -> float:
+    for row in Path("/proc/self/status").read_text().splitlines():
+        if row.startswith("VmRSS:"):
+            return int(row.split()[1]) / 1024
+    return 0.0
+
+
+def speed(kind: str, lines: int, profile: bool) -> tuple[float, float]:
+    """Lines per second of wall time, and per second of this process's CPU time
+    (on a loaded machine the second says more; PostgreSQL's own CPU is not in it)."""
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        path = tmp / "batch.jsonl"
+        write_input(path, lines)
+        with database(kind, tmp) as url:
+            file_id = upload(url, path, lines)
+            profiler = cProfile.Profile() if profile else None
+            start, cpu = time.perf_counter(), time.process_time()
+            if profiler:
+                profiler.enable()
+            create(url, file_id, lines)
+            if profiler:
+                profiler.disable()
+            elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
+            if profiler:
+                stats = pstats.Stats(profiler).sort_stats("tottime")
+                stats.print_stats(25)
+                stats.sort_stats("cumulative").print_stats(40)
+    return lines / elapsed, lines / cpu
+
+
+def memory_child(lines: int) -> None:
+    """In a fresh process: peak RSS of one create over the RSS before it (MiB)."""
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        path = tmp / "batch.jsonl"
+        write_input(path, lines)
+        with database("sqlite", tmp) as url:
+            file_id = upload(url, path, lines)
+            path.unlink()
+            before = rss_mib()
+            start = time.perf_counter()
+            create(url, file_id, lines)
+            elapsed = time.perf_counter() - start
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"lines": lines, "before_mib": before, "peak_mib": peak,
+                      "lines_per_s": lines / elapsed}))  # fmt: skip
+
+
+def cpu_flags() -> str:
+    cpuinfo = Path("/proc/cpuinfo")
+    content = cpuinfo.read_text() if cpuinfo.exists() else ""
+    import re
+
+    return " ".join(sorted(set(re.findall(r"avx512[a-z_0-9]*|amx[a-z_0-9]*", content)))) or "none"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.ingest_speed", description=__doc__)
+    parser.add_argument("--lines", type=int, default=100_000)
+    parser.add_argument("--db", choices=("sqlite", "postgres", "both"), default="both")
+    parser.add_argument("--profile", action="store_true", help="print a cProfile of the create")
+    parser.add_argument("--memory", help="N,N,...: peak RSS of a create per N (SQLite)")
+    parser.add_argument("--memory-child", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.memory_child:
+        memory_child(args.memory_child)
+        return
+    print(f"cpu flags: {cpu_flags()}; load average: {os.getloadavg()}")
+    if args.memory:
+        for n in (int(x) for x in args.memory.split(",")):
+            out = subprocess.run(
+                [sys.executable, "-m", "bench.ingest_speed", "--memory-child", str(n)],
+                check=True, capture_output=True, text=True,
+            ).stdout  # fmt: skip
+            r = json.loads(out.strip().splitlines()[-1])
+            print(f"{n:>9,} lines: RSS before {r['before_mib']:.1f} MiB, peak "
+                  f"{r['peak_mib']:.1f} MiB (+{r['peak_mib'] - r['before_mib']:.1f} MiB), "
+                  f"{r['lines_per_s']:,.0f} lines/s")  # fmt: skip
+        return
+    kinds = ("sqlite", "postgres") if args.db == "both" else (args.db,)
+    for kind in kinds:
+        rate, cpu_rate = speed(kind, args.lines, args.profile)
+        print(f"{kind:>8}: {args.lines:,} lines, {rate:,.0f} lines/s "
+              f"({cpu_rate:,.0f} per CPU-second of this process)")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
