@@ -337,7 +337,8 @@ def _parse(
             f"model {request.model!r} is not served; available: {', '.join(models)}",
             f"{prefix}model",
         )
-    request = request.model_copy(update={"model": served})
+    if served != request.model:
+        request = request.model_copy(update={"model": served})
     if request.model in without_template:
         raise RequestError(
             "model_without_chat_template",
@@ -416,6 +417,21 @@ class BatchLine(BaseModel):
     body: dict[str, Any]
 
 
+def _may_nest(raw: bytes | str) -> bool:
+    """Whether the line can nest deeper than :data:`MAX_LINE_DEPTH` (it cannot with
+    fewer brackets than that, counting those inside strings too): the walk is skipped
+    for a usual line, which holds a handful."""
+    if isinstance(raw, str):
+        return raw.count("{") + raw.count("[") > MAX_LINE_DEPTH
+    return raw.count(b"{") + raw.count(b"[") > MAX_LINE_DEPTH
+
+
+def _may_be_unstorable(raw: bytes | str) -> bool:
+    """Whether a string of the line may be unstorable (for raw bytes, only an escape
+    can make one: :func:`core.text.may_hold_unstorable`); else the walk is skipped."""
+    return isinstance(raw, str) or text.may_hold_unstorable(raw)
+
+
 def parse_batch_line(
     raw: bytes | str,
     *,
@@ -438,9 +454,9 @@ def parse_batch_line(
         raise RequestError("line_too_deep", _too_deep) from exc
     if not isinstance(data, dict):
         raise RequestError("invalid_json_line", "the line must be a JSON object")
-    if text.depth_exceeds(data, MAX_LINE_DEPTH):
+    if _may_nest(raw) and text.depth_exceeds(data, MAX_LINE_DEPTH):
         raise RequestError("line_too_deep", _too_deep)
-    if (bad := text.first_unstorable(data)) is not None:
+    if _may_be_unstorable(raw) and (bad := text.first_unstorable(data)) is not None:
         raise RequestError("invalid_text", f"{bad[0]}: {bad[1]}", bad[0] or None)
     # Every problem of the line is reported, not only the first one found.
     problems: list[RequestError] = []
