@@ -18,8 +18,10 @@ from core.errors import CoreError
 # NUL or a surrogate code point (never valid in a str bound for UTF-8).
 _UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
 # In raw JSON, the escapes that decode to those: \u0000 and \uD8xx..\uDFxx (a
-# preceding escaped backslash is not counted: it only makes this a false alarm).
-_JSON_ESCAPES = re.compile(rb"\\u(?:0000|[dD][89a-fA-F])")
+# preceding escaped backslash is not counted: it only makes this a false alarm), and
+# a surrogate encoded as UTF-8 bytes (ED A0..BF: not UTF-8, but json.loads decodes
+# bytes with "surrogatepass", so it becomes one).
+_JSON_ESCAPES = re.compile(rb"\\u(?:0000|[dD][89a-fA-F])|\xed[\xa0-\xbf]")
 
 
 def unstorable_reason(value: str) -> str | None:

@@ -19,7 +19,7 @@ from api.app import create_app
 from core import files, idempotency, keys, text
 from core.db import session_scope
 from core.models import IdempotencyRecord
-from core.openai_format import MAX_LINE_BYTES, MAX_LINE_DEPTH
+from core.openai_format import MAX_LINE_BYTES, MAX_LINE_DEPTH, RequestError, parse_batch_line
 from core.settings import Settings
 from tests.conftest import RecordingQueue
 
@@ -250,3 +250,22 @@ def test_nul_in_a_utf16_or_utf32_body_is_a_422(client: TestClient, encoding: str
     response = client.post("/v1/jobs", content=body, headers={"Content-Type": "application/json"})
     assert response.status_code == 422, response.text
     assert response.json()["error"]["param"] == "prompt"
+
+
+def test_a_surrogate_sent_as_raw_utf8_bytes_is_refused_like_its_escape(
+    client: TestClient,
+) -> None:
+    # Not UTF-8, but json.loads decodes bytes with "surrogatepass": the fast pre-check
+    # that lets a body skip the walk must see these bytes as well as the \ud800 escape.
+    surrogate = b"\xed\xa0\x80"
+    body = b'{"prompt": "hi", "response_format": {"type": "json_object", "x' + surrogate + b'": 1}}'
+    response = client.post("/v1/jobs", content=body, headers={"Content-Type": "application/json"})
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["code"] == "invalid_text"
+    batch_line = (
+        b'{"custom_id": "a", "method": "POST", "url": "/v1/completions", "body": '
+        b'{"model": "fake", "prompt": "x' + surrogate + b'"}}'
+    )
+    with pytest.raises(RequestError) as refused:
+        parse_batch_line(batch_line, endpoint="/v1/completions", models=["fake"])
+    assert (refused.value.code, refused.value.param) == ("invalid_text", "body.prompt")
