@@ -182,6 +182,7 @@ def ingest(
     the n-th job.
     """
     result = IngestResult()
+    batch_id, owner, priority = batch.id, batch.owner, batch.priority
     seen = SeenIds()
     rows: list[dict[str, Any]] = []
     written = 0  # rows committed
@@ -200,7 +201,7 @@ def ingest(
     for count, (number, item) in enumerate(parsed, start=1):
         if result.error_count and count % staging.CHUNK_ROWS == 0:
             # Only validating now: end the read transaction and show we are alive.
-            staging.touch(session, batch.id)
+            staging.touch(session, batch_id)
             session.commit()
         if isinstance(item, LineError):
             result.add(item)
@@ -234,20 +235,20 @@ def ingest(
             continue  # the batch fails: validate the rest, insert nothing more
         rows.append(
             submit.job_row(
-                submit.NewJob.from_request(item, priority=batch.priority),
+                submit.NewJob.from_request(item, priority=priority),
                 job_id=submit.sequence_id(prefix, written + len(rows)),
-                owner=batch.owner,
+                owner=owner,
                 default_max_new_tokens=OPENAI_DEFAULT_MAX_TOKENS,
                 now=now,
-                batch_id=batch.id,
+                batch_id=batch_id,
             )
         )
         if len(rows) >= staging.CHUNK_ROWS:
-            staging.write_chunk(session, batch.id, rows)
+            staging.write_chunk(session, batch_id, rows)
             written += len(rows)
             rows.clear()
     if rows and not result.error_count:
-        staging.write_chunk(session, batch.id, rows)
+        staging.write_chunk(session, batch_id, rows)
     if result.total == 0 and not result.error_count:
         result.add(LineError(None, "empty_file", "the file holds no requests"))
     return result
