@@ -25,6 +25,7 @@ uses OpenAI's names with OpenAI's meanings, mapped to :class:`GenerationParams`:
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass
@@ -251,11 +252,25 @@ def to_params(
     return validate_params(values)
 
 
+def _validated(values: dict[str, Any]) -> GenerationParams:
+    """``GenerationParams.model_validate(values)``, remembered for plain values: the
+    lines of a batch mostly share their parameters, and the result is frozen."""
+    try:
+        return _validated_plain(tuple((k, type(v), v) for k, v in values.items()))
+    except TypeError:  # a list or dict among the values (stop, response_format)
+        return GenerationParams.model_validate(values)
+
+
+@functools.lru_cache(maxsize=256)
+def _validated_plain(items: tuple[tuple[str, type, Any], ...]) -> GenerationParams:
+    return GenerationParams.model_validate({k: v for k, _, v in items})
+
+
 def validate_params(values: dict[str, Any]) -> GenerationParams:
     """``GenerationParams`` from OpenAI-mapped values; a :class:`RequestError` naming the
     parameter otherwise (``invalid_schema`` for a response format that cannot be run)."""
     try:
-        return GenerationParams.model_validate(values)
+        return _validated(values)
     except ValidationError as exc:  # a combination OpenAI allows but transformers does not
         first = exc.errors()[0]
         message = str(first.get("msg", "invalid parameters")).removeprefix("Value error, ")

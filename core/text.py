@@ -41,6 +41,8 @@ def may_hold_unstorable(raw_json: bytes) -> bool:
     # interleave NULs with the escapes: walk any document holding a NUL byte or a BOM.
     if b"\x00" in raw_json or raw_json.startswith((b"\xef\xbb\xbf", b"\xff\xfe", b"\xfe\xff")):
         return True
+    if b"\\u" not in raw_json and b"\xed" not in raw_json:  # a byte search: the usual case
+        return False
     return _JSON_ESCAPES.search(raw_json) is not None
 
 
