@@ -17,6 +17,7 @@ from sqlalchemy import func, select, update
 from core import batches, delivery, feed, submit
 from core.batches import custom_ids, staging
 from core.batches.custom_ids import SeenIds
+from core.batches.run_input import find_run
 from core.db import get_sessionmaker
 from core.models import Batch, Job, utcnow
 from core.openai_format import ParsedRequest
@@ -302,3 +303,20 @@ def test_seen_ids_tell_colliding_ids_apart_by_the_callback(
     assert add("b") == 1
     assert add("c") == 2
     assert add("d") is None
+
+
+def test_genq_run_does_not_resume_a_batch_whose_ingest_died(sqlite_url: str) -> None:
+    with get_sessionmaker(sqlite_url)() as session:
+        session.add(
+            Batch(
+                id=batches.new_batch_id(),
+                owner="local",
+                status="validating",
+                endpoint="/v1/completions",
+                completion_window="none",
+                run_key="k",
+                ingest_heartbeat_at=utcnow(),
+            )
+        )
+        session.commit()
+        assert find_run(session, "k", "local") is None
