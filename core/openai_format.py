@@ -255,15 +255,18 @@ def to_params(
 def _validated(values: dict[str, Any]) -> GenerationParams:
     """``GenerationParams.model_validate(values)``, remembered for plain values: the
     lines of a batch mostly share their parameters, and the result is frozen."""
-    try:
-        return _validated_plain(tuple((k, type(v), v) for k, v in values.items()))
+    plain = tuple(values.values())
+    try:  # the types too: 1 == 1.0 == True, but they do not validate alike
+        return _validated_plain(tuple(values), plain, tuple(map(type, plain)))
     except TypeError:  # a list or dict among the values (stop, response_format)
         return GenerationParams.model_validate(values)
 
 
 @functools.lru_cache(maxsize=256)
-def _validated_plain(items: tuple[tuple[str, type, Any], ...]) -> GenerationParams:
-    return GenerationParams.model_validate({k: v for k, _, v in items})
+def _validated_plain(
+    keys: tuple[str, ...], plain: tuple[Any, ...], _types: tuple[type, ...]
+) -> GenerationParams:
+    return GenerationParams.model_validate(dict(zip(keys, plain, strict=True)))
 
 
 def validate_params(values: dict[str, Any]) -> GenerationParams:
