@@ -435,6 +435,16 @@ class BatchLine(BaseModel):
     body: dict[str, Any]
 
 
+def _utf8(raw: bytes | str) -> bytes | str:
+    """The line as ``json.loads`` reads it: decoded here when it is plain UTF-8 (what
+    json.loads would find, decoding as it does), which spares its encoding sniffing."""
+    if isinstance(raw, str) or raw.startswith((b"\xef\xbb\xbf", b"\xff\xfe", b"\xfe\xff")):
+        return raw
+    if b"\x00" in raw[:4]:  # UTF-16 or UTF-32: json.loads detects which
+        return raw
+    return raw.decode("utf-8", "surrogatepass")
+
+
 def _may_nest(raw: bytes | str) -> bool:
     """Whether the line can nest deeper than :data:`MAX_LINE_DEPTH` (it cannot with
     fewer brackets than that, counting those inside strings too): the walk is skipped
@@ -464,7 +474,7 @@ def parse_batch_line(
             "line_too_large", f"the line is longer than the limit of {MAX_LINE_BYTES} bytes"
         )
     try:
-        data = json.loads(raw)
+        data = json.loads(_utf8(raw))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         reason = text.storable(str(exc), 200)
         raise RequestError("invalid_json_line", f"the line is not valid JSON: {reason}") from exc

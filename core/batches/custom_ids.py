@@ -32,16 +32,16 @@ class SeenIds:
     def __len__(self) -> int:
         return len(self._hashes)
 
-    def add(self, custom_id: str, same: Callable[[int], bool]) -> int | None:
+    def add(self, custom_id: str, same: Callable[[int, str], bool]) -> int | None:
         """Add ``custom_id`` at the next position and return None; or, when an earlier
-        position holds the same id (its hash matches and ``same(position)`` confirms
-        that the string does), return that position and add nothing."""
+        position holds the same id (its hash matches and ``same(position, custom_id)``
+        confirms that the string does), return that position and add nothing."""
         hashes, slots = self._hashes, self._slots
         h = _hash(custom_id)
         mask = len(slots) - 1
         i = h & mask
         while slot := slots[i]:
-            if hashes[slot - 1] == h and same(slot - 1):
+            if hashes[slot - 1] == h and same(slot - 1, custom_id):
                 return slot - 1
             i = (i + 1) & mask
         hashes.append(h)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import functools
 import logging
 import re
 import secrets
@@ -122,7 +121,7 @@ def parse_openai_file(
                 ),
             )
             continue
-        if not raw.strip():
+        if not raw or raw.isspace():
             continue
         if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
             raw = raw[3:]
@@ -160,11 +159,6 @@ class IngestResult:
         return error_list(data)
 
 
-def _same(earlier: Callable[[int], str | None], custom_id: str, position: int) -> bool:
-    """Whether the request at ``position`` has ``custom_id`` (unknown counts as yes)."""
-    return earlier(position) in (custom_id, None)
-
-
 def ingest(
     session: Session,
     batch: Batch,
@@ -189,14 +183,14 @@ def ingest(
     now = utcnow()
     prefix = submit.sequence_prefix()
 
-    def earlier(position: int) -> str | None:
-        """The custom_id of the request at ``position`` (None: its row was not kept,
-        the batch failing already; a 64-bit hash match is then taken as it is)."""
+    def same(position: int, custom_id: str) -> bool:
+        """Whether the request at ``position`` has ``custom_id``. Unknown (its row was
+        not kept, the batch failing already) counts as yes: the 64-bit hashes match."""
         if position >= written:
             index = position - written
-            return rows[index]["custom_id"] if index < len(rows) else None
+            return index >= len(rows) or rows[index]["custom_id"] == custom_id
         job_id = submit.sequence_id(prefix, position)
-        return session.scalar(select(Job.custom_id).where(Job.id == job_id))
+        return session.scalar(select(Job.custom_id).where(Job.id == job_id)) == custom_id
 
     for count, (number, item) in enumerate(parsed, start=1):
         if result.error_count and count % staging.CHUNK_ROWS == 0:
@@ -209,7 +203,7 @@ def ingest(
         custom_id = item.custom_id or f"line-{number}"
         if item.custom_id is None:
             item = dataclasses.replace(item, custom_id=custom_id)
-        if seen.add(custom_id, functools.partial(_same, earlier, custom_id)) is not None:
+        if seen.add(custom_id, same) is not None:
             result.add(
                 LineError(
                     number,

@@ -136,16 +136,17 @@ def write_chunk(session: Session, batch_id: str, rows: Sequence[dict[str, Any]])
     session.commit()
 
 
-Processors = tuple[Callable[[Any], Any] | None, ...]
+Processors = tuple[tuple[int, Callable[[Any], Any]], ...]
+"""(index in :data:`COLUMNS`, conversion) of the columns the driver needs converted."""
 
 
 def _converted(row: dict[str, Any], processors: Processors) -> list[Any]:
     """The row's values in :data:`COLUMNS` order, as the driver takes them (a None
     JSON value is stored as JSON ``null``, as SQLAlchemy's JSON type stores it)."""
-    return [
-        value if p is None else p(value)
-        for p, value in zip(processors, [row[c] for c in COLUMNS], strict=True)
-    ]
+    values = [row[c] for c in COLUMNS]
+    for index, convert in processors:
+        values[index] = convert(values[index])
+    return values
 
 
 def _status(status: JobStatus) -> str:
@@ -155,13 +156,16 @@ def _status(status: JobStatus) -> str:
 # JSON as text and the status as its value; COPY (psycopg) adapts the other values
 # itself, and elsewhere they are converted as SQLAlchemy converts them.
 _OWN: dict[str, Callable[[Any], Any]] = dict.fromkeys(_JSON_COLUMNS, _dumps) | {"status": _status}
-_COPY_PROCESSORS: Processors = tuple(_OWN.get(c) for c in COLUMNS)
+_COPY_PROCESSORS: Processors = tuple((i, _OWN[c]) for i, c in enumerate(COLUMNS) if c in _OWN)
 
 
 @functools.cache
 def _bind_processors(dialect: Dialect) -> Processors:
     columns = Job.__table__.c
-    return tuple(_OWN.get(c) or columns[c].type.bind_processor(dialect) for c in COLUMNS)
+    found = (
+        (i, _OWN.get(c) or columns[c].type.bind_processor(dialect)) for i, c in enumerate(COLUMNS)
+    )
+    return tuple((i, p) for i, p in found if p is not None)
 
 
 def _delete_chunk(session: Session, batch_id: str) -> int:

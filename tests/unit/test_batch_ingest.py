@@ -280,8 +280,8 @@ def test_seen_ids_keep_about_16_bytes_a_line() -> None:
     seen = SeenIds()
     lines = 200_000
     for i in range(lines):
-        assert seen.add(f"request-{i}", lambda _: True) is None
-    assert seen.add("request-123", lambda _: True) == 123
+        assert seen.add(f"request-{i}", lambda *_: True) is None
+    assert seen.add("request-123", lambda *_: True) == 123
     assert len(seen) == lines
     assert seen.nbytes() <= 25 * lines  # a set of the strings: ~100 bytes a line
 
@@ -294,7 +294,7 @@ def test_seen_ids_tell_colliding_ids_apart_by_the_callback(
     seen = SeenIds()
 
     def add(custom_id: str) -> int | None:
-        found = seen.add(custom_id, lambda p: stored[p] == custom_id)
+        found = seen.add(custom_id, lambda p, c: stored[p] == c)
         if found is None:
             stored.append(custom_id)
         return found
