@@ -22,6 +22,7 @@ checked by :func:`check_priority`; without authentication everything is allowed.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import math
 import threading
 import time
@@ -156,9 +157,10 @@ def check_file_bytes(
 class RateLimiter:
     """A token bucket per owner: ``rate`` requests a second, bursts of ``burst``."""
 
-    def __init__(self, rate: float, burst: int) -> None:
+    def __init__(self, rate: float, burst: int, *, max_keys: int = 100_000) -> None:
         self.rate = rate
         self.burst = max(1, burst)
+        self.max_keys = max_keys
         self._buckets: dict[str, tuple[float, float]] = {}  # owner: (tokens, at)
         self._lock = threading.Lock()
 
@@ -186,11 +188,23 @@ class RateLimiter:
                 self._buckets[owner] = (tokens, now)
                 return (1 - tokens) / self.rate
             self._buckets[owner] = (tokens - 1, now)
-            if len(self._buckets) > 100_000:  # forget full buckets: they are the default
-                full = [o for o, (t, _) in self._buckets.items() if t >= self.burst - 1]
-                for key in full:
-                    del self._buckets[key]
+            if len(self._buckets) > self.max_keys:
+                self._forget(now)
             return None
+
+    def _forget(self, now: float) -> None:
+        """Bound the buckets kept: forget those refilled by ``now`` (a full bucket is
+        what an unknown key gets anyway), then, if still over ``max_keys`` (a flood of
+        new keys within one refill), the longest untouched. Called when there are
+        more than ``max_keys``, so it runs at most once per ``max_keys / 2`` takes."""
+        full = [key for key in self._buckets if self._tokens(key, now) >= self.burst]
+        for key in full:
+            del self._buckets[key]
+        excess = len(self._buckets) - self.max_keys // 2
+        if excess > 0:
+            oldest = sorted(self._buckets, key=lambda key: self._buckets[key][1])[:excess]
+            for key in oldest:
+                del self._buckets[key]
 
     def check(self, owner: str) -> None:
         """Raise :class:`QuotaExceededError` when the owner is over its rate."""
@@ -253,14 +267,16 @@ class AuthFailures:
     a failure's worth has refilled: were a valid key let through, the 429s would not
     slow guessing down (the one right guess would still be told apart). Requests
     with a valid key spend nothing, so users behind the same address are blocked
-    only while someone there keeps sending wrong keys."""
+    only while someone there keeps sending wrong keys. An IPv6 client is counted
+    per /64 (:func:`client_network`); at most ``max_addresses`` are remembered, those
+    refilled forgotten first."""
 
-    def __init__(self, rate: float, burst: int) -> None:
-        self._bucket = RateLimiter(rate, burst)
+    def __init__(self, rate: float, burst: int, *, max_addresses: int = 100_000) -> None:
+        self._bucket = RateLimiter(rate, burst, max_keys=max_addresses)
 
     def check(self, address: str, now: float | None = None) -> None:
         """Raise :class:`QuotaExceededError` while ``address`` is over its failures."""
-        wait = self._bucket.wait(address, now)
+        wait = self._bucket.wait(client_network(address), now)
         if wait is not None:
             raise QuotaExceededError(
                 "too_many_auth_failures",
@@ -272,7 +288,23 @@ class AuthFailures:
 
     def failed(self, address: str, now: float | None = None) -> None:
         """Count one wrong key from ``address``."""
-        self._bucket.take(address, now)
+        self._bucket.take(client_network(address), now)
+
+
+def client_network(address: str) -> str:
+    """What the wrong-key limit counts per: an IPv4 address, or the /64 of an IPv6
+    one (a host is given a whole /64 and can take a new address from it for every
+    request, so counting per IPv6 address would limit nothing); anything else
+    (``testclient``, a unix socket) as it is."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
 
 
 def retry_after_header(seconds: float) -> str:

@@ -169,6 +169,37 @@ def test_an_address_is_let_in_again_once_a_failure_has_refilled() -> None:
     quotas.AuthFailures(rate=0, burst=1).check("1.2.3.4")  # rate 0: no limit, no raise
 
 
+def test_an_ipv6_client_is_counted_per_64_not_per_address() -> None:
+    failures = quotas.AuthFailures(rate=0.001, burst=2)
+    failures.failed("2001:db8:1:2::1", now=0)
+    failures.failed("2001:db8:1:2::a:b", now=0)  # a new address from the same /64
+    with pytest.raises(quotas.QuotaExceededError):
+        failures.check("2001:db8:1:2:ffff::3", now=1)
+    failures.check("2001:db8:1:3::1", now=1)  # the next /64: someone else
+    failures.failed("::ffff:192.0.2.1", now=0)  # an IPv4 client seen over IPv6
+    failures.failed("192.0.2.1", now=0)
+    with pytest.raises(quotas.QuotaExceededError):
+        failures.check("192.0.2.1", now=1)
+
+
+def test_the_addresses_remembered_stay_bounded() -> None:
+    """A flood of wrong keys from ever new addresses must not grow memory without
+    end (nor make every later request scan what it left)."""
+    failures = quotas.AuthFailures(rate=0.001, burst=3)
+    for i in range(100_100):  # each new address spends its whole burst
+        for _ in range(3):
+            failures.failed(f"10.{i >> 16}.{(i >> 8) & 255}.{i & 255}", now=0)
+    assert len(failures._bucket._buckets) <= 100_000
+    with pytest.raises(quotas.QuotaExceededError):  # and the newest is still limited
+        failures.check("10.1.135.3", now=0)  # the last of them (i = 100,099)
+    limiter = quotas.RateLimiter(rate=1, burst=1, max_keys=10)
+    for i in range(100):  # none refills: the longest untouched are forgotten
+        limiter.take(str(i), now=i)
+        assert len(limiter._buckets) <= 10
+    limiter.take("late", now=1000)  # all refilled by now: forgotten, not evicted
+    assert limiter.take("99", now=1000) is None
+
+
 def test_open_event_streams_are_limited_per_owner(settings: Settings) -> None:
     # TestClient cannot hold a stream open (tests/security does, against a real
     # server): take the owner's one slot as an open stream would.
