@@ -27,6 +27,7 @@ hold a send past it (a resolution that runs out fails as ``dns_timeout``).
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import contextlib
 import contextvars
@@ -34,6 +35,7 @@ import dataclasses
 import ipaddress
 import socket
 import ssl
+import threading
 import time
 import urllib.request
 from collections.abc import Iterable, Iterator
@@ -194,19 +196,57 @@ class DNSTimeoutError(httpcore.ConnectTimeout):
 
 # getaddrinfo cannot be interrupted: a lookup bounded by a deadline runs on one of
 # these threads and is abandoned (left to finish) when the deadline comes first.
-# Bounded, so a resolver that never answers ties up at most this many threads; a
-# lookup queued behind them times out as well.
-_resolver = concurrent.futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="genq-dns")
+# Bounded, so a resolver that never answers ties up at most this many threads.
+RESOLVER_THREADS = 16
+# Of those, at most this many per domain (the name's last two labels): an
+# abandoned lookup holds its thread until the system resolver gives up (often
+# 10-30 s, longer than the attempt), so without this one owner's callbacks to
+# names under one slow domain would fill the pool and every other owner's lookup
+# would queue behind them and fail as dns_timeout.
+RESOLVER_THREADS_PER_DOMAIN = 4
+_resolver = concurrent.futures.ThreadPoolExecutor(
+    max_workers=RESOLVER_THREADS, thread_name_prefix="genq-dns"
+)
+_resolving: collections.Counter[str] = collections.Counter()  # domain: lookups not finished
+_resolving_lock = threading.Lock()
+
+
+def _domain(host: str) -> str:
+    """What the per-domain cap counts: the last two labels (``b.evil.example`` and
+    ``c.evil.example`` share ``evil.example``; under a two-label public suffix such
+    as ``co.uk`` all its names share one cap, which only matters while their
+    lookups are slow)."""
+    return ".".join(host.lower().rstrip(".").split(".")[-2:])
+
+
+def _lookup(domain: str, host: str, port: int) -> list[Any]:
+    try:
+        return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    finally:
+        _release(domain)
+
+
+def _release(domain: str) -> None:
+    with _resolving_lock:
+        _resolving[domain] -= 1
+        if _resolving[domain] <= 0:
+            del _resolving[domain]
 
 
 def _getaddrinfo(host: str, port: int, timeout: float | None) -> list[Any]:
     if timeout is None:
         return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    lookup = _resolver.submit(socket.getaddrinfo, host, port, type=socket.SOCK_STREAM)
+    domain = _domain(host)
+    with _resolving_lock:
+        if _resolving[domain] >= RESOLVER_THREADS_PER_DOMAIN:
+            raise DNSTimeoutError(host)  # its earlier lookups are still stuck
+        _resolving[domain] += 1
+    lookup = _resolver.submit(_lookup, domain, host, port)
     try:
         return lookup.result(timeout)
     except concurrent.futures.TimeoutError:
-        lookup.cancel()  # if it has not started yet, it never will
+        if lookup.cancel():  # it had not started: it never will
+            _release(domain)
         raise DNSTimeoutError(host) from None
 
 

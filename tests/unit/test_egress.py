@@ -276,3 +276,25 @@ def test_a_slow_resolver_fails_the_attempt_as_dns_timeout(
         answered.set()
     assert attempt.status_code is None
     assert attempt.error is not None and "dns_timeout" in attempt.error, attempt.error
+
+
+def test_one_slow_domain_cannot_take_every_resolver_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Lookups abandoned at their deadline keep their threads until the resolver
+    answers: names under one slow domain (one owner's callbacks) may hold only a
+    few, so another owner's name still resolves."""
+    answered = threading.Event()
+    real = socket.getaddrinfo
+
+    def slow(host: Any, port: Any, *args: Any, **kwargs: Any) -> Any:
+        if str(host).endswith(".slow.test"):
+            answered.wait(30)  # a resolver that does not answer
+        return real("127.0.0.1", port, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", slow)
+    try:
+        for i in range(egress.RESOLVER_THREADS + 4):  # more names than threads
+            with pytest.raises(egress.DNSTimeoutError):
+                egress.resolve(f"h{i}.slow.test", 80, LOOPBACK, timeout=0.05)
+        assert egress.resolve("other.test", 80, LOOPBACK, timeout=10) == ["127.0.0.1"]
+    finally:
+        answered.set()
