@@ -32,8 +32,8 @@ from sqlalchemy import func, select, text, update
 from sqlalchemy.orm import Session
 
 from core.errors import CoreError
-from core.models import File, Job
-from core.status import JobStatus
+from core.models import Batch, File, Job
+from core.status import BatchStatus, JobStatus
 
 ACTIVE = (JobStatus.QUEUED.value, JobStatus.RUNNING.value)
 
@@ -99,6 +99,16 @@ def active_jobs(session: Session, owner: str, *, up_to: int) -> int:
     return count
 
 
+def validating_lines(session: Session, owner: str) -> int:
+    """The lines of the input files of the owner's batches still being validated."""
+    total = session.scalar(
+        select(func.coalesce(func.sum(File.lines), 0))
+        .join(Batch, Batch.input_file_id == File.id)
+        .where(Batch.owner == owner, Batch.status == BatchStatus.VALIDATING)
+    )
+    return int(total or 0)
+
+
 def check_active_jobs(session: Session, owner: str, adding: int, limit: int) -> None:
     """Raise if ``adding`` more jobs would take the owner past ``limit`` queued +
     running jobs (0: no limit). Takes the owner's lock (:func:`lock_owner`) first:
@@ -113,7 +123,10 @@ def check_active_jobs(session: Session, owner: str, adding: int, limit: int) -> 
             retry_after_s=60,
         )
     lock_owner(session, owner)
-    now = active_jobs(session, owner, up_to=limit)
+    # A batch being validated has committed its row (releasing the lock) before its
+    # jobs: its file's lines count in full meanwhile (the rows written so far twice,
+    # briefly: erring toward a refusal), or two batches would pass together.
+    now = active_jobs(session, owner, up_to=limit) + validating_lines(session, owner)
     if now + adding > limit:
         raise QuotaExceededError(
             "quota_exceeded",

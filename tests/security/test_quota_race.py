@@ -13,8 +13,9 @@ then counts what the ones before it committed.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -25,6 +26,8 @@ from core.settings import Settings
 from tests.unit.test_quotas import app_with, key, upload
 
 LIMIT = 3
+# The module (core.batches re-exports a function of the same name).
+ingest = importlib.import_module("core.batches.ingest")
 CALLERS = 8  # within the PostgreSQL pool (10) and the API's thread pool (40)
 
 
@@ -78,3 +81,40 @@ def test_concurrent_uploads_never_pass_the_file_bytes_quota(
         codes = all_at_once(CALLERS, lambda: upload(api, alice, 1000).status_code)
         assert sorted(codes) == [200] * LIMIT + [429] * (CALLERS - LIMIT), codes
         assert len(api.get("/v1/files", headers=alice).json()["data"]) == LIMIT
+
+
+def test_a_batch_being_validated_counts_against_the_quota(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch's row is committed (``validating``) before its jobs are written, a
+    chunk at a time, so the owner's lock is gone by then: a second batch checked
+    while the first is still being parsed must count the first's lines, or both
+    pass a quota that holds one of them."""
+    parsing, go = threading.Event(), threading.Event()
+    real = ingest.parse_openai_file
+
+    def paused(*args: Any, **kwargs: Any) -> Iterator[Any]:
+        if not parsing.is_set():  # the first batch only
+            parsing.set()
+            go.wait(timeout=15)
+        yield from real(*args, **kwargs)
+
+    monkeypatch.setattr(ingest, "parse_openai_file", paused)
+    with app_with(settings, quota_active_jobs=LIMIT) as api, ThreadPoolExecutor(1) as pool:
+        alice = key(settings, "alice")
+        body = b'"body": {"model": "fake", "prompt": "a"}'
+        line = b'{"custom_id": "%d", "method": "POST", "url": "/v1/completions", ' + body + b"}"
+        content = b"\n".join(line % i for i in range(LIMIT))
+        file_id = api.post(
+            "/v1/files",
+            files={"file": ("f.jsonl", content)},
+            data={"purpose": "batch"},
+            headers=alice,
+        ).json()["id"]
+        first = pool.submit(api.post, "/v1/batches", json={"input_file_id": file_id}, headers=alice)
+        assert parsing.wait(timeout=15)
+        second = api.post("/v1/batches", json={"input_file_id": file_id}, headers=alice)
+        go.set()
+        assert first.result().status_code == 200, first.result().text
+    assert second.status_code == 429, second.text
+    assert first.result().json()["status"] == "in_progress"
