@@ -81,10 +81,12 @@ def measure_transformers(
     return out
 
 
-def _short_job_s(client: httpx.Client, timeout: float) -> float:
-    """Submit-to-finished of one short greedy job, from its row (server clocks)."""
+def _short_job_s(client: httpx.Client, timeout: float) -> tuple[float, float]:
+    """Submit-to-finished of one short greedy job, and its part before a worker took
+    it (submit-to-started), from its row (server clocks)."""
     _, job = _genq.run_one(client, SHORT_JOB, timeout)
-    return _genq.epoch(job["finished_at"]) - _genq.epoch(job["created_at"])
+    created = _genq.epoch(job["created_at"])
+    return _genq.epoch(job["finished_at"]) - created, _genq.epoch(job["started_at"]) - created
 
 
 def measure_genq(
@@ -100,12 +102,20 @@ def measure_genq(
         start_worker(env, log, url, api, args.timeout) as worker,
         httpx.Client(base_url=url, timeout=60) as client,
     ):
-        idle = statistics.median(_short_job_s(client, args.timeout) for _ in range(5))
-        _report.step(f"short job on the idle worker: {idle * 1000:.0f} ms")
+        idle_runs = [_short_job_s(client, args.timeout) for _ in range(5)]
+        idle = statistics.median(total for total, _ in idle_runs)
+        idle_wait = statistics.median(wait for _, wait in idle_runs)
+        _report.step(
+            f"short job on the idle worker: {idle * 1000:.0f} ms"
+            f" ({idle_wait * 1000:.0f} ms of it before a worker took it)"
+        )
         bodies = [{"prompt": p.text, **SEED_CALL} for p in prompts]
         start, ids, _ = _genq.submit_all(url, bodies, args.concurrency)
-        behind = _short_job_s(client, args.timeout)
-        _report.step(f"short job behind {len(prompts)} beam jobs: {behind * 1000:.0f} ms")
+        behind, behind_wait = _short_job_s(client, args.timeout)
+        _report.step(
+            f"short job behind {len(prompts)} beam jobs: {behind * 1000:.0f} ms"
+            f" ({behind_wait * 1000:.0f} ms of it before a worker took it)"
+        )
         _genq.wait_all_final(client, args.timeout, worker, api)
         jobs = _genq.fetch_all(client)
     run = _genq.figures(start, [jobs[i] for i in ids])

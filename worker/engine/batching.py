@@ -244,10 +244,11 @@ class BatchingEngine:
                     self._tokens_left(),
                 ),
                 self._tokenize,
-                eligible=lambda s: lanes.express(s, self._main, self.express_max_new_tokens),
+                eligible=lambda s: lanes.express(s, self.express_max_new_tokens),
             )
         for state in newcomers:
             self._start(state)
+            log.info("request %s runs in the express lane", state.request.id)
         if newcomers:
             for group in prefill_groups(newcomers, PREFILL_FORWARD_COST, PREFILL_GROUP_TOKENS):
                 self._prefill_split(self._express, group)

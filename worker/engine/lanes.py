@@ -3,14 +3,14 @@
 Every row of a running batch gets one token per decode step, and a step costs what all
 its rows cost: a 4-token greedy job sharing steps with 60 beam rows would take four of
 their steps, ten times its time alone. So short requests (:func:`express`; not bulk
-work: a batch's short lines share the main steps at full throughput) that arrive while
-the main lane is busy run in a lane of their own: a small slot cache that gets a
-turn before each of the main batch's forwards (prefill or decode step). A turn admits
-the short requests waiting and runs up to ``EXPRESS_STEPS_PER_TURN`` of their steps: a
-4-token job is done in one turn, waiting for at most one main forward; a 16-token job
-takes four turns instead of sixteen main steps. The main batch waits meanwhile, at most
-that many small steps per forward, however many short requests arrive; with nothing
-short waiting it runs as before.
+work: a batch's short lines share the main steps at full throughput) run in a lane of
+their own: a small slot cache that gets a turn before each of the main batch's forwards
+(prefill or decode step). A turn admits the short requests waiting and runs up to
+``EXPRESS_STEPS_PER_TURN`` of their steps: a 4-token job is done in one turn, waiting
+for at most one main forward; a 16-token job takes four turns instead of sixteen main
+steps. The main batch waits meanwhile, at most that many small steps per forward,
+however many short requests arrive; short requests beyond the lane's rows join the main
+batch. With nothing short waiting the main batch runs as before.
 """
 
 from __future__ import annotations
@@ -52,15 +52,15 @@ class Lane:
         return sum(state.cost for state in self.jobs)
 
 
-def express(state: RequestState, main: Lane, max_new_tokens: int) -> bool:
+def express(state: RequestState, max_new_tokens: int) -> bool:
     """Whether a tokenized request goes to the express lane: it is not bulk work (a job
     of ``low`` priority: a batch's lines, however short, share the main batch's steps at
-    full throughput), it is short (few rows, at most ``max_new_tokens`` new tokens, a
-    small prompt), and the main lane is busy (more rows than the express lane holds;
-    otherwise joining it costs as little)."""
+    full throughput) and it is short (few rows, at most ``max_new_tokens`` new tokens, a
+    small prompt). Whether the main lane is busy now does not matter: a request stays in
+    the lane it joined, and a main batch that is small now may be 60 beam rows a moment
+    later (requests arrive one by one)."""
     return (
         state.request.priority != "low"
-        and main.rows > EXPRESS_ROWS
         and state.n <= EXPRESS_ROWS
         and state.max_new <= max_new_tokens
         and state.cost <= EXPRESS_MAX_TOKENS
