@@ -21,7 +21,6 @@ import cProfile
 import json
 import os
 import pstats
-import secrets
 import subprocess
 import sys
 import tempfile
@@ -29,10 +28,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from sqlalchemy import create_engine, text
-from sqlalchemy.pool import NullPool
-
 import migrations
+from bench import _services
 from core import batches, files
 from core.db import get_sessionmaker
 from core.models import LOCAL_OWNER
@@ -69,20 +66,13 @@ def database(kind: str, tmp: Path) -> Iterator[str]:
         migrations.upgrade(url)
         yield url
         return
-    name = f"genq_bench_{secrets.token_hex(4)}"
-    admin = create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT", poolclass=NullPool)
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    url = POSTGRES_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
-    try:
-        migrations.upgrade(url)
-        yield url
-    finally:
-        from core.db import get_engine
+    with _services.postgres_database(POSTGRES_ADMIN_URL) as url:
+        try:
+            yield url
+        finally:
+            from core.db import get_engine
 
-        get_engine(url).dispose()
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+            get_engine(url).dispose()
 
 
 def upload(url: str, path: Path, lines: int) -> str:
