@@ -87,6 +87,10 @@ def utcnow() -> dt.datetime:
 JOB_FILLFACTOR = 80
 """Percent of each page of the job table filled by inserts; the rest is for updates."""
 
+LOOSE_ACTIVE = "batch_id IS NULL AND status IN ('queued', 'running')"
+"""Queued or running and of no batch: the predicate of ``ix_job_owner_active``, which
+a query must repeat as it is for SQLite to use the index (core.quotas)."""
+
 LOCAL_OWNER = "local"
 """The owner of everything when authentication is off."""
 
@@ -111,8 +115,16 @@ class Job(Base):
             postgresql_where=text("status = 'queued' AND enqueued_at IS NULL"),
             sqlite_where=text("status = 'queued' AND enqueued_at IS NULL"),
         ),
-        # Per-owner counts of queued + running jobs (core.quotas) read this index only.
+        # An owner's jobs by status (listing them filtered).
         Index("ix_job_owner_status", "owner", "status"),
+        # An owner's queued + running jobs of no batch: the part of the active-jobs
+        # quota counted row by row (core.quotas; a batch's come from its counters).
+        Index(
+            "ix_job_owner_active",
+            "owner",
+            postgresql_where=text(LOOSE_ACTIVE),
+            sqlite_where=text(LOOSE_ACTIVE),
+        ),
         # Room on each page for heap-only (HOT) updates: see migration 0006.
         {"postgresql_with": {"fillfactor": JOB_FILLFACTOR}},
     )
@@ -273,6 +285,9 @@ class Batch(Base):
     # While ``validating``: renewed by each chunk its ingest commits; NULL once the
     # sweeper has claimed a batch whose ingest stopped (core.batches.staging).
     ingest_heartbeat_at: Mapped[dt.datetime | None]
+    # While ``validating``: the job rows its ingest has committed so far, counted
+    # against the owner's active-jobs quota (core.quotas) until ``total`` is set.
+    ingested: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
 
 class IdempotencyRecord(Base):

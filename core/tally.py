@@ -18,7 +18,7 @@ import dataclasses
 from collections.abc import Collection
 from typing import Any
 
-from sqlalchemy import delete, func, insert, select, update
+from sqlalchemy import ColumnElement, ScalarSelect, case, delete, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from core.models import Batch, BatchTally, Job
@@ -67,27 +67,48 @@ def record_final(session: Session, job_ids: Collection[str]) -> None:
         )
 
 
+def _pending(column: Any) -> Any:
+    """The sum of ``column`` over the enclosing batch's unfolded tally rows."""
+    return (
+        select(func.coalesce(func.sum(column), 0))
+        .where(BatchTally.batch_id == Batch.id)
+        .scalar_subquery()
+    )
+
+
 def read(session: Session, batch_id: str) -> Tally:
     """The batch's counts: its counters plus its unfolded tally rows, in one statement."""
-
-    def pending(column: Any) -> Any:
-        return (
-            select(func.coalesce(func.sum(column), 0))
-            .where(BatchTally.batch_id == Batch.id)
-            .scalar_subquery()
-        )
-
     row = session.execute(
         select(
-            Batch.completed_count + pending(BatchTally.completed),
-            Batch.failed_count + pending(BatchTally.failed),
-            Batch.prompt_tokens + pending(BatchTally.prompt_tokens),
-            Batch.completion_tokens + pending(BatchTally.completion_tokens),
+            Batch.completed_count + _pending(BatchTally.completed),
+            Batch.failed_count + _pending(BatchTally.failed),
+            Batch.prompt_tokens + _pending(BatchTally.prompt_tokens),
+            Batch.completion_tokens + _pending(BatchTally.completion_tokens),
         ).where(Batch.id == batch_id)
     ).one_or_none()
     if row is None:
         return Tally()
     return Tally(*(int(value) for value in row))
+
+
+def unfinished(batches: ColumnElement[bool]) -> ScalarSelect[Any]:
+    """The requests not final yet of the batches matching ``batches``, summed, as a
+    scalar subquery: each batch's ``total`` less its counters and its unfolded tally
+    rows (never below 0), so no job row is read, whatever the batches' size.
+
+    Exact for a batch whose ``total`` is its job rows (from ``in_progress`` on):
+    every move of a job into a final status inserts its tally row in the same
+    transaction (:func:`record_final`), so one snapshot sees both or neither."""
+    left = (
+        Batch.total
+        - Batch.completed_count
+        - Batch.failed_count
+        - _pending(BatchTally.completed + BatchTally.failed)
+    )
+    each = select(left.label("remaining")).where(batches).subquery()
+    return select(
+        func.coalesce(func.sum(case((each.c.remaining > 0, each.c.remaining), else_=0)), 0)
+    ).scalar_subquery()
 
 
 def fold(session: Session, batch_id: str) -> None:

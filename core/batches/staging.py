@@ -99,14 +99,18 @@ def _mine(batch_id: str) -> Any:
     )
 
 
-def touch(session: Session, batch_id: str) -> None:
+def touch(session: Session, batch_id: str, *, written: int = 0) -> None:
     """Renew the batch's heartbeat in the caller's transaction (first, so that on
     PostgreSQL this transaction holds the batch row against the sweeper's claim);
-    raise :class:`IngestAbandonedError` (rolled back) if the sweeper claimed it."""
+    raise :class:`IngestAbandonedError` (rolled back) if the sweeper claimed it.
+
+    ``written``: the job rows the caller's transaction adds, counted in the batch's
+    ``ingested`` with them, so the active-jobs quota sees the rows of a batch without
+    an input file (``genq run``) while it is validated (core.quotas)."""
     result = session.execute(
         update(Batch)
         .where(_mine(batch_id))
-        .values(ingest_heartbeat_at=utcnow())
+        .values(ingest_heartbeat_at=utcnow(), ingested=Batch.ingested + written)
         .execution_options(synchronize_session=False)
     )
     if not result.rowcount:  # type: ignore[attr-defined]
@@ -116,7 +120,7 @@ def touch(session: Session, batch_id: str) -> None:
 
 def write_chunk(session: Session, batch_id: str, rows: Sequence[dict[str, Any]]) -> None:
     """Commit ``rows`` (of :func:`core.submit.job_row`) as the batch's next chunk."""
-    touch(session, batch_id)
+    touch(session, batch_id, written=len(rows))
     dialect = session.get_bind().dialect
     # The driver's own bulk path, on the session's connection (its transaction):
     # SQLAlchemy's per-row parameter handling cost more than the insert itself.
