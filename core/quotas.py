@@ -22,6 +22,7 @@ checked by :func:`check_priority`; without authentication everything is allowed.
 from __future__ import annotations
 
 import contextlib
+import functools
 import ipaddress
 import math
 import threading
@@ -29,7 +30,20 @@ import time
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from sqlalchemy import ScalarSelect, case, func, literal_column, select, text, update
+from sqlalchemy import (
+    ColumnElement,
+    Integer,
+    ScalarSelect,
+    Select,
+    String,
+    bindparam,
+    case,
+    func,
+    literal_column,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.orm import Session
 
 from core import tally
@@ -108,35 +122,37 @@ def active_jobs(session: Session, owner: str, *, up_to: int) -> int:
       a file's lines count its blank and invalid lines too, erring toward a
       refusal; its rows once written are not counted again.
     """
-    loose = (
-        select(literal_column("1"))
-        .select_from(_owner_active(session))
-        .where(literal_column("owner") == owner, text(LOOSE_ACTIVE))
-        .limit(up_to)
-        .subquery()
-    )
-    in_batches = tally.unfinished((Batch.owner == owner) & Batch.status.in_(BATCH_OPEN))
-    count = session.scalar(
-        select(
-            select(func.count()).select_from(loose).scalar_subquery()
-            + in_batches
-            + validating_lines(owner)
-        )
-    )
+    statement = _active_jobs_count(session.get_bind().dialect.name)
+    count = session.scalar(statement, {"owner": owner, "up_to": up_to})
     return int(count or 0)
 
 
-def _owner_active(session: Session) -> Any:
-    """The job table, read through ``ix_job_owner_active``. SQLite is told to: left
-    to itself it picks ``ix_job_owner_status`` (owner and status match) and reads
-    every row of the owner's batches to test ``batch_id``; ``INDEXED BY`` makes the
-    statement fail rather than do that if the index ever stops matching."""
-    if session.get_bind().dialect.name == "sqlite":
-        return text("job INDEXED BY ix_job_owner_active")
-    return Job.__table__
+@functools.cache
+def _active_jobs_count(dialect: str) -> Select[Any]:
+    """:func:`active_jobs`'s statement, built once per dialect (building it took
+    longer than running it), with the parameters ``owner`` and ``up_to``."""
+    owner = bindparam("owner", type_=String())
+    # SQLite is told which index to read: left to itself it picks ix_job_owner_status
+    # (owner and status match) and reads every row of the owner's batches to test
+    # batch_id. INDEXED BY fails the statement, rather than scan, should the index
+    # ever stop matching.
+    jobs = text("job INDEXED BY ix_job_owner_active") if dialect == "sqlite" else Job.__table__
+    loose = (
+        select(literal_column("1"))
+        .select_from(jobs)
+        .where(literal_column("owner") == owner, text(LOOSE_ACTIVE))
+        .limit(bindparam("up_to", type_=Integer()))
+        .subquery()
+    )
+    in_batches = tally.unfinished((Batch.owner == owner) & Batch.status.in_(BATCH_OPEN))
+    return select(
+        select(func.count()).select_from(loose).scalar_subquery()
+        + in_batches
+        + validating_lines(owner)
+    )
 
 
-def validating_lines(owner: str) -> ScalarSelect[Any]:
+def validating_lines(owner: ColumnElement[str]) -> ScalarSelect[Any]:
     """The lines of the owner's batches still being validated, as a scalar subquery:
     per batch, its input file's lines or its rows written so far, the larger."""
     lines = func.coalesce(File.lines, 0)
