@@ -466,8 +466,9 @@ class BatchingEngine:
         chosen = choose(logits, placed, self.pad_id, moves)
         lane.batch.advance(chosen)
         if moves:  # every beam request's rows in one gather per buffer (their rows are disjoint)
-            targets = [row for own, _ in moves for row in own]
-            lane.batch.reorder(targets, [source for _, sources in moves for source in sources])
+            targets = [row for own, _, _ in moves for row in own]
+            sources = [source for _, own_sources, _ in moves for source in own_sources]
+            lane.batch.reorder(targets, sources, newest=max(fed for _, _, fed in moves))
         record(chosen, placed, self.eos_ids, self.tokenizer)
 
     def _retire(self, lane: Lane) -> None:

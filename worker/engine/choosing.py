@@ -23,8 +23,10 @@ log = logging.getLogger(__name__)
 
 # A request and the rows of the batch (or of a prefill mini-batch) it owns.
 Placed = list[tuple[RequestState, list[int]]]
-# Beam reorders of one decode step: (a request's rows, the row each continues).
-Moves = list[tuple[list[int], list[int]]]
+# Beam reorders of one decode step: (a request's rows, the row each continues, how many
+# of the newest cache columns its rows can differ in: the tokens it has fed since its
+# prompt, whose keys and values all its rows share).
+Moves = list[tuple[list[int], list[int], int]]
 
 
 def placed_consecutively(states: list[RequestState]) -> Placed:
@@ -79,7 +81,8 @@ def choose(
                 chosen[index] = torch.tensor(tokens, dtype=torch.long, device=logits.device)
                 state.tokens = [list(state.beam.best_running)]
                 if moves is not None:
-                    moves.append((rows, [rows[s] for s in state.beam.sources]))
+                    fed = len(state.beam.best_running) - 1  # the newest token is not fed yet
+                    moves.append((rows, [rows[s] for s in state.beam.sources], fed))
             else:
                 history = state.history(pad_id) if state.spec.needs_history else None
                 chosen[index] = choose_tokens(logits[index], history, state.spec, state.generator)

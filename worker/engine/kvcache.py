@@ -251,13 +251,15 @@ class SlotCache:
         w.rows = count
         return dict(zip(movers.tolist(), holes.tolist(), strict=True))
 
-    def reorder(self, rows: list[int], sources: list[int]) -> None:
+    def reorder(self, rows: list[int], sources: list[int], *, newest: int | None = None) -> None:
         """Beam search: row ``rows[i]`` continues the sequence of row ``sources[i]`` (its
         parent, among ``rows``); copy the parents' keys and values in place.
 
         Only rows whose parent is another row are written (a beam that continues itself
         costs nothing). The rows of one request share their mask and positions (one
-        prompt, one length), so only the keys and values move.
+        prompt, one length), so only the keys and values move; and where the caller
+        knows the rows differ only in their ``newest`` columns (the prompt's keys and
+        values are the same in every beam), only those are copied.
         """
         moved = [(row, src) for row, src in zip(rows, sources, strict=True) if row != src]
         if not moved:
@@ -265,7 +267,9 @@ class SlotCache:
         device = self.live.device
         dst = torch.tensor([row for row, _ in moved], dtype=torch.long, device=device)
         src = torch.tensor([src for _, src in moved], dtype=torch.long, device=device)
-        cols = slice(self.window.start, self.window.end)
+        w = self.window
+        first = w.start if newest is None else max(w.start, w.end - newest)
+        cols = slice(first, w.end)
         for layer in self.layers:
             for buffer in (layer.key_buffer, layer.value_buffer):
                 if buffer is not None:
