@@ -28,6 +28,7 @@ from core import delivery, jobstate, workers
 from core.db import run_with_retry, session_scope
 from core.queue import JobQueue, queues_for
 from core.settings import Settings
+from worker.claims import GroupClaimer
 from worker.engine.base import (
     REQUEUE,
     Engine,
@@ -78,6 +79,8 @@ class WorkerRuntime:
         self._db_url = settings.resolved_database_url
         self._lock = threading.Lock()
         self._in_flight: dict[str, jobstate.Claim] = {}
+        # Messages arriving together are claimed in one statement (worker.claims).
+        self._claimers: dict[str, GroupClaimer] = {}
         self._reported: dict[str, int] = {}
         self._handing_back: set[str] = set()
         self._isolation = SharedExclusiveLock()
@@ -124,11 +127,7 @@ class WorkerRuntime:
                 # while the worker began shutting down must not start its jobs.
                 if self._draining.is_set():
                     raise DrainingError(ids)
-                claims, suspects = self._db(
-                    lambda s: jobstate.claim_fresh(
-                        s, ids, worker=worker, lease_s=self.settings.lease_s
-                    )
-                )
+                claims, suspects = self._claimer(worker).claim(ids)
                 statuses.update(self._run_claimed(claims))
             for job_id in suspects:
                 if self._draining.is_set():
@@ -141,6 +140,21 @@ class WorkerRuntime:
         if skipped:
             log.info("jobs %s not queued (cancelled, taken or finished): skipped", skipped)
         return statuses
+
+    def _claimer(self, worker: str) -> GroupClaimer:
+        """The group claimer of ``worker`` (the Celery hostname; one per process)."""
+        with self._lock:
+            claimer = self._claimers.get(worker)
+            if claimer is None:
+                claimer = self._claimers[worker] = GroupClaimer(
+                    functools.partial(self._claim_fresh, worker)
+                )
+            return claimer
+
+    def _claim_fresh(self, worker: str, ids: list[str]) -> tuple[list[jobstate.Claim], list[str]]:
+        return self._db(
+            lambda s: jobstate.claim_fresh(s, ids, worker=worker, lease_s=self.settings.lease_s)
+        )
 
     def _claim_suspect(self, job_id: str, worker: str, session: Session) -> jobstate.Claim | None:
         return jobstate.claim_job(
