@@ -28,7 +28,9 @@ from bench._workload import Prompt, build_model_dir, make_prompts
 SEED_CALL: dict[str, Any] = {"max_length": 50, "num_beams": 5, "early_stopping": True}
 SHORT_JOB: dict[str, Any] = {"prompt": "a short greedy job", "max_new_tokens": 4}
 Stack = tuple[dict[str, str], str, _services.GenqProcess]
-StackFactory = Callable[[Path, Path, str, int], contextlib.AbstractContextManager[Stack]]
+StackFactory = Callable[
+    [Path, Path, str, int, dict[str, str] | None], contextlib.AbstractContextManager[Stack]
+]
 WorkerFactory = Callable[
     [dict[str, str], Path, str, _services.GenqProcess, float],
     contextlib.AbstractContextManager[_services.GenqProcess],
@@ -84,7 +86,9 @@ def measure_transformers(
 def _short_job_s(client: httpx.Client, timeout: float) -> tuple[float, float]:
     """Submit-to-finished of one short greedy job, and its part before a worker took
     it (submit-to-started), from its row (server clocks)."""
-    _, job = _genq.run_one(client, SHORT_JOB, timeout)
+    # Its times come from its row, so a coarse poll loses nothing and, unlike a 2 ms
+    # one, does not take CPU from the worker it measures.
+    _, job = _genq.run_one(client, SHORT_JOB, timeout, poll_s=0.05)
     created = _genq.epoch(job["created_at"])
     return _genq.epoch(job["finished_at"]) - created, _genq.epoch(job["started_at"]) - created
 
@@ -143,7 +147,12 @@ def run(
     sizes = [int(s) for s in (args.batch_sizes or "8,16,32").split(",")]
     hf = measure_transformers(model_dir, prompts, sizes, args.seed_loop_jobs)
     best = max(sizes, key=lambda s: hf[f"static_batch_{s}"].tokens_per_s)
-    with genq_stack(tmp, log_dir, str(model_dir), 1) as stack:
+    # genq runs as many rows per forward as the largest static batch tried (num_beams
+    # rows per prompt), unless --worker-env says otherwise: the same matrix sizes.
+    rows = max(sizes) * SEED_CALL["num_beams"]
+    extra = {"GENQ_MAX_BATCH_SIZE": str(rows), **dict(e.split("=", 1) for e in args.worker_env)}
+    _report.step(f"genq: GENQ_MAX_BATCH_SIZE={extra['GENQ_MAX_BATCH_SIZE']} rows")
+    with genq_stack(tmp, log_dir, str(model_dir), 1, extra) as stack:
         log = log_dir / "worker-beam.log"
         genq, idle, behind = measure_genq(stack, start_worker, prompts, args, log)
     seed_rate = hf["seed_loop"].tokens_per_s
@@ -165,6 +174,7 @@ def run(
             "short_job_behind_vs_idle": round(behind / idle, 2),
         },
         "short_job_ms": {"idle": round(idle * 1000), "behind_beams": round(behind * 1000)},
+        "genq_max_batch_size": int(extra["GENQ_MAX_BATCH_SIZE"]),
         "genq_failed_jobs": genq.failed,
         "genq_seconds": round(genq.seconds, 1),
     }

@@ -78,17 +78,17 @@ def genq_stack(
     """A fresh database and queue, and a running API; yields the env, its URL, the API.
     ``extra`` adds GENQ_* settings for every process."""
     with _services.postgres_database() as db_url, _services.redis_queue() as queue:
-        env = _services.genq_env(
-            GENQ_MODEL=model,
-            GENQ_BROKER_URL=_services.REDIS_URL,
-            GENQ_DATABASE_URL=db_url,
-            GENQ_QUEUE=queue,
-            GENQ_MAX_BATCH_SIZE="64",
-            GENQ_TORCH_THREADS=str(THREADS),
-            GENQ_DATA_DIR=str(tmp / "data"),
-            GENQ_REQUIRE_AUTH="false",
-            **(extra or {}),
-        )
+        settings = {
+            "GENQ_MODEL": model,
+            "GENQ_BROKER_URL": _services.REDIS_URL,
+            "GENQ_DATABASE_URL": db_url,
+            "GENQ_QUEUE": queue,
+            "GENQ_MAX_BATCH_SIZE": "64",
+            "GENQ_TORCH_THREADS": str(THREADS),
+            "GENQ_DATA_DIR": str(tmp / "data"),
+            "GENQ_REQUIRE_AUTH": "false",
+        }
+        env = _services.genq_env(**{**settings, **(extra or {})})
         port = _services.free_port()
         args = ["api", "--port", str(port), "--workers", str(api_workers)]
         with _services.genq_process(args, env, log_dir / "api.log") as api:
