@@ -23,6 +23,7 @@ from typing import Any
 import httpx
 
 from bench import _genq, _hf, _report, _services
+from bench._cpu import cpu_flags
 from bench._workload import Prompt, build_model_dir, make_prompts
 
 SEED_CALL: dict[str, Any] = {"max_length": 50, "num_beams": 5, "early_stopping": True}
@@ -175,6 +176,7 @@ def run(
         },
         "short_job_ms": {"idle": round(idle * 1000), "behind_beams": round(behind * 1000)},
         "genq_max_batch_size": int(extra["GENQ_MAX_BATCH_SIZE"]),
+        "cpu_flags": cpu_flags(),
         "genq_failed_jobs": genq.failed,
         "genq_seconds": round(genq.seconds, 1),
     }
@@ -185,6 +187,7 @@ def print_result(result: dict[str, Any]) -> None:
     rates, ratios = result["tokens_per_s"], result["ratios"]
     console = _report.console
     console.print(f"beam workload: {result['jobs']} prompts, generate({result['call']})")
+    console.print(f"CPU flags: {result['cpu_flags']}; genq rows: {result['genq_max_batch_size']}")
     for system, rate in rates.items():
         console.print(f"  {system:<18} {rate:8.1f} tokens/s")
     console.print(

@@ -22,19 +22,13 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from bench._cpu import cpu_flags
 from bench._workload import Prompt
 
 # New tokens per prompt in the breakdown run (fewer when a prompt asks for fewer).
 BREAKDOWN_STEPS = 32
 _MATMUL_OPS = ("aten::addmm", "aten::mm", "aten::bmm", "mkldnn::_linear_pointwise")
 _ATTENTION_MARKS = ("scaled_dot_product", "flash_attention")
-
-
-def cpu_flags() -> str:
-    """The CPU's AVX-512 and AMX flags, as ``grep -o -E 'avx512…|amx…' /proc/cpuinfo``."""
-    from worker.engine.loader import cpu_flags as flags
-
-    return " ".join(sorted(f for f in flags() if f.startswith(("avx512", "amx")))) or "none"
 
 
 @dataclasses.dataclass(frozen=True)

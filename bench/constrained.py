@@ -27,13 +27,13 @@ from __future__ import annotations
 import argparse
 import random
 import statistics
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from bench._cpu import cpu_flags
 from core.schemas import GenerationParams
 from worker.engine.base import GenerationRequest, ModelInfo
 from worker.engine.batching import BatchingEngine
@@ -54,16 +54,6 @@ NESTED = {
         "additionalProperties": False,
     },
 }
-
-
-def cpu_flags() -> str:
-    out = subprocess.run(
-        ["grep", "-o", "-E", "avx512[a-z_0-9]*|amx[a-z_0-9]*", "/proc/cpuinfo"],
-        capture_output=True,
-        text=True,
-        check=False,
-    ).stdout
-    return " ".join(sorted(set(out.split()))) or "(no avx512/amx)"
 
 
 def build(tokenizer_dir: Path, layers: int) -> tuple[Any, Any]:

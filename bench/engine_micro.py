@@ -147,11 +147,12 @@ def main() -> None:
 def print_hardware(model: Any, tokenizer: Any, jobs: list[tuple[str, int]], engine: float) -> None:
     """The uniform run's share of the matrix-product ceiling, and where a step's time goes."""
     from bench import _hardware
+    from bench._cpu import cpu_flags
     from bench._workload import Prompt
 
     rows = len(jobs)
     ceiling = _hardware.matmul_ceiling(model, rows)
-    print(f"CPU flags: {_hardware.cpu_flags()}")
+    print(f"CPU flags: {cpu_flags()}")
     print(
         f"matrix-product ceiling at {rows} rows: {ceiling.tokens_per_s:.0f} tokens/s; "
         f"uniform engine share {engine / ceiling.tokens_per_s:.2f}"

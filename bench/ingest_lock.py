@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import statistics
 import tempfile
 import threading
@@ -25,6 +24,7 @@ from fastapi.testclient import TestClient
 
 import migrations
 from api.app import create_app
+from bench._cpu import cpu_flags
 from core.queue import Route
 from core.settings import Settings
 
@@ -87,11 +87,6 @@ def run(lines: int) -> dict[str, Any]:
             thread.join()
     return {"batch_s": took[0], "submits": len(latencies),
             "p50_s": statistics.median(latencies), "max_s": max(latencies)}  # fmt: skip
-
-
-def cpu_flags() -> str:
-    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    return " ".join(sorted(set(re.findall(r"avx512[a-z_0-9]*|amx[a-z_0-9]*", text)))) or "none"
 
 
 def main(argv: Iterator[str] | None = None) -> None:

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import migrations
 from bench import _services
+from bench._cpu import cpu_flags
 from core import batches, files
 from core.db import get_sessionmaker
 from core.models import LOCAL_OWNER
@@ -152,14 +153,6 @@ def memory_child(lines: int) -> None:
             peak = status_mib("VmHWM")
     print(json.dumps({"lines": lines, "before_mib": before, "peak_mib": peak,
                       "lines_per_s": lines / elapsed}))  # fmt: skip
-
-
-def cpu_flags() -> str:
-    cpuinfo = Path("/proc/cpuinfo")
-    content = cpuinfo.read_text() if cpuinfo.exists() else ""
-    import re
-
-    return " ".join(sorted(set(re.findall(r"avx512[a-z_0-9]*|amx[a-z_0-9]*", content)))) or "none"
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -30,6 +30,7 @@ from typing import Any
 import httpx
 
 from bench import _genq, _probe, _report, _services
+from bench._cpu import cpu_flags
 from bench._workload import REPO
 from bench.throughput import genq_stack, start_worker
 
@@ -64,13 +65,6 @@ def write_input(path: Path, lines: int) -> None:
             body = {"model": "fake", "prompt": f"line {i} alpha beta", "max_tokens": 4}
             request = {"custom_id": f"r{i}", "method": "POST", "url": "/v1/completions"}
             f.write(json.dumps(request | {"body": body}) + "\n")
-
-
-def cpu_flags() -> str:
-    """The AVX-512 / AMX flags of this CPU (printed beside each figure)."""
-    text = Path("/proc/cpuinfo").read_text()
-    found = {w for w in text.split() if w.startswith(("avx512", "amx"))}
-    return " ".join(sorted(found)) or "none"
 
 
 def single_job(client: httpx.Client, timeout: float) -> float:

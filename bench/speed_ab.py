@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import _hardware, _hf
+from bench._cpu import cpu_flags
 from bench._workload import Prompt, build_model_dir, workload_prompts
 
 
@@ -108,7 +109,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from transformers import AutoTokenizer
 
     torch.set_num_threads(args.threads)
-    print(f"CPU flags: {_hardware.cpu_flags()}")
+    print(f"CPU flags: {cpu_flags()}")
     with tempfile.TemporaryDirectory(prefix="genq-ab-") as tmp:
         model_dir, _ = build_model_dir(Path(tmp) / "gpt2-random")
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
