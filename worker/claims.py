@@ -7,6 +7,10 @@ whose message came last waits for all the claims before its own. Here the first 
 to claim leads: it claims for every message waiting at that moment in one statement;
 the messages that arrive meanwhile wait and the next of them leads the next round.
 Each thread gets exactly its own jobs' claims and suspects back.
+
+A statement that fails with several messages in it does not say whose ids made it fail
+(an id PostgreSQL cannot take, say): each of those messages then claims its own jobs
+alone, so a message fails only where its own statement would have.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ class _Entry:
     claims: list[Claim] = field(default_factory=list)
     suspects: list[str] = field(default_factory=list)
     error: BaseException | None = None
+    alone: bool = False  # its round failed with other messages in it: claim alone
     done: bool = False
 
 
@@ -52,6 +57,8 @@ class GroupClaimer:
                 group, self._waiting = self._waiting, []
         if not entry.done:
             self._lead(group)
+        if entry.alone:  # nothing was claimed for it (the failed statement rolled back)
+            return self._claim_fresh(entry.ids)
         if entry.error is not None:
             raise entry.error
         return entry.claims, entry.suspects
@@ -59,16 +66,27 @@ class GroupClaimer:
     def _lead(self, group: list[_Entry]) -> None:
         try:
             ids = list(dict.fromkeys(i for e in group for i in e.ids))
-            claims, suspects = self._claim_fresh(ids)
+            try:
+                claims, suspects = self._claim_fresh(ids)
+            except Exception as exc:  # the statement rolled back: nothing was claimed
+                if len(group) == 1:
+                    group[0].error = exc  # its own, as alone
+                else:
+                    # Whose ids made it fail is not known: each message claims alone
+                    # (one request may fail only itself).
+                    for e in group:
+                        e.alone = True
+                return
             # A job in two messages (a duplicate) runs once: the first one gets it.
             by_id = {c.job_id: c for c in claims}
             suspect = set(suspects)
             for e in group:
                 e.claims = [by_id.pop(i) for i in e.ids if i in by_id]
                 e.suspects = [i for i in e.ids if i in suspect]
-        except BaseException as exc:  # every thread of the round sees it, as alone
+        except BaseException:  # the leading thread's own (an interrupt): the others go on
             for e in group:
-                e.error = exc
+                e.alone = True
+            raise
         finally:
             with self._cond:
                 self.rounds += 1

@@ -21,13 +21,15 @@ from worker.runtime import WorkerRuntime
 
 class BlockingClaims:
     """A claim_fresh whose first call waits until ``release`` is set; records each
-    statement's ids. Ids starting with ``s`` are suspects; ``gone`` ones are skipped."""
+    statement's ids. Ids starting with ``s`` are suspects; ``gone`` ones are skipped; a
+    statement holding ``poison`` fails (an id the database cannot take)."""
 
     def __init__(self) -> None:
         self.release = threading.Event()
         self.entered = threading.Event()
         self.statements: list[list[str]] = []
         self.fail_next = False
+        self.poison = "poison"
 
     def __call__(self, ids: list[str]) -> tuple[list[Any], list[str]]:
         self.statements.append(list(ids))
@@ -37,6 +39,8 @@ class BlockingClaims:
         if self.fail_next:
             self.fail_next = False
             raise RuntimeError("database down")
+        if self.poison in ids:
+            raise ValueError(f"the database cannot take {self.poison!r}")
         claims = [SimpleNamespace(job_id=i) for i in ids if i[0] not in "sg"]
         return claims, [i for i in ids if i.startswith("s")]  # type: ignore[return-value]
 
@@ -90,7 +94,7 @@ def test_a_job_in_two_messages_of_one_round_is_claimed_for_one_of_them() -> None
     assert "y" in claimed[0]
 
 
-def test_a_failed_claim_fails_every_message_of_its_round_and_only_those() -> None:
+def test_a_failed_claim_fails_its_message_and_the_next_round_claims_again() -> None:
     fake = BlockingClaims()
     claimer = GroupClaimer(fake)
     with ThreadPoolExecutor(3) as pool:
@@ -106,6 +110,27 @@ def test_a_failed_claim_fails_every_message_of_its_round_and_only_those() -> Non
         assert [c.job_id for c in waiting.result(10)[0]] == ["a"]
     later, _ = claimer.claim(["b"])
     assert [c.job_id for c in later] == ["b"]
+
+
+def test_a_statement_failing_on_one_message_of_a_round_fails_that_message_only() -> None:
+    fake = BlockingClaims()
+    claimer = GroupClaimer(fake)
+    with ThreadPoolExecutor(4) as pool:
+        first = pool.submit(claimer.claim, ["a"])
+        assert fake.entered.wait(10)
+        messages = [["b1", "s1"], ["poison", "c1"], ["d1"]]
+        rest = [pool.submit(claimer.claim, m) for m in messages]
+        _wait_for_waiters(claimer, len(messages))
+        fake.release.set()
+        assert [c.job_id for c in first.result(10)[0]] == ["a"]
+        # One request may fail only itself: the statement of the round failed on
+        # "poison", and only the message carrying it fails; the others are claimed.
+        with pytest.raises(ValueError, match="poison"):
+            rest[1].result(10)
+        claims, suspects = rest[0].result(10)
+        assert ([c.job_id for c in claims], suspects) == (["b1"], ["s1"])
+        assert [c.job_id for c in rest[2].result(10)[0]] == ["d1"]
+    assert ["b1", "s1", "poison", "c1", "d1"] in fake.statements  # they were grouped
 
 
 def test_many_messages_delivered_at_once_are_claimed_in_fewer_statements_each_job_once(
@@ -127,5 +152,43 @@ def test_many_messages_delivered_at_once_are_claimed_in_fewer_statements_each_jo
         for job_id in ids:
             job = client.get(f"/v1/jobs/{job_id}").json()
             assert job["status"] == "succeeded" and job["attempts"] == 1
+    finally:
+        runtime.close()
+
+
+def test_a_message_whose_ids_the_database_rejects_fails_alone_through_the_runtime(
+    client: TestClient, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # PostgreSQL takes no NUL in a text value, so a message carrying such an id fails
+    # its claim statement (SQLite takes it: the id is merely unknown, skipped). The
+    # messages claimed in the same statement must not fail with it.
+    runtime = WorkerRuntime(settings, FakeEngine(max_prompt_words=20, token_delay_s=0.0))
+    real = runtime._claim_fresh
+    entered, release = threading.Event(), threading.Event()
+
+    def first_waits(worker: str, ids: list[str]) -> Any:
+        if not entered.is_set():
+            entered.set()
+            assert release.wait(10)
+        return real(worker, ids)
+
+    monkeypatch.setattr(runtime, "_claim_fresh", first_waits)
+    try:
+        ids = [submit_prompt(client, max_new_tokens=2) for _ in range(3)]
+        with ThreadPoolExecutor(3) as pool:
+            first = pool.submit(runtime.run_jobs, [ids[0]], worker="w1")
+            assert entered.wait(10)
+            bad = pool.submit(runtime.run_jobs, [ids[1], "bad\x00id"], worker="w1")
+            good = pool.submit(runtime.run_jobs, [ids[2]], worker="w1")
+            _wait_for_waiters(runtime._claimer("w1"), 2)
+            release.set()
+            assert first.result(10) == {ids[0]: "succeeded"}
+            assert good.result(10) == {ids[2]: "succeeded"}
+            if settings.resolved_database_url.startswith("postgresql"):
+                with pytest.raises(Exception, match="NUL"):
+                    bad.result(10)
+                assert client.get(f"/v1/jobs/{ids[1]}").json()["status"] == "queued"
+            else:
+                assert bad.result(10) == {ids[1]: "succeeded", "bad\x00id": "skipped"}
     finally:
         runtime.close()
