@@ -27,6 +27,8 @@ from bench._cpu import cpu_flags
 from bench._workload import Prompt, build_model_dir, make_prompts
 
 SEED_CALL: dict[str, Any] = {"max_length": 50, "num_beams": 5, "early_stopping": True}
+# Before-and-after figures further apart than this: the ratios of the run are not reliable.
+DRIFT_WARNING = 0.10
 SHORT_JOB: dict[str, Any] = {"prompt": "a short greedy job", "max_new_tokens": 4}
 Stack = tuple[dict[str, str], str, _services.GenqProcess]
 StackFactory = Callable[
@@ -156,8 +158,17 @@ def run(
     with genq_stack(tmp, log_dir, str(model_dir), 1, extra) as stack:
         log = log_dir / "worker-beam.log"
         genq, idle, behind = measure_genq(stack, start_worker, prompts, args, log)
-    seed_rate = hf["seed_loop"].tokens_per_s
-    static_rate = hf[f"static_batch_{best}"].tokens_per_s
+    # The machine is shared: the seed's loop and the best static size run again after
+    # genq, and genq is compared with the mean of before and after; how much they moved
+    # says whether the machine stayed the same through the run.
+    _report.step("again after genq: the seed's loop and the best static size")
+    after = measure_transformers(model_dir, prompts, [best], args.seed_loop_jobs)
+    seed_both = (hf["seed_loop"].tokens_per_s, after["seed_loop"].tokens_per_s)
+    static_both = (
+        hf[f"static_batch_{best}"].tokens_per_s,
+        after[f"static_batch_{best}"].tokens_per_s,
+    )
+    seed_rate, static_rate = statistics.mean(seed_both), statistics.mean(static_both)
     return {
         "workload": "beam",
         "call": SEED_CALL,
@@ -167,6 +178,13 @@ def run(
             "seed_loop": round(seed_rate, 2),
             **{f"static_batch_{s}": round(hf[f"static_batch_{s}"].tokens_per_s, 2) for s in sizes},
             "genq": round(genq.tokens_per_s, 2),
+            "seed_loop_after": round(seed_both[1], 2),
+            f"static_batch_{best}_after": round(static_both[1], 2),
+        },
+        # after / before - 1 of the same measurement: the machine's drift through the run.
+        "drift": {
+            "seed_loop": round(seed_both[1] / seed_both[0] - 1, 3),
+            "static_batch": round(static_both[1] / static_both[0] - 1, 3),
         },
         "static_batch_best_size": best,
         "ratios": {
@@ -189,7 +207,14 @@ def print_result(result: dict[str, Any]) -> None:
     console.print(f"beam workload: {result['jobs']} prompts, generate({result['call']})")
     console.print(f"CPU flags: {result['cpu_flags']}; genq rows: {result['genq_max_batch_size']}")
     for system, rate in rates.items():
-        console.print(f"  {system:<18} {rate:8.1f} tokens/s")
+        console.print(f"  {system:<22} {rate:8.1f} tokens/s")
+    drift = result["drift"]
+    console.print(
+        f"the same measurements after genq moved by {drift['seed_loop']:+.0%} (seed loop) and"
+        f" {drift['static_batch']:+.0%} (static); genq is compared with their means"
+    )
+    if max(abs(d) for d in drift.values()) > DRIFT_WARNING:
+        console.print("[yellow]the machine changed during the run: run it again[/yellow]")
     console.print(
         f"genq vs seed_loop {ratios['genq_vs_seed_loop']:.2f}x (target ≥ 4x), "
         f"vs static_batch (best size {result['static_batch_best_size']}) "
