@@ -3,9 +3,11 @@ exactly its own jobs (worker.claims), and through the runtime on a real database
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from types import SimpleNamespace
 from typing import Any
 
@@ -52,17 +54,28 @@ def _wait_for_waiters(claimer: GroupClaimer, n: int) -> None:
         time.sleep(0.001)
 
 
-def test_messages_arriving_during_a_claim_are_claimed_together_each_getting_its_own() -> None:
-    fake = BlockingClaims()
+@contextlib.contextmanager
+def one_round_behind(
+    first: list[str], later: list[list[str]], fake: BlockingClaims | None = None
+) -> Iterator[tuple[BlockingClaims, GroupClaimer, Future[Any], list[Future[Any]]]]:
+    """``first`` claims (its statement held open) while every message of ``later``
+    queues up behind it; then its statement goes on. Yields the fake, the claimer and
+    the futures of ``first`` and of ``later``."""
+    fake = fake or BlockingClaims()
     claimer = GroupClaimer(fake)
-    messages = [["a1", "a2"], ["b1", "s1"], ["c1", "gone"], ["d1"], ["e1", "e2", "s2"]]
-    with ThreadPoolExecutor(len(messages)) as pool:
-        first = pool.submit(claimer.claim, messages[0])
+    with ThreadPoolExecutor(len(later) + 1) as pool:
+        head = pool.submit(claimer.claim, first)
         assert fake.entered.wait(10)
-        rest = [pool.submit(claimer.claim, m) for m in messages[1:]]
-        _wait_for_waiters(claimer, len(messages) - 1)
+        rest = [pool.submit(claimer.claim, m) for m in later]
+        _wait_for_waiters(claimer, len(later))
         fake.release.set()
-        results = [first.result(10)] + [f.result(10) for f in rest]
+        yield fake, claimer, head, rest
+
+
+def test_messages_arriving_during_a_claim_are_claimed_together_each_getting_its_own() -> None:
+    later = [["b1", "s1"], ["c1", "gone"], ["d1"], ["e1", "e2", "s2"]]
+    with one_round_behind(["a1", "a2"], later) as (fake, claimer, head, rest):
+        results = [head.result(10)] + [f.result(10) for f in rest]
     # Two statements, not five: the first, and one for all that came while it ran.
     assert fake.statements == [["a1", "a2"], ["b1", "s1", "c1", "gone", "d1", "e1", "e2", "s2"]]
     assert claimer.rounds == 2
@@ -77,15 +90,8 @@ def test_messages_arriving_during_a_claim_are_claimed_together_each_getting_its_
 
 
 def test_a_job_in_two_messages_of_one_round_is_claimed_for_one_of_them() -> None:
-    fake = BlockingClaims()
-    claimer = GroupClaimer(fake)
-    with ThreadPoolExecutor(3) as pool:
-        first = pool.submit(claimer.claim, ["x"])
-        assert fake.entered.wait(10)
-        twins = [pool.submit(claimer.claim, ["dup", "y"]), pool.submit(claimer.claim, ["dup"])]
-        _wait_for_waiters(claimer, 2)
-        fake.release.set()
-        first.result(10)
+    with one_round_behind(["x"], [["dup", "y"], ["dup"]]) as (fake, _, head, twins):
+        head.result(10)
         claimed = [[c.job_id for c in f.result(10)[0]] for f in twins]
     assert sorted(fake.statements[1]) == ["dup", "y"]  # each id once in the statement
     # The duplicate is claimed for one message only (the other skips it, as it would
@@ -95,34 +101,21 @@ def test_a_job_in_two_messages_of_one_round_is_claimed_for_one_of_them() -> None
 
 
 def test_a_failed_claim_fails_its_message_and_the_next_round_claims_again() -> None:
-    fake = BlockingClaims()
-    claimer = GroupClaimer(fake)
-    with ThreadPoolExecutor(3) as pool:
-        first = pool.submit(claimer.claim, ["a"])
-        assert fake.entered.wait(10)
-        fake.fail_next = True
-        waiting = pool.submit(claimer.claim, ["a"])  # queued behind the failing round
-        _wait_for_waiters(claimer, 1)
-        fake.release.set()
+    failing = BlockingClaims()
+    failing.fail_next = True  # the first statement fails
+    with one_round_behind(["a"], [["a"]], failing) as (_, claimer, head, rest):
         with pytest.raises(RuntimeError, match="database down"):
-            first.result(10)
+            head.result(10)
         # The thread that waited led its own round, which worked again.
-        assert [c.job_id for c in waiting.result(10)[0]] == ["a"]
+        assert [c.job_id for c in rest[0].result(10)[0]] == ["a"]
     later, _ = claimer.claim(["b"])
     assert [c.job_id for c in later] == ["b"]
 
 
 def test_a_statement_failing_on_one_message_of_a_round_fails_that_message_only() -> None:
-    fake = BlockingClaims()
-    claimer = GroupClaimer(fake)
-    with ThreadPoolExecutor(4) as pool:
-        first = pool.submit(claimer.claim, ["a"])
-        assert fake.entered.wait(10)
-        messages = [["b1", "s1"], ["poison", "c1"], ["d1"]]
-        rest = [pool.submit(claimer.claim, m) for m in messages]
-        _wait_for_waiters(claimer, len(messages))
-        fake.release.set()
-        assert [c.job_id for c in first.result(10)[0]] == ["a"]
+    messages = [["b1", "s1"], ["poison", "c1"], ["d1"]]
+    with one_round_behind(["a"], messages) as (fake, _, head, rest):
+        assert [c.job_id for c in head.result(10)[0]] == ["a"]
         # One request may fail only itself: the statement of the round failed on
         # "poison", and only the message carrying it fails; the others are claimed.
         with pytest.raises(ValueError, match="poison"):
