@@ -13,6 +13,7 @@ from typing import Any
 
 import httpx
 import pytest
+from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support import expected_conditions as ec
@@ -82,8 +83,29 @@ def row(browser: WebDriver, job_id: str) -> Any:
 
 
 def row_status(browser: WebDriver, job_id: str) -> str:
-    text: str = row(browser, job_id).find_element(By.CSS_SELECTOR, ".badge").text
-    return text
+    """The status badge of a job's row. The page re-renders its table as it refreshes,
+    so a row found a moment ago may be gone (stale): then it is found again."""
+
+    def badge(d: WebDriver) -> str:
+        text: str = row(d, job_id).find_element(By.CSS_SELECTOR, ".badge").text
+        return text
+
+    return str(fresh_wait(browser).until(badge))
+
+
+def click_row(browser: WebDriver, job_id: str) -> None:
+    """Click a job's row, found again if the table re-rendered under the click."""
+
+    def click(d: WebDriver) -> bool:
+        row(d, job_id).click()
+        return True
+
+    fresh_wait(browser).until(click)
+
+
+def fresh_wait(browser: WebDriver) -> WebDriverWait[WebDriver]:
+    """A wait that tries again when an element went stale (the table re-rendered)."""
+    return WebDriverWait(browser, WAIT_S, ignored_exceptions=(StaleElementReferenceException,))
 
 
 def test_the_page_lists_jobs_and_batches_and_shows_a_job(
@@ -126,7 +148,7 @@ def test_the_page_lists_jobs_and_batches_and_shows_a_job(
     else:
         assert not driver.find_element(By.ID, "batches-section").is_displayed()
 
-    row(driver, done).click()
+    click_row(driver, done)
     detail = WebDriverWait(driver, WAIT_S).until(
         ec.visibility_of_element_located((By.ID, "detail"))
     )
@@ -143,7 +165,7 @@ def test_the_page_lists_jobs_and_batches_and_shows_a_job(
     assert runtime.run_job(waiting, worker="browser-test") == "succeeded"
     WebDriverWait(driver, WAIT_S).until(lambda d: row_status(d, waiting) == "succeeded")
 
-    row(driver, failed).click()
+    click_row(driver, failed)
     WebDriverWait(driver, WAIT_S).until(ec.visibility_of_element_located((By.ID, "detail-error")))
     assert "prompt_too_long" in driver.find_element(By.ID, "detail-error").text
     screenshots(driver, "status-page-failed-job")
