@@ -251,9 +251,11 @@ def test_a_partitioned_workers_jobs_are_finished_by_the_others_and_its_late_writ
         done_at_cut = statuses(postgres_url, ids)["succeeded"]
 
         # Its leases lapse; the sweeper hands its jobs back; the others finish them.
+        # A liveness deadline, not a timing assertion: on a slow CPU (2 cores, AVX2) the
+        # hand-back was still under way at 120 s, the sweeper reclaiming them as it should.
         wait_until(
             lambda: not running_under(postgres_url, names[VICTIM]),
-            120,
+            300,
             "the held jobs handed back",
             logs[0],
         )
