@@ -56,6 +56,19 @@ def loaded(request: pytest.FixtureRequest) -> Loaded:
     return value
 
 
+@pytest.fixture(autouse=True)
+def poisoned_cache_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fresh key and value buffers of the slot cache are full of NaN in every engine
+    test, as uninitialized memory may be: a position in view that the cache forgot to
+    zero then turns a row's output into NaN and its tokens differ from generate's."""
+    from worker.engine import kvcache
+
+    def nan_filled(like: torch.Tensor, shape: list[int]) -> torch.Tensor:
+        return like.new_full(shape, float("nan"))
+
+    monkeypatch.setattr(kvcache, "uninitialized", nan_filled)
+
+
 @pytest.fixture
 def make_engine() -> Iterator[Any]:
     """Build BatchingEngines that are closed after the test."""
