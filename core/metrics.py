@@ -34,7 +34,7 @@ from sqlalchemy.sql.elements import ColumnElement
 from core import workers
 from core.db import get_sessionmaker
 from core.models import Job, utcnow
-from core.queue import JobQueue, queue_name
+from core.queue import JobQueue, queues_carrying
 from core.settings import Settings
 from core.status import JobStatus
 
@@ -126,7 +126,8 @@ def queues_to_measure(session: Session, settings: Settings) -> list[str]:
     queued = session.execute(
         select(Job.model, Job.priority).where(Job.status == JobStatus.QUEUED).distinct()
     )
-    names.update(queue_name(settings.queue, str(m), str(p)) for m, p in queued)
+    for model, priority in queued:
+        names.update(queues_carrying(settings.queue, str(model), str(priority)))
     return sorted(names)[:MAX_QUEUES]
 
 

@@ -33,6 +33,9 @@ READ_PAGE = 1000
 
 Priority = Literal["high", "normal", "low"]
 PRIORITIES: tuple[Priority, ...] = ("high", "normal", "low")
+EXPRESS = "express"
+"""The queue of short ``normal`` jobs (:mod:`core.express`): read right after ``high``."""
+CONSUME_ORDER: tuple[str, ...] = ("high", EXPRESS, "normal", "low")
 
 
 def model_key(model: str) -> str:
@@ -41,14 +44,22 @@ def model_key(model: str) -> str:
     return f"{slug}-{hashlib.sha1(model.encode()).hexdigest()[:8]}"
 
 
-def queue_name(prefix: str, model: str, priority: str) -> str:
-    """The queue for jobs of ``model`` at ``priority``: one queue per model and priority."""
-    return f"{prefix}.{model_key(model)}.{priority}"
+def queue_name(prefix: str, model: str, lane: str) -> str:
+    """The queue for jobs of ``model`` in ``lane`` (a priority, or ``express``): one
+    queue per model and lane."""
+    return f"{prefix}.{model_key(model)}.{lane}"
 
 
 def queues_for(prefix: str, model: str) -> list[str]:
-    """A worker's queues for ``model``, in the order it consumes them: high first."""
-    return [queue_name(prefix, model, p) for p in PRIORITIES]
+    """A worker's queues for ``model``, in the order it consumes them: high, then short
+    jobs of normal priority, then normal, then low."""
+    return [queue_name(prefix, model, lane) for lane in CONSUME_ORDER]
+
+
+def queues_carrying(prefix: str, model: str, priority: str) -> list[str]:
+    """The queues that may hold the messages of ``model``'s jobs of ``priority``."""
+    lanes = [EXPRESS, priority] if priority == "normal" else [priority]
+    return [queue_name(prefix, model, lane) for lane in lanes]
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -90,22 +101,29 @@ def make_celery(settings: Settings, *, name: str = "genq") -> Celery:
 
 @dataclasses.dataclass(frozen=True)
 class Route:
-    """Where a job's message goes: the queue of its model and priority."""
+    """Where a job's message goes: the queue of its model and priority, or of its
+    model's short jobs (``express``, :mod:`core.express`)."""
 
     job_id: str
     model: str
     priority: str = "normal"
+    express: bool = False
+
+    @property
+    def lane(self) -> str:
+        """The last part of the queue's name."""
+        return EXPRESS if self.express else self.priority
 
 
 def group_routes(routes: Iterable[Route], size: int) -> Iterator[tuple[str, str, list[str]]]:
-    """``(model, priority, ids)`` groups of at most ``size`` ids, in the order given
-    within each model and priority."""
+    """``(model, lane, ids)`` groups of at most ``size`` ids, in the order given within
+    each model and lane."""
     by_queue: dict[tuple[str, str], list[str]] = {}
     for route in routes:
-        by_queue.setdefault((route.model, route.priority), []).append(route.job_id)
-    for (model, priority), ids in by_queue.items():
+        by_queue.setdefault((route.model, route.lane), []).append(route.job_id)
+    for (model, lane), ids in by_queue.items():
         for start in range(0, len(ids), size):
-            yield model, priority, ids[start : start + size]
+            yield model, lane, ids[start : start + size]
 
 
 class JobQueue(Protocol):
@@ -147,8 +165,8 @@ class CeleryQueue:
     def enqueue_many(self, routes: Sequence[Route]) -> None:
         size = self._settings.jobs_per_message
         with self._app.producer_or_acquire() as producer:  # one connection for them all
-            for model, priority, ids in group_routes(routes, size):
-                queue = queue_name(self._settings.queue, model, priority)
+            for model, lane, ids in group_routes(routes, size):
+                queue = queue_name(self._settings.queue, model, lane)
                 self._app.send_task(
                     GENERATE_MANY_TASK,
                     args=[ids],

@@ -29,6 +29,7 @@ from sqlalchemy.orm import Session
 from core import egress, idempotency, quotas, workers
 from core.chat import template_messages
 from core.errors import CoreError
+from core.express import sends_express
 from core.jobs import get_job, submission_jobs
 from core.models import LOCAL_OWNER, Job, utcnow
 from core.openai_format import ParsedRequest
@@ -206,9 +207,14 @@ def send(queue: JobQueue | None, routes: Sequence[Route]) -> bool:
     return True
 
 
-def routes_of(rows: Sequence[dict[str, Any]]) -> list[Route]:
-    """Where each new row's message goes."""
-    return [Route(row["id"], row["model"], row["priority"]) for row in rows]
+def routes_of(rows: Sequence[dict[str, Any]], settings: Settings) -> list[Route]:
+    """Where each new row's message goes: short jobs of normal priority to the express
+    queue (:mod:`core.express`), the others to the queue of their priority."""
+    limit = settings.express_max_new_tokens
+    return [
+        Route(row["id"], row["model"], row["priority"], express=sends_express(row, limit))
+        for row in rows
+    ]
 
 
 def served_models(session: Session, settings: Settings, *, fresh: bool = False) -> list[str]:
@@ -347,7 +353,7 @@ def create(
         if replay is None or (earlier := replay.earlier()) is None:
             raise
         return [], earlier
-    send(queue, routes_of(rows))
+    send(queue, routes_of(rows, settings))
     return rows, None
 
 

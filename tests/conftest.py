@@ -49,9 +49,9 @@ class RecordingQueue:
     def enqueue_many(self, routes: Sequence[Route]) -> None:
         if self.down:
             raise ConnectionError("broker down")
-        for model, priority, ids in group_routes(routes, size=8):
+        for model, lane, ids in group_routes(routes, size=8):
             self.sent.extend(ids)
-            self.routes.extend((job_id, model, priority) for job_id in ids)
+            self.routes.extend((job_id, model, lane) for job_id in ids)
             self.messages.append(ids)
 
     def ping(self) -> None:

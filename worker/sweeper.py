@@ -10,7 +10,8 @@ sweep:
   (a broker restart without persistence, a send that failed after the commit),
   re-sends the queued jobs that were last sent longer than ``requeue_after_s``
   ago. Jobs are compared with jobs, not with messages (a message carries up to
-  ``GENQ_JOBS_PER_MESSAGE`` ids), so a long batch tail still waiting in the broker
+  ``GENQ_JOBS_PER_MESSAGE`` ids), and a priority's jobs with every queue that carries
+  them (``normal`` and ``express``), so a long batch tail still waiting in the broker
   is not re-sent. A duplicate message is harmless: a claim is conditional, so a
   job runs once;
 - fails each ``validating`` batch whose ingest stopped (its creator died) and
@@ -26,7 +27,7 @@ import time
 
 from core import batches, delivery, idempotency, jobstate, submit
 from core.db import get_sessionmaker, session_scope
-from core.queue import JobQueue, Route, queue_name
+from core.queue import JobQueue, Route, queues_carrying
 from core.settings import Settings
 from worker.periodic import Periodic
 
@@ -81,9 +82,9 @@ class Sweeper(Periodic):
         lost: list[Route] = []
         with session_scope(self._url) as session:
             for (model, priority), queued in delivery.queued_counts(session).items():
-                queue = queue_name(self.settings.queue, model, priority)
-                if queued <= self.queue.queued_jobs(queue):
-                    continue  # every queued job of this queue may still have its message
+                queues = queues_carrying(self.settings.queue, model, priority)
+                if queued <= sum(self.queue.queued_jobs(queue) for queue in queues):
+                    continue  # every queued job of this priority may still have its message
                 routes = delivery.stale_queued(
                     session,
                     model=model,

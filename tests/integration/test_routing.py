@@ -47,6 +47,28 @@ def test_a_high_priority_job_starts_before_a_low_priority_backlog_drains(
     assert 20 - rank >= 15
 
 
+def test_a_short_job_starts_before_a_backlog_of_long_jobs_of_its_priority_drains(
+    postgres_url: str, tmp_path: Path, clean_redis: redis.Redis
+) -> None:
+    """A web app's short job of normal priority skips the messages of long normal jobs
+    sent before it: it goes to the express queue, which workers read first."""
+    cluster = make_cluster(
+        postgres_url, tmp_path, "fake:token_delay_s=0.02", GENQ_WORKER_CONCURRENCY="2"
+    )
+    backlog = cluster.submit([f"long job {i}" for i in range(20)], max_new_tokens=20)
+    with cluster.worker():
+        wait_until(
+            lambda: cluster.count(backlog, "running") >= 1, 60, "the backlog", cluster.logs[0]
+        )
+        (short,) = cluster.submit(["short"], max_new_tokens=4)
+        jobs = cluster.wait_final([*backlog, short], 120)
+    assert all(job["status"] == "succeeded" for job in jobs), cluster.tail()
+    rank = start_order(cluster, [*backlog, short]).index(short)
+    print(f"\nEXPRESS: the short job started {rank + 1} of 21; {20 - rank} long jobs after it")
+    assert rank <= 4  # only the slots already taken, not the backlog
+    assert 20 - rank >= 15
+
+
 def test_each_model_has_its_queue_and_its_workers(
     postgres_url: str, tmp_path: Path, clean_redis: redis.Redis
 ) -> None:

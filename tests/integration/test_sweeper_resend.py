@@ -1,5 +1,7 @@
-"""The sweeper compares jobs with jobs: a batch whose messages are still waiting in
-Redis is not re-sent, however long they wait; jobs whose messages were lost are."""
+"""The sweeper compares jobs with jobs: jobs whose messages are still waiting in Redis
+are not re-sent, however long they wait; jobs whose messages were lost are. A normal
+job's message may wait in its model's normal queue or, for a short job, in the express
+queue: both count."""
 
 from __future__ import annotations
 
@@ -24,11 +26,12 @@ from worker.sweeper import Sweeper
 
 pytestmark = pytest.mark.integration
 
-JOBS = 200  # 25 messages of 8 ids
+JOBS = 200  # 25 messages of 8 ids: 13 in the express queue, 12 in the normal one
+Setup = tuple[Settings, CeleryQueue, str, str]
 
 
 @pytest.fixture
-def setup(postgres_url: str, tmp_path: Path) -> Iterator[tuple[Settings, CeleryQueue, str]]:
+def setup(postgres_url: str, tmp_path: Path) -> Iterator[Setup]:
     """Settings on PostgreSQL and a fresh Redis queue, a short re-send age, no worker."""
     settings = Settings(
         data_dir=tmp_path,
@@ -39,7 +42,8 @@ def setup(postgres_url: str, tmp_path: Path) -> Iterator[tuple[Settings, CeleryQ
         require_auth=False,
         requeue_after_s=0.5,
     )
-    yield settings, CeleryQueue(settings), queue_name(settings.queue, "fake", "normal")
+    normal = queue_name(settings.queue, "fake", "normal")
+    yield settings, CeleryQueue(settings), normal, queue_name(settings.queue, "fake", "express")
     client = redis.Redis.from_url(REDIS_URL)
     keys = list(client.scan_iter(match=f"*{settings.queue}*"))
     if keys:
@@ -48,18 +52,22 @@ def setup(postgres_url: str, tmp_path: Path) -> Iterator[tuple[Settings, CeleryQ
 
 
 def submit_all(settings: Settings, queue: CeleryQueue) -> None:
-    bodies = [JobCreate(prompt=f"prompt {i}", max_new_tokens=4) for i in range(JOBS)]
+    """JOBS normal jobs: short ones (the express queue) and long ones, alternating."""
+    bodies = [
+        JobCreate(prompt=f"prompt {i}", max_new_tokens=4 if i % 2 else 64) for i in range(JOBS)
+    ]
     with session_scope(settings.resolved_database_url) as session:
         submit.submit_jobs(session, queue, bodies, settings=settings)
 
 
-def test_no_resend_while_every_job_still_has_its_message(
-    setup: tuple[Settings, CeleryQueue, str],
-) -> None:
-    settings, queue, name = setup
+def queued_jobs(queue: CeleryQueue, *names: str) -> int:
+    return sum(queue.queued_jobs(name) for name in names)
+
+
+def test_no_resend_while_every_job_still_has_its_message(setup: Setup) -> None:
+    settings, queue, normal, express = setup
     submit_all(settings, queue)
-    assert queue.depth(name) == JOBS // settings.jobs_per_message
-    assert queue.queued_jobs(name) == JOBS
+    assert queue.queued_jobs(normal) == queue.queued_jobs(express) == JOBS // 2
     sweeper = Sweeper(settings, queue, holder="test")
     # The messages wait longer than requeue_after_s, sweep after sweep (no worker).
     resent = []
@@ -67,33 +75,31 @@ def test_no_resend_while_every_job_still_has_its_message(
         time.sleep(settings.requeue_after_s * 2)
         resent.append(sweeper.sweep_once()["resent"])
     assert resent == [0, 0, 0]
-    assert queue.depth(name) == JOBS // settings.jobs_per_message
+    assert queued_jobs(queue, normal, express) == JOBS
 
 
-def test_jobs_whose_messages_were_lost_are_resent(
-    setup: tuple[Settings, CeleryQueue, str],
-) -> None:
-    settings, queue, name = setup
+def test_jobs_whose_messages_were_lost_are_resent(setup: Setup) -> None:
+    settings, queue, normal, express = setup
     submit_all(settings, queue)
     client = redis.Redis.from_url(REDIS_URL)
-    client.rpop(name, 2)  # two messages lost: 16 jobs no message will deliver
+    client.rpop(express, 2)  # two messages lost: 16 jobs no message will deliver
     client.close()
-    assert queue.queued_jobs(name) == JOBS - 16
+    assert queued_jobs(queue, normal, express) == JOBS - 16
     time.sleep(settings.requeue_after_s * 2)
     report = Sweeper(settings, queue, holder="test").sweep_once()
     # The sweeper cannot tell which jobs lost their message: it re-sends the stale
     # ones (a duplicate is harmless: a claim is conditional).
     assert report["resent"] == JOBS
-    assert queue.queued_jobs(name) == 2 * JOBS - 16
+    assert queued_jobs(queue, normal, express) == 2 * JOBS - 16
 
 
-def test_resent_messages_leave_after_the_commit(setup: tuple[Settings, CeleryQueue, str]) -> None:
+def test_resent_messages_leave_after_the_commit(setup: Setup) -> None:
     """A worker taking a re-sent message must find its job's row free: the sweeper
     sends only once its transaction (which marks the jobs re-sent) has committed."""
-    settings, queue, name = setup
+    settings, queue, normal, express = setup
     submit_all(settings, queue)
     client = redis.Redis.from_url(REDIS_URL)
-    client.delete(name)  # every message lost
+    client.delete(normal, express)  # every message lost
     client.close()
     time.sleep(settings.requeue_after_s * 2)
     seen_locked: list[bool] = []

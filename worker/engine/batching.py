@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
+from core.express import EXPRESS_ROWS
 from worker.engine import admission, fastpath, kvcache, lanes
 from worker.engine.base import (
     REQUEUE,
@@ -121,7 +122,7 @@ class BatchingEngine:
         self._dead: BaseException | None = None
         # The running batches, touched only by the scheduler thread (worker.engine.lanes).
         main = kvcache.SlotCache(model.config, max_batch_size)
-        express = kvcache.SlotCache(model.config, lanes.EXPRESS_ROWS)
+        express = kvcache.SlotCache(model.config, EXPRESS_ROWS)
         # A decode step written for the model's family (None: the model's own forward).
         fast = fastpath.decode_step_for(model, main, max_rows=max_batch_size)
         if not fast_decode:
@@ -240,7 +241,7 @@ class BatchingEngine:
             newcomers = admission.pick(
                 self._waiting,
                 (
-                    lanes.EXPRESS_ROWS - self._express.rows,
+                    EXPRESS_ROWS - self._express.rows,
                     self._tokens_left(),
                 ),
                 self._tokenize,

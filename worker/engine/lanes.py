@@ -17,15 +17,14 @@ from __future__ import annotations
 
 import dataclasses
 
+from core.express import EXPRESS_MAX_TOKENS, EXPRESS_ROWS
 from worker.engine.fastpath import DecodeStep
 from worker.engine.kvcache import SlotCache
 from worker.engine.requests import RequestState
 
-# Rows in the express lane; a request needing more (beams) runs in the main lane.
-EXPRESS_ROWS = 4
-# The most cache tokens (prompt plus new tokens, over its rows) of an express request:
-# a long prompt is a prefill that would stall the main batch.
-EXPRESS_MAX_TOKENS = 512
+# Rows in the express lane (EXPRESS_ROWS: a request needing more, beams, runs in the
+# main lane) and the most cache tokens of an express request (EXPRESS_MAX_TOKENS) are
+# core.express's, which the API's express queue shares.
 # Express steps per turn (one turn before each forward of the main batch).
 EXPRESS_STEPS_PER_TURN = 4
 
