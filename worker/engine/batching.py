@@ -460,7 +460,13 @@ class BatchingEngine:
 
     def _decode(self, lane: Lane) -> None:
         """One token for every row of ``lane`` (free slots too: no copy to skip them)."""
-        ids, mask, positions = lane.batch.step_inputs()
+        try:
+            ids, mask, positions = lane.batch.step_inputs()
+        except Exception:
+            # A reallocation failed (out of memory) and emptied the cache: every request
+            # of the lane starts again.
+            self._restart(lane, list(lane.jobs))
+            raise
         logits = self._forward(ids, mask, positions, lane.batch.cache)
         placed = [(state, lane.slots[state]) for state in lane.jobs]
         moves: Moves = []

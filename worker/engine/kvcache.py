@@ -11,9 +11,10 @@ window ``[start, end)``. A row is a *slot*:
 - a decode step writes its column at ``end`` in place;
 - columns that are padding in every live row are dropped by moving ``start`` (a view).
 
-The buffers hold ``max_rows`` rows from the start, and the whole cache is copied only
-when their columns run out: once per ``GROW_CHUNK`` decode steps, or when a newcomer's
-prompt is wider than the room on the left. When free slots are left with nothing
+On a CPU the buffers hold ``max_rows`` rows from the start (on an accelerator rows grow
+by doubling), and the whole cache is copied only when their columns run out: once per
+``GROW_CHUNK`` decode steps, or when a newcomer's prompt is wider than the room on the
+left. When free slots are left with nothing
 waiting to fill them (the tail of a workload), :meth:`SlotCache.compact` moves the last
 live rows into them, copying only those rows.
 
@@ -192,7 +193,7 @@ class SlotCache:
             self._allocate(prefill, mask, needed, width)
         elif needed > self.row_capacity or width > self.window.end:
             self._reallocate(
-                row_cap=self._grown_rows(needed),
+                row_cap=self._grown_rows(needed, self.mask.device),
                 left=max(0, width - self.window.width),
                 right=GROW_CHUNK,
             )
@@ -324,17 +325,23 @@ class SlotCache:
 
     # ---- buffers ----
 
-    def _grown_rows(self, needed: int) -> int:
-        """Row capacity for ``needed`` rows: ``max_rows`` at once (or ``needed`` itself,
-        for an oversized request that runs alone). Rows never in view are never
-        written, so on a CPU their memory is not even committed; growing by doubling
-        instead copied the whole cache at each doubling, a stall of every running
-        request while a burst of newcomers filled the batch."""
-        return max(needed, self.max_rows)
+    def _grown_rows(self, needed: int, device: torch.device) -> int:
+        """Row capacity for ``needed`` rows (or ``needed`` itself, for an oversized
+        request that runs alone). On a CPU, ``max_rows`` at once: rows never in view
+        are never written, so the memory of a large buffer's spare rows is never
+        committed, and growing by doubling copied the whole cache at each doubling (a
+        stall of every running request while a burst of newcomers filled the batch).
+        On an accelerator memory is real when allocated: double, up to ``max_rows``."""
+        if device.type == "cpu":
+            return max(needed, self.max_rows)
+        capacity = max(1, self.row_capacity)
+        while capacity < needed:
+            capacity *= 2
+        return max(needed, min(capacity, self.max_rows))
 
     def _allocate(self, prefill: Any, mask: torch.Tensor, rows: int, width: int) -> None:
         """First admission into an empty batch: buffers shaped like the prefill's layers."""
-        row_cap, col_cap = self._grown_rows(rows), width + GROW_CHUNK
+        row_cap, col_cap = self._grown_rows(rows, mask.device), width + GROW_CHUNK
         for layer, new in zip(self.layers, prefill.layers, strict=True):
             if not getattr(new, "is_initialized", False) or new.keys is None:
                 continue
@@ -357,15 +364,26 @@ class SlotCache:
         which = slice(0, w.rows)
         cols, width = slice(w.start, w.end), w.width
         col_cap = left + width + right
-        for layer in self.layers:
-            if layer.key_buffer is None or layer.value_buffer is None:
-                continue
-            layer.key_buffer = _regrown(layer.key_buffer, which, cols, row_cap, col_cap, left)
-            layer.value_buffer = _regrown(layer.value_buffer, which, cols, row_cap, col_cap, left)
-        self.mask = _regrown(self.mask, which, cols, row_cap, col_cap, left)
-        self.positions = self._regrown_rows(self.positions, which, row_cap)
-        self.last = self._regrown_rows(self.last, which, row_cap)
-        self.live = self._regrown_rows(self.live, which, row_cap)
+        try:
+            for layer in self.layers:
+                if layer.key_buffer is None or layer.value_buffer is None:
+                    continue
+                layer.key_buffer = _regrown(layer.key_buffer, which, cols, row_cap, col_cap, left)
+                layer.value_buffer = _regrown(
+                    layer.value_buffer, which, cols, row_cap, col_cap, left
+                )
+            self.mask = _regrown(self.mask, which, cols, row_cap, col_cap, left)
+            self.positions = self._regrown_rows(self.positions, which, row_cap)
+            self.last = self._regrown_rows(self.last, which, row_cap)
+            self.live = self._regrown_rows(self.live, which, row_cap)
+        except BaseException:
+            # Some layers hold new buffers, unset outside what was copied, that the old
+            # window does not fit: nothing of the batch can be trusted. Empty it (its
+            # requests start again, the engine's part) rather than hold a view whose
+            # keys are garbage. (Buffers are replaced one at a time, so the peak is the
+            # old cache plus one layer's new buffers, not two caches.)
+            self.clear()
+            raise
         w.start, w.end = left, left + width
         self.copies += 1
 
