@@ -10,7 +10,11 @@ goes first:
 - in the engine, a short request runs in the express lane
   (:mod:`worker.engine.lanes`): it does not wait for the running batch's requests.
 
-Bulk work (``low`` priority: a batch's lines, however short) takes neither.
+Bulk work (``low`` priority: a batch's lines, however short) takes neither. The express
+queue is read before ``normal``, so it is paced per owner (:data:`PACE`): past a burst
+of ``EXPRESS_BURST`` and a rate of ``EXPRESS_RATE_PER_S`` short jobs a second (per API
+process), an owner's short jobs go to ``normal`` in order with everyone's, and a flood of
+them cannot hold back the long ``normal`` jobs sent before it.
 """
 
 from __future__ import annotations
@@ -18,11 +22,18 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from core.quotas import RateLimiter
+
 # Rows (beams, or sequences to return) of a short request at most.
 EXPRESS_ROWS = 4
 # Cache tokens (prompt plus new tokens, over its rows) of a short request at most: a
 # long prompt is a prefill that would stall the running batch.
 EXPRESS_MAX_TOKENS = 512
+# Short jobs an owner may send to the express queue at once, and per second after that.
+EXPRESS_BURST = 16
+EXPRESS_RATE_PER_S = 4.0
+PACE = RateLimiter(EXPRESS_RATE_PER_S, EXPRESS_BURST)
+"""The owners' express budgets in this process (tests replace it with a fresh one)."""
 
 
 def sends_express(row: Mapping[str, Any], max_new_tokens: int) -> bool:
@@ -44,3 +55,8 @@ def sends_express(row: Mapping[str, Any], max_new_tokens: int) -> bool:
         len(message.get("content") or "") for message in row.get("messages") or []
     )
     return rows <= EXPRESS_ROWS and rows * (chars + new) <= EXPRESS_MAX_TOKENS
+
+
+def paced(owner: str) -> bool:
+    """Spend one of ``owner``'s express budget; False when it is spent."""
+    return PACE.take(owner) is None

@@ -86,8 +86,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         config["broker_transport_options"] = {
             # Longer than the task time limit, so a running task is not redelivered.
             "visibility_timeout": settings.visibility_timeout_s,
-            # A worker polls its queues in the order given (high, normal, low)
-            # instead of round robin, so priorities hold.
+            # A worker polls its queues in the order given (high, express, normal,
+            # low) instead of round robin, so priorities hold.
             "queue_order_strategy": "priority",
         }
     return config

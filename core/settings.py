@@ -68,7 +68,7 @@ class Settings(BaseSettings):
         ge=0,
         le=256,
         description="requests of at most this many new tokens skip a busy batch in small"
-        " steps of their own (0: off)",
+        " steps of their own, and (read by the API) a queue's backlog (0: off)",
     )
 
     # The worker process.

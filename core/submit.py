@@ -26,10 +26,9 @@ from sqlalchemy import insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from core import egress, idempotency, quotas, workers
+from core import egress, express, idempotency, quotas, workers
 from core.chat import template_messages
 from core.errors import CoreError
-from core.express import sends_express
 from core.jobs import get_job, submission_jobs
 from core.models import LOCAL_OWNER, Job, utcnow
 from core.openai_format import ParsedRequest
@@ -209,10 +208,16 @@ def send(queue: JobQueue | None, routes: Sequence[Route]) -> bool:
 
 def routes_of(rows: Sequence[dict[str, Any]], settings: Settings) -> list[Route]:
     """Where each new row's message goes: short jobs of normal priority to the express
-    queue (:mod:`core.express`), the others to the queue of their priority."""
+    queue while their owner's express budget lasts (:mod:`core.express`), the others
+    to the queue of their priority."""
     limit = settings.express_max_new_tokens
     return [
-        Route(row["id"], row["model"], row["priority"], express=sends_express(row, limit))
+        Route(
+            row["id"],
+            row["model"],
+            row["priority"],
+            express=express.sends_express(row, limit) and express.paced(row["owner"]),
+        )
         for row in rows
     ]
 

@@ -21,6 +21,7 @@ from sqlalchemy.pool import NullPool
 import migrations
 from api.app import create_app
 from core.queue import Route, group_routes
+from core.quotas import RateLimiter
 from core.settings import Settings
 from tests.integration.helpers import free_port
 
@@ -63,6 +64,16 @@ class RecordingQueue:
 
     def queued_jobs(self, queue: str) -> int:
         return 0
+
+
+@pytest.fixture(autouse=True)
+def fresh_express_budgets(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test starts with full per-owner express budgets (core.express.PACE)."""
+    from core import express
+
+    monkeypatch.setattr(
+        express, "PACE", RateLimiter(express.EXPRESS_RATE_PER_S, express.EXPRESS_BURST)
+    )
 
 
 @pytest.fixture

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import redis
 
+from core.express import EXPRESS_BURST
 from tests.integration.helpers import wait_until
 from tests.integration.test_faults import FAULT_REDIS_URL, Cluster, make_cluster
 
@@ -99,3 +100,27 @@ def test_each_model_has_its_queue_and_its_workers(
     assert unknown.status_code == 422
     message = unknown.json()["error"]["message"]
     assert model_a in message and model_b in message
+
+
+def test_a_flood_of_short_jobs_holds_back_a_long_job_sent_before_it_only_so_far(
+    postgres_url: str, tmp_path: Path, clean_redis: redis.Redis
+) -> None:
+    """The express queue is read before ``normal``, and any caller may send short jobs of
+    the default priority: an owner's flood of them must not hold back, for as long as it
+    lasts, a long ``normal`` job sent before it. Past the owner's express burst its
+    short jobs go to ``normal``, behind the long one (found by review: without the
+    budget the long job started 31st of 31)."""
+    cluster = make_cluster(
+        postgres_url, tmp_path, "fake:token_delay_s=0.02", GENQ_WORKER_CONCURRENCY="2"
+    )
+    busy = cluster.submit([f"long job {i}" for i in range(4)], max_new_tokens=20)
+    with cluster.worker():
+        wait_until(lambda: cluster.count(busy, "running") >= 1, 60, "the workers", cluster.logs[0])
+        (waiting,) = cluster.submit(["a long job sent first"], max_new_tokens=20)
+        flood = cluster.submit([f"short {i}" for i in range(30)], max_new_tokens=4)
+        jobs = cluster.wait_final([*busy, waiting, *flood], 120)
+    assert all(job["status"] == "succeeded" for job in jobs), cluster.tail()
+    rank = start_order(cluster, [waiting, *flood]).index(waiting)
+    print(f"\nFLOOD: the long job sent first started {rank + 1} of 31")
+    # At most the owner's express burst and the slots taken while it waited go first.
+    assert rank <= EXPRESS_BURST + 4

@@ -16,6 +16,7 @@ from sqlalchemy import select
 
 from core import submit
 from core.db import session_scope
+from core.express import EXPRESS_BURST
 from core.models import Job
 from core.queue import CeleryQueue, queue_name
 from core.schemas import JobCreate
@@ -26,7 +27,7 @@ from worker.sweeper import Sweeper
 
 pytestmark = pytest.mark.integration
 
-JOBS = 200  # 25 messages of 8 ids: 13 in the express queue, 12 in the normal one
+JOBS = 200  # half of them short: the owner's express burst (16) goes to express
 Setup = tuple[Settings, CeleryQueue, str, str]
 
 
@@ -67,7 +68,8 @@ def queued_jobs(queue: CeleryQueue, *names: str) -> int:
 def test_no_resend_while_every_job_still_has_its_message(setup: Setup) -> None:
     settings, queue, normal, express = setup
     submit_all(settings, queue)
-    assert queue.queued_jobs(normal) == queue.queued_jobs(express) == JOBS // 2
+    assert queue.queued_jobs(express) == EXPRESS_BURST
+    assert queue.queued_jobs(normal) == JOBS - EXPRESS_BURST
     sweeper = Sweeper(settings, queue, holder="test")
     # The messages wait longer than requeue_after_s, sweep after sweep (no worker).
     resent = []
@@ -83,6 +85,7 @@ def test_jobs_whose_messages_were_lost_are_resent(setup: Setup) -> None:
     submit_all(settings, queue)
     client = redis.Redis.from_url(REDIS_URL)
     client.rpop(express, 2)  # two messages lost: 16 jobs no message will deliver
+    assert queue.queued_jobs(express) == EXPRESS_BURST - 16
     client.close()
     assert queued_jobs(queue, normal, express) == JOBS - 16
     time.sleep(settings.requeue_after_s * 2)

@@ -267,11 +267,14 @@ def test_a_bulk_submit_queues_every_job_in_order_a_few_per_message(
     assert all(j["status"] == "queued" and j["params"]["max_new_tokens"] == 3 for j in jobs)
     ids = [j["id"] for j in jobs]
     assert ids == sorted(ids) and len(set(ids)) == 19  # they also list in submission order
-    # One message per 8 ids of the same model and priority; every job sent once.
+    # One message per 8 ids of the same model and queue; every job sent once. The short
+    # normal jobs fill the owner's express burst (16: two messages), the high one goes
+    # alone to its queue, the last two short ones to normal.
     assert sorted(queue.sent) == sorted(ids)
-    assert [len(m) for m in queue.messages] == [8, 8, 2, 1]
-    assert queue.messages[-1] == [jobs[4]["id"]]
-    assert queue.routes[-1][1:] == ("fake", "high")
+    assert [len(m) for m in queue.messages] == [8, 8, 1, 2]
+    assert queue.messages[2] == [jobs[4]["id"]]
+    lanes = [lane for _, _, lane in queue.routes]
+    assert lanes == ["express"] * 16 + ["high"] + ["normal"] * 2
     listed = client.get("/v1/jobs", params={"limit": 100}).json()["data"]
     assert [j["id"] for j in reversed(listed)] == ids
 

@@ -8,7 +8,7 @@ from typing import Any
 from fastapi.testclient import TestClient
 
 from api.app import create_app
-from core.express import sends_express
+from core.express import EXPRESS_BURST, sends_express
 from core.queue import queue_name, queues_for
 from core.settings import Settings
 from tests.conftest import RecordingQueue
@@ -56,6 +56,19 @@ def test_a_bulk_submit_sends_each_job_to_its_lane(
     lanes = {job_id: lane for job_id, _, lane in queue.routes}
     assert [lanes[i] for i in ids] == ["normal", "express"] * 3
     assert len(queue.messages) == 2  # one message per queue
+
+
+def test_each_owner_has_an_express_budget_and_then_goes_normal(
+    client: TestClient, queue: RecordingQueue
+) -> None:
+    """The express queue is read before normal: one owner's flood of short jobs must not
+    hold back long normal jobs sent before it, so past its burst they go to normal."""
+    lanes = [lane_of(client, queue, max_new_tokens=4) for _ in range(EXPRESS_BURST + 4)]
+    assert lanes == ["express"] * EXPRESS_BURST + ["normal"] * 4
+    jobs = [{"prompt": f"p{i}", "max_new_tokens": 4} for i in range(3)]
+    response = client.post("/v1/jobs/bulk", json={"jobs": jobs})
+    assert response.status_code == 202, response.text
+    assert [lane for _, _, lane in queue.routes[-3:]] == ["normal"] * 3
 
 
 def test_no_express_queue_when_the_express_lane_is_off(settings: Settings) -> None:
