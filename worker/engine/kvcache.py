@@ -14,9 +14,9 @@ window ``[start, end)``. A row is a *slot*:
 On a CPU the buffers hold ``max_rows`` rows from the start (on an accelerator rows grow
 by doubling), and the whole cache is copied only when their columns run out: once per
 ``GROW_CHUNK`` decode steps, or when a newcomer's prompt is wider than the room on the
-left. When free slots are left with nothing
-waiting to fill them (the tail of a workload), :meth:`SlotCache.compact` moves the last
-live rows into them, copying only those rows.
+left. When free slots are left with nothing waiting to fill them (the tail of a
+workload), :meth:`SlotCache.compact` moves the last live rows into them, copying only
+those rows.
 
 Masked positions always hold finite values (zeros, or the keys of a slot's former
 occupant): softmax gives them weight exactly 0, and ``0 * x`` is 0 for finite ``x`` but
