@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session
 
 from core import delivery, jobstate, workers
 from core.db import run_with_retry, session_scope
-from core.queue import JobQueue, queues_for
+from core.queue import JobQueue, lane_rank, queues_for
 from core.settings import Settings
 from worker.claims import GroupClaimer
 from worker.engine.base import (
@@ -36,6 +36,7 @@ from worker.engine.base import (
     GenerationRequest,
     GenerationResult,
 )
+from worker.groupcommit import GroupCommit
 from worker.isolation import JobSlots, SharedExclusiveLock
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,8 @@ _HAND_BACK_CODES = frozenset({REQUEUE, "engine_failed", "engine_stopped"})
 # back before it hands back (from the monitor) what they still hold.
 DEAD_ENGINE_GRACE_S = 5.0
 
+
+StoreItem = tuple[jobstate.Claim, jobstate.Outcome | jobstate.Failure]
 
 HANDED_BACK = "handed_back"
 """The status of a job given back to the queue by a stopping worker."""
@@ -81,6 +84,9 @@ class WorkerRuntime:
         self._in_flight: dict[str, jobstate.Claim] = {}
         # Messages arriving together are claimed in one statement (worker.claims).
         self._claimers: dict[str, GroupClaimer] = {}
+        # Results stored together likewise: one transaction for every task thread
+        # storing at the same moment (worker.groupcommit).
+        self._storer: GroupCommit[StoreItem, bool] = GroupCommit(self._store_outcomes)
         self._reported: dict[str, int] = {}
         self._handing_back: set[str] = set()
         self._isolation = SharedExclusiveLock()
@@ -107,7 +113,9 @@ class WorkerRuntime:
         """Claim, generate and store one job; returns the status it ended in."""
         return self.run_jobs([job_id], worker=worker)[job_id]
 
-    def run_jobs(self, job_ids: Sequence[str], *, worker: str) -> dict[str, str]:
+    def run_jobs(
+        self, job_ids: Sequence[str], *, worker: str, queue: str | None = None
+    ) -> dict[str, str]:
         """Claim, generate and store the jobs of one message; returns each one's
         final status ("skipped" where it was not queued: cancelled, taken,
         finished or unknown).
@@ -121,7 +129,8 @@ class WorkerRuntime:
         if self._draining.is_set() or not self.engine.check_health():
             raise DrainingError(ids)
         statuses = dict.fromkeys(ids, "skipped")
-        with self._slots.hold(len(ids)):
+        # Free slots go to the message from the queue read first (high, express, ...).
+        with self._slots.hold(len(ids), rank=lane_rank(queue)):
             with self._isolation.shared():
                 # Checked again once a slot is free: a message that waited for one
                 # while the worker began shutting down must not start its jobs.
@@ -251,7 +260,7 @@ class WorkerRuntime:
         }
         to_store = [(c, r) for c, r in ready if c.job_id not in handing_back]
         outcomes = [(c, self._outcome_row(r)) for c, r in to_store]
-        stored = self._db(lambda s: jobstate.store_outcomes(s, outcomes))
+        stored = self._storer(outcomes) if outcomes else []
         for (claim, result), ok in zip(to_store, stored, strict=True):
             status = _status(result)
             statuses[claim.job_id] = status
@@ -266,6 +275,9 @@ class WorkerRuntime:
                     "job %s %s: result stored (attempt %d)", claim.job_id, status, claim.attempt
                 )
         return statuses
+
+    def _store_outcomes(self, outcomes: list[StoreItem]) -> list[bool]:
+        return self._db(lambda s: jobstate.store_outcomes(s, outcomes))
 
     def _outcome_row(
         self, result: GenerationResult | GenerationError

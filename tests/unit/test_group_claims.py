@@ -49,7 +49,7 @@ class BlockingClaims:
 
 def _wait_for_waiters(claimer: GroupClaimer, n: int) -> None:
     deadline = time.monotonic() + 10
-    while len(claimer._waiting) < n:
+    while claimer.group.waiting < n:
         assert time.monotonic() < deadline, "the threads did not queue up"
         time.sleep(0.001)
 
@@ -78,7 +78,7 @@ def test_messages_arriving_during_a_claim_are_claimed_together_each_getting_its_
         results = [head.result(10)] + [f.result(10) for f in rest]
     # Two statements, not five: the first, and one for all that came while it ran.
     assert fake.statements == [["a1", "a2"], ["b1", "s1", "c1", "gone", "d1", "e1", "e2", "s2"]]
-    assert claimer.rounds == 2
+    assert claimer.group.rounds == 2
     got = [([c.job_id for c in claims], suspects) for claims, suspects in results]
     assert got == [
         (["a1", "a2"], []),
@@ -183,5 +183,49 @@ def test_a_message_whose_ids_the_database_rejects_fails_alone_through_the_runtim
                 assert client.get(f"/v1/jobs/{ids[1]}").json()["status"] == "queued"
             else:
                 assert bad.result(10) == {ids[1]: "succeeded", "bad\x00id": "skipped"}
+    finally:
+        runtime.close()
+
+
+def test_results_stored_at_the_same_moment_are_stored_in_one_transaction_each_once(
+    client: TestClient, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The first store is held open while the other messages finish: their results
+    # are stored together in the next round, and each job ends stored once.
+    runtime = WorkerRuntime(settings, FakeEngine(max_prompt_words=20, token_delay_s=0.0))
+    real = runtime._store_outcomes
+    entered, release = threading.Event(), threading.Event()
+    stores: list[int] = []
+
+    def first_waits(outcomes: list[Any]) -> list[bool]:
+        stores.append(len(outcomes))
+        if not entered.is_set():
+            entered.set()
+            assert release.wait(10)
+        return real(outcomes)
+
+    monkeypatch.setattr(runtime, "_store_outcomes", first_waits)
+    runtime._storer._fn = first_waits  # the group commit was made with the real one
+    try:
+        ids = [submit_prompt(client, max_new_tokens=2) for _ in range(9)]
+        with ThreadPoolExecutor(5) as pool:
+            first = pool.submit(runtime.run_jobs, ids[:1], worker="w1")
+            assert entered.wait(10)
+            rest = [
+                pool.submit(runtime.run_jobs, ids[i : i + 2], worker="w1") for i in (1, 3, 5, 7)
+            ]
+            deadline = time.monotonic() + 10
+            while runtime._storer.waiting < 4:
+                assert time.monotonic() < deadline, "the stores did not queue up"
+                time.sleep(0.001)
+            release.set()
+            results = [first.result(10)] + [f.result(10) for f in rest]
+        # The four messages that stored meanwhile went in one transaction (a
+        # message's second job may have finished after its first was stored).
+        assert stores[0] == 1 and stores[1] >= 4 and sum(stores) == 9, stores
+        assert {k: v for r in results for k, v in r.items()} == dict.fromkeys(ids, "succeeded")
+        for job_id in ids:
+            job = client.get(f"/v1/jobs/{job_id}").json()
+            assert job["status"] == "succeeded" and job["output"], job
     finally:
         runtime.close()
