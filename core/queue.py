@@ -56,6 +56,13 @@ def queues_for(prefix: str, model: str) -> list[str]:
     return [queue_name(prefix, model, lane) for lane in CONSUME_ORDER]
 
 
+def lane_rank(queue: str | None) -> int:
+    """Where the queue named ``queue`` comes in :data:`CONSUME_ORDER` (0 first); a
+    name of no known lane ranks as ``normal``."""
+    lane = (queue or "").rpartition(".")[2]
+    return CONSUME_ORDER.index(lane if lane in CONSUME_ORDER else "normal")
+
+
 def queues_carrying(prefix: str, model: str, priority: str) -> list[str]:
     """The queues that may hold the messages of ``model``'s jobs of ``priority``."""
     lanes = [EXPRESS, priority] if priority == "normal" else [priority]

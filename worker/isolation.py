@@ -4,6 +4,7 @@ claims no more jobs than it has slots for."""
 from __future__ import annotations
 
 import threading
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -55,27 +56,35 @@ class JobSlots:
     together (taking them one at a time could leave two messages each holding
     part of what it needs, forever). Jobs waiting here are still queued in SQL,
     so what a worker shows as running is what it is generating.
+
+    Slots that free up go to the waiting message of the best ``rank`` (its queue's
+    place in the consume order, 0 first): a web app's short job that arrives while
+    a batch's messages wait here takes the next free slot instead of waiting for
+    them all.
     """
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
         self._cond = threading.Condition()
         self._used = 0
-        self._waiting = 0
+        self._ranks: Counter[int] = Counter()  # waiting messages per rank
 
     @property
     def waiting(self) -> int:
         """Messages waiting for slots (their jobs still queued in SQL)."""
         with self._cond:
-            return self._waiting
+            return self._ranks.total()
 
     @contextmanager
-    def hold(self, count: int) -> Iterator[None]:
+    def hold(self, count: int, *, rank: int = 0) -> Iterator[None]:
         count = min(count, self.capacity)
         with self._cond:
-            self._waiting += 1
-            self._cond.wait_for(lambda: self._used + count <= self.capacity)
-            self._waiting -= 1
+            self._ranks[rank] += 1
+            try:
+                self._cond.wait_for(lambda: self._fits(count, rank))
+            finally:
+                self._ranks[rank] -= 1
+                self._cond.notify_all()  # a waiter of a worse rank may go now
             self._used += count
         try:
             yield
@@ -83,3 +92,7 @@ class JobSlots:
             with self._cond:
                 self._used -= count
                 self._cond.notify_all()
+
+    def _fits(self, count: int, rank: int) -> bool:
+        ahead = any(n for r, n in self._ranks.items() if r < rank)
+        return not ahead and self._used + count <= self.capacity

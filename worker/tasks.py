@@ -27,7 +27,9 @@ def generate_many(self: Any, job_ids: list[str]) -> dict[str, str]:
 def _run(task: Any, job_ids: list[str]) -> dict[str, str]:
     try:
         statuses = lifecycle.get_runtime().run_jobs(
-            job_ids, worker=task.request.hostname or "worker"
+            job_ids,
+            worker=task.request.hostname or "worker",
+            queue=(task.request.delivery_info or {}).get("routing_key"),
         )
     except DrainingError:
         raise Reject("worker shutting down", requeue=True) from None

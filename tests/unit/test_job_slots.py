@@ -1,0 +1,61 @@
+"""A worker's job slots (worker.isolation.JobSlots): a message takes its jobs' slots
+together, and freed slots go to the message from the queue read first."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from core.queue import CONSUME_ORDER, lane_rank, queue_name
+from worker.isolation import JobSlots
+
+HIGH, EXPRESS, NORMAL, LOW = (lane_rank(queue_name("genq", "gpt2", lane)) for lane in CONSUME_ORDER)
+
+
+def _wait_for(condition: object, what: str) -> None:
+    deadline = time.monotonic() + 10
+    while not condition():  # type: ignore[operator]
+        assert time.monotonic() < deadline, what
+        time.sleep(0.001)
+
+
+def test_lanes_rank_in_the_order_workers_read_their_queues() -> None:
+    assert (HIGH, EXPRESS, NORMAL, LOW) == (0, 1, 2, 3)
+    # A queue of no known lane (a hand-made -Q, the embedded broker) ranks as normal.
+    assert lane_rank(None) == lane_rank("custom") == NORMAL
+
+
+def test_a_message_of_a_later_queue_waits_while_one_of_an_earlier_queue_needs_the_slots() -> None:
+    slots = JobSlots(2)
+    order: list[str] = []
+    release = threading.Event()
+
+    def take(name: str, count: int, rank: int) -> None:
+        with slots.hold(count, rank=rank):
+            order.append(name)
+            assert release.wait(10)
+
+    with ThreadPoolExecutor(3) as pool:
+        first = pool.submit(take, "running", 1, LOW)
+        _wait_for(lambda: order == ["running"], "the first message")
+        # One slot is free, but the express message needs two: it waits for them,
+        # and the batch message that would fit in the free one waits behind it.
+        express = pool.submit(take, "express", 2, EXPRESS)
+        _wait_for(lambda: slots.waiting == 1, "the express message to wait")
+        batch = pool.submit(take, "batch", 1, NORMAL)
+        _wait_for(lambda: slots.waiting == 2, "the batch message to wait")
+        time.sleep(0.05)
+        assert order == ["running"]
+        release.set()
+        for future in (first, express, batch):
+            future.result(10)
+    assert order == ["running", "express", "batch"]
+
+
+def test_messages_of_one_queue_take_free_slots_as_they_fit() -> None:
+    slots = JobSlots(3)
+    with slots.hold(2, rank=NORMAL), slots.hold(1, rank=NORMAL):
+        assert slots.waiting == 0
+    with slots.hold(5, rank=LOW):  # more than the capacity: all of it
+        assert slots.waiting == 0
