@@ -61,6 +61,7 @@ def test_a_message_waiting_for_a_slot_when_the_worker_drains_does_not_start(
 
 class _Request:
     hostname = "w1"
+    delivery_info = {"routing_key": "genq.gpt2-0123abcd.normal"}
 
 
 class _Task:
@@ -73,7 +74,7 @@ class _Runtime:
     def __init__(self, status: str) -> None:
         self.status = status
 
-    def run_jobs(self, job_ids: list[str], *, worker: str) -> dict[str, str]:
+    def run_jobs(self, job_ids: list[str], *, worker: str, queue: str | None) -> dict[str, str]:
         return dict.fromkeys(job_ids, self.status)
 
 
