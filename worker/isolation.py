@@ -58,13 +58,16 @@ class JobSlots:
     so what a worker shows as running is what it is generating.
 
     Slots that free up go to the waiting message of the best ``rank`` (its queue's
-    place in the consume order, 0 first): a web app's short job that arrives while
-    a batch's messages wait here takes the next free slot instead of waiting for
-    them all.
+    place in the consume order, 0 first), and ``reserved`` of them are only for
+    messages of rank ``urgent_rank`` or better: a web app's short job that arrives
+    while a batch's messages fill the slots and wait for more takes a slot at once
+    instead of waiting for them.
     """
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, *, reserved: int = 0, urgent_rank: int = 0) -> None:
         self.capacity = capacity
+        self.reserved = min(reserved, capacity - 1)
+        self.urgent_rank = urgent_rank
         self._cond = threading.Condition()
         self._used = 0
         self._ranks: Counter[int] = Counter()  # waiting messages per rank
@@ -77,11 +80,12 @@ class JobSlots:
 
     @contextmanager
     def hold(self, count: int, *, rank: int = 0) -> Iterator[None]:
-        count = min(count, self.capacity)
+        limit = self.capacity if rank <= self.urgent_rank else self.capacity - self.reserved
+        count = min(count, limit)
         with self._cond:
             self._ranks[rank] += 1
             try:
-                self._cond.wait_for(lambda: self._fits(count, rank))
+                self._cond.wait_for(lambda: self._fits(count, rank, limit))
             finally:
                 self._ranks[rank] -= 1
                 self._cond.notify_all()  # a waiter of a worse rank may go now
@@ -93,6 +97,6 @@ class JobSlots:
                 self._used -= count
                 self._cond.notify_all()
 
-    def _fits(self, count: int, rank: int) -> bool:
+    def _fits(self, count: int, rank: int, limit: int) -> bool:
         ahead = any(n for r, n in self._ranks.items() if r < rank)
-        return not ahead and self._used + count <= self.capacity
+        return not ahead and self._used + count <= limit

@@ -26,7 +26,8 @@ from sqlalchemy.orm import Session
 
 from core import delivery, jobstate, workers
 from core.db import run_with_retry, session_scope
-from core.queue import JobQueue, lane_rank, queues_for
+from core.express import EXPRESS_ROWS
+from core.queue import CONSUME_ORDER, EXPRESS, JobQueue, lane_rank, queues_for
 from core.settings import Settings
 from worker.claims import GroupClaimer
 from worker.engine.base import (
@@ -51,6 +52,9 @@ _HAND_BACK_CODES = frozenset({REQUEUE, "engine_failed", "engine_stopped"})
 DEAD_ENGINE_GRACE_S = 5.0
 
 
+URGENT_RANK = CONSUME_ORDER.index(EXPRESS)
+"""Messages of this rank or better (high, express) are a web app's: they have their
+own claim and store rounds and reserved slots."""
 StoreItem = tuple[jobstate.Claim, jobstate.Outcome | jobstate.Failure]
 
 HANDED_BACK = "handed_back"
@@ -83,14 +87,25 @@ class WorkerRuntime:
         self._lock = threading.Lock()
         self._in_flight: dict[str, jobstate.Claim] = {}
         # Messages arriving together are claimed in one statement (worker.claims).
-        self._claimers: dict[str, GroupClaimer] = {}
+        # Those of high and express messages apart from the others': a web app's job
+        # never waits for a round of a batch's claims or stores.
+        self._claimers: dict[tuple[str, bool], GroupClaimer] = {}
         # Results stored together likewise: one transaction for every task thread
         # storing at the same moment (worker.groupcommit).
-        self._storer: GroupCommit[StoreItem, bool] = GroupCommit(self._store_outcomes)
+        self._storers: dict[bool, GroupCommit[StoreItem, bool]] = {
+            urgent: GroupCommit(self._store_outcomes) for urgent in (False, True)
+        }
         self._reported: dict[str, int] = {}
         self._handing_back: set[str] = set()
         self._isolation = SharedExclusiveLock()
-        self._slots = JobSlots(settings.resolved_worker_concurrency)
+        # Slots beyond the engine's batch are for queued work; a few of them are kept
+        # for high and express messages (a web app's job never waits for a slot).
+        concurrency = settings.resolved_worker_concurrency
+        self._slots = JobSlots(
+            concurrency,
+            reserved=max(0, min(EXPRESS_ROWS, concurrency - settings.max_batch_size)),
+            urgent_rank=URGENT_RANK,
+        )
         self._draining = threading.Event()
         self._hand_back_now = False  # past the shutdown grace: running jobs go back
         self._stop = threading.Event()
@@ -130,14 +145,16 @@ class WorkerRuntime:
             raise DrainingError(ids)
         statuses = dict.fromkeys(ids, "skipped")
         # Free slots go to the message from the queue read first (high, express, ...).
-        with self._slots.hold(len(ids), rank=lane_rank(queue)):
+        rank = lane_rank(queue)
+        urgent = rank <= URGENT_RANK
+        with self._slots.hold(len(ids), rank=rank):
             with self._isolation.shared():
                 # Checked again once a slot is free: a message that waited for one
                 # while the worker began shutting down must not start its jobs.
                 if self._draining.is_set():
                     raise DrainingError(ids)
-                claims, suspects = self._claimer(worker).claim(ids)
-                statuses.update(self._run_claimed(claims))
+                claims, suspects = self._claimer(worker, urgent).claim(ids)
+                statuses.update(self._run_claimed(claims, urgent=urgent))
             for job_id in suspects:
                 if self._draining.is_set():
                     raise DrainingError(job_id)  # the message goes back; done jobs are skipped
@@ -150,12 +167,13 @@ class WorkerRuntime:
             log.info("jobs %s not queued (cancelled, taken or finished): skipped", skipped)
         return statuses
 
-    def _claimer(self, worker: str) -> GroupClaimer:
-        """The group claimer of ``worker`` (the Celery hostname; one per process)."""
+    def _claimer(self, worker: str, urgent: bool = False) -> GroupClaimer:
+        """The group claimer of ``worker`` (the Celery hostname; one per process) for
+        high and express messages (``urgent``) or the others."""
         with self._lock:
-            claimer = self._claimers.get(worker)
+            claimer = self._claimers.get((worker, urgent))
             if claimer is None:
-                claimer = self._claimers[worker] = GroupClaimer(
+                claimer = self._claimers[worker, urgent] = GroupClaimer(
                     functools.partial(self._claim_fresh, worker)
                 )
             return claimer
@@ -174,7 +192,7 @@ class WorkerRuntime:
             max_attempts=self.settings.max_attempts,
         )
 
-    def _run_claimed(self, claims: list[jobstate.Claim]) -> dict[str, str]:
+    def _run_claimed(self, claims: list[jobstate.Claim], *, urgent: bool = False) -> dict[str, str]:
         """Generate the claimed jobs together; store each result as it comes (those
         that finish together in one transaction)."""
         if not claims:
@@ -206,7 +224,7 @@ class WorkerRuntime:
         pending = set(futures)
         try:
             while True:
-                statuses.update(self._store(ready))
+                statuses.update(self._store(ready, urgent=urgent))
                 if not pending:
                     return statuses
                 done, pending = wait(
@@ -236,7 +254,10 @@ class WorkerRuntime:
             raise
 
     def _store(
-        self, ready: list[tuple[jobstate.Claim, GenerationResult | GenerationError]]
+        self,
+        ready: list[tuple[jobstate.Claim, GenerationResult | GenerationError]],
+        *,
+        urgent: bool = False,
     ) -> dict[str, str]:
         """Store finished generations in one transaction; hand back those the
         worker gave up on while shutting down."""
@@ -260,7 +281,7 @@ class WorkerRuntime:
         }
         to_store = [(c, r) for c, r in ready if c.job_id not in handing_back]
         outcomes = [(c, self._outcome_row(r)) for c, r in to_store]
-        stored = self._storer(outcomes) if outcomes else []
+        stored = self._storers[urgent](outcomes) if outcomes else []
         for (claim, result), ok in zip(to_store, stored, strict=True):
             status = _status(result)
             statuses[claim.job_id] = status

@@ -205,7 +205,7 @@ def test_results_stored_at_the_same_moment_are_stored_in_one_transaction_each_on
         return real(outcomes)
 
     monkeypatch.setattr(runtime, "_store_outcomes", first_waits)
-    runtime._storer._fn = first_waits  # the group commit was made with the real one
+    runtime._storers[False]._fn = first_waits  # the group commit was made with the real one
     try:
         ids = [submit_prompt(client, max_new_tokens=2) for _ in range(9)]
         with ThreadPoolExecutor(5) as pool:
@@ -215,7 +215,7 @@ def test_results_stored_at_the_same_moment_are_stored_in_one_transaction_each_on
                 pool.submit(runtime.run_jobs, ids[i : i + 2], worker="w1") for i in (1, 3, 5, 7)
             ]
             deadline = time.monotonic() + 10
-            while runtime._storer.waiting < 4:
+            while runtime._storers[False].waiting < 4:
                 assert time.monotonic() < deadline, "the stores did not queue up"
                 time.sleep(0.001)
             release.set()
@@ -228,4 +228,34 @@ def test_results_stored_at_the_same_moment_are_stored_in_one_transaction_each_on
             job = client.get(f"/v1/jobs/{job_id}").json()
             assert job["status"] == "succeeded" and job["output"], job
     finally:
+        runtime.close()
+
+
+def test_a_web_apps_job_is_stored_while_a_batchs_store_is_held(
+    client: TestClient, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # High and express messages have their own claim and store rounds: a batch's
+    # store that takes long (a big round on a busy worker) does not hold them.
+    runtime = WorkerRuntime(settings, FakeEngine(max_prompt_words=20, token_delay_s=0.0))
+    real = runtime._store_outcomes
+    entered, release = threading.Event(), threading.Event()
+
+    def batch_store_waits(outcomes: list[Any]) -> list[bool]:
+        entered.set()
+        assert release.wait(10)
+        return real(outcomes)
+
+    runtime._storers[False]._fn = batch_store_waits
+    try:
+        bulk, web = (submit_prompt(client, max_new_tokens=2) for _ in range(2))
+        with ThreadPoolExecutor(2) as pool:
+            held = pool.submit(runtime.run_jobs, [bulk], worker="w1", queue="genq.m.low")
+            assert entered.wait(10)
+            express = runtime.run_jobs([web], worker="w1", queue="genq.m.express")
+            assert express == {web: "succeeded"}
+            assert not held.done()
+            release.set()
+            assert held.result(10) == {bulk: "succeeded"}
+    finally:
+        release.set()
         runtime.close()

@@ -59,3 +59,29 @@ def test_messages_of_one_queue_take_free_slots_as_they_fit() -> None:
         assert slots.waiting == 0
     with slots.hold(5, rank=LOW):  # more than the capacity: all of it
         assert slots.waiting == 0
+
+
+def test_reserved_slots_are_kept_for_high_and_express_messages() -> None:
+    slots = JobSlots(10, reserved=2, urgent_rank=EXPRESS)
+    release = threading.Event()
+    taken: list[str] = []
+
+    def take(name: str, count: int, rank: int) -> None:
+        with slots.hold(count, rank=rank):
+            taken.append(name)
+            assert release.wait(10)
+
+    with ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(take, "batch", 8, NORMAL)]
+        _wait_for(lambda: taken == ["batch"], "the batch message")
+        futures.append(pool.submit(take, "more batch", 1, LOW))
+        _wait_for(lambda: slots.waiting == 1, "the next batch message to wait")
+        # Two slots are free, but only for a web app's messages.
+        futures.append(pool.submit(take, "express", 1, EXPRESS))
+        futures.append(pool.submit(take, "high", 1, HIGH))
+        _wait_for(lambda: sorted(taken) == ["batch", "express", "high"], "the urgent messages")
+        assert slots.waiting == 1
+        release.set()
+        for future in futures:
+            future.result(10)
+    assert taken[-1] == "more batch"
