@@ -37,34 +37,28 @@ class Tally:
 
 def record_final(session: Session, job_ids: Collection[str]) -> None:
     """Count these jobs, which reached a final status in the caller's transaction,
-    towards their batches (jobs of no batch are ignored)."""
+    towards their batches (jobs of no batch are ignored): one statement, which
+    inserts a tally row per batch from the job rows themselves."""
     if not job_ids:
         return
-    rows = session.execute(
+    succeeded = Job.status == JobStatus.SUCCEEDED.value
+
+    def of_succeeded(value: Any) -> Any:
+        return func.coalesce(func.sum(case((succeeded, value), else_=0)), 0)
+
+    per_batch = (
         select(
             Job.batch_id,
-            Job.status,
-            func.count(),
-            func.coalesce(func.sum(Job.prompt_tokens), 0),
-            func.coalesce(func.sum(Job.completion_tokens), 0),
+            of_succeeded(1),
+            func.coalesce(func.sum(case((succeeded, 0), else_=1)), 0),
+            of_succeeded(func.coalesce(Job.prompt_tokens, 0)),
+            of_succeeded(func.coalesce(Job.completion_tokens, 0)),
         )
         .where(Job.id.in_(list(job_ids)), Job.batch_id.is_not(None))
-        .group_by(Job.batch_id, Job.status)
+        .group_by(Job.batch_id)
     )
-    tallies: dict[str, Tally] = {}
-    for batch_id, status, count, prompt_tokens, completion_tokens in rows:
-        tally = tallies.setdefault(str(batch_id), Tally())
-        if status == JobStatus.SUCCEEDED:
-            tally.completed += count
-            tally.prompt_tokens += int(prompt_tokens or 0)
-            tally.completion_tokens += int(completion_tokens or 0)
-        else:
-            tally.failed += count
-    if tallies:
-        session.execute(
-            insert(BatchTally),
-            [{"batch_id": b} | dataclasses.asdict(t) for b, t in sorted(tallies.items())],
-        )
+    columns = ["batch_id", "completed", "failed", "prompt_tokens", "completion_tokens"]
+    session.execute(insert(BatchTally).from_select(columns, per_batch))
 
 
 def _pending(column: Any) -> Any:
