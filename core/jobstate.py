@@ -247,16 +247,18 @@ def store_outcomes(
             _set_failed(session, claim, outcome)
     # Where each job stands now under our claim's token: a cancel or a retried store
     # may have got there first.
+    # (with what the webhook events of those that ended need, in the same read).
     ids = [claim.job_id for claim, _ in outcomes]
     tokens = {claim.token for claim, _ in outcomes}
-    query = select(Job.id, Job.status).where(Job.id.in_(ids), Job.lease_token.in_(tokens))
-    now: dict[str, JobStatus] = dict(session.execute(query).all())
+    query = select(*webhooks.JOB_EVENT_COLUMNS).where(Job.id.in_(ids), Job.lease_token.in_(tokens))
+    rows = session.execute(query).all()
+    now: dict[str, JobStatus] = {row.id: row.status for row in rows}
     for claim, outcome in outcomes:
         if isinstance(outcome, Outcome) and now.get(claim.job_id) is CANCELLED:
             _keep_cancelled_output(session, claim, outcome)
-    ended = [i for i in ids if now.get(i) in (SUCCEEDED, FAILED)]
-    webhooks.record_job_events(session, ended)
-    tally.record_final(session, [i for i in ended if before.get(i) is RUNNING])
+    ended = [row for row in rows if row.status in (SUCCEEDED, FAILED)]
+    webhooks.record_events_of(session, ended)
+    tally.record_final(session, [row.id for row in ended if before.get(row.id) is RUNNING])
     return [_matches(now.get(claim.job_id), outcome) for claim, outcome in outcomes]
 
 

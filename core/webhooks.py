@@ -157,6 +157,10 @@ def default_callback(session: Session, owner: str) -> str | None:
     return url
 
 
+JOB_EVENT_COLUMNS = (Job.id, Job.owner, Job.status, Job.callback_url, Job.batch_id)
+"""What :func:`record_events_of` needs of each job row, in its order."""
+
+
 def record_job_events(session: Session, job_ids: Iterable[str]) -> int:
     """Write the outbox rows for jobs that just reached a final status (in the
     caller's transaction); returns how many. A job is sent to its own
@@ -165,9 +169,13 @@ def record_job_events(session: Session, job_ids: Iterable[str]) -> int:
     ids = list(job_ids)
     if not ids:
         return 0
-    rows = session.execute(
-        select(Job.id, Job.owner, Job.status, Job.callback_url, Job.batch_id).where(Job.id.in_(ids))
-    ).all()
+    return record_events_of(
+        session, session.execute(select(*JOB_EVENT_COLUMNS).where(Job.id.in_(ids))).all()
+    )
+
+
+def record_events_of(session: Session, rows: Iterable[Sequence[Any]]) -> int:
+    """:func:`record_job_events` for job rows already read (:data:`JOB_EVENT_COLUMNS`)."""
     defaults: dict[str, str | None] = {}
     now = utcnow()
     values = []
