@@ -6,6 +6,8 @@ One concept per module:
   jobs, streamed (sent by :mod:`core.feed`);
 - :mod:`core.batches.staging`: a validating batch's jobs written and deleted a chunk
   per transaction; the sweeper's recovery of an ingest that died;
+- :mod:`core.batches.writer`: the ingest's chunks, streamed to PostgreSQL as their
+  rows are made (buffered on SQLite);
 - :mod:`core.batches.custom_ids`: the compact table of the custom_ids seen;
 - :mod:`core.batches.lifecycle`: the batch state machine (cancel, expire, finalize);
 - :mod:`core.batches.results`: counts, usage, the output and error files, purge;

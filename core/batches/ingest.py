@@ -4,7 +4,9 @@ one job row per request, streamed, a chunk of rows per transaction.
 A batch is validated and ingested in one pass over its input, in bounded memory:
 the batch row is committed ``validating``, each valid line becomes a job row, and
 every :data:`core.batches.staging.CHUNK_ROWS` rows are committed together (so on
-SQLite another owner's submit waits for a chunk, not for the batch). Then the
+SQLite another owner's submit waits for a chunk, not for the batch; on PostgreSQL
+a chunk's rows are streamed to the server while its lines are parsed,
+:mod:`core.batches.writer`). Then the
 batch becomes ``in_progress`` in one small commit; if any line was invalid, the
 rows written are deleted (a chunk at a time) and the batch is stored ``failed``
 with OpenAI's ``errors`` object naming each offending line. Nothing half-created
@@ -29,7 +31,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from core import files, submit
-from core.batches import lifecycle, staging
+from core.batches import lifecycle, staging, writer
 from core.batches.custom_ids import SeenIds
 from core.models import Batch, Job, utcnow
 from core.openai_format import (
@@ -175,20 +177,36 @@ def ingest(
     jobs by id is ordering them as the input was; the n-th distinct custom_id is
     the n-th job.
     """
+    with writer.chunk_writer(session, batch.id) as out:
+        return _ingest(session, batch, parsed, max_lines=max_lines, out=out)
+
+
+def _ingest(
+    session: Session,
+    batch: Batch,
+    parsed: Iterable[Parsed],
+    *,
+    max_lines: int,
+    out: writer.ChunkWriter,
+) -> IngestResult:
     result = IngestResult()
     batch_id, owner, priority = batch.id, batch.owner, batch.priority
     seen = SeenIds()
-    rows: list[dict[str, Any]] = []
-    written = 0  # rows committed
     now = utcnow()
     prefix = submit.sequence_prefix()
+
+    def fail(error: LineError) -> None:
+        """Report ``error``: the batch fails, so its open chunk is dropped at once (no
+        transaction stays open while the rest is validated)."""
+        result.add(error)
+        out.abort()
 
     def same(position: int, custom_id: str) -> bool:
         """Whether the request at ``position`` has ``custom_id``. Unknown (its row was
         not kept, the batch failing already) counts as yes: the 64-bit hashes match."""
-        if position >= written:
-            index = position - written
-            return index >= len(rows) or rows[index]["custom_id"] == custom_id
+        if position >= out.committed:
+            index = position - out.committed
+            return index >= len(out.open_ids) or out.open_ids[index] == custom_id
         job_id = submit.sequence_id(prefix, position)
         return session.scalar(select(Job.custom_id).where(Job.id == job_id)) == custom_id
 
@@ -198,13 +216,13 @@ def ingest(
             staging.touch(session, batch_id)
             session.commit()
         if isinstance(item, LineError):
-            result.add(item)
+            fail(item)
             continue
         custom_id = item.custom_id or f"line-{number}"
         if item.custom_id is None:
             item = dataclasses.replace(item, custom_id=custom_id)
         if seen.add(custom_id, same) is not None:
-            result.add(
+            fail(
                 LineError(
                     number,
                     "duplicate_custom_id",
@@ -215,7 +233,7 @@ def ingest(
             continue
         result.total += 1
         if result.total > max_lines:
-            result.add(
+            fail(
                 LineError(
                     number,
                     "too_many_lines",
@@ -227,22 +245,18 @@ def ingest(
         result.model = result.model or item.model
         if result.error_count:
             continue  # the batch fails: validate the rest, insert nothing more
-        rows.append(
+        out.add(
             submit.job_row(
                 submit.NewJob.from_request(item, priority=priority),
-                job_id=submit.sequence_id(prefix, written + len(rows)),
+                job_id=submit.sequence_id(prefix, out.committed + len(out.open_ids)),
                 owner=owner,
                 default_max_new_tokens=OPENAI_DEFAULT_MAX_TOKENS,
                 now=now,
                 batch_id=batch_id,
             )
         )
-        if len(rows) >= staging.CHUNK_ROWS:
-            staging.write_chunk(session, batch_id, rows)
-            written += len(rows)
-            rows.clear()
-    if rows and not result.error_count:
-        staging.write_chunk(session, batch_id, rows)
+    if not result.error_count:
+        out.commit()
     if result.total == 0 and not result.error_count:
         result.add(LineError(None, "empty_file", "the file holds no requests"))
     return result

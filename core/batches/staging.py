@@ -15,12 +15,15 @@ the batch (sets the heartbeat NULL, which also refuses any later chunk or
 acceptance by a creator that was only slow), deletes its jobs and fails it
 (:func:`recover_stale`).
 
-Rows are written by PostgreSQL's ``COPY`` and, on SQLite, by the driver's
-executemany (SQLAlchemy's per-row parameter handling cost more than the inserts).
+Rows are written by PostgreSQL's ``COPY`` (:class:`RowCopy`; the ingest streams
+each chunk's rows as it makes them, core.batches.writer) and, on SQLite, by the
+driver's executemany (SQLAlchemy's per-row parameter handling cost more than the
+inserts).
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import functools
 import logging
@@ -100,9 +103,13 @@ def _mine(batch_id: str) -> Any:
 
 
 def touch(session: Session, batch_id: str, *, written: int = 0) -> None:
-    """Renew the batch's heartbeat in the caller's transaction (first, so that on
-    PostgreSQL this transaction holds the batch row against the sweeper's claim);
-    raise :class:`IngestAbandonedError` (rolled back) if the sweeper claimed it.
+    """Renew the batch's heartbeat in the caller's transaction (and, on PostgreSQL,
+    hold the batch row until it ends, so that this commit and the sweeper's claim
+    come one after the other: a claim first and this refuses the chunk, this first
+    and the claim finds the batch alive); raise :class:`IngestAbandonedError`
+    (rolled back) if the sweeper claimed it. A chunk of :func:`write_chunk` renews
+    it first, a streamed one (core.batches.writer) last, just before its commit, so
+    as not to hold the row while its lines are parsed.
 
     ``written``: the job rows the caller's transaction adds, counted in the batch's
     ``ingested`` with them, so the active-jobs quota sees the rows of a batch without
@@ -122,15 +129,15 @@ def write_chunk(session: Session, batch_id: str, rows: Sequence[dict[str, Any]])
     """Commit ``rows`` (of :func:`core.submit.job_row`) as the batch's next chunk."""
     touch(session, batch_id, written=len(rows))
     dialect = session.get_bind().dialect
-    # The driver's own bulk path, on the session's connection (its transaction):
-    # SQLAlchemy's per-row parameter handling cost more than the insert itself.
-    driver = session.connection().connection.driver_connection
-    assert driver is not None
     if dialect.name == "postgresql":
-        with driver.cursor() as cursor, cursor.copy(_COPY) as copy:
+        with RowCopy(session) as copy:
             for row in rows:
-                copy.write_row(_converted(row, _COPY_PROCESSORS))
+                copy.write(row)
     else:
+        # The driver's own bulk path, on the session's connection (its transaction):
+        # SQLAlchemy's per-row parameter handling cost more than the insert itself.
+        driver = session.connection().connection.driver_connection
+        assert driver is not None
         processors = _bind_processors(dialect)
         cursor = driver.cursor()
         try:
@@ -138,6 +145,48 @@ def write_chunk(session: Session, batch_id: str, rows: Sequence[dict[str, Any]])
         finally:
             cursor.close()
     session.commit()
+
+
+class _ChunkDroppedError(Exception):
+    """Given to an open ``COPY`` to end it without its rows (never raised)."""
+
+
+class RowCopy:
+    """A ``COPY`` of job rows into the session's transaction (PostgreSQL), each row
+    sent to the server as the driver's buffer fills, so that the server takes the
+    rows in while the caller makes the next ones. End it by :meth:`finish` (the rows
+    are then in the transaction) or :meth:`cancel`, or use it as a context manager
+    (finished, or cancelled on an exception); the connection runs nothing else
+    meanwhile."""
+
+    def __init__(self, session: Session) -> None:
+        # The driver's COPY, on the session's connection (its transaction):
+        # SQLAlchemy's per-row parameter handling cost more than the insert itself.
+        driver = session.connection().connection.driver_connection
+        assert driver is not None
+        with contextlib.ExitStack() as stack:
+            cursor = stack.enter_context(driver.cursor())
+            self._copy = stack.enter_context(cursor.copy(_COPY))
+            self._stack = stack.pop_all()  # open until finish() or cancel()
+
+    def __enter__(self) -> RowCopy:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self._stack.__exit__(*exc_info)
+
+    def write(self, row: dict[str, Any]) -> None:
+        """Add ``row`` (of :func:`core.submit.job_row`)."""
+        self._copy.write_row(_converted(row, _COPY_PROCESSORS))
+
+    def finish(self) -> None:
+        """End the ``COPY``, raising the server's error if it refused a row."""
+        self._stack.close()
+
+    def cancel(self) -> None:
+        """End the ``COPY`` without its rows (the transaction is then to roll back)."""
+        error = _ChunkDroppedError("the chunk was dropped")
+        self._stack.__exit__(_ChunkDroppedError, error, None)
 
 
 Processors = tuple[tuple[int, Callable[[Any], Any]], ...]
