@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import datetime as dt
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select, text, update
 
 from core import batches, delivery, feed, submit
 from core.batches import custom_ids, staging
@@ -320,3 +321,147 @@ def test_genq_run_does_not_resume_a_batch_whose_ingest_died(sqlite_url: str) -> 
         )
         session.commit()
         assert find_run(session, "k", "local") is None
+
+
+# The rows of a chunk stream to PostgreSQL while the chunk is built (core.batches.writer):
+# a chunk is still whole or nothing, and nothing is left open when an ingest stops.
+
+
+def server_sessions(url: str) -> tuple[list[str], int]:
+    """The states of the database's other sessions, and the rows that a ``COPY``
+    under way has sent so far (0: none under way)."""
+    with get_sessionmaker(url)() as session:
+        states = session.scalars(
+            text(
+                "SELECT state FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+        ).all()
+        copied = session.scalar(
+            text(
+                "SELECT coalesce(sum(tuples_processed), 0) FROM pg_stat_progress_copy "
+                "WHERE datname = current_database()"
+            )
+        )
+        return [str(s) for s in states], int(copied or 0)
+
+
+def test_on_postgres_a_chunks_rows_reach_the_server_while_it_is_built(postgres_url: str) -> None:
+    gate = Gate(3 * CHUNK, pause_at=2 * CHUNK + CHUNK // 2)
+    thread, outcome = start(postgres_url, gate)
+    try:
+        assert state(postgres_url)[:2] == ("validating", 2 * CHUNK)  # uncommitted: unseen
+        deadline = time.monotonic() + 30
+        while server_sessions(postgres_url)[1] == 0:  # the server reads them meanwhile
+            assert time.monotonic() < deadline, "no row of the open chunk reached the server"
+            time.sleep(0.05)
+    finally:
+        gate.release.set()
+        thread.join(60)
+    assert outcome["batch"].status == "in_progress"
+    assert state(postgres_url)[1] == 3 * CHUNK
+
+
+def test_a_database_error_in_a_chunk_fails_the_create_with_nothing_left(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The row at this position repeats the previous row's id: the database refuses
+    # the chunk (on PostgreSQL while its COPY streams, on SQLite at its insert).
+    bad = 2 * CHUNK + 10
+    real = submit.sequence_id
+    monkeypatch.setattr(
+        submit, "sequence_id", lambda p, i: real(p, i - 1 if i == bad else i), raising=True
+    )
+    with pytest.raises(Exception, match=r"(?i)unique|duplicate"):
+        create(database_url, requests([f"r{i}" for i in range(4 * CHUNK)]))
+    status, rows, errors = state(database_url)
+    assert (status, rows) == ("failed", 0)
+    assert errors is not None and errors[0]["code"] == "ingest_interrupted"
+    if database_url.startswith("postgresql"):
+        states, copying = server_sessions(database_url)
+        assert copying == 0
+        assert not [s for s in states if "transaction" in s]  # no chunk left open
+    monkeypatch.undo()
+    again = create(database_url, requests([f"r{i}" for i in range(2 * CHUNK + 20)]))
+    assert again.status == "in_progress"  # the pool's connections are fine
+    assert again.total == 2 * CHUNK + 20
+
+
+def test_an_input_error_mid_chunk_leaves_no_chunk_open(postgres_url: str) -> None:
+    gate = Gate(4 * CHUNK, pause_at=2 * CHUNK + CHUNK // 2)
+    gate.fail = True
+    thread, outcome = start(postgres_url, gate)
+    gate.release.set()
+    thread.join(60)
+    assert isinstance(outcome.get("error"), RuntimeError)
+    assert state(postgres_url)[:2] == ("failed", 0)
+    states, copying = server_sessions(postgres_url)
+    assert copying == 0
+    assert not [s for s in states if "transaction" in s]
+
+
+def test_an_invalid_line_drops_the_open_chunk_at_once(database_url: str) -> None:
+    """Once the batch is known to fail, no chunk stays open while the rest of the
+    file is validated (on PostgreSQL a COPY transaction would be left idle)."""
+    paused, release = threading.Event(), threading.Event()
+    params = GenerationParams(max_new_tokens=2)
+    invalid = 2 * CHUNK + 300
+
+    def lines() -> Iterator[batches.Parsed]:
+        for i in range(4 * CHUNK):
+            if i == invalid:
+                yield i + 1, batches.LineError(i + 1, "invalid_request", "bad line")
+            elif i == invalid + 10:
+                paused.set()
+                release.wait(30)
+            yield i + 1, ParsedRequest(f"r{i}", f"line {i}", "fake", params)
+
+    outcome: dict[str, Any] = {}
+    thread = threading.Thread(target=lambda: outcome.update(batch=create(database_url, lines())))
+    thread.start()
+    try:
+        assert paused.wait(30)
+        assert state(database_url)[:2] == ("validating", 2 * CHUNK)
+        if database_url.startswith("postgresql"):
+            states, copying = server_sessions(database_url)
+            assert copying == 0
+            assert not [s for s in states if "transaction" in s]
+    finally:
+        release.set()
+        thread.join(60)
+    batch = outcome["batch"]
+    assert batch.status == "failed"
+    assert [(e["code"], e["line"]) for e in batch.errors] == [("invalid_request", invalid + 1)]
+    assert state(database_url)[1] == 0
+
+
+@pytest.mark.parametrize(
+    ("first", "again"),
+    [
+        (CHUNK - 1, CHUNK),  # the last row of a committed chunk, again first in the next
+        (CHUNK, CHUNK + 1),  # both in the open chunk
+        (CHUNK + 5, 3 * CHUNK),  # the first chunk apart, repeated in the last (partial) one
+    ],
+)
+def test_a_duplicate_next_to_a_chunk_boundary_is_found(
+    database_url: str, first: int, again: int
+) -> None:
+    ids = [f"r{i}" for i in range(3 * CHUNK + 50)]
+    ids[again] = ids[first]
+    batch = create(database_url, requests(ids))
+    assert batch.status == "failed"
+    assert batch.errors is not None
+    assert [(e["code"], e["line"]) for e in batch.errors] == [("duplicate_custom_id", again + 1)]
+    assert state(database_url)[1] == 0
+
+
+def test_a_hash_collision_in_the_open_chunk_is_told_apart(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # "r{CHUNK + 3}" and its twin get one hash; both are in the open chunk.
+    real = custom_ids._hash
+    monkeypatch.setattr(custom_ids, "_hash", lambda s: real(s.removesuffix("-twin")))
+    ids = [f"r{i}" for i in range(CHUNK + 10)] + [f"r{CHUNK + 3}-twin"]
+    batch = create(database_url, requests(ids))
+    assert batch.status == "in_progress", batch.errors
+    assert state(database_url)[1] == len(ids)
