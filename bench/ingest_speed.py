@@ -2,15 +2,16 @@
 
     python -m bench.ingest_speed --lines 100000 --db both          # lines/s, SQLite and PG
     python -m bench.ingest_speed --lines 100000 --db sqlite --profile
-    python -m bench.ingest_speed --memory 10000,1000000            # peak RSS per N
+    python -m bench.ingest_speed --memory 10000,1000000            # peak RSS per N and db
 
 Each run uploads an N-line file of typical OpenAI batch lines (the chat request of
 OpenAI's batch guide, ``model`` ``fake``, a custom_id and ~30 words each) into a fresh
 database (a SQLite file, or a PostgreSQL database made and dropped here), then times
 ``core.batches.create_batch`` on it: what ``POST /v1/batches`` does before answering.
-``--memory`` runs each N in a fresh process and prints the create's peak RSS over the
-RSS just before it (the upload is done by then, and the peak is reset after it). It prints figures
-and the CPU flags; it asserts nothing. No broker: the jobs are left unsent.
+``--memory`` runs each N (on each ``--db``) in a fresh process and prints the create's
+peak RSS over the RSS just before it (the upload is done by then, and the peak is reset
+after it). It prints figures and the CPU flags; it asserts nothing. No broker: the jobs
+are left unsent.
 """
 
 from __future__ import annotations
@@ -136,13 +137,13 @@ def speed(kind: str, lines: int, profile: bool) -> tuple[float, float]:
     return lines / elapsed, lines / cpu
 
 
-def memory_child(lines: int) -> None:
+def memory_child(kind: str, lines: int) -> None:
     """In a fresh process: peak RSS of one create over the RSS before it (MiB)."""
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         path = tmp / "batch.jsonl"
         write_input(path, lines)
-        with database("sqlite", tmp) as url:
+        with database(kind, tmp) as url:
             file_id = upload(url, path, lines)
             path.unlink()
             reset_peak_rss()
@@ -160,25 +161,26 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lines", type=int, default=100_000)
     parser.add_argument("--db", choices=("sqlite", "postgres", "both"), default="both")
     parser.add_argument("--profile", action="store_true", help="print a cProfile of the create")
-    parser.add_argument("--memory", help="N,N,...: peak RSS of a create per N (SQLite)")
+    parser.add_argument("--memory", help="N,N,...: peak RSS of a create per N (each --db)")
     parser.add_argument("--memory-child", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    kinds = ("sqlite", "postgres") if args.db == "both" else (args.db,)
     if args.memory_child:
-        memory_child(args.memory_child)
+        memory_child(kinds[0], args.memory_child)
         return
     print(f"cpu flags: {cpu_flags()}; load average: {os.getloadavg()}")
     if args.memory:
-        for n in (int(x) for x in args.memory.split(",")):
+        for kind, n in ((k, int(x)) for k in kinds for x in args.memory.split(",")):
             out = subprocess.run(
-                [sys.executable, "-m", "bench.ingest_speed", "--memory-child", str(n)],
+                [sys.executable, "-m", "bench.ingest_speed", "--db", kind,
+                 "--memory-child", str(n)],
                 check=True, capture_output=True, text=True,
             ).stdout  # fmt: skip
             r = json.loads(out.strip().splitlines()[-1])
-            print(f"{n:>9,} lines: RSS before {r['before_mib']:.1f} MiB, peak "
+            print(f"{kind:>8} {n:>9,} lines: RSS before {r['before_mib']:.1f} MiB, peak "
                   f"{r['peak_mib']:.1f} MiB (+{r['peak_mib'] - r['before_mib']:.1f} MiB), "
                   f"{r['lines_per_s']:,.0f} lines/s")  # fmt: skip
         return
-    kinds = ("sqlite", "postgres") if args.db == "both" else (args.db,)
     for kind in kinds:
         rate, cpu_rate = speed(kind, args.lines, args.profile)
         print(f"{kind:>8}: {args.lines:,} lines, {rate:,.0f} lines/s "
