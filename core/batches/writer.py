@@ -23,6 +23,7 @@ back when the ingest stops before its end (:meth:`ChunkWriter.abort`, or leaving
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import logging
 from collections.abc import Iterator
@@ -38,7 +39,7 @@ log = logging.getLogger(__name__)
 Row = dict[str, Any]
 
 
-class ChunkWriter:
+class ChunkWriter(abc.ABC):
     """Adds a validating batch's job rows (of :func:`core.submit.job_row`), in order,
     committing every :data:`core.batches.staging.CHUNK_ROWS`; use :func:`chunk_writer`."""
 
@@ -49,17 +50,17 @@ class ChunkWriter:
         self.open_ids: list[str] = []
         """The custom_ids of the open chunk's rows, in order."""
 
+    @abc.abstractmethod
     def add(self, row: Row) -> None:
         """Add ``row`` to the open chunk; commit the chunk once it is full."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def commit(self) -> None:
         """Commit the open chunk (nothing if it is empty)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def abort(self) -> None:
         """Drop the open chunk's rows, uncommitted (nothing if it is empty)."""
-        raise NotImplementedError
 
     def close(self) -> None:
         """Release what the writer holds (the open chunk is dropped)."""
