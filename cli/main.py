@@ -71,7 +71,7 @@ def worker(
     if model:
         os.environ["GENQ_MODEL"] = model
         get_settings.cache_clear()
-    from core.queue import queues_for
+    from core.queue import queues_for, urgent_prefetch
     from worker import lifecycle
     from worker.celery_app import app as celery_app
     from worker.celery_app import quiet_root_warning
@@ -83,10 +83,13 @@ def worker(
     except lifecycle.EngineLoadError as exc:
         err.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from exc
+    # Threads for the jobs in flight, and for the messages of the prefetch places kept
+    # for the high and express queues (core.broker).
+    threads = (concurrency or settings.resolved_worker_concurrency) + urgent_prefetch(settings)
     argv = [
         "worker",
         "--pool=threads",
-        f"--concurrency={concurrency or settings.resolved_worker_concurrency}",
+        f"--concurrency={threads}",
         f"--queues={','.join(queues_for(settings.queue, settings.model_id))}",
         f"--loglevel={loglevel}",
         # Task events (for Flower) cost the consumer about a millisecond per job;

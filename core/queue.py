@@ -21,6 +21,7 @@ from typing import Any, Literal, Protocol
 from celery import Celery
 
 from core import broker
+from core.express import EXPRESS_ROWS
 from core.settings import Settings
 
 broker.register()
@@ -96,8 +97,22 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             # A worker polls its queues in the order given (high, express, normal,
             # low) instead of round robin, so priorities hold.
             "queue_order_strategy": "priority",
+            # On Redis the last few places of a worker's prefetch are for a web app's
+            # messages (core.broker): a batch's messages never fill them all.
+            "urgent_prefetch": urgent_prefetch(settings),
+            "urgent_lanes": URGENT_LANES,
         }
     return config
+
+
+URGENT_LANES = ("high", EXPRESS)
+"""The queues of a web app's jobs: a worker keeps prefetch places and job slots for them."""
+
+
+def urgent_prefetch(settings: Settings) -> int:
+    """The prefetch places (and task threads) a worker keeps for its urgent queues:
+    ``EXPRESS_ROWS`` on Redis, where the transport can keep them (core.broker)."""
+    return EXPRESS_ROWS if settings.resolved_broker_url.startswith(("redis://", "rediss://")) else 0
 
 
 def make_celery(settings: Settings, *, name: str = "genq") -> Celery:

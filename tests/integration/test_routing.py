@@ -9,7 +9,8 @@ import pytest
 import redis
 
 from core.express import EXPRESS_BURST, EXPRESS_RATE_PER_S
-from tests.integration.helpers import wait_until
+from core.settings import Settings
+from tests.integration.helpers import unique_queue, wait_until
 from tests.integration.test_faults import FAULT_REDIS_URL, Cluster, make_cluster
 
 pytestmark = pytest.mark.integration
@@ -128,3 +129,46 @@ def test_a_flood_of_short_jobs_holds_back_a_long_job_sent_before_it_only_so_far(
     # At most the owner's express budget (its burst, plus what refilled while the flood
     # was sent) and the slots taken while it waited go first.
     assert rank <= EXPRESS_BURST + refilled + 4
+
+
+def test_a_high_job_starts_at_once_while_a_batchs_messages_fill_the_worker(
+    postgres_url: str, tmp_path: Path, clean_redis: redis.Redis
+) -> None:
+    """Celery's prefetch counts a worker's messages whatever their queue: a backlog of
+    messages of several jobs each fills it, and waits there for job slots. A few
+    prefetch places, task threads and job slots are kept for the high and express
+    queues, so a web app's job starts while the backlog's first jobs still run,
+    instead of after them."""
+    settings = Settings(
+        data_dir=tmp_path,
+        database_url=postgres_url,
+        broker_url=FAULT_REDIS_URL,
+        model="fake:token_delay_s=0.1",
+        queue=unique_queue(),
+        require_auth=False,
+        jobs_per_message=2,  # 20 messages of 2 jobs
+    )
+    # 10 job slots (2 + 8), 4 of them kept for high and express; 14 task threads.
+    cluster = Cluster(settings, tmp_path, GENQ_MAX_BATCH_SIZE="2")
+    response = cluster.client.post(
+        "/v1/jobs/bulk",
+        json={
+            "jobs": [
+                {"prompt": f"bulk job {i}", "max_new_tokens": 10, "priority": "low"}
+                for i in range(40)
+            ]
+        },
+    )
+    assert response.status_code == 202, response.text
+    backlog = [job["id"] for job in response.json()["data"]]
+    with cluster.worker():
+        wait_until(
+            lambda: cluster.count(backlog, "running") >= 1, 60, "the backlog", cluster.logs[0]
+        )
+        (urgent,) = cluster.submit(["urgent"], max_new_tokens=2, priority="high")
+        jobs = {job["id"]: job for job in cluster.wait_final([*backlog, urgent], 120)}
+    assert all(job["status"] == "succeeded" for job in jobs.values()), cluster.tail()
+    first_done = min(jobs[i]["finished_at"] for i in backlog)
+    # Each backlog job runs 1 s (10 words, 0.1 s each): the high job started before any
+    # of them ended. (Without the kept places it waited for a backlog message to end.)
+    assert jobs[urgent]["started_at"] < first_done, (jobs[urgent], first_done)
