@@ -13,6 +13,7 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.pool import NullPool
 from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_exponential
 
 log = logging.getLogger(__name__)
@@ -71,6 +72,18 @@ def get_engine(url: str) -> Engine:
     if parsed.get_backend_name() == "sqlite":
         event.listen(engine, "connect", sqlite_pragmas)
     elif parsed.get_backend_name() == "postgresql":
+        event.listen(engine, "connect", postgres_session_limits)
+    return engine
+
+
+@functools.cache
+def get_side_engine(url: str) -> Engine:
+    """An engine for ``url`` without a pool: each connection is opened for its caller
+    and closed after. For a connection held beside a pooled one (a batch ingest's
+    streamed rows), which must never wait for the pool: with as many such callers as
+    the pool has connections, each would hold one and wait for another."""
+    engine = create_engine(url, poolclass=NullPool)
+    if make_url(url).get_backend_name() == "postgresql":
         event.listen(engine, "connect", postgres_session_limits)
     return engine
 

@@ -29,10 +29,12 @@ import logging
 from collections.abc import Iterator
 from typing import Any
 
-from sqlalchemy import Engine
+from sqlalchemy import Connection, Engine
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from core.batches import staging
+from core.db import get_side_engine
 
 log = logging.getLogger(__name__)
 
@@ -92,12 +94,13 @@ class _Buffered(ChunkWriter):
 
 
 class _Streamed(ChunkWriter):
-    """Each row streamed to PostgreSQL by ``COPY`` as it is added, on a session of the
-    writer's own (the caller's goes on reading the input and earlier rows)."""
+    """Each row streamed to PostgreSQL by ``COPY`` as it is added, on a connection of the
+    writer's own (the caller's session goes on reading the input and earlier rows)."""
 
-    def __init__(self, session: Session, batch_id: str) -> None:
+    def __init__(self, session: Session, batch_id: str, connection: Connection) -> None:
         super().__init__(session, batch_id)
-        self._own = Session(bind=session.get_bind(), expire_on_commit=False)
+        self._connection = connection
+        self._own = Session(bind=connection, expire_on_commit=False)
         self._copy: staging.RowCopy | None = None
 
     def add(self, row: Row) -> None:
@@ -145,6 +148,8 @@ class _Streamed(ChunkWriter):
             self._own.invalidate()
         else:
             self._own.close()
+        finally:
+            self._connection.close()
 
 
 @contextlib.contextmanager
@@ -154,10 +159,15 @@ def chunk_writer(session: Session, batch_id: str) -> Iterator[ChunkWriter]:
     open chunk is dropped and its connection released on the way out, also on an
     exception: commit the last chunk in the block."""
     bind = session.get_bind()
+    writer: ChunkWriter = _Buffered(session, batch_id)
     if bind.dialect.name == "postgresql" and isinstance(bind, Engine):
-        writer: ChunkWriter = _Streamed(session, batch_id)
-    else:
-        writer = _Buffered(session, batch_id)
+        # Not a pooled connection: the caller holds one of the pool's while it reads
+        # the input, and so many ingests at once could each wait for a second one.
+        url = bind.url.render_as_string(hide_password=False)
+        try:
+            writer = _Streamed(session, batch_id, get_side_engine(url).connect())
+        except OperationalError:  # the server takes no more connections: as elsewhere
+            log.warning("batch %s: rows written a chunk at a time", batch_id, exc_info=True)
     try:
         yield writer
     finally:

@@ -465,3 +465,38 @@ def test_a_hash_collision_in_the_open_chunk_is_told_apart(
     batch = create(database_url, requests(ids))
     assert batch.status == "in_progress", batch.errors
     assert state(database_url)[1] == len(ids)
+
+
+def test_on_postgres_an_ingest_reading_its_input_on_the_callers_session_needs_one_connection(
+    postgres_url: str,
+) -> None:
+    """The input file is read on the caller's session (files.iter_chunks), which so
+    holds a pooled connection throughout; the streamed chunk's COPY takes a second
+    one from the same pool meanwhile (hold and wait). With as many concurrent file
+    ingests as the pool has connections (30: core.db), each holds one and waits for
+    another until pool_timeout, and all fail. One connection per ingest sufficed
+    before the rows were streamed."""
+    from sqlalchemy import create_engine
+    from sqlalchemy.orm import Session
+
+    engine = create_engine(postgres_url, pool_size=1, max_overflow=0, pool_timeout=2)
+    try:
+        with Session(engine, expire_on_commit=False) as session:
+
+            def parsed() -> Iterator[tuple[int, ParsedRequest]]:
+                for number, item in requests([f"r{i}" for i in range(CHUNK + 5)]):
+                    session.scalar(select(1))  # as iter_chunks reads the next chunk
+                    yield number, item
+
+            batch = batches.create_batch(
+                session,
+                owner="bulk",
+                input_file_id=None,
+                parsed=parsed(),
+                completion_window=None,
+                models=["fake"],
+                max_lines=100_000,
+            )
+        assert batch.status == "in_progress"
+    finally:
+        engine.dispose()
