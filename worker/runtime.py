@@ -98,12 +98,11 @@ class WorkerRuntime:
         self._reported: dict[str, int] = {}
         self._handing_back: set[str] = set()
         self._isolation = SharedExclusiveLock()
-        # Slots beyond the engine's batch are for queued work; a few of them are kept
-        # for high and express messages (a web app's job never waits for a slot).
-        concurrency = settings.resolved_worker_concurrency
+        # A few more slots than the worker's concurrency, kept for high and express
+        # messages: a web app's job never waits for a batch's messages to free one.
         self._slots = JobSlots(
-            concurrency,
-            reserved=max(0, min(EXPRESS_ROWS, concurrency - settings.max_batch_size)),
+            settings.resolved_worker_concurrency + EXPRESS_ROWS,
+            reserved=EXPRESS_ROWS,
             urgent_rank=URGENT_RANK,
         )
         self._draining = threading.Event()

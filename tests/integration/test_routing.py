@@ -148,7 +148,7 @@ def test_a_high_job_starts_at_once_while_a_batchs_messages_fill_the_worker(
         require_auth=False,
         jobs_per_message=2,  # 20 messages of 2 jobs
     )
-    # 10 job slots (2 + 8), 4 of them kept for high and express; 14 task threads.
+    # 10 job slots (2 + 8) and 4 more for high and express; 14 task threads.
     cluster = Cluster(settings, tmp_path, GENQ_MAX_BATCH_SIZE="2")
     response = cluster.client.post(
         "/v1/jobs/bulk",
