@@ -16,7 +16,7 @@ import redis
 from core.queue import CeleryQueue, queue_name
 from core.settings import Settings
 from tests.conftest import REDIS_URL
-from tests.integration.helpers import unique_queue
+from tests.integration.helpers import unique_queue, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -54,6 +54,8 @@ def test_depth_is_right_after_asking_for_a_queue_that_does_not_exist(
     assert celery_queue.depth(missing) == 0
     celery_queue.enqueue("job_1", model="fake")
     celery_queue.enqueue("job_2", model="fake")
+    # RabbitMQ counts a message once it has routed it (publishing does not wait for that).
+    wait_until(lambda: celery_queue.depth(normal) == 2, 10, "both messages counted")
     # On RabbitMQ a failed passive declare closes its channel: the next ask still works.
     for _ in range(3):
         assert celery_queue.depth(missing) == 0
