@@ -19,42 +19,83 @@ memory, so the feeder resumes after any restart from the rows alone.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import literal_column, select, text, update
 from sqlalchemy.orm import Session
 
 from core import workers
-from core.models import Batch, Job, utcnow
+from core.models import UNSENT_JOBS, Batch, Job, utcnow
 from core.queue import PRIORITIES, JobQueue, Route, queue_name
 from core.settings import Settings, model_id
 from core.status import BatchStatus, JobStatus
 
-_VALIDATING = select(Batch.id).where(Batch.status == BatchStatus.VALIDATING.value)
-UNSENT = (
-    (Job.status == JobStatus.QUEUED.value)
-    & Job.enqueued_at.is_(None)
-    # Not a batch still being validated (core.batches.staging): its jobs wait for it.
-    # In the statement itself, so it reads the batch in the same snapshot as the job.
-    & (Job.batch_id.is_(None) | Job.batch_id.not_in(_VALIDATING))
-)
-"""Queued jobs not yet sent: the jobs of accepted batches waiting for the feeder."""
+# Queued jobs not yet sent (:data:`core.models.UNSENT_JOBS`): only a batch's jobs are
+# ever unsent (core.submit sends the others with their commit), and only an
+# ``in_progress`` batch's are sent: a validating batch's jobs wait for it
+# (core.batches.staging).
 
 
-def take_unsent(session: Session, *, model: str, priority: str, limit: int) -> list[Route]:
-    """Mark up to ``limit`` of the oldest unsent jobs of one queue sent (in the
-    caller's transaction: send them after it commits). Rows another feeder holds
-    are skipped (``ix_job_unsent`` makes this a short index range scan)."""
-    ids = list(
-        session.scalars(
-            select(Job.id)
-            .where(UNSENT, Job.model == model, Job.priority == priority)
-            .order_by(Job.id)
-            .limit(limit)
+def _unsent_jobs(dialect: str) -> Any:
+    """The job table, read through ``ix_job_unsent``. SQLite is told the index:
+    left to itself it takes ``ix_job_batch_id`` for ``batch_id = ?``, every row of
+    the batch, sent or not (and ``INDEXED BY`` fails the statement rather than scan,
+    should the index ever stop matching). Its statements name columns as text
+    (``job.x``), so SQLAlchemy adds no second ``job`` to them, and write the index's
+    predicate as it is written there (:data:`core.models.UNSENT_JOBS`, unqualified:
+    within the statements' own ``FROM job`` it is the job's): SQLite uses a partial
+    index only for terms that match it, not through a parameter."""
+    return text("job INDEXED BY ix_job_unsent") if dialect == "sqlite" else Job.__table__
+
+
+def _column(name: str) -> Any:
+    return literal_column(f"job.{name}")
+
+
+def batches_to_feed(session: Session) -> list[tuple[str, str]]:
+    """``(id, priority)`` of the ``in_progress`` batches with unsent jobs, oldest
+    first (a batch's jobs have its priority). One probe of ``ix_job_unsent`` per
+    batch in progress: a batch still being validated is not read at all."""
+    batch = Batch.__table__.c  # Core columns: the ORM takes no text FROM
+    has_unsent = (
+        select(_column("id"))
+        .select_from(_unsent_jobs(session.get_bind().dialect.name))
+        .where(_column("batch_id") == batch.id, text(UNSENT_JOBS))
+    )
+    rows = session.execute(
+        select(batch.id, batch.priority)
+        .where(batch.status == BatchStatus.IN_PROGRESS.value, has_unsent.exists())
+        .order_by(batch.created_at, batch.id)
+    )
+    return [(batch_id, priority) for batch_id, priority in rows]
+
+
+def take_unsent(
+    session: Session, *, batch_ids: Sequence[str], model: str, priority: str, limit: int
+) -> list[Route]:
+    """Mark up to ``limit`` of the unsent jobs of one queue sent, from the batches
+    ``batch_ids`` in that order, each's oldest first (in the caller's transaction:
+    send them after it commits). Rows another feeder holds are skipped
+    (``ix_job_unsent`` makes each batch's part a short index range scan)."""
+    jobs = _unsent_jobs(session.get_bind().dialect.name)
+    ids: list[str] = []
+    for batch_id in batch_ids:
+        if len(ids) >= limit:
+            break
+        ids += session.scalars(
+            select(_column("id"))
+            .select_from(jobs)
+            .where(
+                _column("batch_id") == batch_id,
+                _column("model") == model,
+                _column("priority") == priority,
+                text(UNSENT_JOBS),
+            )
+            .order_by(_column("id"))
+            .limit(limit - len(ids))
             .with_for_update(skip_locked=True)
         )
-    )
     if ids:
         session.execute(
             update(Job)
@@ -85,12 +126,18 @@ def feed_once(
     job ids (and by at least half a window, so a top-up sends many messages at
     once); returns the ids sent per queue."""
     with session_factory() as session:
+        fed = batches_to_feed(session)
+        if not fed:  # most ticks: no broker call at all
+            return {}
         live = workers.live_models(session, within_s=settings.worker_heartbeat_s * 3)
     served = {settings.model_id, *map(model_id, settings.models), *live}
     sent: dict[str, int] = {}
     for model in sorted(served):
         window = settings.feed_ahead * max(live.get(model, 0), 1)
         for priority in PRIORITIES:
+            batch_ids = [batch_id for batch_id, of in fed if of == priority]
+            if not batch_ids:
+                continue
             name = queue_name(settings.queue, model, priority)
             # Messages times the ids a message holds: an upper bound that is cheap
             # to ask for twice a second (the sweeper counts exactly, less often).
@@ -98,7 +145,9 @@ def feed_once(
             if room < window // 2:
                 continue
             with session_factory() as session:
-                routes = take_unsent(session, model=model, priority=priority, limit=room)
+                routes = take_unsent(
+                    session, batch_ids=batch_ids, model=model, priority=priority, limit=room
+                )
                 session.commit()
             if routes:
                 queue.enqueue_many(routes)

@@ -88,6 +88,8 @@ JOB_FILLFACTOR = 80
 """Percent of each page of the job table filled by inserts; the rest is for updates."""
 
 LOOSE_ACTIVE = "batch_id IS NULL AND status IN ('queued', 'running')"
+UNSENT_JOBS = "status = 'queued' AND enqueued_at IS NULL"
+"""Jobs not yet sent to the broker (only a batch's, core.feed)."""
 """Queued or running and of no batch: the predicate of ``ix_job_owner_active``, which
 a query must repeat as it is for SQLite to use the index (core.quotas)."""
 
@@ -106,14 +108,16 @@ class Job(Base):
     __tablename__ = "job"
     __table_args__ = (
         # A batch's jobs not yet sent, per queue in id order: the feeder's next
-        # ones (core.feed) are a short range scan however many were sent before.
+        # ones (core.feed) are a short range scan however many were sent before,
+        # and however many rows a batch still being validated has written.
         Index(
             "ix_job_unsent",
+            "batch_id",
             "model",
             "priority",
             "id",
-            postgresql_where=text("status = 'queued' AND enqueued_at IS NULL"),
-            sqlite_where=text("status = 'queued' AND enqueued_at IS NULL"),
+            postgresql_where=text(UNSENT_JOBS),
+            sqlite_where=text(UNSENT_JOBS),
         ),
         # An owner's jobs by status (listing them filtered).
         Index("ix_job_owner_status", "owner", "status"),

@@ -5,7 +5,7 @@ The batch row is committed ``validating`` first; each chunk of job rows is then
 committed with a renewal of the batch's ``ingest_heartbeat_at``, and the batch
 becomes ``in_progress`` in one small commit at the end (or, for an invalid input,
 its jobs are deleted a chunk at a time and it becomes ``failed``). The feeder sends
-no job of a validating batch (:data:`core.feed.UNSENT`), the sweeper re-sends
+no job of a validating batch (:func:`core.feed.batches_to_feed`), the sweeper re-sends
 only jobs once sent, and the finalizer and the counts look at open batches only,
 so nothing half-created is ever running. On SQLite (one writer at a time) another
 owner's submit waits for one chunk at most, not for the whole batch.

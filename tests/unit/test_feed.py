@@ -7,14 +7,17 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from sqlalchemy import select
+from sqlalchemy import select, text
 
 from core import batches, delivery, feed
-from core.db import get_sessionmaker
+from core.batches import staging
+from core.db import get_engine, get_sessionmaker
 from core.models import Job
 from core.openai_format import COMPLETIONS_URL
 from core.queue import Route
 from core.settings import Settings
+from tests.sqlplans import postgres_job_reads, sqlite_job_plan, statements_of
+from tests.unit.test_batch_ingest import Gate, start
 
 LINES = 100
 WINDOW = 16
@@ -130,3 +133,44 @@ def test_resuming_hands_queued_jobs_back_to_the_feeder(database_url: str, tmp_pa
     again = CountingQueue()
     feed.feed_once(factory, again, settings)
     assert again.sent == ids[:WINDOW]
+
+
+def test_a_top_up_reads_none_of_the_rows_of_a_batch_still_being_validated(
+    database_url: str, tmp_path: Path
+) -> None:
+    """While a large batch is ingested (its rows unsent, waiting for it), top-ups
+    send the last jobs of an accepted batch, then have nothing to send, and read no
+    row of the one being validated: their cost does not grow with the ingest (it
+    did, twice a second, by every row written so far)."""
+    settings = make_settings(database_url, tmp_path)
+    _, ids = make_batch(settings)
+    queue = CountingQueue()
+    factory = get_sessionmaker(settings.resolved_database_url)
+    while len(queue.sent) < LINES - 5:  # all but the last 5 sent
+        queue.drain(WINDOW)
+        feed.feed_once(factory, queue, settings)
+    gate = Gate(2 * staging.CHUNK_ROWS + 10, pause_at=2 * staging.CHUNK_ROWS + 5)
+    thread, outcome = start(database_url, gate)
+    try:
+        engine = get_engine(settings.resolved_database_url)
+        if engine.dialect.name == "postgresql":
+            with engine.begin() as conn:
+                conn.execute(text("ANALYZE"))
+        for _ in range(2):  # the last 5; then nothing to send
+            queue.drain(WINDOW)
+            ran = statements_of(engine, lambda: feed.feed_once(factory, queue, settings))
+            reading = [(s, p) for s, p in ran if s.lstrip().startswith("SELECT") and "job" in s]
+            assert reading
+            for statement, parameters in reading:
+                if engine.dialect.name == "postgresql":
+                    reads = postgres_job_reads(engine, statement, parameters)
+                    # The planner may read the small accepted batch whole; not the other.
+                    assert sum(rows for _, rows in reads) <= LINES, (statement, reads)
+                else:
+                    for detail in sqlite_job_plan(engine, statement, parameters):
+                        assert "ix_job_unsent (batch_id=?" in detail, (statement, detail)
+        assert queue.sent == ids  # the accepted batch's, each once; none of the other's
+    finally:
+        gate.release.set()
+        thread.join(60)
+    assert outcome["batch"].status == "in_progress"

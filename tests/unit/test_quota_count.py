@@ -5,14 +5,11 @@ partial index, a batch's from its counters (core.tally), on SQLite and PostgreSQ
 from __future__ import annotations
 
 import datetime as dt
-import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
-from sqlalchemy import event, func, select, text, update
-from sqlalchemy.engine import Engine
+from sqlalchemy import func, select, text, update
 from sqlalchemy.orm import Session
 
 from core import batches, jobstate, quotas, tally
@@ -22,6 +19,7 @@ from core.models import Batch, Job, utcnow
 from core.openai_format import ParsedRequest
 from core.schemas import GenerationParams
 from core.status import JobStatus
+from tests.sqlplans import postgres_job_reads, sqlite_job_plan, statements_of
 from tests.unit.test_batch_ingest import Gate, start
 from tests.unit.test_tally import OUTCOME
 
@@ -149,30 +147,6 @@ def test_a_validating_batch_without_a_file_counts_the_rows_written(
     assert counted(database_url) == truth(database_url) == staging.CHUNK_ROWS + 10
 
 
-def statements_of(engine: Engine, call: Any) -> list[tuple[str, Any]]:
-    """The statements (with their parameters) that ``call`` runs on ``engine``."""
-    seen: list[tuple[str, Any]] = []
-
-    def record(conn: Any, cursor: Any, statement: str, parameters: Any, *_: Any) -> None:
-        seen.append((statement, parameters))
-
-    event.listen(engine, "before_cursor_execute", record)
-    try:
-        call()
-    finally:
-        event.remove(engine, "before_cursor_execute", record)
-    return seen
-
-
-def job_reads(plan: dict[str, Any]) -> Iterator[tuple[str | None, float]]:
-    """(index, rows read) of each node of a PostgreSQL plan that reads the job table."""
-    if plan.get("Relation Name") == "job":
-        rows = plan.get("Actual Rows", 0) + plan.get("Rows Removed by Filter", 0)
-        yield plan.get("Index Name"), rows * plan.get("Actual Loops", 1)
-    for child in plan.get("Plans", []):
-        yield from job_reads(child)
-
-
 def test_the_check_does_not_read_a_batchs_job_rows(database_url: str) -> None:
     """A submit beside a large batch: the count reads jobs of no batch only (on
     SQLite through ``ix_job_owner_active``; PostgreSQL picks that or ``batch_id``'s
@@ -193,15 +167,9 @@ def test_the_check_does_not_read_a_batchs_job_rows(database_url: str) -> None:
         )
         session.rollback()
     [(statement, parameters)] = [(s, p) for s, p in ran if "count(" in s]
-    with engine.connect() as conn:
-        if engine.dialect.name == "postgresql":
-            explain = "EXPLAIN (ANALYZE, FORMAT JSON) " + statement
-            found = conn.exec_driver_sql(explain, parameters).scalar_one()
-            [plan] = json.loads(found) if isinstance(found, str) else found
-            reads = list(job_reads(plan["Plan"]))
-            assert reads and sum(rows for _, rows in reads) <= 52, reads
-        else:
-            explain = "EXPLAIN QUERY PLAN " + statement
-            details = [row[3] for row in conn.exec_driver_sql(explain, parameters)]
-            on_job = [d for d in details if d.split()[:2] in (["SCAN", "job"], ["SEARCH", "job"])]
-            assert on_job and all("ix_job_owner_active" in d for d in on_job), details
+    if engine.dialect.name == "postgresql":
+        reads = postgres_job_reads(engine, statement, parameters)
+        assert reads and sum(rows for _, rows in reads) <= 52, reads
+    else:
+        on_job = sqlite_job_plan(engine, statement, parameters)
+        assert on_job and all("ix_job_owner_active" in d for d in on_job), on_job
