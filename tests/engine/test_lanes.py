@@ -207,3 +207,56 @@ def test_an_error_in_the_express_turn_between_prefills_strands_no_request(
     engine._express_turn = flaky
     _check(loaded, _two_prefill_groups_and_a_short_job(loaded, engine))
     assert raised[0] and engine.check_health()
+
+
+def _first_norm_of_layer(engine: Any, index: int) -> Any:
+    """The module a fast decode step calls first in layer ``index`` (GPT-2 or Llama)."""
+    body = engine._main.fast.body
+    layers = body.h if hasattr(body, "h") else body.layers
+    layer = layers[index]
+    return layer.ln_1 if hasattr(layer, "ln_1") else layer.input_layernorm
+
+
+def test_a_short_request_arriving_mid_step_runs_before_that_step_ends(
+    loaded: Any, make_engine: Any
+) -> None:
+    """A short request that arrives while the main batch's decode step is in its first
+    layers is done before that step ends (its express turn, prefill and the steps of a
+    turn, comes between two layers, not after the whole step), and everyone's output
+    still equals generate's."""
+    engine = make_engine(loaded)
+    steps = {"running": False, "done": 0}
+    decode = engine._decode
+
+    def counted(lane: Any) -> None:
+        steps["running"] = lane is engine._main
+        decode(lane)
+        if lane is engine._main:
+            steps["done"] += 1
+        steps["running"] = False
+
+    engine._decode = counted
+    beams = [request(p, **BEAMS) for p in PROMPTS]
+    beam_futures = [engine.submit(r) for r in beams]
+    wait_for_tokens(engine, beams[0].id, 5)
+
+    short_request = request(STORY, max_new_tokens=4)  # one express turn
+    sent: dict[str, Any] = {}
+    finished_after: list[int] = []
+
+    def arrive(*_: Any) -> None:  # in the main step's first layer, once
+        if steps["running"] and "future" not in sent:
+            sent["during"] = steps["done"]
+            sent["future"] = engine.submit(short_request)
+            sent["future"].add_done_callback(lambda _: finished_after.append(steps["done"]))
+
+    hook = _first_norm_of_layer(engine, 0).register_forward_pre_hook(arrive)
+    try:
+        wait_for_tokens(engine, beams[0].id, 10)
+    finally:
+        hook.remove()
+    assert sent["future"].result(timeout=60).outputs == reference(loaded, STORY, max_new_tokens=4)
+    # Finished while the step it arrived in ran (main steps done: still as many).
+    assert finished_after == [sent["during"]]
+    for future, prompt in zip(beam_futures, PROMPTS, strict=True):
+        assert future.result(timeout=120).outputs == reference(loaded, prompt, **BEAMS), prompt

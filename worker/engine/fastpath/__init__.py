@@ -11,11 +11,16 @@ keeps the engine's generic path (the model's own forward).
 
 The steps read and write the same buffers as the generic path, so prefill, admission,
 retirement, compaction and any reordering of rows are shared and unchanged.
+
+Between two layers a step calls its ``between_layers`` (when set): the engine gives a
+short request that arrived meanwhile its turn there (:mod:`worker.engine.lanes`), on
+another slot cache, instead of after the whole step.
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import torch
@@ -32,6 +37,7 @@ class DecodeStep(Protocol):
     """
 
     batch: SlotCache
+    between_layers: Callable[[], None] | None
 
     def __call__(
         self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor
@@ -56,6 +62,7 @@ def rebind(step: DecodeStep, batch: SlotCache) -> DecodeStep:
     """``step`` over another slot cache, sharing its packed weights."""
     other = copy.copy(step)
     other.batch = batch
+    other.between_layers = None
     return other
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -29,6 +30,7 @@ class GPT2Step:
 
     def __init__(self, model: Any, batch: SlotCache, max_rows: int) -> None:
         self.batch = batch
+        self.between_layers: Callable[[], None] | None = None
         self.body = model.transformer
         config = model.config
         self.heads = config.n_head
@@ -69,6 +71,8 @@ class GPT2Step:
             if not self.fused_act:
                 hidden = block.mlp.act(hidden)
             h = h + self.fc_out[i](hidden)
+            if self.between_layers is not None and i + 1 < len(self.body.h):
+                self.between_layers()
         logits: torch.Tensor = self.lm_head(self.body.ln_f(h)[:, -1])
         return logits.float()
 

@@ -3,6 +3,7 @@ attention, RMSNorm and a gated MLP."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -28,6 +29,7 @@ class LlamaStep:
 
     def __init__(self, model: Any, batch: SlotCache, max_rows: int) -> None:
         self.batch = batch
+        self.between_layers: Callable[[], None] | None = None
         self.body = model.model
         layers = self.body.layers
         first = layers[0].self_attn
@@ -68,6 +70,8 @@ class LlamaStep:
             if not self.fused_act:
                 gate = layer.mlp.act_fn(gate)
             h = h + self.down[i](gate * self.up[i](x))
+            if self.between_layers is not None and i + 1 < len(self.body.layers):
+                self.between_layers()
         logits: torch.Tensor = self.lm_head(self.body.norm(h)[:, -1])
         return logits.float()
 
