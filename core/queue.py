@@ -106,7 +106,10 @@ def celery_config(settings: Settings) -> dict[str, Any]:
 
 
 URGENT_LANES = ("high", EXPRESS)
-"""The queues of a web app's jobs: a worker keeps prefetch places and job slots for them."""
+"""The queues of a web app's jobs: a worker keeps prefetch places and job slots for
+them, and their messages have their own claim and store rounds (worker.runtime)."""
+URGENT_RANK = max(CONSUME_ORDER.index(lane) for lane in URGENT_LANES)
+"""The :func:`lane_rank` of the last urgent lane: a queue of this rank or better is urgent."""
 
 
 def urgent_prefetch(settings: Settings) -> int:

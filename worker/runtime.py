@@ -27,7 +27,7 @@ from sqlalchemy.orm import Session
 from core import delivery, jobstate, workers
 from core.db import run_with_retry, session_scope
 from core.express import EXPRESS_ROWS
-from core.queue import CONSUME_ORDER, EXPRESS, JobQueue, lane_rank, queues_for
+from core.queue import URGENT_RANK, JobQueue, lane_rank, queues_for
 from core.settings import Settings
 from worker.claims import GroupClaimer
 from worker.engine.base import (
@@ -52,9 +52,6 @@ _HAND_BACK_CODES = frozenset({REQUEUE, "engine_failed", "engine_stopped"})
 DEAD_ENGINE_GRACE_S = 5.0
 
 
-URGENT_RANK = CONSUME_ORDER.index(EXPRESS)
-"""Messages of this rank or better (high, express) are a web app's: they have their
-own claim and store rounds and reserved slots."""
 StoreItem = tuple[jobstate.Claim, jobstate.Outcome | jobstate.Failure]
 
 HANDED_BACK = "handed_back"
