@@ -48,6 +48,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="both: fp32 for everything, plus bf16 for static_batch (best size) and genq",
     )
     parser.add_argument("--seed-loop-jobs", type=int, default=8, help="prompts for seed_loop")
+    parser.add_argument(
+        "--behind-rounds",
+        type=int,
+        default=3,
+        help="beam: rounds of all the beam jobs with a short job behind them (the median counts)",
+    )
     parser.add_argument("--batch-sizes", help="static_batch sizes (16,32,64; beam: 8,16,32)")
     parser.add_argument("--seed", type=int, default=0, help="seeds weights and prompts")
     parser.add_argument("--concurrency", type=int, default=64, help="HTTP submits in flight")
