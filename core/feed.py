@@ -58,11 +58,21 @@ def batches_to_feed(session: Session) -> list[tuple[str, str]]:
     first (a batch's jobs have its priority). One probe of ``ix_job_unsent`` per
     batch in progress: a batch still being validated is not read at all."""
     batch = Batch.__table__.c  # Core columns: the ORM takes no text FROM
+    dialect = session.get_bind().dialect.name
     has_unsent = (
         select(_column("id"))
-        .select_from(_unsent_jobs(session.get_bind().dialect.name))
+        .select_from(_unsent_jobs(dialect))
         .where(_column("batch_id") == batch.id, text(UNSENT_JOBS))
     )
+    if dialect == "postgresql":
+        # A probe per batch, whatever the statistics. Left to itself PostgreSQL makes
+        # the EXISTS a semi-join, and with statistics from before a large ingest (in
+        # service, autovacuum analyzes the job table after a tenth of it changed) it
+        # hashes the whole index, every row of the batch being validated included.
+        # OFFSET keeps the subquery a subplan, run per batch; in the index's order, a
+        # plan other than the index's range (which stops at its first entry) would
+        # read every unsent job of the batch.
+        has_unsent = has_unsent.order_by(*map(_column, ("model", "priority", "id"))).offset(0)
     rows = session.execute(
         select(batch.id, batch.priority)
         .where(batch.status == BatchStatus.IN_PROGRESS.value, has_unsent.exists())

@@ -174,3 +174,38 @@ def test_a_top_up_reads_none_of_the_rows_of_a_batch_still_being_validated(
         gate.release.set()
         thread.join(60)
     assert outcome["batch"].status == "in_progress"
+
+
+def test_a_top_up_reads_no_row_of_a_validating_batch_with_statistics_from_before_it(
+    postgres_url: str, tmp_path: Path
+) -> None:
+    """PostgreSQL's statistics are those of before the ingest (as they are in service:
+    autovacuum analyzes the job table after a tenth of it has changed, a large
+    ingest takes seconds): it thinks there are almost no unsent jobs. A top-up
+    still probes each batch in progress on its own, and never reads (hashes) every
+    unsent row of the batch being validated."""
+    settings = make_settings(postgres_url, tmp_path)
+    _, ids = make_batch(settings)
+    queue = CountingQueue()
+    factory = get_sessionmaker(settings.resolved_database_url)
+    while len(queue.sent) < LINES - 5:  # all but the last 5 sent
+        queue.drain(WINDOW)
+        feed.feed_once(factory, queue, settings)
+    engine = get_engine(settings.resolved_database_url)
+    with engine.begin() as conn:  # the statistics of a quiet moment: 5 unsent jobs
+        conn.execute(text("ANALYZE"))
+    gate = Gate(4 * staging.CHUNK_ROWS + 10, pause_at=4 * staging.CHUNK_ROWS + 5)
+    thread, outcome = start(postgres_url, gate)
+    try:
+        queue.drain(WINDOW)
+        ran = statements_of(engine, lambda: feed.feed_once(factory, queue, settings))
+        reading = [(s, p) for s, p in ran if s.lstrip().startswith("SELECT") and "job" in s]
+        assert reading
+        for statement, parameters in reading:
+            reads = postgres_job_reads(engine, statement, parameters)
+            assert sum(rows for _, rows in reads) <= LINES, (statement, reads)
+        assert queue.sent == ids
+    finally:
+        gate.release.set()
+        thread.join(60)
+    assert outcome["batch"].status == "in_progress"
