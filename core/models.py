@@ -88,10 +88,11 @@ JOB_FILLFACTOR = 80
 """Percent of each page of the job table filled by inserts; the rest is for updates."""
 
 LOOSE_ACTIVE = "batch_id IS NULL AND status IN ('queued', 'running')"
-UNSENT_JOBS = "status = 'queued' AND enqueued_at IS NULL"
-"""Jobs not yet sent to the broker (only a batch's, core.feed)."""
 """Queued or running and of no batch: the predicate of ``ix_job_owner_active``, which
 a query must repeat as it is for SQLite to use the index (core.quotas)."""
+UNSENT_JOBS = "status = 'queued' AND enqueued_at IS NULL"
+"""Jobs not yet sent to the broker (only a batch's): the predicate of ``ix_job_unsent``,
+which a query must repeat as it is for SQLite to use the index (core.feed)."""
 
 LOCAL_OWNER = "local"
 """The owner of everything when authentication is off."""
