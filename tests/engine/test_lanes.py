@@ -260,3 +260,52 @@ def test_a_short_request_arriving_mid_step_runs_before_that_step_ends(
     assert finished_after == [sent["during"]]
     for future, prompt in zip(beam_futures, PROMPTS, strict=True):
         assert future.result(timeout=120).outputs == reference(loaded, prompt, **BEAMS), prompt
+
+
+def test_a_long_request_arriving_mid_step_gives_the_express_lane_no_turn_there(
+    loaded: Any, make_engine: Any
+) -> None:
+    """A request too long for the express lane (normal priority, one row, 40 new
+    tokens) that arrives while the main batch's decode step runs, the express lane
+    busy, gives the express lane no turn inside that step (nor inside any later one:
+    no short request arrived): the main batch waits for the express lane once per
+    forward, not once more for every arrival. Everyone's output equals generate's."""
+    engine = make_engine(loaded, express_max_new_tokens=32)
+    seen = {"main": False, "nested": 0}
+    decode = engine._decode
+
+    def counted(lane: Any) -> None:
+        if lane is not engine._main:
+            seen["nested"] += seen["main"]  # an express step inside a main step
+            decode(lane)
+            return
+        seen["main"] = True
+        try:
+            decode(lane)
+        finally:
+            seen["main"] = False
+
+    engine._decode = counted
+    long_prompt = "A big red ball was"
+    long_request = request(long_prompt, max_new_tokens=40)  # the main lane's
+    sent: dict[str, Any] = {}
+
+    def arrive(*_: Any) -> None:  # in a main step's first layer, the express lane busy
+        if seen["main"] and engine._express.jobs and "future" not in sent:
+            seen["nested"] = 0  # what the express lane did before does not count
+            sent["future"] = engine.submit(long_request)
+
+    hook = _first_norm_of_layer(engine, 0).register_forward_pre_hook(arrive)
+    try:
+        with engine._lock:  # the short one takes the express lane, the beams the main
+            beam_futures = [engine.submit(request(p, **BEAMS)) for p in PROMPTS[:2]]
+            short = engine.submit(request(STORY, max_new_tokens=32))  # eight turns
+        assert short.result(timeout=60).outputs == reference(loaded, STORY, max_new_tokens=32)
+    finally:
+        hook.remove()
+    assert sent["future"].result(timeout=120).outputs == reference(
+        loaded, long_prompt, max_new_tokens=40
+    )
+    assert seen["nested"] == 0
+    for future, prompt in zip(beam_futures, PROMPTS, strict=False):
+        assert future.result(timeout=120).outputs == reference(loaded, prompt, **BEAMS), prompt

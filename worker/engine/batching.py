@@ -269,11 +269,15 @@ class BatchingEngine:
 
     def _may_go_express(self, state: RequestState) -> bool:
         """Whether ``state`` may take the express lane, before it is tokenized
-        (:func:`~worker.engine.lanes.express` decides)."""
+        (:func:`~worker.engine.lanes.express` decides). A request asking for more new
+        tokens than the lane takes does not wake it: a turn inside the main step would
+        only give the lane's running requests more steps, the main batch waiting."""
+        wanted = state.request.params.max_new_tokens
         return (
             bool(self.express_max_new_tokens)
             and state.request.priority != "low"
             and state.n <= EXPRESS_ROWS
+            and (wanted is None or wanted <= self.express_max_new_tokens)
         )
 
     def _between_layers(self) -> None:
