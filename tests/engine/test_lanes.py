@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from tests.engine.helpers import reference, request, wait_for_tokens
-from worker.engine import admission
+from worker.engine import admission, lanes
 from worker.engine.requests import RequestState
 from worker.engine.sampling import SamplingSpec
 
@@ -308,4 +308,55 @@ def test_a_long_request_arriving_mid_step_gives_the_express_lane_no_turn_there(
     )
     assert seen["nested"] == 0
     for future, prompt in zip(beam_futures, PROMPTS, strict=False):
+        assert future.result(timeout=120).outputs == reference(loaded, prompt, **BEAMS), prompt
+
+
+def test_short_requests_arriving_at_every_layer_get_one_turn_inside_a_step(
+    loaded: Any, make_engine: Any
+) -> None:
+    """Short requests arriving at every layer of the main batch's steps: the main batch
+    waits for at most one express turn inside each step (EXPRESS_STEPS_PER_TURN express
+    steps), not one per layer, and every output equals generate's."""
+    engine = make_engine(loaded)
+    inside: dict[str, int] = {"running": 0, "express": 0}
+    per_step: list[int] = []
+    decode = engine._decode
+
+    def counted(lane: Any) -> None:
+        if lane is engine._main:
+            inside["running"], inside["express"] = 1, 0
+            decode(lane)
+            inside["running"] = 0
+            per_step.append(inside["express"])
+        else:
+            inside["express"] += inside["running"]
+            decode(lane)
+
+    engine._decode = counted
+    beams = [request(p, **BEAMS) for p in PROMPTS]
+    beam_futures = [engine.submit(r) for r in beams]
+    wait_for_tokens(engine, beams[0].id, 5)
+
+    shorts: list[tuple[Any, str]] = []
+
+    def arrive(*_: Any) -> None:
+        if inside["running"] and len(shorts) < 12:
+            prompt = PROMPTS[len(shorts) % len(PROMPTS)]
+            shorts.append((engine.submit(request(prompt, max_new_tokens=12)), prompt))
+
+    body = engine._main.fast.body
+    layers = body.h if hasattr(body, "h") else body.layers
+    hooks = [
+        _first_norm_of_layer(engine, i).register_forward_pre_hook(arrive)
+        for i in range(len(layers))
+    ]
+    try:
+        wait_for_tokens(engine, beams[0].id, 12)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    for future, prompt in shorts:
+        assert future.result(timeout=60).outputs == reference(loaded, prompt, max_new_tokens=12)
+    assert shorts and max(per_step) <= lanes.EXPRESS_STEPS_PER_TURN, per_step
+    for future, prompt in zip(beam_futures, PROMPTS, strict=True):
         assert future.result(timeout=120).outputs == reference(loaded, prompt, **BEAMS), prompt

@@ -133,6 +133,7 @@ class BatchingEngine:
         # Set by submit when a request that may take the express lane arrives; the
         # main lane's decode step looks at it between layers (_between_layers).
         self._short_arrived = False
+        self._nested_turn_free = True
         if fast is not None:
             fast.between_layers = self._between_layers
         # Requests admitted to the main lane whose prefill is still to come (an iteration
@@ -239,12 +240,14 @@ class BatchingEngine:
         if self._main.jobs:
             self._step(self._main)
 
-    def _express_turn(self) -> None:
+    def _express_turn(self, *, nested: bool = False) -> None:
         """Admit the short requests waiting (:func:`~worker.engine.lanes.express`) and run
-        up to ``EXPRESS_STEPS_PER_TURN`` steps of the express lane."""
+        up to ``EXPRESS_STEPS_PER_TURN`` steps of the express lane. A turn between two
+        forwards of the main batch allows one more inside the next (``nested``)."""
         if not self.express_max_new_tokens:
             return
         self._short_arrived = False  # whoever arrived is seen now
+        self._nested_turn_free = not nested
         with self._lock:
             newcomers = admission.pick(
                 self._waiting,
@@ -283,12 +286,13 @@ class BatchingEngine:
     def _between_layers(self) -> None:
         """Between two layers of the main lane's decode step: a short request that
         arrived during the step gets its express turn now, not after the whole step
-        (160 rows of GPT-2 take about 0.3 s a step on two cores). The express lane has
-        its own slot cache, so the main step goes on unchanged after it."""
-        if not self._short_arrived:
-            return
+        (160 rows of GPT-2 take about 0.3 s a step on two cores); once a step at most,
+        so the main batch waits for ``EXPRESS_STEPS_PER_TURN`` express steps at most.
+        The express lane has its own slot cache: the main step goes on unchanged."""
+        if not (self._short_arrived and self._nested_turn_free):
+            return  # one turn inside a step at most: the main batch waits for it
         try:
-            self._express_turn()
+            self._express_turn(nested=True)
         except Exception:  # a scheduler bug: the express lane's, not the main step's
             log.exception("express turn inside a main step failed; restarting the express lane")
             self._restart(self._express, list(self._express.jobs))

@@ -6,11 +6,13 @@ their steps, ten times its time alone. So short requests (:func:`express`; not b
 work: a batch's short lines share the main steps at full throughput) run in a lane of
 their own: a small slot cache that gets a turn before each of the main batch's forwards
 (prefill or decode step). A turn admits the short requests waiting and runs up to
-``EXPRESS_STEPS_PER_TURN`` of their steps: a 4-token job is done in one turn, waiting
-for at most one main forward; a 16-token job takes four turns instead of sixteen main
-steps. The main batch waits meanwhile, at most that many small steps per forward,
-however many short requests arrive; short requests beyond the lane's rows join the main
-batch. With nothing short waiting the main batch runs as before.
+``EXPRESS_STEPS_PER_TURN`` of their steps: a 4-token job is done in one turn; a 16-token
+job takes four turns instead of sixteen main steps. A short request that arrives during a
+decode step of the main batch (GPT-2 and Llama's fast steps) does not wait for the step
+to end: it gets a turn between two of the step's layers, once a step. The main batch
+waits meanwhile, at most that many small steps twice per forward, however many short
+requests arrive; short requests beyond the lane's rows join the main batch. With nothing
+short waiting the main batch runs as before.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from worker.engine.requests import RequestState
 # Rows in the express lane (EXPRESS_ROWS: a request needing more, beams, runs in the
 # main lane) and the most cache tokens of an express request (EXPRESS_MAX_TOKENS) are
 # core.express's, which the API's express queue shares.
-# Express steps per turn (one turn before each forward of the main batch).
+# Express steps per turn (one turn before each forward of the main batch, and one more
+# inside it, between two layers, when a short request arrived during it).
 EXPRESS_STEPS_PER_TURN = 4
 
 
