@@ -27,15 +27,28 @@ depends_on: str | Sequence[str] | None = None
 UNSENT = sa.text("status = 'queued' AND enqueued_at IS NULL")
 
 
-def _unsent_index(columns: list[str]) -> None:
-    op.create_index("ix_job_unsent", "job", columns, postgresql_where=UNSENT, sqlite_where=UNSENT)
+def _replace_unsent_index(columns: list[str]) -> None:
+    if op.get_context().dialect.name != "postgresql":
+        op.drop_index("ix_job_unsent", table_name="job")
+        op.create_index("ix_job_unsent", "job", columns, sqlite_where=UNSENT)
+        return
+    # Built beside the old one without blocking the job table's writes (a new index
+    # reads the whole table, however few rows it holds), then swapped in.
+    with op.get_context().autocommit_block():
+        op.create_index(
+            "ix_job_unsent_next",
+            "job",
+            columns,
+            postgresql_where=UNSENT,
+            postgresql_concurrently=True,
+        )
+        op.drop_index("ix_job_unsent", table_name="job", postgresql_concurrently=True)
+        op.execute("ALTER INDEX ix_job_unsent_next RENAME TO ix_job_unsent")
 
 
 def upgrade() -> None:
-    op.drop_index("ix_job_unsent", table_name="job")
-    _unsent_index(["batch_id", "model", "priority", "id"])
+    _replace_unsent_index(["batch_id", "model", "priority", "id"])
 
 
 def downgrade() -> None:
-    op.drop_index("ix_job_unsent", table_name="job")
-    _unsent_index(["model", "priority", "id"])
+    _replace_unsent_index(["model", "priority", "id"])
