@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import select, text
 
@@ -84,6 +85,18 @@ def make_batch(settings: Settings) -> tuple[str, list[str]]:
     return batch.id, ids
 
 
+def all_but_the_last_sent(settings: Settings, last: int) -> tuple[list[str], CountingQueue, Any]:
+    """A batch whose jobs were all sent but the last ``last``: its ids, the broker, and
+    the session factory."""
+    _, ids = make_batch(settings)
+    queue = CountingQueue()
+    factory = get_sessionmaker(settings.resolved_database_url)
+    while len(queue.sent) < LINES - last:
+        queue.drain(WINDOW)
+        feed.feed_once(factory, queue, settings)
+    return ids, queue, factory
+
+
 def test_a_batch_is_sent_a_window_at_a_time_in_order(database_url: str, tmp_path: Path) -> None:
     settings = make_settings(database_url, tmp_path)
     _, ids = make_batch(settings)
@@ -143,12 +156,7 @@ def test_a_top_up_reads_none_of_the_rows_of_a_batch_still_being_validated(
     row of the one being validated: their cost does not grow with the ingest (it
     did, twice a second, by every row written so far)."""
     settings = make_settings(database_url, tmp_path)
-    _, ids = make_batch(settings)
-    queue = CountingQueue()
-    factory = get_sessionmaker(settings.resolved_database_url)
-    while len(queue.sent) < LINES - 5:  # all but the last 5 sent
-        queue.drain(WINDOW)
-        feed.feed_once(factory, queue, settings)
+    ids, queue, factory = all_but_the_last_sent(settings, 5)
     gate = Gate(2 * staging.CHUNK_ROWS + 10, pause_at=2 * staging.CHUNK_ROWS + 5)
     thread, outcome = start(database_url, gate)
     try:
@@ -185,12 +193,7 @@ def test_a_top_up_reads_no_row_of_a_validating_batch_with_statistics_from_before
     still probes each batch in progress on its own, and never reads (hashes) every
     unsent row of the batch being validated."""
     settings = make_settings(postgres_url, tmp_path)
-    _, ids = make_batch(settings)
-    queue = CountingQueue()
-    factory = get_sessionmaker(settings.resolved_database_url)
-    while len(queue.sent) < LINES - 5:  # all but the last 5 sent
-        queue.drain(WINDOW)
-        feed.feed_once(factory, queue, settings)
+    ids, queue, factory = all_but_the_last_sent(settings, 5)
     engine = get_engine(settings.resolved_database_url)
     with engine.begin() as conn:  # the statistics of a quiet moment: 5 unsent jobs
         conn.execute(text("ANALYZE"))
