@@ -149,8 +149,13 @@ def test_worker_sigkilled_mid_run_then_a_new_worker_completes_every_job(
     cluster = make_cluster(postgres_url, tmp_path, str(model_dir), GENQ_WORKER_CONCURRENCY="16")
     ids = cluster.submit(prompts(100), max_new_tokens=200)
     with cluster.worker() as first:
+        # Kill while a run is in progress: a whole wave of jobs can finish at once, and
+        # the gap before the next claim would make the kill hit nothing.
         wait_until(
-            lambda: cluster.count(ids, "succeeded") >= 10, 120, "first results", cluster.logs[0]
+            lambda: cluster.count(ids, "succeeded") >= 10 and cluster.count(ids, "running") > 0,
+            120,
+            "first results with more jobs running",
+            cluster.logs[0],
         )
         first.send_signal(signal.SIGKILL)
         first.wait()
