@@ -27,8 +27,10 @@ from bench._workload import Prompt
 
 # New tokens per prompt in the breakdown run (fewer when a prompt asks for fewer).
 BREAKDOWN_STEPS = 32
-_MATMUL_OPS = ("aten::addmm", "aten::mm", "aten::bmm", "mkldnn::_linear_pointwise")
-_ATTENTION_MARKS = ("scaled_dot_product", "flash_attention")
+_MATMUL_OPS = ("aten::addmm", "aten::mm", "mkldnn::_linear_pointwise")
+# Batched products are attention's: the bf16 fast step's (worker.engine.fastpath.attention),
+# the weights' products being (add)mm or packed.
+_ATTENTION_MARKS = ("scaled_dot_product", "flash_attention", "aten::bmm")
 
 
 @dataclasses.dataclass(frozen=True)

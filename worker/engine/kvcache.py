@@ -22,12 +22,15 @@ Masked positions always hold finite values (zeros, or the keys of a slot's forme
 occupant): softmax gives them weight exactly 0, and ``0 * x`` is 0 for finite ``x`` but
 NaN for NaN. Fresh key and value buffers are left uninitialized and zeroed only where
 the view reaches them: the window's columns of a row when a newcomer takes it, and the
-columns a wider newcomer brings into view on the left. Zeroing a whole new buffer
-(hundreds of MB at 160 rows) cost about a second per reallocation on a CPU, a stall of
-every running request and of the express lane; and memory never in view is never
-touched. Free rows attend only to their own columns from position 0 (their mask row is
-cleared and their position does not advance), so they stay finite and never exceed the
-context.
+columns a wider newcomer brings into view on the left. Values are finite in every
+column of a row in view (zeroed when a newcomer takes the row, and around the copied
+window at a reallocation): the bf16 decode step attends over whole rows, the window's
+columns and the headroom around them, masked (:mod:`worker.engine.fastpath.attention`).
+Zeroing a whole new buffer (hundreds of MB at 160 rows) cost about a second per
+reallocation on a CPU, a stall of every running request and of the express lane; and
+memory of rows never in view is never touched. Free rows attend only to their own
+columns from position 0 (their mask row is cleared and their position does not
+advance), so they stay finite and never exceed the context.
 """
 
 from __future__ import annotations
@@ -117,10 +120,13 @@ def _regrown(
     row_cap: int,
     col_cap: int,
     left: int,
+    *,
+    zero_rows: bool = False,
 ) -> torch.Tensor:
     """A new ``[row_cap, ..., col_cap, ...]`` buffer (columns on dim 2, or dim 1 for a
     mask) holding ``old[rows, ..., cols]`` at ``[:k, ..., left:left + width]``; a mask is
-    zero elsewhere, keys and values are left unset there (the module's docstring)."""
+    zero elsewhere, keys and values are left unset there but for the ``k`` rows' other
+    columns with ``zero_rows`` (the module's docstring)."""
     dim = 2 if old.dim() == 4 else 1
     part = old.narrow(dim, cols.start, cols.stop - cols.start)[rows]
     kept, width = part.shape[0], part.shape[dim]
@@ -128,6 +134,9 @@ def _regrown(
     shape[0], shape[dim] = row_cap, col_cap
     new = uninitialized(old, shape) if dim == 2 else old.new_zeros(shape)
     new[:kept].narrow(dim, left, width).copy_(part)
+    if zero_rows and dim == 2:
+        new[:kept, :, :left] = 0
+        new[:kept, :, left + width :] = 0
     return new
 
 
@@ -209,12 +218,14 @@ class SlotCache:
         for layer, new in zip(self.layers, prefill.layers, strict=True):
             if layer.key_buffer is None or layer.value_buffer is None:
                 continue  # a layer that holds no keys (KV sharing)
-            for buffer, values in ((layer.key_buffer, new.keys), (layer.value_buffer, new.values)):
-                # Columns now in view that nobody wrote: left of the old window for the
-                # rows already there, left of the prompt for the newcomers' rows.
-                buffer[: before.rows, :, w.start : before.start] = 0
-                buffer[index, :, w.start : cols.start] = 0
-                buffer[index, :, cols] = values
+            # Columns now in view that nobody wrote: left of the old window for the
+            # rows already there, left of the prompt for the newcomers' rows; and every
+            # other value of the newcomers' rows (values stay finite in whole rows).
+            layer.key_buffer[: before.rows, :, w.start : before.start] = 0
+            layer.key_buffer[index, :, w.start : cols.start] = 0
+            layer.value_buffer[index] = 0
+            layer.key_buffer[index, :, cols] = new.keys
+            layer.value_buffer[index, :, cols] = new.values
         self.mask[index] = 0
         self.mask[index, cols] = mask
         self.positions[index] = mask.sum(-1)
@@ -370,7 +381,7 @@ class SlotCache:
                     continue
                 layer.key_buffer = _regrown(layer.key_buffer, which, cols, row_cap, col_cap, left)
                 layer.value_buffer = _regrown(
-                    layer.value_buffer, which, cols, row_cap, col_cap, left
+                    layer.value_buffer, which, cols, row_cap, col_cap, left, zero_rows=True
                 )
             self.mask = _regrown(self.mask, which, cols, row_cap, col_cap, left)
             self.positions = self._regrown_rows(self.positions, which, row_cap)

@@ -53,7 +53,7 @@ class GPT2Step:
     ) -> torch.Tensor:
         """``[rows, vocab]`` float32 logits of the next token of every row."""
         rows, heads, dim = ids.shape[0], self.heads, self.head_dim
-        keep = step_mask(mask)
+        keep = step_mask(self.batch, mask)
         h = self.body.wte(ids) + self.body.wpe(positions)
         for i, block in enumerate(self.body.h):
             q, k, v = torch.split(self.qkv[i](block.ln_1(h)), self.width, dim=2)

@@ -55,7 +55,7 @@ class LlamaStep:
     ) -> torch.Tensor:
         """``[rows, vocab]`` float32 logits of the next token of every row."""
         rows, dim = ids.shape[0], self.head_dim
-        keep = step_mask(mask)
+        keep = step_mask(self.batch, mask)
         h = self.body.embed_tokens(ids)
         cos, sin = self.body.rotary_emb(h, positions)
         for i, layer in enumerate(self.body.layers):
