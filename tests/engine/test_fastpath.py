@@ -167,3 +167,53 @@ def test_packed_linear_fuses_the_activation(activation: str, reference_act: Any)
     got = packed(weight, bias, max_rows=16, activation=activation)(x).float()
     expected = reference_act(functional.linear(x.float(), weight.float(), bias.float()))
     torch.testing.assert_close(got, expected, atol=0.05, rtol=0.02)
+
+
+@pytest.mark.usefixtures("inference")
+def test_bf16_compaction_into_a_slot_its_former_occupant_left_non_finite(loaded: Any) -> None:
+    """A request whose own values went non-finite (an overflow in its prompt) leaves
+    them in its slot when it retires. A live row compacted into that slot must not read
+    them: SDPA over the window never did; attention over whole rows reads every column
+    of the row, at weight 0, and 0 * NaN is NaN."""
+    model = copy.deepcopy(loaded[0]).to(torch.bfloat16)
+    p = prompts_of(model.config.vocab_size, 12, 3, 4)
+    drv = CheckedDriver(model, tolerance=0.1)
+    # "wide" is done at its prefill's token: it leaves row 0 free, and the window's
+    # start moves right past its prompt's leftmost columns (nobody live uses them).
+    slots = drv.admit({"wide": (p[0], 1), "narrow": (p[1], 20), "late": (p[2], 20)})
+    assert slots == {"wide": -1, "narrow": 1, "late": 2}
+    w = drv.batch.window
+    assert w.start > 0
+    for layer in drv.batch.layers:
+        assert layer.value_buffer is not None
+        layer.value_buffer[0, :, : w.start] = float("nan")  # "wide"'s own overflow
+    drv.compact()  # "late" moves into row 0
+    assert drv.rows == {"narrow": 1, "late": 0}
+    drv.run_out()
+    assert drv.steps >= 19
+
+
+def test_products_attention_in_fp16_stays_finite_where_sdpa_does() -> None:
+    """fp16 tops out at 65504: a query-key product that large before the scale (and a
+    few thousand after it) overflows a product rounded to fp16 before it is scaled,
+    and the softmax of inf is NaN; SDPA (and the model's own forward) stays finite."""
+    from worker.engine.fastpath.attention import products_attention
+
+    generator = torch.Generator().manual_seed(0)
+    rows, heads, width, dim = 2, 2, 8, 64
+    scale = dim**-0.5
+    query = torch.randn(rows, heads, 1, dim, generator=generator)
+    keys = torch.randn(rows, heads, width, dim, generator=generator)
+    values = torch.randn(rows, heads, width, dim, generator=generator)
+    query[..., 0] = 40.0
+    keys[..., 3, 0] = 2500.0  # 1e5 before the scale, 1.25e4 after it
+    keep = torch.ones(rows, 1, 1, width, dtype=torch.bool)
+    keep[0, ..., 5:] = False
+    expected = functional.scaled_dot_product_attention(
+        query, keys, values, attn_mask=keep, scale=scale
+    )
+    half = [t.to(torch.float16) for t in (query, keys, values)]
+    sdpa = functional.scaled_dot_product_attention(*half, attn_mask=keep, scale=scale)
+    assert bool(torch.isfinite(sdpa).all())
+    got = products_attention(*half, keep, scale)
+    torch.testing.assert_close(got.float(), expected, atol=0.02, rtol=0.02)

@@ -182,6 +182,33 @@ def test_reallocation_writes_only_the_window(gpt2: Any) -> None:
 
 
 @pytest.mark.usefixtures("inference")
+def test_compacted_row_in_a_tainted_slot_then_the_window_widens(loaded: Any) -> None:
+    """A request whose own values went non-finite (an overflow in its prompt) leaves
+    them in its slot. A row compacted into that slot, then a wider newcomer moving the
+    window's start left over those columns: the moved row must still see zeros there
+    (masked, weight 0, and 0 * NaN is NaN), in fp32 over the window too."""
+    model = loaded[0]
+    p = prompts_of(model.config.vocab_size, 12, 3, 4, 10)
+    drv = Driver(model)
+    slots = drv.admit({"wide": (p[0], 1), "narrow": (p[1], 20), "late": (p[2], 20)})
+    assert slots == {"wide": -1, "narrow": 1, "late": 2}
+    w = drv.batch.window
+    left = w.start
+    assert left > 0
+    for layer in drv.batch.layers:
+        assert layer.value_buffer is not None
+        layer.value_buffer[0, :, :left] = float("nan")  # "wide"'s own overflow
+    drv.compact()  # "late" moves into row 0
+    assert drv.rows == {"narrow": 1, "late": 0}
+    drv.step(2)
+    drv.admit({"wider": (p[3], 6)})  # moves start left over "wide"'s columns
+    assert w.start < left and drv.batch.copies == 0
+    drv.run_out()
+    for name, prompt, new in (("narrow", p[1], 20), ("late", p[2], 20), ("wider", p[3], 6)):
+        assert drv.tokens[name] == alone(model, prompt, new), name
+
+
+@pytest.mark.usefixtures("inference")
 def test_many_rounds_of_retire_and_admit(gpt2: Any) -> None:
     """Requests of mixed lengths come and go through a few slots for many steps."""
     model = gpt2[0]

@@ -24,8 +24,10 @@ NaN for NaN. Fresh key and value buffers are left uninitialized and zeroed only 
 the view reaches them: the window's columns of a row when a newcomer takes it, and the
 columns a wider newcomer brings into view on the left. Values are finite in every
 column of a row in view (zeroed when a newcomer takes the row, and around the copied
-window at a reallocation): the bf16 decode step attends over whole rows, the window's
-columns and the headroom around them, masked (:mod:`worker.engine.fastpath.attention`).
+window at a reallocation; a compaction moves a row's values whole, not over the window:
+a former occupant may have left non-finite ones in the slot): the bf16 decode step
+attends over whole rows, the window's columns and the headroom around them, masked
+(:mod:`worker.engine.fastpath.attention`).
 Zeroing a whole new buffer (hundreds of MB at 160 rows) cost about a second per
 reallocation on a CPU, a stall of every running request and of the express lane; and
 memory of rows never in view is never touched. Free rows attend only to their own
@@ -266,9 +268,13 @@ class SlotCache:
         if holes.numel():
             cols = slice(w.start, w.end)
             for layer in self.layers:
-                for buffer in (layer.key_buffer, layer.value_buffer):
-                    if buffer is not None:
-                        buffer[holes, :, cols] = buffer[movers, :, cols]
+                if layer.key_buffer is not None:
+                    layer.key_buffer[holes, :, cols] = layer.key_buffer[movers, :, cols]
+                if layer.value_buffer is not None:
+                    # Whole rows: a hole's former occupant may have left non-finite values
+                    # outside the window, and values are read in every column of a row in
+                    # view (the module's docstring).
+                    layer.value_buffer[holes] = layer.value_buffer[movers]
             assert self.mask is not None
             self.mask[holes] = self.mask[movers]
             for per_row in (self.positions, self.last, self.live):

@@ -80,17 +80,20 @@ def products_attention(
     of a row in view finite (:mod:`worker.engine.kvcache`). A query group of
     grouped-query attention meets its one key head in one product. The scores are
     rounded to the keys' precision before the softmax, as transformers' eager
-    attention does.
+    attention does, but of the scaled query (SDPA's order), so that fp16 does not
+    overflow before the scale.
     """
     rows, heads, _, dim = query.shape
     kv_heads, width = keys.shape[1], keys.shape[2]
     group = heads // kv_heads
-    # [rows * kv_heads, group, dim] @ [rows * kv_heads, dim, width], all views.
+    # [rows * kv_heads, group, dim] @ [rows * kv_heads, dim, width], the keys' views.
+    # The query is scaled first, as SDPA does: a product rounded to fp16 before the
+    # scale overflows (65504) where the scaled one does not.
     scores = torch.bmm(
-        query.reshape(rows * kv_heads, group, dim),
+        (query * scale).reshape(rows * kv_heads, group, dim),
         keys.reshape(rows * kv_heads, width, dim).transpose(1, 2),
     ).view(rows, kv_heads, group, width)
-    weights = (scores.float() * scale).masked_fill_(~keep, float("-inf")).softmax(-1)
+    weights = scores.float().masked_fill_(~keep, float("-inf")).softmax(-1)
     out = torch.bmm(
         weights.to(values.dtype).view(rows * kv_heads, group, width),
         values.reshape(rows * kv_heads, width, dim),
