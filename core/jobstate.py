@@ -31,7 +31,7 @@ from sqlalchemy.orm import Session
 
 from core import tally, webhooks
 from core.errors import ConflictError, NotFoundError
-from core.locking import in_id_order, lock_in_order
+from core.locking import in_id_order, lock_in_order, locked_by_id
 from core.models import Job, utcnow
 from core.queue import Route
 from core.schemas import GenerationParams
@@ -170,13 +170,19 @@ def claim_fresh(
     and the token, so it still identifies this attempt of each job.
     """
     token = secrets.token_hex(16)
-    fresh = Job.id.in_(job_ids) & Job.status.in_(_CLAIM_FROM) & (Job.attempts == 0)
+    # The rows are found by id alone and locked in id order (core.locking), and
+    # their status checked once locked: never ix_job_status's queued entries.
+    locked = locked_by_id(set(job_ids), Job.status, Job.attempts)
     table = cast(Table, Job.__table__)  # Core: the ORM's update path costs more than it
     rows = (
         session.connection()
         .execute(
             update(table)
-            .where(in_id_order(fresh))  # one lock order for job rows: core.locking
+            .where(
+                table.c.id == locked.c.id,
+                locked.c.status.in_(_CLAIM_FROM),
+                locked.c.attempts == 0,
+            )
             .values(**_claiming(worker, token, lease_s))
             .returning(*_CLAIMED)
         )
@@ -185,10 +191,9 @@ def claim_fresh(
     claims = {row[0]: _claim(row, token) for row in rows}
     rest = [job_id for job_id in job_ids if job_id not in claims]
     suspects: set[str] = set()
-    if rest:
-        suspects = set(
-            session.scalars(select(Job.id).where(Job.id.in_(rest), Job.status == QUEUED))
-        )
+    if rest:  # by id alone too; the few rows are sorted out here
+        found = session.execute(select(Job.id, Job.status).where(Job.id.in_(rest)))
+        suspects = {job_id for job_id, status in found if status == QUEUED}
     return (
         [claims[i] for i in job_ids if i in claims],
         [i for i in rest if i in suspects],

@@ -20,8 +20,9 @@ that wait all take their locks in one order, so no cycle can form. On SQLite
 from __future__ import annotations
 
 from collections.abc import Collection
+from typing import Any
 
-from sqlalchemy import ColumnElement, select
+from sqlalchemy import CTE, ColumnElement, select
 from sqlalchemy.orm import Session
 
 from core.models import Job
@@ -34,6 +35,29 @@ def in_id_order(where: ColumnElement[bool], *, skip_locked: bool = False) -> Col
     with ``skip_locked`` rows another transaction holds are left out."""
     locked = select(Job.id).where(where).order_by(Job.id).with_for_update(skip_locked=skip_locked)
     return Job.id.in_(locked.scalar_subquery())
+
+
+def locked_by_id(job_ids: Collection[str], *columns: Any) -> CTE:
+    """``WITH locked AS MATERIALIZED (SELECT id, columns… FROM job WHERE id IN (…)
+    ORDER BY id FOR UPDATE)``: these job rows, found by their primary key alone and
+    locked in id order, for a statement that then checks ``columns`` of the locked
+    rows (an ``UPDATE … FROM locked WHERE job.id = locked.id AND locked.status …``).
+
+    A condition on status next to the ids (``WHERE id IN (…) AND status = 'queued'``)
+    lets PostgreSQL's planner meet the ids through ``ix_job_status`` instead, reading
+    the entry of every job of that status: a million queued ones behind a large
+    batch, whenever the table's statistics are stale (for minutes after a large
+    ingest, until autovacuum has analyzed it). The materialized CTE is a fence: no
+    condition outside it is pushed into its scan.
+    """
+    return (
+        select(Job.id, *columns)
+        .where(Job.id.in_(sorted(job_ids)))
+        .order_by(Job.id)
+        .with_for_update()
+        .cte("locked")
+        .prefix_with("MATERIALIZED")
+    )
 
 
 def lock_in_order(
