@@ -12,12 +12,12 @@ import datetime as dt
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from sqlalchemy import JSON, Integer, bindparam, delete, func, select, update
+from sqlalchemy import JSON, Integer, bindparam, delete, func, select, text, update
 from sqlalchemy.orm import Session
 
 from core.jobstate import Claim
 from core.locking import in_id_order, lock_in_order
-from core.models import Job, Lock, utcnow
+from core.models import SENT_JOBS, Job, Lock, utcnow
 from core.queue import Route
 from core.status import FINAL_STATUSES, JobStatus
 
@@ -121,7 +121,7 @@ def queued_counts(session: Session) -> dict[tuple[str, str], int]:
     hold (a batch's jobs the feeder has not sent yet are not counted)."""
     rows = session.execute(
         select(Job.model, Job.priority, func.count())
-        .where(Job.status == QUEUED, Job.enqueued_at.is_not(None))  # unsent: the feeder's
+        .where(text(SENT_JOBS))  # through ix_job_sent; unsent ones are the feeder's
         .group_by(Job.model, Job.priority)
     )
     return {(model, priority): count for model, priority, count in rows}
@@ -137,10 +137,10 @@ def stale_queued(
         session.scalars(
             select(Job.id)
             .where(
-                Job.status == QUEUED,
+                text(SENT_JOBS),  # through ix_job_sent; unsent ones are the feeder's
                 Job.model == model,
                 Job.priority == priority,
-                Job.enqueued_at < cutoff,  # NULL: not sent yet, the feeder's (core.feed)
+                Job.enqueued_at < cutoff,
             )
             .order_by(Job.id)
             .limit(limit)

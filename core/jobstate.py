@@ -179,9 +179,11 @@ def claim_fresh(
         .execute(
             update(table)
             .where(
-                table.c.id == locked.c.id,
-                locked.c.status.in_(_CLAIM_FROM),
-                locked.c.attempts == 0,
+                table.c.id.in_(
+                    select(locked.c.id).where(
+                        locked.c.status.in_(_CLAIM_FROM), locked.c.attempts == 0
+                    )
+                )
             )
             .values(**_claiming(worker, token, lease_s))
             .returning(*_CLAIMED)

@@ -41,14 +41,15 @@ def locked_by_id(job_ids: Collection[str], *columns: Any) -> CTE:
     """``WITH locked AS MATERIALIZED (SELECT id, columns… FROM job WHERE id IN (…)
     ORDER BY id FOR UPDATE)``: these job rows, found by their primary key alone and
     locked in id order, for a statement that then checks ``columns`` of the locked
-    rows (an ``UPDATE … FROM locked WHERE job.id = locked.id AND locked.status …``).
+    rows (``UPDATE job … WHERE id IN (SELECT id FROM locked WHERE status …)``).
 
     A condition on status next to the ids (``WHERE id IN (…) AND status = 'queued'``)
     lets PostgreSQL's planner meet the ids through ``ix_job_status`` instead, reading
     the entry of every job of that status: a million queued ones behind a large
     batch, whenever the table's statistics are stale (for minutes after a large
     ingest, until autovacuum has analyzed it). The materialized CTE is a fence: no
-    condition outside it is pushed into its scan.
+    condition outside it is pushed into its scan. (SQLite, whose planner has no such
+    statistics, gets a plain CTE: ``MATERIALIZED`` needs SQLite 3.35.)
     """
     return (
         select(Job.id, *columns)
@@ -56,7 +57,7 @@ def locked_by_id(job_ids: Collection[str], *columns: Any) -> CTE:
         .order_by(Job.id)
         .with_for_update()
         .cte("locked")
-        .prefix_with("MATERIALIZED")
+        .prefix_with("MATERIALIZED", dialect="postgresql")
     )
 
 

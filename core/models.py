@@ -93,6 +93,11 @@ a query must repeat as it is for SQLite to use the index (core.quotas)."""
 UNSENT_JOBS = "status = 'queued' AND enqueued_at IS NULL"
 """Jobs not yet sent to the broker (only a batch's): the predicate of ``ix_job_unsent``,
 which a query must repeat as it is for SQLite to use the index (core.feed)."""
+SENT_JOBS = "status = 'queued' AND enqueued_at IS NOT NULL"
+"""Queued jobs sent to the broker: the predicate of ``ix_job_sent``, which a query must
+repeat as it is (constants, not parameters) for the index to serve it (core.delivery)."""
+SUBMITTED_TOGETHER = "submission_id IS NOT NULL"
+"""Jobs of a ``POST /v1/jobs/bulk``: the predicate of ``ix_job_submission_id``."""
 
 LOCAL_OWNER = "local"
 """The owner of everything when authentication is off."""
@@ -120,8 +125,26 @@ class Job(Base):
             postgresql_where=text(UNSENT_JOBS),
             sqlite_where=text(UNSENT_JOBS),
         ),
-        # An owner's jobs by status (listing them filtered).
+        # The queued jobs sent to the broker, per queue in id order: what the sweeper
+        # counts and re-sends (core.delivery), however many unsent ones wait behind.
+        Index(
+            "ix_job_sent",
+            "model",
+            "priority",
+            "id",
+            postgresql_where=text(SENT_JOBS),
+            sqlite_where=text(SENT_JOBS),
+        ),
+        # An owner's jobs by status (listing them filtered; and all of them, by owner).
         Index("ix_job_owner_status", "owner", "status"),
+        # Jobs submitted together by one ``POST /v1/jobs/bulk`` (for its idempotency
+        # key); the others, a batch's million, have no entry to write.
+        Index(
+            "ix_job_submission_id",
+            "submission_id",
+            postgresql_where=text(SUBMITTED_TOGETHER),
+            sqlite_where=text(SUBMITTED_TOGETHER),
+        ),
         # An owner's queued + running jobs of no batch: the part of the active-jobs
         # quota counted row by row (core.quotas; a batch's come from its counters).
         Index(
@@ -153,7 +176,7 @@ class Job(Base):
     error_code: Mapped[str | None] = mapped_column(String(64))
     error_message: Mapped[str | None] = mapped_column(Text)
 
-    owner: Mapped[str] = mapped_column(String(255), index=True, default=LOCAL_OWNER)
+    owner: Mapped[str] = mapped_column(String(255), default=LOCAL_OWNER)  # ix_job_owner_status
     priority: Mapped[str] = mapped_column(String(8), default="normal", server_default="normal")
     callback_url: Mapped[str | None] = mapped_column(Text)
 
@@ -162,7 +185,7 @@ class Job(Base):
     custom_id: Mapped[str | None] = mapped_column(String(512))
 
     # Jobs submitted together by one ``POST /v1/jobs/bulk`` (for its idempotency key).
-    submission_id: Mapped[str | None] = mapped_column(String(40), index=True)
+    submission_id: Mapped[str | None] = mapped_column(String(40))
 
     # Delivery: attempts counts claims that did not hand the job back; the lease
     # token names the one claim allowed to write; the lease expires unless renewed.

@@ -31,7 +31,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from core import files, submit
-from core.batches import lifecycle, staging, writer
+from core.batches import lifecycle, staging, statistics, writer
 from core.batches.custom_ids import SeenIds
 from core.models import Batch, Job, utcnow
 from core.openai_format import (
@@ -354,6 +354,8 @@ def create_batch(
         session.rollback()
         _abandon(session, batch.id)
         raise
+    if not result.error_count:  # accepted: many new rows may have outdated the statistics
+        statistics.refresh_after_ingest(session, result.total)
     session.refresh(batch)
     return batch
 
