@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 
 from core.jobstate import Claim
 from core.locking import in_id_order, lock_in_order
-from core.models import SENT_JOBS, Job, Lock, utcnow
+from core.models import SENT_JOBS, Job, Lock, job_column, job_through, utcnow
 from core.queue import Route
 from core.status import FINAL_STATUSES, JobStatus
 
@@ -116,13 +116,21 @@ def acquire_lock(session: Session, name: str, *, holder: str, ttl_s: float) -> b
     return True
 
 
+def _sent_jobs(session: Session) -> Any:
+    """The job table read through ``ix_job_sent``: the queued jobs sent to the broker
+    (the feeder's window, web apps' jobs), not the unsent tail of a large batch."""
+    return job_through("ix_job_sent", session.get_bind().dialect.name)
+
+
 def queued_counts(session: Session) -> dict[tuple[str, str], int]:
     """Queued jobs sent to the broker per (model, priority): what each queue should
     hold (a batch's jobs the feeder has not sent yet are not counted)."""
+    model, priority = job_column("model"), job_column("priority")
     rows = session.execute(
-        select(Job.model, Job.priority, func.count())
-        .where(text(SENT_JOBS))  # through ix_job_sent; unsent ones are the feeder's
-        .group_by(Job.model, Job.priority)
+        select(model, priority, func.count())
+        .select_from(_sent_jobs(session))
+        .where(text(SENT_JOBS))  # unsent ones are the feeder's (core.feed)
+        .group_by(model, priority)
     )
     return {(model, priority): count for model, priority, count in rows}
 
@@ -135,14 +143,15 @@ def stale_queued(
     cutoff = utcnow() - dt.timedelta(seconds=older_than_s)
     ids = list(
         session.scalars(
-            select(Job.id)
+            select(job_column("id"))
+            .select_from(_sent_jobs(session))
             .where(
-                text(SENT_JOBS),  # through ix_job_sent; unsent ones are the feeder's
-                Job.model == model,
-                Job.priority == priority,
-                Job.enqueued_at < cutoff,
+                text(SENT_JOBS),  # unsent ones are the feeder's (core.feed)
+                job_column("model") == model,
+                job_column("priority") == priority,
+                job_column("enqueued_at") < cutoff,
             )
-            .order_by(Job.id)
+            .order_by(job_column("id"))
             .limit(limit)
             .with_for_update(skip_locked=True)  # a worker claiming it: not stale
         )

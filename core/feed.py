@@ -22,11 +22,11 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from sqlalchemy import literal_column, select, text, update
+from sqlalchemy import select, text, update
 from sqlalchemy.orm import Session
 
 from core import workers
-from core.models import UNSENT_JOBS, Batch, Job, utcnow
+from core.models import UNSENT_JOBS, Batch, Job, job_column, job_through, utcnow
 from core.queue import PRIORITIES, JobQueue, Route, queue_name
 from core.settings import Settings, model_id
 from core.status import BatchStatus, JobStatus
@@ -38,19 +38,9 @@ from core.status import BatchStatus, JobStatus
 
 
 def _unsent_jobs(dialect: str) -> Any:
-    """The job table, read through ``ix_job_unsent``. SQLite is told the index:
-    left to itself it takes ``ix_job_batch_id`` for ``batch_id = ?``, every row of
-    the batch, sent or not (and ``INDEXED BY`` fails the statement rather than scan,
-    should the index ever stop matching). Its statements name columns as text
-    (``job.x``), so SQLAlchemy adds no second ``job`` to them, and write the index's
-    predicate as it is written there (:data:`core.models.UNSENT_JOBS`, unqualified:
-    within the statements' own ``FROM job`` it is the job's): SQLite uses a partial
-    index only for terms that match it, not through a parameter."""
-    return text("job INDEXED BY ix_job_unsent") if dialect == "sqlite" else Job.__table__
-
-
-def _column(name: str) -> Any:
-    return literal_column(f"job.{name}")
+    """The job table, read through ``ix_job_unsent``: left to itself SQLite takes
+    ``ix_job_batch_id`` for ``batch_id = ?``, every row of the batch, sent or not."""
+    return job_through("ix_job_unsent", dialect)
 
 
 def batches_to_feed(session: Session) -> list[tuple[str, str]]:
@@ -60,9 +50,9 @@ def batches_to_feed(session: Session) -> list[tuple[str, str]]:
     batch = Batch.__table__.c  # Core columns: the ORM takes no text FROM
     dialect = session.get_bind().dialect.name
     has_unsent = (
-        select(_column("id"))
+        select(job_column("id"))
         .select_from(_unsent_jobs(dialect))
-        .where(_column("batch_id") == batch.id, text(UNSENT_JOBS))
+        .where(job_column("batch_id") == batch.id, text(UNSENT_JOBS))
     )
     if dialect == "postgresql":
         # A probe per batch, whatever the statistics. Left to itself PostgreSQL makes
@@ -72,7 +62,7 @@ def batches_to_feed(session: Session) -> list[tuple[str, str]]:
         # OFFSET keeps the subquery a subplan, run per batch; in the index's order, a
         # plan other than the index's range (which stops at its first entry) would
         # read every unsent job of the batch.
-        has_unsent = has_unsent.order_by(*map(_column, ("model", "priority", "id"))).offset(0)
+        has_unsent = has_unsent.order_by(*map(job_column, ("model", "priority", "id"))).offset(0)
     rows = session.execute(
         select(batch.id, batch.priority)
         .where(batch.status == BatchStatus.IN_PROGRESS.value, has_unsent.exists())
@@ -94,15 +84,15 @@ def take_unsent(
         if len(ids) >= limit:
             break
         ids += session.scalars(
-            select(_column("id"))
+            select(job_column("id"))
             .select_from(jobs)
             .where(
-                _column("batch_id") == batch_id,
-                _column("model") == model,
-                _column("priority") == priority,
+                job_column("batch_id") == batch_id,
+                job_column("model") == model,
+                job_column("priority") == priority,
                 text(UNSENT_JOBS),
             )
-            .order_by(_column("id"))
+            .order_by(job_column("id"))
             .limit(limit - len(ids))
             .with_for_update(skip_locked=True)
         )

@@ -48,14 +48,18 @@ def locked_by_id(job_ids: Collection[str], *columns: Any) -> CTE:
     the entry of every job of that status: a million queued ones behind a large
     batch, whenever the table's statistics are stale (for minutes after a large
     ingest, until autovacuum has analyzed it). The materialized CTE is a fence: no
-    condition outside it is pushed into its scan. (SQLite, whose planner has no such
-    statistics, gets a plain CTE: ``MATERIALIZED`` needs SQLite 3.35.)
+    condition outside it is pushed into its scan (SQLite gets a plain CTE).
+
+    Every row named is locked, whatever its status: a claim naming a job another
+    worker runs (a duplicate message) waits for that worker's store, and that
+    worker's lease renewal skips the row for one round (it skips locked rows). The
+    lock is ``FOR NO KEY UPDATE``, so inserts referencing the row are not held up.
     """
     return (
         select(Job.id, *columns)
         .where(Job.id.in_(sorted(job_ids)))
         .order_by(Job.id)
-        .with_for_update()
+        .with_for_update(key_share=True)  # FOR NO KEY UPDATE: no id is changed
         .cte("locked")
         .prefix_with("MATERIALIZED", dialect="postgresql")
     )

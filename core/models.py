@@ -19,6 +19,7 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     false,
+    literal_column,
     text,
 )
 from sqlalchemy.engine import Dialect
@@ -383,3 +384,21 @@ class BatchTally(Base):
     failed: Mapped[int] = mapped_column(Integer, default=0)
     prompt_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
     completion_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+def job_through(index: str, dialect: str) -> Any:
+    """The job table as a statement's FROM, read through ``index`` on SQLite (``job
+    INDEXED BY index``; plain ``job`` elsewhere). Left to itself SQLite's planner
+    often takes another index whose terms match (``status = ?``, ``batch_id = ?``)
+    and reads every row behind it; ``INDEXED BY`` fails the statement, rather than
+    scan, should the index ever stop matching. Such a statement names its columns
+    as text (:func:`job_column`), so SQLAlchemy adds no second ``job`` to its FROM,
+    and repeats a partial index's predicate as it is written there: SQLite uses a
+    partial index only for terms that match it, not through a parameter."""
+    return text(f"job INDEXED BY {index}") if dialect == "sqlite" else Job.__table__
+
+
+def job_column(name: str) -> Any:
+    """A column of the job table as text, for statements FROM :func:`job_through`;
+    typed as the model's column (so a datetime binds as genq stores it)."""
+    return literal_column(f"job.{name}", type_=Job.__table__.c[name].type)

@@ -48,7 +48,7 @@ from sqlalchemy.orm import Session
 
 from core import tally
 from core.errors import CoreError
-from core.models import LOOSE_ACTIVE, Batch, File, Job
+from core.models import LOOSE_ACTIVE, Batch, File, Job, job_through
 from core.status import BATCH_OPEN, BatchStatus
 
 
@@ -134,9 +134,8 @@ def _active_jobs_count(dialect: str) -> Select[Any]:
     owner = bindparam("owner", type_=String())
     # SQLite is told which index to read: left to itself it picks ix_job_owner_status
     # (owner and status match) and reads every row of the owner's batches to test
-    # batch_id. INDEXED BY fails the statement, rather than scan, should the index
-    # ever stop matching.
-    jobs = text("job INDEXED BY ix_job_owner_active") if dialect == "sqlite" else Job.__table__
+    # batch_id.
+    jobs = job_through("ix_job_owner_active", dialect)
     loose = (
         select(literal_column("1"))
         .select_from(jobs)

@@ -28,8 +28,11 @@ def statements_of(engine: Engine, call: Any) -> list[tuple[str, Any]]:
 
 
 def job_reads(plan: dict[str, Any]) -> Iterator[tuple[str | None, float]]:
-    """(index, rows read) of each node of a PostgreSQL plan that reads the job table."""
-    if plan.get("Relation Name") == "job":
+    """(index, rows read) of each node of a PostgreSQL plan that reads the job table
+    or one of its indexes (a bitmap index scan names no table: its index entries
+    count too, else a ``BitmapAnd`` of a small and a huge index would read cheap)."""
+    index = plan.get("Index Name") or ""
+    if plan.get("Relation Name") == "job" or index == "pk_job" or index.startswith("ix_job_"):
         rows = plan.get("Actual Rows", 0) + plan.get("Rows Removed by Filter", 0)
         yield plan.get("Index Name"), rows * plan.get("Actual Loops", 1)
     for child in plan.get("Plans", []):
