@@ -22,11 +22,24 @@ T = TypeVar("T")
 # A genq transaction never waits on anything but the database, so a session idle
 # inside one for this long has a client that is gone or cut off. PostgreSQL cannot
 # tell: without a limit it keeps that transaction's row locks until TCP gives up on
-# the peer (hours), and the sweeper, which must lock those rows to hand the jobs
-# back, waits as long. With it, the server ends such a session and the cluster
-# goes on; the cut worker's retried write is then refused by its stale lease token.
-# Generous, because a bulk submit builds its rows between two statements.
+# the peer (hours), and the sweeper, which must lock those rows to hand the jobs back,
+# waits as long. With it, the server ends such a session and the cluster goes on; the
+# cut worker's retried write is then refused by its stale lease token. Generous,
+# because a bulk submit builds its rows between two statements.
 IDLE_IN_TRANSACTION_TIMEOUT_S = 60.0
+
+# That limit does not cover a client cut off in the middle of a pipeline (psycopg
+# sends an ``executemany`` as one: Parse/Bind/Execute for each row, one Sync at the
+# end). The server has run the statements it received and holds their row locks, but
+# the session is not idle: it waits for the rest, and no PostgreSQL 15 timeout ends
+# that wait. Only TCP can tell that the peer is gone, so genq's connections ask the
+# server to probe a silent peer (keepalives) and to give up on data it sent that is
+# never acknowledged: a cut peer's session ends in about 30 s instead of hours.
+# Only TCP connections are probed (a Unix socket's peer is on the same machine).
+TCP_KEEPALIVE_IDLE_S = 15
+TCP_KEEPALIVE_INTERVAL_S = 5
+TCP_KEEPALIVE_COUNT = 3
+TCP_USER_TIMEOUT_S = 30
 
 
 def prepare_sqlite_path(database: str | None) -> None:
@@ -46,16 +59,29 @@ def sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
 
 
 def postgres_session_limits(dbapi_connection: Any, _record: Any) -> None:
-    """Set ``idle_in_transaction_session_timeout`` on a new connection, unless the
-    server, role, database or URL (``options=-c ...``) already set one."""
+    """Set genq's session limits (:func:`session_limits`) on a new connection, each
+    unless the server, role, database or URL (``options=-c ...``) already set it."""
+    wanted = session_limits()
     cursor = dbapi_connection.cursor()
-    cursor.execute("SHOW idle_in_transaction_session_timeout")
-    row = cursor.fetchone()
-    if row is not None and str(row[0]) == "0":
-        millis = max(1, round(IDLE_IN_TRANSACTION_TIMEOUT_S * 1000))
-        cursor.execute(f"SET idle_in_transaction_session_timeout = {millis}")
+    cursor.execute(
+        "SELECT name FROM pg_settings WHERE source = 'default' AND name = ANY(%s)",
+        (list(wanted),),
+    )
+    for (name,) in cursor.fetchall():
+        cursor.execute(f"SET {name} = {wanted[name]}")  # names and values are ours
     cursor.close()
     dbapi_connection.commit()
+
+
+def session_limits() -> dict[str, int]:
+    """The PostgreSQL settings genq asks for on each connection (see above)."""
+    return {
+        "idle_in_transaction_session_timeout": max(1, round(IDLE_IN_TRANSACTION_TIMEOUT_S * 1000)),
+        "tcp_keepalives_idle": TCP_KEEPALIVE_IDLE_S,
+        "tcp_keepalives_interval": TCP_KEEPALIVE_INTERVAL_S,
+        "tcp_keepalives_count": TCP_KEEPALIVE_COUNT,
+        "tcp_user_timeout": TCP_USER_TIMEOUT_S * 1000,
+    }
 
 
 @functools.cache

@@ -23,9 +23,13 @@ import ipaddress
 import os
 import secrets
 import shutil
+import socket
 import subprocess
 import threading
 from collections.abc import Iterator
+from typing import Any
+
+from core import db
 
 # Candidate ranges, tried in order; the first that overlaps no address or route of
 # the machine is used. Each is split into /30 links, one per host.
@@ -151,10 +155,19 @@ class Forwarder:
     """A TCP forwarder on ``listen_host`` (a free port) to ``target``, in its own
     thread: how hosts reach services that listen on 127.0.0.1 only. Connections
     from outside ``allowed`` are closed at once, so the forwarder exposes nothing
-    beyond this machine's namespaces."""
+    beyond this machine's namespaces. With ``probe_hosts`` it finds a cut host out as
+    the service would on its own link (:func:`probe_silent_peer`)."""
 
-    def __init__(self, listen_host: str, target: tuple[str, int], allowed: Network) -> None:
+    def __init__(
+        self,
+        listen_host: str,
+        target: tuple[str, int],
+        allowed: Network,
+        *,
+        probe_hosts: bool = False,
+    ) -> None:
         self.listen_host = listen_host
+        self.probe_hosts = probe_hosts
         self.target = target
         self.allowed = allowed
         self.port = 0
@@ -208,6 +221,8 @@ class Forwarder:
             if not self.allowed.contains(peer):
                 return
             self.connections += 1
+            if self.probe_hosts:
+                probe_silent_peer(writer.get_extra_info("socket"))
             up_reader, up_writer = await asyncio.open_connection(*self.target)
             try:
                 await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
@@ -218,6 +233,20 @@ class Forwarder:
         finally:
             writer.close()
             self._tasks.discard(task)
+
+
+def probe_silent_peer(sock: Any) -> None:
+    """Probe a host's connection as genq asks PostgreSQL to probe its own
+    (:func:`core.db.session_limits`). The forwarder stands between the server and the
+    hosts: the server's probes reach the forwarder, which always answers, so it is the
+    forwarder that must find a cut host out. When it does, the read fails, the pipe
+    closes the server's side, and the server ends the session (rolling back what the
+    cut host left half-sent) as it would on its own link."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, db.TCP_KEEPALIVE_IDLE_S)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, db.TCP_KEEPALIVE_INTERVAL_S)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, db.TCP_KEEPALIVE_COUNT)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, db.TCP_USER_TIMEOUT_S * 1000)
 
 
 async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -155,7 +155,7 @@ def hosts() -> Iterator[tuple[Network, Forwarder, Forwarder]]:
     redis_url = make_url(REDIS_URL)
     with (
         Network(WORKERS) as net,
-        Forwarder(net.hub, ("127.0.0.1", 5432), net) as postgres,
+        Forwarder(net.hub, ("127.0.0.1", 5432), net, probe_hosts=True) as postgres,
         Forwarder(net.hub, (redis_url.host or "127.0.0.1", redis_url.port or 6379), net) as redis,
     ):
         yield net, postgres, redis

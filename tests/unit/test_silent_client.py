@@ -77,3 +77,22 @@ def test_a_client_silent_inside_a_transaction_does_not_block_the_sweep(
     assert retried == [False]
     with db.session_scope(url) as session:
         assert session.get(Job, job.id).status == "queued"  # type: ignore[union-attr]
+
+
+def test_genq_asks_the_server_to_probe_a_silent_peer_unless_the_url_says_otherwise(
+    postgres_url: str,
+) -> None:
+    """A peer cut off mid-pipeline is found out only by TCP (tests/integration/
+    test_dead_peer.py shows it on a real cut link); a URL's own setting wins."""
+    own = "options=-c%20tcp_keepalives_idle%3D120"
+    for url, idle in ((postgres_url, db.TCP_KEEPALIVE_IDLE_S), (f"{postgres_url}?{own}", 120)):
+        with db.get_engine(url).connect() as conn:
+            shown = {
+                name: conn.execute(text(f"SHOW {name}")).scalar()
+                for name in ("tcp_keepalives_idle", "tcp_keepalives_count", "tcp_user_timeout")
+            }
+        assert shown == {
+            "tcp_keepalives_idle": str(idle),
+            "tcp_keepalives_count": str(db.TCP_KEEPALIVE_COUNT),
+            "tcp_user_timeout": str(db.TCP_USER_TIMEOUT_S * 1000),
+        }

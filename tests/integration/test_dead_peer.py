@@ -1,0 +1,189 @@
+"""A worker cut off in the middle of a pipeline must not hold its row locks for hours.
+
+psycopg sends an ``executemany`` (a worker's grouped store) as a pipeline: Parse,
+Bind and Execute for each row, one Sync at the end. A worker whose link dies after
+the server has run some of those statements, but before the Sync arrives, leaves a
+session that is not idle in a transaction (``idle_in_transaction_session_timeout``
+does not apply): it is active, waiting for the rest, holding the rows it updated.
+No PostgreSQL 15 timeout ends that wait; only TCP can tell that the peer is gone,
+which by default takes two hours. The sweeper skips locked rows, so the cut
+worker's jobs stayed ``running`` that long (the partition test hung on it in CI).
+
+genq's connections ask the server to probe a silent peer (``core.db.session_limits``).
+This test runs a PostgreSQL server of its own on the hub address of a
+:class:`~tests.integration.netns.Network`, so that the server's TCP peer is the cut
+host itself (no forwarder in between answers for it), and checks that the server
+ends the cut session and rolls back what it had run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from core import db
+from tests.integration.helpers import REPO, wait_until
+from tests.integration.netns import Network, unavailable_reason
+
+
+def _postgres_bindir() -> Path | None:
+    if shutil.which("pg_config") is None:
+        return None
+    out = subprocess.run(["pg_config", "--bindir"], capture_output=True, text=True, check=False)
+    bindir = Path(out.stdout.strip())
+    return bindir if (bindir / "initdb").exists() and (bindir / "pg_ctl").exists() else None
+
+
+def _server_unavailable() -> str | None:
+    if (reason := unavailable_reason()) is not None:
+        return reason
+    if _postgres_bindir() is None:
+        return "no PostgreSQL server binaries (pg_config --bindir)"
+    if shutil.which("runuser") is None:
+        return "no runuser (PostgreSQL will not run as root)"
+    try:
+        import pwd
+
+        pwd.getpwnam("postgres")
+    except KeyError:
+        return "no postgres user to run a server as"
+    return None
+
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        (reason := _server_unavailable()) is not None, reason=f"dead peer test: {reason}"
+    ),
+]
+
+# The cut client: takes a row lock inside a pipeline whose Sync never comes, then
+# waits. It connects through genq's engine, so genq's session limits are set.
+CLIENT = """
+import sys, time
+from core import db
+connection = db.get_engine(sys.argv[1]).raw_connection().driver_connection
+pgconn = connection.pgconn
+pgconn.enter_pipeline_mode()
+pgconn.send_query_params(b"UPDATE held SET v = v + 1 WHERE id = 1", None)
+while pgconn.flush():
+    time.sleep(0.01)
+print("sent", flush=True)
+time.sleep(3600)
+"""
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as probe:
+        probe.bind((host, 0))
+        return int(probe.getsockname()[1])
+
+
+@contextlib.contextmanager
+def private_postgres(net: Network) -> Iterator[str]:
+    """A throwaway PostgreSQL server listening on the hub address; yields its URL."""
+    bindir = _postgres_bindir()
+    assert bindir is not None
+    data = Path(tempfile.mkdtemp(prefix="genq-deadpeer-"))
+    shutil.chown(data, "postgres", "postgres")
+    as_postgres = ["runuser", "-u", "postgres", "--"]
+    subprocess.run(
+        [
+            *as_postgres,
+            str(bindir / "initdb"),
+            "-D",
+            str(data / "db"),
+            "-A",
+            "trust",
+            "-U",
+            "postgres",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    with (data / "db" / "pg_hba.conf").open("a") as hba:
+        hba.write(f"host all all {net.range} trust\n")
+    port = _free_port(net.hub)
+    options = f"-c listen_addresses={net.hub} -p {port} -k {data} -c fsync=off"
+    ctl = [*as_postgres, str(bindir / "pg_ctl"), "-D", str(data / "db")]
+    subprocess.run(
+        [*ctl, "-o", options, "-l", str(data / "server.log"), "-w", "start"],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    try:
+        yield f"postgresql://postgres@{net.hub}:{port}/postgres"
+    finally:
+        subprocess.run([*ctl, "-m", "immediate", "stop"], capture_output=True, timeout=60)
+        shutil.rmtree(data, ignore_errors=True)
+
+
+def _locked(admin: psycopg.Connection) -> bool:
+    """Whether another session holds the row's lock (a NOWAIT lock fails)."""
+    try:
+        with admin.transaction():
+            admin.execute("SELECT v FROM held WHERE id = 1 FOR UPDATE NOWAIT")
+    except psycopg.errors.LockNotAvailable:
+        return True
+    return False
+
+
+def test_the_server_ends_a_session_cut_off_in_the_middle_of_a_pipeline(tmp_path: Path) -> None:
+    with Network(1) as net, private_postgres(net) as url:
+        admin = psycopg.connect(url, autocommit=True)
+        admin.execute("CREATE TABLE held (id int PRIMARY KEY, v int NOT NULL)")
+        admin.execute("INSERT INTO held VALUES (1, 0)")
+        log = tmp_path / "client.log"
+        with log.open("wb") as out:
+            client = subprocess.Popen(
+                [
+                    *net.command(0, []),
+                    sys.executable,
+                    "-c",
+                    CLIENT,
+                    url.replace("postgresql://", "postgresql+psycopg://"),
+                ],
+                cwd=REPO,
+                stdout=out,
+                stderr=out,
+            )
+        try:
+            wait_until(lambda: "sent" in log.read_text(), 60, "the client's statement", log)
+            wait_until(lambda: _locked(admin), 30, "the client's row lock", log)
+            (state,) = admin.execute(
+                "SELECT state FROM pg_stat_activity WHERE query LIKE 'UPDATE held%'"
+            ).fetchone() or (None,)
+            assert state == "active"  # waiting for the Sync: not "idle in transaction"
+
+            net.cut(0)
+            cut_at = time.monotonic()
+            probes = db.TCP_KEEPALIVE_IDLE_S + db.TCP_KEEPALIVE_INTERVAL_S * db.TCP_KEEPALIVE_COUNT
+            # A liveness deadline, four times the probes' span: without the probes the
+            # lock is held for the kernel's default (two hours).
+            wait_until(lambda: not _locked(admin), 4 * probes, "the cut session's lock", log)
+            released_s = time.monotonic() - cut_at
+            print(f"\nDEAD PEER: the cut session's lock released after {released_s:.1f} s")
+            (value,) = admin.execute("SELECT v FROM held WHERE id = 1").fetchone() or (None,)
+            assert value == 0  # the half-sent work was rolled back
+            gone = admin.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'UPDATE held%'"
+            ).fetchone()
+            assert gone == (0,)
+        finally:
+            client.kill()
+            client.wait()
+            net.heal(0)
+            admin.close()
