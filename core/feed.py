@@ -13,8 +13,9 @@ behind a flood of messages being written.
 A top-up marks the jobs sent (commits) and then sends them: a job exists once its
 row does, and a message follows its commit. If the process dies between the two,
 the jobs look sent but have no message: the sweeper re-sends queued jobs the
-broker does not account for (:mod:`worker.sweeper`). Nothing else is kept in
-memory, so the feeder resumes after any restart from the rows alone.
+broker does not account for (:mod:`worker.sweeper`). Nothing else is kept but a
+hint of where the last top-up ended (:mod:`core.feedcursor`), so the feeder resumes
+after any restart from the rows alone.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from sqlalchemy import select, text, update
 from sqlalchemy.orm import Session
 
 from core import workers
+from core.feedcursor import CURSORS, FeedCursors
 from core.models import UNSENT_JOBS, Batch, Job, job_column, job_through, utcnow
 from core.queue import PRIORITIES, JobQueue, Route, queue_name
 from core.settings import Settings, model_id
@@ -41,6 +43,11 @@ def _unsent_jobs(dialect: str) -> Any:
     """The job table, read through ``ix_job_unsent``: left to itself SQLite takes
     ``ix_job_batch_id`` for ``batch_id = ?``, every row of the batch, sent or not."""
     return job_through("ix_job_unsent", dialect)
+
+
+def _database(session: Session) -> str:
+    """The session's database, as the feed cursors know it."""
+    return str(session.get_bind().engine.url)
 
 
 def batches_to_feed(session: Session) -> list[tuple[str, str]]:
@@ -72,30 +79,34 @@ def batches_to_feed(session: Session) -> list[tuple[str, str]]:
 
 
 def take_unsent(
-    session: Session, *, batch_ids: Sequence[str], model: str, priority: str, limit: int
+    session: Session,
+    *,
+    batch_ids: Sequence[str],
+    model: str,
+    priority: str,
+    limit: int,
+    cursors: FeedCursors = CURSORS,
 ) -> list[Route]:
     """Mark up to ``limit`` of the unsent jobs of one queue sent, from the batches
     ``batch_ids`` in that order, each's oldest first (in the caller's transaction:
     send them after it commits). Rows another feeder holds are skipped
-    (``ix_job_unsent`` makes each batch's part a short index range scan)."""
-    jobs = _unsent_jobs(session.get_bind().dialect.name)
+    (``ix_job_unsent`` makes each batch's part a short index range scan, which starts
+    after the last id this process took: ``cursors``, :mod:`core.feedcursor`)."""
+    database = _database(session)
     ids: list[str] = []
     for batch_id in batch_ids:
         if len(ids) >= limit:
             break
-        ids += session.scalars(
-            select(job_column("id"))
-            .select_from(jobs)
-            .where(
-                job_column("batch_id") == batch_id,
-                job_column("model") == model,
-                job_column("priority") == priority,
-                text(UNSENT_JOBS),
-            )
-            .order_by(job_column("id"))
-            .limit(limit - len(ids))
-            .with_for_update(skip_locked=True)
-        )
+        key = (database, batch_id, model, priority)
+        after = cursors.after(key)
+        taken = _unsent_ids(session, key, limit - len(ids), after=after)
+        if taken:  # ids are read in order: the last is the highest
+            cursors.advance(key, taken[-1], looked_behind=after is None)
+        if after is not None and len(ids) + len(taken) < limit:
+            # The ids after the cursor ran short: a job below it may be unsent again.
+            taken += _unsent_ids(session, key, limit - len(ids) - len(taken), upto=after)
+            cursors.advance(key, after, looked_behind=True)
+        ids += taken
     if ids:
         session.execute(
             update(Job)
@@ -104,6 +115,38 @@ def take_unsent(
             .execution_options(synchronize_session=False)
         )
     return [Route(job_id, model, priority) for job_id in ids]
+
+
+def _unsent_ids(
+    session: Session,
+    key: tuple[str, str, str, str],
+    limit: int,
+    *,
+    after: str | None = None,
+    upto: str | None = None,
+) -> list[str]:
+    """Up to ``limit`` unsent job ids of one batch queue, in id order, locked
+    (skipping rows another feeder holds), above ``after`` or up to ``upto``."""
+    _, batch_id, model, priority = key
+    query = (
+        select(job_column("id"))
+        .select_from(_unsent_jobs(session.get_bind().dialect.name))
+        .where(
+            job_column("batch_id") == batch_id,
+            job_column("model") == model,
+            job_column("priority") == priority,
+            text(UNSENT_JOBS),
+        )
+    )
+    if after is not None:
+        query = query.where(job_column("id") > after)
+    if upto is not None:
+        query = query.where(job_column("id") <= upto)
+    return list(
+        session.scalars(
+            query.order_by(job_column("id")).limit(limit).with_for_update(skip_locked=True)
+        )
+    )
 
 
 def unsend_batch(session: Session, batch_id: str) -> int:
@@ -116,6 +159,7 @@ def unsend_batch(session: Session, batch_id: str) -> int:
         .execution_options(synchronize_session=False)
     )
     count: int = result.rowcount  # type: ignore[attr-defined]
+    CURSORS.forget(_database(session), [batch_id])  # its jobs are behind them
     return count
 
 
@@ -127,6 +171,7 @@ def feed_once(
     once); returns the ids sent per queue."""
     with session_factory() as session:
         fed = batches_to_feed(session)
+        CURSORS.keep_only(_database(session), (batch_id for batch_id, _ in fed))
         if not fed:  # most ticks: no broker call at all
             return {}
         live = workers.live_models(session, within_s=settings.worker_heartbeat_s * 3)

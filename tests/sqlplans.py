@@ -58,3 +58,24 @@ def sqlite_job_plan(engine: Engine, statement: str, parameters: Any) -> list[str
             row[3] for row in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + statement, parameters)
         ]
     return [d for d in details if d.split()[:2] in (["SCAN", "job"], ["SEARCH", "job"])]
+
+
+def postgres_job_blocks(engine: Engine, statement: str, parameters: Any) -> int:
+    """Run ``statement`` under ``EXPLAIN (ANALYZE, BUFFERS)`` (rolled back): the pages
+    its nodes on the job table and its indexes touched. Unlike rows, pages count the
+    index entries a scan steps over (those of dead rows, not yet vacuumed)."""
+    with engine.connect() as conn:
+        found = conn.exec_driver_sql(
+            "EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + statement, parameters
+        )
+        [plan] = json.loads(value) if isinstance(value := found.scalar_one(), str) else value
+        conn.rollback()
+    return sum(_job_blocks(plan["Plan"]))
+
+
+def _job_blocks(plan: dict[str, Any]) -> Iterator[int]:
+    index = plan.get("Index Name") or ""
+    if plan.get("Relation Name") == "job" or index == "pk_job" or index.startswith("ix_job_"):
+        yield plan.get("Shared Hit Blocks", 0) + plan.get("Shared Read Blocks", 0)
+    for child in plan.get("Plans", []):
+        yield from _job_blocks(child)

@@ -4,20 +4,28 @@ first, topped up as the workers drain it, and resumes from the rows alone."""
 from __future__ import annotations
 
 import json
+import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import pytest
 from sqlalchemy import select, text
 
-from core import batches, delivery, feed
+from core import batches, delivery, feed, feedcursor
 from core.batches import staging
 from core.db import get_engine, get_sessionmaker
-from core.models import Job
+from core.models import Batch, Job
 from core.openai_format import COMPLETIONS_URL
 from core.queue import Route
 from core.settings import Settings
-from tests.sqlplans import postgres_job_reads, sqlite_job_plan, statements_of
+from tests.sqlplans import (
+    postgres_job_blocks,
+    postgres_job_reads,
+    sqlite_job_plan,
+    statements_of,
+)
 from tests.unit.test_batch_ingest import Gate, start
 
 LINES = 100
@@ -212,3 +220,164 @@ def test_a_top_up_reads_no_row_of_a_validating_batch_with_statistics_from_before
         gate.release.set()
         thread.join(60)
     assert outcome["batch"].status == "in_progress"
+
+
+def jobs_sent(factory: Any, batch_id: str) -> list[str]:
+    with factory() as session:
+        return list(
+            session.scalars(
+                select(Job.id)
+                .where(Job.batch_id == batch_id, Job.enqueued_at.is_not(None))
+                .order_by(Job.id)
+            )
+        )
+
+
+def test_a_job_unsent_again_behind_the_cursor_is_sent_when_the_tail_runs_short(
+    database_url: str, tmp_path: Path
+) -> None:
+    """Top-ups read after the last id they took (core.feedcursor); a job below it
+    that is unsent again (another feeder's take rolled back) is not lost: the top-up
+    that finds too few ids after the cursor reads the rows behind it too."""
+    settings = make_settings(database_url, tmp_path)
+    batch_id, ids = make_batch(settings)
+    queue = CountingQueue()
+    factory = get_sessionmaker(settings.resolved_database_url)
+    feed.feed_once(factory, queue, settings)
+    assert queue.sent == ids[:WINDOW]
+    with factory() as session:  # the third job's take rolled back
+        session.execute(text("UPDATE job SET enqueued_at = NULL WHERE id = :id"), {"id": ids[2]})
+        session.commit()
+    queue.drain(WINDOW)
+    feed.feed_once(factory, queue, settings)
+    assert queue.sent[WINDOW:] == ids[WINDOW : 2 * WINDOW]  # after the cursor, in order
+    while len(queue.sent) < LINES + 1:
+        queue.drain(WINDOW)
+        sent_before = len(queue.sent)
+        feed.feed_once(factory, queue, settings)
+        assert len(queue.sent) > sent_before, "a top-up sent nothing while a job was unsent"
+    assert sorted(queue.sent) == sorted([*ids, ids[2]])  # every job; the third once more
+    assert queue.sent[-1] == ids[2]  # found behind the cursor at the tail
+    assert jobs_sent(factory, batch_id) == ids
+
+
+def test_the_rows_behind_the_cursor_are_read_again_when_due(
+    database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not only at the tail: a job left behind the cursor is sent at the next look
+    behind (at least every ``LOOK_BEHIND_EVERY_S``), oldest first."""
+    settings = make_settings(database_url, tmp_path)
+    _, ids = make_batch(settings)
+    queue = CountingQueue()
+    factory = get_sessionmaker(settings.resolved_database_url)
+    feed.feed_once(factory, queue, settings)
+    with factory() as session:
+        session.execute(text("UPDATE job SET enqueued_at = NULL WHERE id = :id"), {"id": ids[2]})
+        session.commit()
+    monkeypatch.setattr(feedcursor, "LOOK_BEHIND_EVERY_S", -1.0)  # due now
+    queue.drain(WINDOW)
+    feed.feed_once(factory, queue, settings)
+    assert queue.sent[WINDOW:] == [ids[2], *ids[WINDOW : 2 * WINDOW - 1]]
+
+
+def test_a_top_up_does_not_step_over_the_jobs_already_sent(
+    postgres_url: str, tmp_path: Path
+) -> None:
+    """A sent job's entry stays in ``ix_job_unsent`` until vacuum removes it, and
+    autovacuum may not vacuum the job table during a large batch: a top-up that read
+    from the batch's first entry stepped over every job sent so far (at 200k sent,
+    top-ups took three times as long; in a 1M-line batch, the largest cost left)."""
+    jobs, window = 20_000, 2048
+    engine = get_engine(postgres_url)
+    factory = get_sessionmaker(postgres_url)
+    with factory() as session:
+        session.add(
+            Batch(
+                id="batch_big",
+                owner="local",
+                status="in_progress",
+                endpoint=COMPLETIONS_URL,
+                completion_window="24h",
+                total=jobs,
+                priority="low",
+            )
+        )
+        session.commit()
+    with engine.begin() as conn:
+        conn.execute(text("ALTER TABLE job SET (autovacuum_enabled = false)"))
+        conn.execute(
+            text(
+                "INSERT INTO job (id, status, prompt, model, params, attempts, created_at,"
+                " batch_id, priority) SELECT 'job_' || lpad(g::text, 12, '0'), 'queued',"
+                " 'p', 'fake', '{}', 0, now(), 'batch_big', 'low'"
+                " FROM generate_series(1, :n) AS g"
+            ),
+            {"n": jobs},
+        )
+        conn.execute(text("ANALYZE job"))
+
+    def top_up() -> list[Route]:
+        with factory() as session:
+            routes = feed.take_unsent(
+                session, batch_ids=["batch_big"], model="fake", priority="low", limit=window
+            )
+            session.commit()
+        return routes
+
+    for _ in range(8):  # 16,384 sent
+        assert len(top_up()) == window
+    ran = statements_of(engine, top_up)
+    reading = [(s, p) for s, p in ran if s.lstrip().startswith("SELECT") and "job" in s]
+    assert reading
+    for statement, parameters in reading:
+        blocks = postgres_job_blocks(engine, statement, parameters)
+        # Page visits: about one of the index and one of the table for each of the
+        # window's rows (3,198 measured); read from the batch's first entry, 23,109.
+        assert blocks <= 2 * window, (statement, blocks)
+
+
+def test_feeders_of_several_processes_send_each_job_once_though_takes_roll_back(
+    postgres_url: str, tmp_path: Path
+) -> None:
+    """Three feeders, each with the cursors of a process of its own, top the same
+    batch up at once in real concurrent transactions; every third take of each rolls
+    back (its jobs left behind every cursor). Every job is sent, by one committed
+    take only."""
+    settings = make_settings(postgres_url, tmp_path)
+    batch_id, ids = make_batch(settings)
+    factory = get_sessionmaker(settings.resolved_database_url)
+    committed: list[list[str]] = []
+    lock = threading.Lock()
+    start_together = threading.Barrier(3)
+
+    def feeder() -> None:
+        cursors = feedcursor.FeedCursors()
+        start_together.wait()
+        for take in range(1000):
+            with factory() as session:
+                routes = feed.take_unsent(
+                    session,
+                    batch_ids=[batch_id],
+                    model="fake",
+                    priority="low",
+                    limit=3,
+                    cursors=cursors,
+                )
+                if not routes:
+                    return
+                time.sleep(0.001)  # the others' takes overlap this one
+                if take % 3 == 2:
+                    session.rollback()
+                    continue
+                session.commit()
+            with lock:
+                committed.append([route.job_id for route in routes])
+
+    threads = [threading.Thread(target=feeder) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    sent = [job_id for take in committed for job_id in take]
+    assert sorted(sent) == ids  # each once
+    assert jobs_sent(factory, batch_id) == ids
