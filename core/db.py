@@ -34,7 +34,10 @@ IDLE_IN_TRANSACTION_TIMEOUT_S = 60.0
 # the session is not idle: it waits for the rest, and no PostgreSQL 15 timeout ends
 # that wait. Only TCP can tell that the peer is gone, so genq's connections ask the
 # server to probe a silent peer (keepalives) and to give up on data it sent that is
-# never acknowledged: a cut peer's session ends in about 30 s instead of hours.
+# never acknowledged (``tcp_user_timeout``, which on Linux also bounds the probes): a
+# cut peer's session ends in about 30 s instead of hours. The same limit drops a
+# client that is alive but leaves a result unread for 30 s (a full receive window);
+# genq reads every result through (``yield_per`` fetches, one row per file chunk).
 # Only TCP connections are probed (a Unix socket's peer is on the same machine).
 TCP_KEEPALIVE_IDLE_S = 15
 TCP_KEEPALIVE_INTERVAL_S = 5

@@ -88,10 +88,11 @@ def take_unsent(
     cursors: FeedCursors = CURSORS,
 ) -> list[Route]:
     """Mark up to ``limit`` of the unsent jobs of one queue sent, from the batches
-    ``batch_ids`` in that order, each's oldest first (in the caller's transaction:
-    send them after it commits). Rows another feeder holds are skipped
-    (``ix_job_unsent`` makes each batch's part a short index range scan, which starts
-    after the last id this process took: ``cursors``, :mod:`core.feedcursor`)."""
+    ``batch_ids`` in that order, each's oldest after the cursor first (in the
+    caller's transaction: send them after it commits). Rows another feeder holds are
+    skipped. ``ix_job_unsent`` makes each batch's part a short index range scan, which
+    starts after the last id this process took (``cursors``, :mod:`core.feedcursor`);
+    a job unsent again behind it goes at the next look behind, within a minute."""
     database = _database(session)
     ids: list[str] = []
     for batch_id in batch_ids:
@@ -159,7 +160,9 @@ def unsend_batch(session: Session, batch_id: str) -> int:
         .execution_options(synchronize_session=False)
     )
     count: int = result.rowcount  # type: ignore[attr-defined]
-    CURSORS.forget(_database(session), [batch_id])  # its jobs are behind them
+    # Its jobs are behind this process's cursors. Another process's feeder (a worker)
+    # finds them at its next look behind; this one's next top-up reads from the start.
+    CURSORS.forget(_database(session), [batch_id])
     return count
 
 

@@ -69,14 +69,19 @@ pytestmark = [
 ]
 
 # The cut client: takes a row lock inside a pipeline whose Sync never comes, then
-# waits. It connects through genq's engine, so genq's session limits are set.
+# waits. It connects through genq's engine, so genq's session limits are set. With
+# "output", it also asks for a result the server sends only after the cut: data the
+# server sent and the peer never acknowledged stops the keepalive probes, and only
+# ``tcp_user_timeout`` ends the session (else TCP retransmits for about 15 minutes).
 CLIENT = """
 import sys, time
 from core import db
-connection = db.get_engine(sys.argv[1]).raw_connection().driver_connection
-pgconn = connection.pgconn
+pgconn = db.get_engine(sys.argv[1]).raw_connection().driver_connection.pgconn
 pgconn.enter_pipeline_mode()
 pgconn.send_query_params(b"UPDATE held SET v = v + 1 WHERE id = 1", None)
+if sys.argv[2] == "output":
+    pgconn.send_query_params(b"SELECT pg_sleep(5), repeat('x', 200000)", None)
+    pgconn.send_flush_request()
 while pgconn.flush():
     time.sleep(0.01)
 print("sent", flush=True)
@@ -141,7 +146,10 @@ def _locked(admin: psycopg.Connection) -> bool:
     return False
 
 
-def test_the_server_ends_a_session_cut_off_in_the_middle_of_a_pipeline(tmp_path: Path) -> None:
+@pytest.mark.parametrize("server_sends", ["nothing", "output"])
+def test_the_server_ends_a_session_cut_off_in_the_middle_of_a_pipeline(
+    tmp_path: Path, server_sends: str
+) -> None:
     with Network(1) as net, private_postgres(net) as url:
         admin = psycopg.connect(url, autocommit=True)
         admin.execute("CREATE TABLE held (id int PRIMARY KEY, v int NOT NULL)")
@@ -155,6 +163,7 @@ def test_the_server_ends_a_session_cut_off_in_the_middle_of_a_pipeline(tmp_path:
                     "-c",
                     CLIENT,
                     url.replace("postgresql://", "postgresql+psycopg://"),
+                    server_sends,
                 ],
                 cwd=REPO,
                 stdout=out,
@@ -164,22 +173,31 @@ def test_the_server_ends_a_session_cut_off_in_the_middle_of_a_pipeline(tmp_path:
             wait_until(lambda: "sent" in log.read_text(), 60, "the client's statement", log)
             wait_until(lambda: _locked(admin), 30, "the client's row lock", log)
             (state,) = admin.execute(
-                "SELECT state FROM pg_stat_activity WHERE query LIKE 'UPDATE held%'"
+                "SELECT state FROM pg_stat_activity"
+                " WHERE query LIKE 'UPDATE held%' OR query LIKE 'SELECT pg_sleep%'"
             ).fetchone() or (None,)
-            assert state == "active"  # waiting for the Sync: not "idle in transaction"
+            assert state == "active"  # inside the pipeline: not "idle in transaction"
 
             net.cut(0)
             cut_at = time.monotonic()
-            probes = db.TCP_KEEPALIVE_IDLE_S + db.TCP_KEEPALIVE_INTERVAL_S * db.TCP_KEEPALIVE_COUNT
-            # A liveness deadline, four times the probes' span: without the probes the
-            # lock is held for the kernel's default (two hours).
-            wait_until(lambda: not _locked(admin), 4 * probes, "the cut session's lock", log)
+            # A liveness deadline, four times the limit: without it the lock is held
+            # for the kernel's defaults (two hours of keepalive, or 15 minutes of
+            # retransmissions). On Linux the user timeout also bounds the probes.
+            limit = min(
+                db.TCP_USER_TIMEOUT_S,
+                db.TCP_KEEPALIVE_IDLE_S + db.TCP_KEEPALIVE_INTERVAL_S * db.TCP_KEEPALIVE_COUNT,
+            )
+            wait_until(lambda: not _locked(admin), 4 * limit + 3, "the cut session's lock", log)
             released_s = time.monotonic() - cut_at
-            print(f"\nDEAD PEER: the cut session's lock released after {released_s:.1f} s")
+            print(
+                f"\nDEAD PEER ({server_sends} sent after the cut):"
+                f" lock released after {released_s:.1f} s"
+            )
             (value,) = admin.execute("SELECT v FROM held WHERE id = 1").fetchone() or (None,)
             assert value == 0  # the half-sent work was rolled back
             gone = admin.execute(
-                "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'UPDATE held%'"
+                "SELECT count(*) FROM pg_stat_activity"
+                " WHERE query LIKE 'UPDATE held%' OR query LIKE 'SELECT pg_sleep%'"
             ).fetchone()
             assert gone == (0,)
         finally:
