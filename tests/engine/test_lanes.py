@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from tests.engine.helpers import reference, request, wait_for_tokens
-from worker.engine import admission, lanes
+from worker.engine import admission, lanes, layerhooks
 from worker.engine.requests import RequestState
 from worker.engine.sampling import SamplingSpec
 
@@ -360,3 +360,72 @@ def test_short_requests_arriving_at_every_layer_get_one_turn_inside_a_step(
     assert shorts and max(per_step) <= lanes.EXPRESS_STEPS_PER_TURN, per_step
     for future, prompt in zip(beam_futures, PROMPTS, strict=True):
         assert future.result(timeout=120).outputs == reference(loaded, prompt, **BEAMS), prompt
+
+
+@pytest.mark.parametrize("forward", ["prefill", "generic-decode"])
+def test_a_short_request_arriving_in_a_forward_through_the_model_runs_before_it_ends(
+    loaded: Any, make_engine: Any, forward: str
+) -> None:
+    """A short request that arrives while the main lane's forward runs through the
+    model's own layers (a prefill; a decode step of a model without a fast step) is done
+    before that forward ends: its express turn comes between two layers. Everyone's
+    output still equals generate's."""
+    engine = make_engine(loaded, fast_decode=forward == "prefill")
+    method = "_prefill" if forward == "prefill" else "_decode"
+    phase = {"main": False, "done": 0}
+    inner = getattr(engine, method)
+
+    def counted(lane: Any, *args: Any) -> None:
+        outer, phase["main"] = phase["main"], lane is engine._main
+        try:
+            inner(lane, *args)
+        finally:
+            phase["main"] = outer
+            phase["done"] += lane is engine._main
+
+    setattr(engine, method, counted)
+    short_request = request(STORY, max_new_tokens=4)  # one express turn
+    sent: dict[str, Any] = {}
+    finished_after: list[int] = []
+
+    def arrive(*_: Any) -> None:  # in the first layer of a main forward, once
+        if phase["main"] and "future" not in sent:
+            sent["during"] = phase["done"]
+            sent["future"] = engine.submit(short_request)
+            sent["future"].add_done_callback(lambda _: finished_after.append(phase["done"]))
+
+    hook = layerhooks.decoder_layers(loaded[0])[0].register_forward_pre_hook(arrive)
+    try:
+        beam_futures = [engine.submit(request(p, **BEAMS)) for p in PROMPTS]
+        beams = [future.result(timeout=120).outputs for future in beam_futures]
+        short = sent["future"].result(timeout=60).outputs
+    finally:
+        hook.remove()
+    # Finished while the forward it arrived in ran (main forwards done: still as many).
+    assert finished_after == [sent["during"]]
+    assert short == reference(loaded, STORY, max_new_tokens=4)
+    for outputs, prompt in zip(beams, PROMPTS, strict=True):
+        assert outputs == reference(loaded, prompt, **BEAMS), prompt
+
+
+def test_decoder_layers_are_found_for_each_model_family(loaded: Any) -> None:
+    """The express turn's hooks sit on the model's decoder layers (GPT-2 and Llama)."""
+    model = loaded[0]
+    layers = layerhooks.decoder_layers(model)
+    assert len(layers) == model.config.num_hidden_layers >= 2
+    assert all(type(layer).__name__.endswith(("Block", "DecoderLayer")) for layer in layers)
+
+
+def test_a_forward_on_another_thread_gets_no_express_turn(loaded: Any, make_engine: Any) -> None:
+    """The layer hooks sit on the model itself: a forward another thread runs on it
+    (generate beside the engine, as these tests do) while the main lane's forward runs
+    gives no express turn on that thread, which would race the scheduler's."""
+    engine = make_engine(loaded)
+    turns: list[str] = []
+    engine._between_layers = lambda: turns.append("turn")
+    engine._turns_in_model = True  # as while the main lane's prefill runs
+    try:
+        reference(loaded, STORY, max_new_tokens=2)
+    finally:
+        engine._turns_in_model = False
+    assert turns == []

@@ -109,3 +109,27 @@ def test_auto_dtype_is_recorded(models_dir: Path) -> None:
     _, _, info = load_model(Settings(model=str(tiny_gpt2_dir(models_dir)), torch_threads=1))
     chosen = resolve_dtype("auto", torch.device("cpu"))
     assert info.dtype == str(chosen).removeprefix("torch.")
+
+
+def test_only_the_engines_thread_runs_the_model_with_several_threads(models_dir: Path) -> None:
+    """build_engine loads the model with one torch thread in the calling thread (which
+    then never starts a team of OpenMP threads of its own) and the engine's scheduler
+    runs the model with GENQ_TORCH_THREADS: two teams on a machine of that many cores
+    make OpenMP's threads sleep between parallel regions instead of spinning."""
+    import torch
+
+    from tests.engine.helpers import request
+    from worker.engine import build_engine
+
+    before = torch.get_num_threads()
+    engine: Any = build_engine(Settings(model=str(tiny_gpt2_dir(models_dir)), torch_threads=3))
+    seen: list[int] = []
+    hook = engine.model.register_forward_pre_hook(lambda *_: seen.append(torch.get_num_threads()))
+    try:
+        engine.submit(request("Once upon a time", max_new_tokens=2)).result(timeout=60)
+        assert torch.get_num_threads() == 1  # this thread: loading only
+        assert seen and set(seen) == {3}  # the scheduler's forwards
+    finally:
+        hook.remove()
+        engine.close()
+        torch.set_num_threads(before)

@@ -25,10 +25,12 @@ running requests out of the batch to start again later, and a request taken out
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import inspect
 import logging
 import threading
+from collections.abc import Iterator
 from concurrent.futures import Future
 from typing import Any
 
@@ -36,7 +38,7 @@ import torch
 from transformers import DynamicCache
 
 from core.express import EXPRESS_ROWS
-from worker.engine import admission, fastpath, kvcache, lanes
+from worker.engine import admission, fastpath, kvcache, lanes, layerhooks
 from worker.engine.base import (
     REQUEUE,
     GenerationError,
@@ -93,8 +95,11 @@ class BatchingEngine:
         default_max_new_tokens: int = 50,
         fast_decode: bool = True,
         express_max_new_tokens: int = 16,
+        threads: int | None = None,
     ) -> None:
         self.info = info
+        # torch threads of the scheduler thread (None: torch's count for new threads).
+        self.threads = threads
         self.model = model
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
@@ -136,6 +141,10 @@ class BatchingEngine:
         self._nested_turn_free = True
         if fast is not None:
             fast.between_layers = self._between_layers
+        # The same turn inside the main lane's forwards through the model's own layers
+        # (prefills; decode steps of models without a fast step): set while one runs.
+        self._turns_in_model = False
+        self._layer_hooks = layerhooks.call_between_layers(model, self._between_model_layers)
         # Requests admitted to the main lane whose prefill is still to come (an iteration
         # prefills a group at a time, with express turns between): their cache tokens are
         # promised, and an iteration that fails before their prefill starts them again.
@@ -201,10 +210,14 @@ class BatchingEngine:
             self._lock.notify_all()
         self._thread.join(timeout=60)
         self._fail_all(GenerationError("engine_stopped", "the engine was closed"))
+        for hook in self._layer_hooks:
+            hook.remove()
 
     # ---- the scheduler thread ----
 
     def _run(self) -> None:
+        if self.threads:
+            torch.set_num_threads(self.threads)
         try:
             with torch.inference_mode():
                 while not self._closing:
@@ -296,6 +309,23 @@ class BatchingEngine:
         except Exception:  # a scheduler bug: the express lane's, not the main step's
             log.exception("express turn inside a main step failed; restarting the express lane")
             self._restart(self._express, list(self._express.jobs))
+
+    def _between_model_layers(self) -> None:
+        """After a decoder layer of the model's own forward: the express turn of
+        :meth:`_between_layers` when the main lane's forward runs (no other), on the
+        scheduler thread (not in a forward another thread runs on the same model)."""
+        if self._turns_in_model and threading.current_thread() is self._thread:
+            self._between_layers()
+
+    @contextlib.contextmanager
+    def _layer_turns(self, lane: Lane) -> Iterator[None]:
+        """While ``lane``'s forward runs: turns between its layers if it is the main lane
+        (an express forward nested inside one gets none)."""
+        outer, self._turns_in_model = self._turns_in_model, lane is self._main
+        try:
+            yield
+        finally:
+            self._turns_in_model = outer
 
     def _step(self, lane: Lane) -> None:
         """One decode step of ``lane``, then retire whoever finished."""
@@ -480,7 +510,8 @@ class BatchingEngine:
         )
         positions = (mask.cumsum(-1) - 1).clamp_min(0)
         cache = DynamicCache(config=self.model.config)
-        logits = self._forward(ids, mask, positions, cache)
+        with self._layer_turns(lane):
+            logits = self._forward(ids, mask, positions, cache)
         if any(s.n > 1 for s in newcomers):
             logits, mask = _expand_rows(newcomers, logits, mask, cache)
         placed = placed_consecutively(newcomers)
@@ -505,7 +536,8 @@ class BatchingEngine:
             # of the lane starts again.
             self._restart(lane, list(lane.jobs))
             raise
-        logits = self._forward(ids, mask, positions, lane.batch.cache)
+        with self._layer_turns(lane):
+            logits = self._forward(ids, mask, positions, lane.batch.cache)
         placed = [(state, lane.slots[state]) for state in lane.jobs]
         moves: Moves = []
         chosen = choose(logits, placed, self.pad_id, moves)

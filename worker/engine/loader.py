@@ -136,16 +136,22 @@ def _hub_revision(name: str, config: Any) -> str:
     return "unknown"
 
 
-def load_model(settings: Settings) -> tuple[Any, Any, ModelInfo]:
+def torch_threads(settings: Settings) -> int:
+    """Threads for the model's work: ``GENQ_TORCH_THREADS``, else one per physical core
+    (torch's default, all logical CPUs, oversubscribes hyperthreads and competing
+    worker processes)."""
+    return settings.torch_threads or physical_cores()
+
+
+def load_model(settings: Settings, *, threads: int | None = None) -> tuple[Any, Any, ModelInfo]:
     """Load ``settings.model`` (a hub name or a local directory) for generation.
 
     Returns the model (eval mode, on its device), the tokenizer (left padding, a
     pad token) and the :class:`ModelInfo`. Raises :class:`ModelLoadError` with a
-    hint about ``GENQ_MODEL`` when the model cannot be found.
+    hint about ``GENQ_MODEL`` when the model cannot be found. The calling thread's
+    torch threads are set to ``threads`` (default :func:`torch_threads`).
     """
-    # Deliberately set here, once per process: torch's default (all logical CPUs)
-    # oversubscribes hyperthreads and competing worker processes.
-    torch.set_num_threads(settings.torch_threads or physical_cores())
+    torch.set_num_threads(threads or torch_threads(settings))
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
     name = settings.model
