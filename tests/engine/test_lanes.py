@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from tests.engine.helpers import reference, request, wait_for_tokens
-from worker.engine import admission, lanes, layerhooks
+from worker.engine import admission, batching, lanes, layerhooks
 from worker.engine.requests import RequestState
 from worker.engine.sampling import SamplingSpec
 
@@ -142,8 +142,9 @@ def _prompt_of(tokenizer: Any, tokens: int) -> str:
 
 def _two_prefill_groups_and_a_short_job(loaded: Any, engine: Any) -> list[tuple[Any, str, dict]]:
     """Submit, in one go, a beam request and a greedy one whose prompts are prefilled in
-    two forwards (the beams first: a busy main lane after the first), and a short job
-    that fits the express lane; return (future, prompt, params) of each."""
+    two forwards (the beams first: a busy main lane after the first; forwards of at most
+    128 tokens, patched by the ``small_prefills`` fixture), and a short job that fits the
+    express lane; return (future, prompt, params) of each."""
     _, tokenizer, _ = loaded
     jobs = [
         (_prompt_of(tokenizer, 70), {"num_beams": 5, "max_new_tokens": 6}),
@@ -159,6 +160,14 @@ def _check(loaded: Any, submitted: list[tuple[Any, str, dict]]) -> None:
         assert future.result(timeout=30).outputs == reference(loaded, prompt, **kw)
 
 
+@pytest.fixture
+def small_prefills(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Prefill forwards of at most 128 padded tokens: the tiny models' prompts then
+    take several."""
+    monkeypatch.setattr(batching, "PREFILL_GROUP_TOKENS", 128)
+
+
+@pytest.mark.usefixtures("small_prefills")
 def test_express_admission_counts_the_requests_still_to_prefill(
     loaded: Any, make_engine: Any
 ) -> None:
@@ -188,6 +197,7 @@ def test_express_admission_counts_the_requests_still_to_prefill(
     assert max(held) <= limit
 
 
+@pytest.mark.usefixtures("small_prefills")
 def test_an_error_in_the_express_turn_between_prefills_strands_no_request(
     loaded: Any, make_engine: Any
 ) -> None:

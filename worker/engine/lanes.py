@@ -8,8 +8,10 @@ their own: a small slot cache that gets a turn before each of the main batch's f
 (prefill or decode step). A turn admits the short requests waiting and runs up to
 ``EXPRESS_STEPS_PER_TURN`` of their steps: a 4-token job is done in one turn; a 16-token
 job takes four turns instead of sixteen main steps. A short request that arrives during a
-decode step of the main batch (GPT-2 and Llama's fast steps) does not wait for the step
-to end: it gets a turn between two of the step's layers, once a step. The main batch
+forward of the main batch (a decode step, GPT-2 and Llama's fast ones or the model's own,
+or a prefill of up to ``PREFILL_GROUP_TOKENS``) does not wait for it to end: it gets a
+turn between two of the model's layers, once a forward
+(:mod:`worker.engine.layerhooks`). The main batch
 waits meanwhile, at most that many small steps twice per forward, however many short
 requests arrive; short requests beyond the lane's rows join the main batch. With nothing
 short waiting the main batch runs as before.
