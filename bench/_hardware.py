@@ -146,9 +146,17 @@ def _profile_shares(forward: Callable[[], Any]) -> dict[str, float]:
 
 
 def step_breakdown(
-    model: Any, tokenizer: Any, prompts: Sequence[Prompt], rows: int, *, fast: bool = True
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[Prompt],
+    rows: int,
+    *,
+    fast: bool = True,
+    threads: int | None = None,
 ) -> dict[str, Any]:
-    """One engine run of ``rows`` prompts; milliseconds per decode step by section."""
+    """One engine run of ``rows`` prompts; milliseconds per decode step by section. With
+    ``threads``, the engine's thread runs the model with that many torch threads (call it
+    from a thread that runs none: :mod:`bench._threads`)."""
     from core.schemas import GenerationParams
     from worker.engine import batching
     from worker.engine.base import GenerationRequest, ModelInfo
@@ -163,7 +171,13 @@ def step_breakdown(
     # of a burst would otherwise run some of their steps in the express lane (counted
     # in decode_step and bookkeeping, not in forward nor steps).
     engine: Any = BatchingEngine(
-        model, tokenizer, info, max_batch_size=rows, fast_decode=fast, express_max_new_tokens=0
+        model,
+        tokenizer,
+        info,
+        max_batch_size=rows,
+        fast_decode=fast,
+        express_max_new_tokens=0,
+        threads=threads,
     )
     sections = _Sections()
     shares: dict[str, float] = {}
@@ -259,14 +273,19 @@ def running_rows(worker_env: Sequence[str], jobs: int, default: int = 64) -> int
 
 
 def measure(
-    model_dir: Any, prompts: Sequence[Prompt], rates: dict[str, dict[str, float]], rows: int
+    model_dir: Any,
+    prompts: Sequence[Prompt],
+    rates: dict[str, dict[str, float]],
+    rows: int,
+    threads: int,
 ) -> dict[str, Any]:
     """Per dtype of ``rates`` (``{dtype: {system: tokens/s}}``): the ceiling at ``rows``,
     each system's share of it, and the engine's decode-step breakdown (fast path, and the
-    generic one for comparison)."""
+    generic one for comparison), each with ``threads`` torch threads on a thread of its
+    own (call it from a thread that runs none: :mod:`bench._threads`)."""
     import gc
 
-    from bench import _hf, _report
+    from bench import _hf, _report, _threads
 
     out: dict[str, Any] = {"cpu_flags": cpu_flags(), "rows": rows}
     # The breakdown needs a few dozen steps of a full batch, not the whole workload.
@@ -277,7 +296,7 @@ def measure(
     for dtype, systems in rates.items():
         model, tokenizer = _hf.load(model_dir, dtype)
         _report.step(f"hardware {dtype}: matrix-product ceiling at {rows} rows")
-        ceiling = matmul_ceiling(model, rows)
+        ceiling = _threads.on_own_thread(functools.partial(matmul_ceiling, model, rows), threads)
         figures: dict[str, Any] = {
             "ceiling_tokens_per_s": round(ceiling.tokens_per_s, 1),
             "ceiling_step_ms": round(ceiling.linear_ms, 2),
@@ -290,7 +309,9 @@ def measure(
         for fast in (True, False):
             path = "fast" if fast else "generic"
             _report.step(f"hardware {dtype}: decode-step breakdown, {path} path")
-            figures[f"breakdown_{path}"] = step_breakdown(model, tokenizer, short, rows, fast=fast)
+            figures[f"breakdown_{path}"] = step_breakdown(
+                model, tokenizer, short, rows, fast=fast, threads=threads
+            )
         out[dtype] = figures
         del model
         gc.collect()

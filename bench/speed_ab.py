@@ -14,6 +14,7 @@ average and the CPU flags. No HTTP, broker or database: the engine's share only.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import tempfile
 import time
@@ -21,19 +22,23 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from bench import _hardware, _hf
+from bench import _hardware, _hf, _threads
 from bench._cpu import cpu_flags
 from bench._workload import Prompt, build_model_dir, workload_prompts
 
 
-def _engine_run(model: Any, tokenizer: Any, prompts: Sequence[Prompt], fast: bool) -> float:
+def _engine_run(
+    model: Any, tokenizer: Any, prompts: Sequence[Prompt], fast: bool, threads: int
+) -> float:
     from core.schemas import GenerationParams
     from worker.engine.base import GenerationRequest, ModelInfo
     from worker.engine.batching import BatchingEngine
 
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     info = ModelInfo("bench", "-", "-", "-", "cpu", dtype, 1024)
-    engine = BatchingEngine(model, tokenizer, info, max_batch_size=len(prompts), fast_decode=fast)
+    engine = BatchingEngine(
+        model, tokenizer, info, max_batch_size=len(prompts), fast_decode=fast, threads=threads
+    )
     try:
         start = time.perf_counter()
         futures = [
@@ -54,14 +59,19 @@ def _engine_run(model: Any, tokenizer: Any, prompts: Sequence[Prompt], fast: boo
 
 
 def _rounds(
-    dtype: str, model: Any, tokenizer: Any, prompts: Sequence[Prompt], rounds: int
+    dtype: str, model: Any, tokenizer: Any, prompts: Sequence[Prompt], rounds: int, threads: int
 ) -> dict[str, float]:
-    """Each system's best tokens/s over ``rounds`` rounds, the order alternating."""
+    """Each system's best tokens/s over ``rounds`` rounds, the order alternating; each on
+    a thread of its own with ``threads`` torch threads (:mod:`bench._threads`)."""
     eos = tokenizer.eos_token_id
+
+    def static() -> float:
+        return _hf.static_batch(model, prompts, eos, len(prompts)).tokens_per_s
+
     systems: dict[str, Callable[[], float]] = {
-        "static_batch": lambda: _hf.static_batch(model, prompts, eos, len(prompts)).tokens_per_s,
-        "engine_fast": lambda: _engine_run(model, tokenizer, prompts, fast=True),
-        "engine_generic": lambda: _engine_run(model, tokenizer, prompts, fast=False),
+        "static_batch": lambda: _threads.on_own_thread(static, threads),
+        "engine_fast": lambda: _engine_run(model, tokenizer, prompts, True, threads),
+        "engine_generic": lambda: _engine_run(model, tokenizer, prompts, False, threads),
     }
     best: dict[str, float] = {}
     for round_ in range(rounds):
@@ -74,9 +84,11 @@ def _rounds(
     return best
 
 
-def _print_steps(dtype: str, model: Any, rows: int) -> None:
-    steps = _hardware.min_step_ms(model, rows)
-    ceiling = _hardware.matmul_ceiling(model, rows, repeats=10)
+def _print_steps(dtype: str, model: Any, rows: int, threads: int) -> None:
+    steps = _threads.on_own_thread(lambda: _hardware.min_step_ms(model, rows), threads)
+    ceiling = _threads.on_own_thread(
+        lambda: _hardware.matmul_ceiling(model, rows, repeats=10), threads
+    )
     packed = f", packed {ceiling.packed_ms:.1f} ms" if ceiling.packed_ms else ""
     print(
         f"{dtype}, {rows} rows: fastest step fast {steps['fast']:.1f} ms"
@@ -105,10 +117,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     import dataclasses
 
-    import torch
     from transformers import AutoTokenizer
 
-    torch.set_num_threads(args.threads)
+    _threads.single_threaded_main()  # each measurement on a thread of its own
     print(f"CPU flags: {cpu_flags()}")
     with tempfile.TemporaryDirectory(prefix="genq-ab-") as tmp:
         model_dir, _ = build_model_dir(Path(tmp) / "gpt2-random")
@@ -121,11 +132,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         for dtype in args.dtypes.split(","):
             model, tokenizer = _hf.load(model_dir, dtype)
             if args.steps_only:
-                _print_steps(dtype, model, args.prompts)
+                _print_steps(dtype, model, args.prompts, args.threads)
                 continue
-            _hf.warm_up(model, prompts, eos)
-            best = _rounds(dtype, model, tokenizer, prompts, args.rounds)
-            ceiling = _hardware.matmul_ceiling(model, len(prompts))
+            _threads.on_own_thread(
+                functools.partial(_hf.warm_up, model, prompts, eos), args.threads
+            )
+            best = _rounds(dtype, model, tokenizer, prompts, args.rounds, args.threads)
+            ceiling = _threads.on_own_thread(
+                functools.partial(_hardware.matmul_ceiling, model, len(prompts)),
+                args.threads,
+            )
             static = best["static_batch"]
             print(
                 f"{dtype} best: "

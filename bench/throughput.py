@@ -28,7 +28,7 @@ from typing import Any
 
 import httpx
 
-from bench import _genq, _hardware, _hf, _http, _report, _services
+from bench import _genq, _hardware, _hf, _http, _report, _services, _threads
 from bench._workload import Prompt, Workload, build_model_dir, workload_prompts
 
 DEFAULT_JOBS = {"uniform": 64, "mixed": 64, "plumbing": 2000, "beam": 64}
@@ -168,7 +168,16 @@ def measure_genq(
 def measure_transformers(
     model_dir: Path, prompts: Sequence[Prompt], dtype: str, sizes: Sequence[int], seed_jobs: int
 ) -> dict[str, _hf.Measured]:
-    """seed_loop (when ``seed_jobs``) and static_batch at each size, in ``dtype``."""
+    """seed_loop (when ``seed_jobs``) and static_batch at each size, in ``dtype``, on a
+    thread of their own with ``THREADS`` torch threads (:mod:`bench._threads`)."""
+    return _threads.on_own_thread(
+        lambda: _measure_transformers(model_dir, prompts, dtype, sizes, seed_jobs), THREADS
+    )
+
+
+def _measure_transformers(
+    model_dir: Path, prompts: Sequence[Prompt], dtype: str, sizes: Sequence[int], seed_jobs: int
+) -> dict[str, _hf.Measured]:
     model, tokenizer = _hf.load(model_dir, dtype)
     eos = tokenizer.eos_token_id
     _hf.warm_up(model, prompts, eos)
@@ -199,12 +208,11 @@ def _row(system: str, dtype: str, m: _hf.Measured | _genq.RunFigures) -> dict[st
 
 def run_model(args: argparse.Namespace, tmp: Path, log_dir: Path) -> dict[str, Any]:
     """uniform / mixed: seed_loop, static_batch and genq on the same prompts."""
-    import torch
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
 
-    torch.set_num_threads(THREADS)
+    _threads.single_threaded_main()  # each measurement on a thread of its own
     model_dir, tokenizer_kind = build_model_dir(tmp / "gpt2-random", seed=args.seed)
     from transformers import AutoTokenizer
 
@@ -279,7 +287,7 @@ def hardware_share(
     if "bf16" in result:
         rates["bfloat16"] = {k: result["bf16"][k] for k in ("static_batch", "genq")}
     rows = _hardware.running_rows(args.worker_env, len(prompts))
-    return _hardware.measure(model_dir, prompts, rates, rows)
+    return _hardware.measure(model_dir, prompts, rates, rows, THREADS)
 
 
 def run_plumbing(args: argparse.Namespace, tmp: Path, log_dir: Path) -> dict[str, Any]:
