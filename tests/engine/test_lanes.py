@@ -140,19 +140,40 @@ def _prompt_of(tokenizer: Any, tokens: int) -> str:
     return " ".join(words)
 
 
-def _two_prefill_groups_and_a_short_job(loaded: Any, engine: Any) -> list[tuple[Any, str, dict]]:
-    """Submit, in one go, a beam request and a greedy one whose prompts are prefilled in
-    two forwards (the beams first: a busy main lane after the first; forwards of at most
-    128 tokens, patched by the ``small_prefills`` fixture), and a short job that fits the
-    express lane; return (future, prompt, params) of each."""
+def _two_prefill_groups_and_a_short_job(
+    loaded: Any, engine: Any, *, short_in_prefill: bool = False
+) -> list[tuple[Any, str, dict]]:
+    """Submit, in one go, a beam request and a greedy one (20 new tokens: the main lane's)
+    whose prompts are prefilled in two forwards (the beams first: a busy main lane after
+    the first; forwards of at most 128 tokens, patched by the ``small_prefills``
+    fixture), and a short job that fits the express lane: with them, or with
+    ``short_in_prefill`` during the first main prefill (its turn comes between two
+    layers of it, both groups still to be placed). Return (future, prompt, params) of
+    each; the short job's future is filled in when it is sent."""
     _, tokenizer, _ = loaded
     jobs = [
         (_prompt_of(tokenizer, 70), {"num_beams": 5, "max_new_tokens": 6}),
-        (_prompt_of(tokenizer, 80), {"max_new_tokens": 6}),
-        (STORY, {"max_new_tokens": 8}),
+        (_prompt_of(tokenizer, 80), {"max_new_tokens": 20}),
     ]
-    with engine._lock:  # the scheduler sees all three at its next admission
-        return [(engine.submit(request(p, **kw)), p, kw) for p, kw in jobs]
+    short: tuple[str, dict[str, Any]] = (STORY, {"max_new_tokens": 16})  # four turns
+    with engine._lock:  # the scheduler sees them all at its next admission
+        submitted = [(engine.submit(request(p, **kw)), p, kw) for p, kw in jobs]
+        if not short_in_prefill:
+            return [*submitted, (engine.submit(request(short[0], **short[1])), *short)]
+    sent: list[Any] = []
+
+    def arrive(*_: Any) -> None:  # the first layer of a main prefill, once
+        if engine._turns_in_model and not sent:
+            sent.append(engine.submit(request(short[0], **short[1])))
+
+    hook = layerhooks.decoder_layers(loaded[0])[0].register_forward_pre_hook(arrive)
+    try:
+        for future, _, _ in submitted:
+            future.exception(timeout=60)
+    finally:
+        hook.remove()
+    assert sent, "the short job was not sent during a main prefill"
+    return [*submitted, (sent[0], *short)]
 
 
 def _check(loaded: Any, submitted: list[tuple[Any, str, dict]]) -> None:
@@ -179,8 +200,8 @@ def test_express_admission_counts_the_requests_still_to_prefill(
         n * (len(tokenizer(p)["input_ids"]) + new)
         for p, n, new in (
             (_prompt_of(tokenizer, 70), 5, 6),
-            (_prompt_of(tokenizer, 80), 1, 6),
-            (STORY, 1, 8),
+            (_prompt_of(tokenizer, 80), 1, 20),
+            (STORY, 1, 16),
         )
     ]
     limit = sum(costs) - 1  # all three together do not fit
@@ -193,7 +214,7 @@ def test_express_admission_counts_the_requests_still_to_prefill(
         decode(lane)
 
     engine._decode = recorded
-    _check(loaded, _two_prefill_groups_and_a_short_job(loaded, engine))
+    _check(loaded, _two_prefill_groups_and_a_short_job(loaded, engine, short_in_prefill=True))
     assert max(held) <= limit
 
 
@@ -439,3 +460,39 @@ def test_a_forward_on_another_thread_gets_no_express_turn(loaded: Any, make_engi
     finally:
         engine._turns_in_model = False
     assert turns == []
+
+
+def test_a_failure_in_a_nested_turn_strands_no_request_it_took(
+    loaded: Any, make_engine: Any
+) -> None:
+    """A scheduler bug in an express turn inside a main prefill, after the turn took a
+    short job off the queue and before the job joined the express lane: the job starts
+    again (it is not left in no lane and no queue), and everyone's output equals
+    generate's."""
+    engine = make_engine(loaded)
+    split = engine._prefill_split
+    raised = [False]
+
+    def flaky(lane: Any, group: Any) -> None:
+        if lane is engine._express and engine._turns_in_model and not raised[0]:
+            raised[0] = True
+            raise RuntimeError("a scheduler bug in the nested turn")
+        split(lane, group)
+
+    engine._prefill_split = flaky
+    sent: list[Any] = []
+
+    def arrive(*_: Any) -> None:  # the first layer of a main prefill, once
+        if engine._turns_in_model and not sent:
+            sent.append(engine.submit(request(STORY, max_new_tokens=4)))
+
+    hook = layerhooks.decoder_layers(loaded[0])[0].register_forward_pre_hook(arrive)
+    try:
+        beams = [engine.submit(request(p, **BEAMS)) for p in PROMPTS]
+        outputs = [future.result(timeout=120).outputs for future in beams]
+    finally:
+        hook.remove()
+    assert raised[0]
+    assert sent[0].result(timeout=30).outputs == reference(loaded, STORY, max_new_tokens=4)
+    for got, prompt in zip(outputs, PROMPTS, strict=True):
+        assert got == reference(loaded, prompt, **BEAMS), prompt

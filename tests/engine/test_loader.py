@@ -112,10 +112,13 @@ def test_auto_dtype_is_recorded(models_dir: Path) -> None:
 
 
 def test_only_the_engines_thread_runs_the_model_with_several_threads(models_dir: Path) -> None:
-    """build_engine loads the model with one torch thread in the calling thread (which
-    then never starts a team of OpenMP threads of its own) and the engine's scheduler
-    runs the model with GENQ_TORCH_THREADS: two teams on a machine of that many cores
-    make OpenMP's threads sleep between parallel regions instead of spinning."""
+    """build_engine leaves the calling thread at one torch thread (it never starts a
+    team of OpenMP threads of its own), loads the model on a thread that is gone once
+    the engine runs, and the engine's scheduler runs the model with GENQ_TORCH_THREADS:
+    two live teams on a machine of that many cores make OpenMP's threads sleep between
+    parallel regions instead of spinning."""
+    import threading
+
     import torch
 
     from tests.engine.helpers import request
@@ -127,7 +130,8 @@ def test_only_the_engines_thread_runs_the_model_with_several_threads(models_dir:
     hook = engine.model.register_forward_pre_hook(lambda *_: seen.append(torch.get_num_threads()))
     try:
         engine.submit(request("Once upon a time", max_new_tokens=2)).result(timeout=60)
-        assert torch.get_num_threads() == 1  # this thread: loading only
+        assert torch.get_num_threads() == 1  # this thread runs no model work
+        assert not [t for t in threading.enumerate() if t.name.startswith("genq-load")]
         assert seen and set(seen) == {3}  # the scheduler's forwards
     finally:
         hook.remove()

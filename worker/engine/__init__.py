@@ -6,6 +6,7 @@ deterministic :class:`~worker.engine.fake.FakeEngine` without importing torch.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 from worker.engine.base import (
@@ -40,15 +41,25 @@ def build_engine(settings: Settings) -> Engine:
             settings.model, settings.default_max_new_tokens, name=settings.model_id
         )
     # Imported here so that the fake engine (and the API) never import torch.
+    import torch
+
+    # The model runs on the engine's scheduler thread only, with GENQ_TORCH_THREADS. GNU
+    # OpenMP (torch's CPU threads) gives every thread that runs parallel work a team of
+    # its own, and once the live teams' threads outnumber the CPUs they sleep between
+    # parallel regions instead of spinning: a second team (this thread's, had it loaded
+    # the model) slowed each of the engine's forwards by about 12% on 2 cores. So this
+    # thread keeps one torch thread, and the model is loaded (and its weights packed) on
+    # a thread that ends when the engine has started: its team ends with it.
+    torch.set_num_threads(1)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="genq-load") as loader:
+        return loader.submit(_load_and_start, settings).result()
+
+
+def _load_and_start(settings: Settings) -> Engine:
     from worker.engine.batching import BatchingEngine
     from worker.engine.loader import ModelLoadError, load_model, torch_threads
 
-    # Only the engine's scheduler thread runs the model with several threads; this one
-    # loads it with one. GNU OpenMP (torch's CPU threads) gives every thread that runs
-    # parallel work a team of its own, and once the teams' threads outnumber the CPUs
-    # their threads stop spinning between parallel regions and sleep instead: a team
-    # made here while loading slowed each of the engine's forwards by about 12%.
-    model, tokenizer, info = load_model(settings, threads=1)
+    model, tokenizer, info = load_model(settings)
     try:
         return BatchingEngine(
             model,

@@ -21,9 +21,10 @@ from worker.engine.requests import RequestState
 ADMIT_SCAN = 256
 # How often the oldest waiting request may be passed over by later, smaller ones.
 MAX_PASSED_OVER = 64
-# Prompt tokens prefilled per iteration (two forwards of batching.PREFILL_GROUP_TOKENS):
-# the running rows wait for this much prefill between two of their steps (about 1.3 s
-# in bf16 for GPT-2 124M on 2 cores), and a burst of newcomers joins in few iterations.
+# Prompt tokens prefilled per iteration (a few forwards of batching.PREFILL_GROUP_TOKENS;
+# one request at least, however long its prompt): the running rows wait for this much
+# prefill between two of their steps (about 1.3 s in bf16 and 2.6 s in fp32 for GPT-2
+# 124M on 2 cores), and a burst of newcomers joins in few iterations.
 PREFILL_TOKENS = 2048
 
 

@@ -10,8 +10,8 @@ their own: a small slot cache that gets a turn before each of the main batch's f
 job takes four turns instead of sixteen main steps. A short request that arrives during a
 forward of the main batch (a decode step, GPT-2 and Llama's fast ones or the model's own,
 or a prefill of up to ``PREFILL_GROUP_TOKENS``) does not wait for it to end: it gets a
-turn between two of the model's layers, once a forward
-(:mod:`worker.engine.layerhooks`). The main batch
+turn between two of the model's layers, once a forward (a short request arriving after
+that turn waits for the forward's end; :mod:`worker.engine.layerhooks`). The main batch
 waits meanwhile, at most that many small steps twice per forward, however many short
 requests arrive; short requests beyond the lane's rows join the main batch. With nothing
 short waiting the main batch runs as before.

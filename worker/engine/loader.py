@@ -143,15 +143,15 @@ def torch_threads(settings: Settings) -> int:
     return settings.torch_threads or physical_cores()
 
 
-def load_model(settings: Settings, *, threads: int | None = None) -> tuple[Any, Any, ModelInfo]:
+def load_model(settings: Settings) -> tuple[Any, Any, ModelInfo]:
     """Load ``settings.model`` (a hub name or a local directory) for generation.
 
     Returns the model (eval mode, on its device), the tokenizer (left padding, a
     pad token) and the :class:`ModelInfo`. Raises :class:`ModelLoadError` with a
-    hint about ``GENQ_MODEL`` when the model cannot be found. The calling thread's
-    torch threads are set to ``threads`` (default :func:`torch_threads`).
+    hint about ``GENQ_MODEL`` when the model cannot be found. Sets torch's threads to
+    :func:`torch_threads` (this thread's, and the default of threads started later).
     """
-    torch.set_num_threads(threads or torch_threads(settings))
+    torch.set_num_threads(torch_threads(settings))
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
     name = settings.model
