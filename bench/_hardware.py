@@ -161,12 +161,13 @@ def step_breakdown(
     from worker.engine import batching
     from worker.engine.base import GenerationRequest, ModelInfo
     from worker.engine.batching import BatchingEngine
+    from worker.engine.loader import context_length
 
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
-    info = ModelInfo("bench", "-", "-", "-", "cpu", dtype, 1024)
+    info = ModelInfo("bench", "-", "-", "-", "cpu", dtype, context_length(model.config))
     # No express lane: the breakdown is per step of the main batch, and short prompts
     # of a burst would otherwise run some of their steps in the express lane (counted
     # in decode_step and bookkeeping, not in forward nor steps).

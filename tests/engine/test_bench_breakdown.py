@@ -27,7 +27,7 @@ def test_the_breakdown_counts_every_decode_step_it_times(
 
     monkeypatch.setattr(BatchingEngine, "_decode", counted)
     prompts = [
-        Prompt(text=f"prompt {i} " + "word " * (5 + 20 * (i % 7)), ids=(), max_new_tokens=8)
+        Prompt(text=f"prompt {i} " + "word " * (5 + 6 * (i % 7)), ids=(), max_new_tokens=8)
         for i in range(32)
     ]
     parts = _hardware.step_breakdown(model, tokenizer, prompts, 32)

@@ -209,7 +209,10 @@ def test_the_engine_survives_a_reallocation_that_fails_halfway(
     monkeypatch.setattr(kvcache.SlotCache, "step_inputs", stepping)
     monkeypatch.setattr(kvcache, "_regrown", failing)
     engine = make_engine(gpt2, express_max_new_tokens=0)
-    wide = " ".join(["the dog ran over a hill"] * 20)  # > LEFT_ROOM tokens
+    _, tokenizer, _ = gpt2
+    wide = "the dog ran over a hill"
+    while len(tokenizer(wide)["input_ids"]) <= kvcache.LEFT_ROOM + 8:  # > LEFT_ROOM tokens
+        wide += " the dog ran over a hill"
     prompts = ["The dog ran", "A cat sat on the"]
     with engine._lock:  # the wide one leaves at once: start moves right past 64
         first = engine.submit(request(wide, max_new_tokens=1))
