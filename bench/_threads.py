@@ -15,8 +15,8 @@ beside a second team. So a benchmark's main thread keeps one torch thread
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -30,22 +30,14 @@ def single_threaded_main() -> None:
 
 
 def on_own_thread(fn: Callable[[], T], threads: int) -> T:
-    """``fn()`` on a new thread with ``threads`` torch threads; its result, or its error."""
+    """``fn()`` on a new thread with ``threads`` torch threads; its result, or its error.
+    The thread ends before this returns, and its OpenMP team with it."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="bench-measure") as pool:
+        return pool.submit(_with_threads, fn, threads).result()
+
+
+def _with_threads(fn: Callable[[], T], threads: int) -> T:
     import torch
 
-    out: list[T] = []
-    error: list[BaseException] = []
-
-    def run() -> None:
-        torch.set_num_threads(threads)
-        try:
-            out.append(fn())
-        except BaseException as exc:  # handed to the caller
-            error.append(exc)
-
-    thread = threading.Thread(target=run, name="bench-measure")
-    thread.start()
-    thread.join()
-    if error:
-        raise error[0]
-    return out[0]
+    torch.set_num_threads(threads)
+    return fn()
