@@ -57,6 +57,7 @@ from worker.engine.choosing import (
     record,
 )
 from worker.engine.constrained import GrammarCompiler, logits_width
+from worker.engine.fastpath import routing
 from worker.engine.lanes import Lane
 from worker.engine.requests import RequestState, eos_ids, prefill_groups
 from worker.engine.sampling import SamplingSpec, make_generator
@@ -153,6 +154,12 @@ class BatchingEngine:
         # promised, and an iteration that fails before their prefill starts them again.
         self._unplaced: list[RequestState] = []
         self._thread = threading.Thread(target=self._run, name="genq-engine", daemon=True)
+        # The scheduler's forwards through the model (prefills) use the fast step's
+        # packed weights too, where it has any (bf16/fp16 on a CPU).
+        self._unroute = routing.route(
+            fast.packed_modules() if fast is not None else [],
+            lambda: threading.current_thread() is self._thread,
+        )
         self._thread.start()
 
     # ---- the Engine protocol (any thread) ----
@@ -215,6 +222,7 @@ class BatchingEngine:
         self._fail_all(GenerationError("engine_stopped", "the engine was closed"))
         for hook in self._layer_hooks:
             hook.remove()
+        self._unroute()
 
     # ---- the scheduler thread ----
 

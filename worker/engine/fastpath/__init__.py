@@ -27,6 +27,8 @@ import torch
 
 from worker.engine.kvcache import SlotCache
 
+Packed = Callable[[torch.Tensor], torch.Tensor]
+
 
 class DecodeStep(Protocol):
     """One decode forward of every row in view; returns ``[rows, vocab]`` float32 logits.
@@ -42,6 +44,11 @@ class DecodeStep(Protocol):
     def __call__(
         self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor
     ) -> torch.Tensor: ...
+
+    def packed_modules(self) -> list[tuple[torch.nn.Module, Packed]]:
+        """The model's own modules with the packed products that compute the same, for
+        :func:`~worker.engine.fastpath.routing.route` (empty when nothing is packed)."""
+        ...
 
 
 def decode_step_for(model: Any, batch: SlotCache, *, max_rows: int) -> DecodeStep | None:

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from worker.engine.fastpath.attention import attend, step_mask
-from worker.engine.fastpath.linear import Linear, fuses, linear
+from worker.engine.fastpath.linear import Linear, can_pack, fuses, linear
 from worker.engine.kvcache import SlotCache
 
 
@@ -47,6 +47,22 @@ class GPT2Step:
         self.fc: list[Linear] = [linear(b.mlp.c_fc, max_rows, fc_act) for b in self.body.h]
         self.fc_out: list[Linear] = [linear(b.mlp.c_proj, max_rows) for b in self.body.h]
         self.lm_head = linear(model.lm_head, max_rows)
+        self._lm_head_module = model.lm_head
+
+    def packed_modules(self) -> list[tuple[torch.nn.Module, Linear]]:
+        """The model's modules whose products this step packed, each with the packed
+        callable computing the same (:func:`~worker.engine.fastpath.routing.route`);
+        none when nothing is packed (fp32)."""
+        if not can_pack(self._lm_head_module.weight):
+            return []
+        pairs: list[tuple[torch.nn.Module, Linear]] = [(self._lm_head_module, self.lm_head)]
+        for i, block in enumerate(self.body.h):
+            pairs += [(block.attn.c_attn, self.qkv[i]), (block.attn.c_proj, self.proj[i])]
+            if self.fused_act:  # the activation is inside fc: the whole MLP at once
+                pairs.append((block.mlp, _chained(self.fc[i], self.fc_out[i])))
+            else:
+                pairs += [(block.mlp.c_fc, self.fc[i]), (block.mlp.c_proj, self.fc_out[i])]
+        return pairs
 
     def __call__(
         self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor
@@ -75,6 +91,10 @@ class GPT2Step:
                 self.between_layers()
         logits: torch.Tensor = self.lm_head(self.body.ln_f(h)[:, -1])
         return logits.float()
+
+
+def _chained(first: Linear, second: Linear) -> Linear:
+    return lambda x: second(first(x))
 
 
 def build(model: Any, batch: SlotCache, max_rows: int) -> GPT2Step:

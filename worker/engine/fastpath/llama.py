@@ -10,7 +10,7 @@ import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from worker.engine.fastpath.attention import attend, step_mask
-from worker.engine.fastpath.linear import fuses, linear
+from worker.engine.fastpath.linear import Linear, can_pack, fuses, linear
 from worker.engine.kvcache import SlotCache
 
 
@@ -49,6 +49,29 @@ class LlamaStep:
         self.up = [linear(layer.mlp.up_proj, max_rows) for layer in layers]
         self.down = [linear(layer.mlp.down_proj, max_rows) for layer in layers]
         self.lm_head = linear(model.lm_head, max_rows)
+        self._lm_head_module = model.lm_head
+
+    def packed_modules(self) -> list[tuple[torch.nn.Module, Linear]]:
+        """The model's modules whose products this step packed, each with the packed
+        callable computing the same (:func:`~worker.engine.fastpath.routing.route`);
+        none when nothing is packed (fp32)."""
+        if not can_pack(self._lm_head_module.weight):
+            return []
+        pairs: list[tuple[torch.nn.Module, Linear]] = [(self._lm_head_module, self.lm_head)]
+        for i, layer in enumerate(self.body.layers):
+            attn, mlp = layer.self_attn, layer.mlp
+            pairs += [
+                (attn.q_proj, self.q[i]),
+                (attn.k_proj, self.k[i]),
+                (attn.v_proj, self.v[i]),
+                (attn.o_proj, self.o[i]),
+            ]
+            if self.fused_act:  # the activation is inside the gate: the whole MLP at once
+                pairs.append((mlp, _gated(self.gate[i], self.up[i], self.down[i])))
+            else:
+                pairs += [(mlp.gate_proj, self.gate[i]), (mlp.up_proj, self.up[i])]
+                pairs.append((mlp.down_proj, self.down[i]))
+        return pairs
 
     def __call__(
         self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor
@@ -74,6 +97,10 @@ class LlamaStep:
                 self.between_layers()
         logits: torch.Tensor = self.lm_head(self.body.norm(h)[:, -1])
         return logits.float()
+
+
+def _gated(gate: Linear, up: Linear, down: Linear) -> Linear:
+    return lambda x: down(gate(x) * up(x))
 
 
 def build(model: Any, batch: SlotCache, max_rows: int) -> LlamaStep:

@@ -1,0 +1,123 @@
+"""Prefills through the fast step's packed products (worker/engine/fastpath/routing.py).
+
+In bf16 the engine's forwards through the model (prefills) call the products the fast
+decode step packed once, on the scheduler thread only; the logits stay the model's own
+within bf16's rounding, any other thread gets the model untouched, and fp32 is never
+routed (its outputs must stay those of ``generate``).
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+
+from tests.engine.helpers import request
+from worker.engine import fastpath, kvcache
+from worker.engine.batching import BatchingEngine
+from worker.engine.fastpath.routing import route
+
+Pairs = list[tuple[torch.nn.Module, Callable[[torch.Tensor], torch.Tensor]]]
+
+
+def _bf16_pairs(loaded: Any) -> tuple[Any, Pairs]:
+    model = copy.deepcopy(loaded[0]).to(torch.bfloat16)
+    step = fastpath.decode_step_for(model, kvcache.SlotCache(model.config, 4), max_rows=4)
+    assert step is not None
+    pairs = step.packed_modules()
+    if not pairs:
+        pytest.skip("this CPU has no packed bf16 kernels")
+    return model, pairs
+
+
+def _counted(pairs: Pairs) -> tuple[Pairs, list[int]]:
+    calls = [0] * len(pairs)
+
+    def counting(i: int, packed: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+        def call(x: torch.Tensor) -> torch.Tensor:
+            calls[i] += 1
+            return packed(x)
+
+        return call
+
+    return [(module, counting(i, packed)) for i, (module, packed) in enumerate(pairs)], calls
+
+
+def _prefill_logits(model: Any) -> torch.Tensor:
+    """Last-position logits of a left-padded batch of two prompts, as the engine's
+    prefill computes them."""
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, model.config.vocab_size, (2, 9), generator=generator)
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)
+    with torch.inference_mode():
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions)
+    logits: torch.Tensor = out.logits[:, -1].float()
+    return logits
+
+
+def test_a_routed_prefill_runs_every_packed_product_and_keeps_the_logits(loaded: Any) -> None:
+    model, pairs = _bf16_pairs(loaded)
+    own = _prefill_logits(model)
+    counted, calls = _counted(pairs)
+    undo = route(counted, lambda: True)
+    try:
+        routed = _prefill_logits(model)
+    finally:
+        undo()
+    assert calls == [1] * len(pairs)  # every routed module is on the forward's path
+    scale = own.abs().max()
+    assert (routed - own).abs().max() <= 0.05 * scale  # bf16 rounding, summed in another order
+
+
+def test_only_the_routed_thread_gets_the_packed_products(loaded: Any) -> None:
+    model, pairs = _bf16_pairs(loaded)
+    counted, calls = _counted(pairs)
+    here = threading.current_thread()
+    undo = route(counted, lambda: threading.current_thread() is here)
+    other = threading.Thread(target=_prefill_logits, args=(model,))
+    other.start()
+    other.join()
+    assert calls == [0] * len(pairs)
+    _prefill_logits(model)
+    assert calls == [1] * len(pairs)
+    undo()
+    _prefill_logits(model)
+    assert calls == [1] * len(pairs)
+    assert all("forward" not in module.__dict__ for module, _ in pairs)
+
+
+def test_fp32_has_nothing_to_route(loaded: Any) -> None:
+    model = loaded[0]
+    step = fastpath.decode_step_for(model, kvcache.SlotCache(model.config, 4), max_rows=4)
+    assert step is not None and step.packed_modules() == []
+
+
+def test_a_bf16_engines_prefill_runs_on_packed_weights(
+    loaded: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One new token each: the prefill makes it, no decode step runs; the packed kernel
+    still ran, on the scheduler thread, and closing the engine un-routes the model."""
+    model, pairs = _bf16_pairs(loaded)
+    tokenizer, info = loaded[1], loaded[2]
+    kernel = torch.ops.mkldnn._linear_pointwise
+    threads: list[str] = []
+
+    def spy(*args: Any) -> Any:
+        threads.append(threading.current_thread().name)
+        return kernel(*args)
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", spy)
+    engine = BatchingEngine(model, tokenizer, info, max_batch_size=4, threads=1)
+    try:
+        futures = [engine.submit(request(p, max_new_tokens=1)) for p in ("Once upon", "The dog")]
+        assert all(f.result(timeout=60).completion_tokens == 1 for f in futures)
+    finally:
+        engine.close()
+    assert threads and set(threads) == {"genq-engine"}
+    assert all("forward" not in module.__dict__ for module, _ in pairs)
