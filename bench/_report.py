@@ -70,13 +70,18 @@ def print_model(result: dict[str, Any]) -> None:
         f"{latency['queue_wait_ms_p95']:.0f} ms, submit-to-result p50/p95 "
         f"{latency['latency_s_p50']:.1f}/{latency['latency_s_p95']:.1f} s"
     )
+    submitted = {
+        "each": "one POST /v1/jobs per job",
+        "bulk": "jobs sent in POST /v1/jobs/bulk requests",
+    }[result.get("submit", "each")]
     console.print(
         "[dim]seed_loop: one model.generate per prompt, greedy (the seed used num_beams=5 with "
         f"max_length; greedy here so every system does the same work), on the first "
         f"{result['seed_loop_jobs']} prompts: tokens/s is a rate. static_batch: "
         "model.generate over consecutive groups, left padded, each group runs to its longest "
         "request; only tokens a request asked for count. genq: HTTP API → Redis → genq worker "
-        "→ PostgreSQL, timed from the first submit to the last stored finished_at, tokens = "
+        f"→ PostgreSQL ({submitted}), timed from the first submit to the last stored "
+        "finished_at, tokens = "
         "sum of usage.completion_tokens. Same model, prompts and thread count (2) for all."
         "[/dim]"
     )

@@ -57,9 +57,19 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-sizes", help="static_batch sizes (16,32,64; beam: 8,16,32)")
     parser.add_argument("--seed", type=int, default=0, help="seeds weights and prompts")
     parser.add_argument("--concurrency", type=int, default=64, help="HTTP submits in flight")
+    parser.add_argument(
+        "--submit",
+        choices=["each", "bulk"],
+        default="each",
+        help="uniform/mixed: genq's jobs as one POST /v1/jobs each (a web app's way) or in "
+        "POST /v1/jobs/bulk requests of --bulk-size (a bulk user's way)",
+    )
     parser.add_argument("--api-workers", type=int, help="uvicorn workers (default 1; plumbing 2)")
     parser.add_argument(
-        "--bulk-size", type=int, default=500, help="plumbing: jobs per POST /v1/jobs/bulk"
+        "--bulk-size",
+        type=int,
+        default=500,
+        help="jobs per POST /v1/jobs/bulk (plumbing, --submit bulk)",
     )
     parser.add_argument("--idle-jobs", type=int, default=50, help="plumbing: sequential jobs")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds to wait for genq")
@@ -143,7 +153,10 @@ def measure_genq(
             {"prompt": p.text, "max_new_tokens": p.max_new_tokens, "do_sample": False}
             for p in prompts
         ]
-        start, ids, retried = _genq.submit_all(url, bodies, args.concurrency)
+        if args.submit == "bulk":
+            start, ids, retried = _genq.submit_bulk(url, bodies, args.bulk_size)
+        else:
+            start, ids, retried = _genq.submit_all(url, bodies, args.concurrency)
         if retried:
             _report.step(f"[yellow]genq {dtype}: {retried} submits got 503 and were retried")
         with httpx.Client(base_url=url, timeout=60) as client:
@@ -250,6 +263,7 @@ def run_model(args: argparse.Namespace, tmp: Path, log_dir: Path) -> dict[str, A
         "static_batch_best_size": best,
         "seed_loop_jobs": hf["seed_loop"].jobs,
         "dtype": main,
+        "submit": args.submit,
         "genq_failed_jobs": genq.failed,
         "genq_latency": {
             "queue_wait_ms_p50": round(genq.queue_wait_ms[0], 1),
