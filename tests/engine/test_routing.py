@@ -92,6 +92,28 @@ def test_only_the_routed_thread_gets_the_packed_products(loaded: Any) -> None:
     assert all("forward" not in module.__dict__ for module, _ in pairs)
 
 
+def test_two_engines_routing_one_model_each_keep_their_own_until_the_last_undo(
+    loaded: Any,
+) -> None:
+    model, pairs = _bf16_pairs(loaded)
+    first, first_calls = _counted(pairs)
+    second, second_calls = _counted(pairs)
+    turn = {"first": True}
+    undo_first = route(first, lambda: turn["first"])
+    undo_second = route(second, lambda: not turn["first"])
+    _prefill_logits(model)
+    turn["first"] = False
+    _prefill_logits(model)
+    assert first_calls == second_calls == [1] * len(pairs)
+    undo_first()  # the second engine's route stays
+    _prefill_logits(model)
+    assert first_calls == [1] * len(pairs) and second_calls == [2] * len(pairs)
+    undo_second()
+    _prefill_logits(model)
+    assert second_calls == [2] * len(pairs)
+    assert all("forward" not in module.__dict__ for module, _ in pairs)
+
+
 def test_fp32_has_nothing_to_route(loaded: Any) -> None:
     model = loaded[0]
     step = fastpath.decode_step_for(model, kvcache.SlotCache(model.config, 4), max_rows=4)

@@ -19,25 +19,47 @@ from typing import Any
 import torch
 
 Packed = Callable[[torch.Tensor], torch.Tensor]
+Route = tuple[Callable[[], bool], Packed]  # (is this the routed thread?, the product)
+_ROUTES = "_genq_packed_routes"  # a routed module's routes, one per engine
 
 
 def route(
     pairs: Sequence[tuple[torch.nn.Module, Packed]], on_thread: Callable[[], bool]
 ) -> Callable[[], None]:
     """Make each module's forward call its packed callable while ``on_thread()`` holds
-    (one positional tensor, as the model's layers call them); returns the undo."""
+    (one positional tensor, as the model's layers call them); returns the undo.
+
+    Several engines may route one model (each its own thread): a module gets one
+    dispatching ``forward`` holding every engine's route, and the last undo removes it.
+    """
+    added: list[tuple[torch.nn.Module, list[Route], Route]] = []
     for module, packed in pairs:
-        own = module.forward
-
-        def forward(*args: Any, _own: Any = own, _packed: Packed = packed, **kwargs: Any) -> Any:
-            if len(args) == 1 and not kwargs and on_thread():
-                return _packed(args[0])
-            return _own(*args, **kwargs)
-
-        module.forward = forward
+        routes: list[Route] | None = module.__dict__.get(_ROUTES)
+        if routes is None:
+            routes = []
+            module.forward = _dispatcher(module.forward, routes)
+            setattr(module, _ROUTES, routes)
+        entry = (on_thread, packed)
+        routes.append(entry)
+        added.append((module, routes, entry))
 
     def undo() -> None:
-        for module, _ in pairs:
-            module.__dict__.pop("forward", None)
+        for module, routes, entry in added:
+            if entry in routes:
+                routes.remove(entry)
+            if not routes and module.__dict__.get(_ROUTES) is routes:
+                del module.forward
+                delattr(module, _ROUTES)
 
     return undo
+
+
+def _dispatcher(own: Callable[..., Any], routes: list[Route]) -> Callable[..., Any]:
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        if len(args) == 1 and not kwargs:
+            for on_thread, packed in tuple(routes):  # another engine may close meanwhile
+                if on_thread():
+                    return packed(args[0])
+        return own(*args, **kwargs)
+
+    return forward
