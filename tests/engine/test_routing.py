@@ -19,6 +19,7 @@ import torch
 from tests.engine.helpers import request
 from worker.engine import fastpath, kvcache
 from worker.engine.batching import BatchingEngine
+from worker.engine.fastpath.linear import linear
 from worker.engine.fastpath.routing import route
 
 Pairs = list[tuple[torch.nn.Module, Callable[[torch.Tensor], torch.Tensor]]]
@@ -114,10 +115,74 @@ def test_two_engines_routing_one_model_each_keep_their_own_until_the_last_undo(
     assert all("forward" not in module.__dict__ for module, _ in pairs)
 
 
+def _packed_calls(engine: BatchingEngine, monkeypatch: pytest.MonkeyPatch) -> int:
+    """Calls of the packed kernel in a one-token request (its prefill alone)."""
+    kernel, calls = torch.ops.mkldnn._linear_pointwise, []
+
+    def spy(*args: Any) -> Any:
+        calls.append(1)
+        return kernel(*args)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.ops.mkldnn, "_linear_pointwise", spy)
+        engine.submit(request("Once upon", max_new_tokens=1)).result(timeout=60)
+    return len(calls)
+
+
+@pytest.mark.parametrize("closed_first", ["older", "newer"])
+def test_closing_one_engine_keeps_the_others_routing(
+    loaded: Any, monkeypatch: pytest.MonkeyPatch, closed_first: str
+) -> None:
+    model, pairs = _bf16_pairs(loaded)
+    tokenizer, info = loaded[1], loaded[2]
+    older = BatchingEngine(model, tokenizer, info, max_batch_size=4, threads=1)
+    newer = BatchingEngine(model, tokenizer, info, max_batch_size=4, threads=1)
+    gone, kept = (older, newer) if closed_first == "older" else (newer, older)
+    try:
+        gone.close()
+        assert _packed_calls(kept, monkeypatch) > 0
+    finally:
+        older.close()
+        newer.close()
+    assert all("forward" not in module.__dict__ for module, _ in pairs)
+
+
+def test_a_copy_of_a_routed_model_computes_with_its_own_weights(loaded: Any) -> None:
+    model, pairs = _bf16_pairs(loaded)
+    engine = BatchingEngine(model, loaded[1], loaded[2], max_batch_size=4, threads=1)
+    try:
+        clone = copy.deepcopy(model)
+    finally:
+        engine.close()
+    name = next(n for n, m in model.named_modules() if m is pairs[0][0])  # lm_head
+    layer = clone.get_submodule(name)
+    with torch.no_grad():
+        layer.weight.zero_()
+        x = torch.randn(1, 2, layer.weight.shape[1], dtype=torch.bfloat16)
+        assert layer(x).abs().max() == 0
+
+
+def test_a_module_without_a_packed_product_is_not_routed(gpt2: Any) -> None:
+    """fp32 GPT-2: ``linear`` gives the Conv1D itself; routing it would call itself."""
+    conv = gpt2[0].transformer.h[0].attn.c_attn
+    undo = route([(conv, linear(conv, 4))], lambda: True)
+    try:
+        assert "forward" not in conv.__dict__
+        conv(torch.ones(1, 1, conv.weight.shape[0]))
+    finally:
+        undo()
+
+
 def test_fp32_has_nothing_to_route(loaded: Any) -> None:
     model = loaded[0]
     step = fastpath.decode_step_for(model, kvcache.SlotCache(model.config, 4), max_rows=4)
     assert step is not None and step.packed_modules() == []
+    engine = BatchingEngine(model, loaded[1], loaded[2], max_batch_size=4, threads=1)
+    try:
+        engine.submit(request("Once upon", max_new_tokens=2)).result(timeout=60)
+        assert not any("forward" in module.__dict__ for module in model.modules())
+    finally:
+        engine.close()
 
 
 def test_a_bf16_engines_prefill_runs_on_packed_weights(

@@ -160,7 +160,13 @@ class BatchingEngine:
             fast.packed_modules() if fast is not None else [],
             lambda: threading.current_thread() is self._thread,
         )
-        self._thread.start()
+        try:
+            self._thread.start()
+        except BaseException:  # no engine to close: leave the model as it was
+            self._unroute()
+            for hook in self._layer_hooks:
+                hook.remove()
+            raise
 
     # ---- the Engine protocol (any thread) ----
 

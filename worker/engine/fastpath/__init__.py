@@ -25,9 +25,8 @@ from typing import Any, Protocol
 
 import torch
 
+from worker.engine.fastpath.linear import Linear
 from worker.engine.kvcache import SlotCache
-
-Packed = Callable[[torch.Tensor], torch.Tensor]
 
 
 class DecodeStep(Protocol):
@@ -45,7 +44,7 @@ class DecodeStep(Protocol):
         self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor
     ) -> torch.Tensor: ...
 
-    def packed_modules(self) -> list[tuple[torch.nn.Module, Packed]]:
+    def packed_modules(self) -> list[tuple[torch.nn.Module, Linear]]:
         """The model's own modules with the packed products that compute the same, for
         :func:`~worker.engine.fastpath.routing.route` (empty when nothing is packed)."""
         ...
