@@ -55,6 +55,11 @@ class Settings(BaseSettings):
     device: str = "auto"
     dtype: DType = "auto"
     torch_threads: int = Field(default=0, ge=0, description="0: one per physical core")
+    share_cores: bool = Field(
+        default=True,
+        description="before each forward, use no more torch threads than the CPUs other"
+        " processes left idle (false: always GENQ_TORCH_THREADS)",
+    )
     max_batch_size: int = Field(default=64, ge=1, le=1024)
     max_tokens_in_flight: int = Field(default=65_536, ge=1)
     default_max_new_tokens: int = Field(default=50, ge=1)

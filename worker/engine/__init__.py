@@ -71,6 +71,7 @@ def _load_and_start(settings: Settings) -> Engine:
             fast_decode=settings.fast_decode,
             express_max_new_tokens=settings.express_max_new_tokens,
             threads=torch_threads(settings),
+            share_cores=settings.share_cores,
         )
     except ValueError as exc:  # a cache layout the engine cannot batch
         raise ModelLoadError(f"cannot serve {settings.model!r}: {exc}") from exc

@@ -57,6 +57,7 @@ from worker.engine.choosing import (
     record,
 )
 from worker.engine.constrained import GrammarCompiler, logits_width
+from worker.engine.cores import IdleCores
 from worker.engine.fastpath import routing
 from worker.engine.lanes import Lane
 from worker.engine.requests import RequestState, eos_ids, prefill_groups
@@ -100,6 +101,7 @@ class BatchingEngine:
         fast_decode: bool = True,
         express_max_new_tokens: int = 16,
         threads: int | None = None,
+        share_cores: bool = False,
     ) -> None:
         self.info = info
         # torch threads of the scheduler thread (None: torch's count for new threads).
@@ -116,6 +118,12 @@ class BatchingEngine:
         # Short requests (at most this many new tokens; 0: none) skip a busy main batch.
         self.express_max_new_tokens = express_max_new_tokens
         self.device = next(model.parameters()).device
+        # Fewer threads while other processes hold cores (worker.engine.cores).
+        self._cores = (
+            IdleCores(threads)
+            if share_cores and threads and threads > 1 and self.device.type == "cpu"
+            else None
+        )
         self.eos_ids = eos_ids(model, tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self._grammar = GrammarCompiler(tokenizer, logits_width(model), self.eos_ids)
@@ -498,6 +506,10 @@ class BatchingEngine:
         self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any
     ) -> torch.Tensor:
         """Last-position logits in float32 (as generate computes them); ``cache`` grows."""
+        if self._cores is not None:
+            threads = self._cores.threads()
+            if threads != torch.get_num_threads():
+                torch.set_num_threads(threads)
         for lane in self._lanes:
             if lane.fast is not None and cache is lane.batch.cache:  # a decode step
                 return lane.fast(ids, mask, positions)
