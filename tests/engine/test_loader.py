@@ -125,7 +125,9 @@ def test_only_the_engines_thread_runs_the_model_with_several_threads(models_dir:
     from worker.engine import build_engine
 
     before = torch.get_num_threads()
-    engine: Any = build_engine(Settings(model=str(tiny_gpt2_dir(models_dir)), torch_threads=3))
+    engine: Any = build_engine(
+        Settings(model=str(tiny_gpt2_dir(models_dir)), torch_threads=3, share_cores=False)
+    )
     seen: list[int] = []
     hook = engine.model.register_forward_pre_hook(lambda *_: seen.append(torch.get_num_threads()))
     try:

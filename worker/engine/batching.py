@@ -502,14 +502,23 @@ class BatchingEngine:
             )
         return render_chat(self.tokenizer, messages)
 
+    def _share_cores(self) -> None:
+        """Run the next forward with the threads the other processes leave idle."""
+        if self._cores is None:
+            return
+        try:
+            threads = self._cores.threads()
+        except Exception:  # never a forward's failure: keep the threads from here on
+            log.exception("reading the idle CPUs failed; keeping %s torch threads", self.threads)
+            self._cores, threads = None, self.threads or torch.get_num_threads()
+        if threads != torch.get_num_threads():
+            torch.set_num_threads(threads)
+
     def _forward(
         self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any
     ) -> torch.Tensor:
         """Last-position logits in float32 (as generate computes them); ``cache`` grows."""
-        if self._cores is not None:
-            threads = self._cores.threads()
-            if threads != torch.get_num_threads():
-                torch.set_num_threads(threads)
+        self._share_cores()
         for lane in self._lanes:
             if lane.fast is not None and cache is lane.batch.cache:  # a decode step
                 return lane.fast(ids, mask, positions)
