@@ -60,6 +60,12 @@ class Settings(BaseSettings):
         description="before each forward, use no more torch threads than the CPUs other"
         " processes left idle (false: always GENQ_TORCH_THREADS)",
     )
+    compile_attention: bool = Field(
+        default=True,
+        description="bf16/fp16 on a CPU: compile the decode step's attention with"
+        " torch.compile (needs a C++ compiler; the worker serves uncompiled meanwhile and"
+        " where it cannot)",
+    )
     max_batch_size: int = Field(default=64, ge=1, le=1024)
     max_tokens_in_flight: int = Field(default=65_536, ge=1)
     default_max_new_tokens: int = Field(default=50, ge=1)

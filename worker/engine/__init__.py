@@ -72,6 +72,7 @@ def _load_and_start(settings: Settings) -> Engine:
             express_max_new_tokens=settings.express_max_new_tokens,
             threads=torch_threads(settings),
             share_cores=settings.share_cores,
+            compile_attention=settings.compile_attention,
         )
     except ValueError as exc:  # a cache layout the engine cannot batch
         raise ModelLoadError(f"cannot serve {settings.model!r}: {exc}") from exc

@@ -58,7 +58,9 @@ from worker.engine.choosing import (
 )
 from worker.engine.constrained import GrammarCompiler, logits_width
 from worker.engine.cores import IdleCores
-from worker.engine.fastpath import routing
+from worker.engine.fastpath import DecodeStep, routing
+from worker.engine.fastpath.attention import whole_rows_for
+from worker.engine.fastpath.compiled import CompiledAttention
 from worker.engine.lanes import Lane
 from worker.engine.requests import RequestState, eos_ids, prefill_groups
 from worker.engine.sampling import SamplingSpec, make_generator
@@ -102,6 +104,7 @@ class BatchingEngine:
         express_max_new_tokens: int = 16,
         threads: int | None = None,
         share_cores: bool = False,
+        compile_attention: bool = False,
     ) -> None:
         self.info = info
         # torch threads of the scheduler thread (None: torch's count for new threads).
@@ -153,6 +156,11 @@ class BatchingEngine:
         self._nested_turn_free = True
         if fast is not None:
             fast.between_layers = self._between_layers
+        # bf16/fp16 attention on a CPU compiled (on a thread of its own, started with
+        # the scheduler); the eager products until it is ready.
+        self.compiled_attention = (
+            self._compiled_attention(fast) if compile_attention and fast is not None else None
+        )
         # The same turn inside the main lane's forwards through the model's own layers
         # (prefills; decode steps of models without a fast step): set while one runs.
         self._turns_in_model = False
@@ -175,6 +183,26 @@ class BatchingEngine:
             for hook in self._layer_hooks:
                 hook.remove()
             raise
+        if self.compiled_attention is not None:
+            self.compiled_attention.start(self.threads)
+
+    def _compiled_attention(self, fast: DecodeStep) -> CompiledAttention | None:
+        """Both lanes' steps attending through one :class:`CompiledAttention`, where
+        they attend over whole rows (bf16/fp16 on a CPU); None elsewhere."""
+        dtype = next(self.model.parameters()).dtype
+        if not whole_rows_for(self.device, dtype):
+            return None
+        attention = CompiledAttention(
+            heads=fast.heads,
+            kv_heads=fast.kv_heads,
+            dim=fast.head_dim,
+            dtype=dtype,
+            scale=fast.scale,
+        )
+        for lane in self._lanes:
+            if lane.fast is not None:
+                lane.fast.products = attention
+        return attention
 
     # ---- the Engine protocol (any thread) ----
 

@@ -25,6 +25,7 @@ from typing import Any, Protocol
 
 import torch
 
+from worker.engine.fastpath.attention import Products
 from worker.engine.fastpath.linear import Linear
 from worker.engine.kvcache import SlotCache
 
@@ -39,6 +40,13 @@ class DecodeStep(Protocol):
 
     batch: SlotCache
     between_layers: Callable[[], None] | None
+    heads: int
+    kv_heads: int
+    head_dim: int
+    scale: float
+    products: Products | None
+    """The attention over whole cache rows (None: the eager products; see
+    :func:`~worker.engine.fastpath.attention.attend`)."""
 
     def __call__(
         self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor

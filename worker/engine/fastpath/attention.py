@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch.nn import functional
 
@@ -9,12 +11,20 @@ from worker.engine.kvcache import SlotCache
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
 
+Products = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
+
+
+def whole_rows_for(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether :func:`attend` reads whole rows of buffers on ``device`` in ``dtype``
+    (bf16/fp16 on a CPU, see :func:`products_attention`)."""
+    return device.type == "cpu" and dtype in _LOW_PRECISION
+
 
 def reads_whole_rows(batch: SlotCache) -> bool:
-    """Whether :func:`attend` reads every column of the rows in view (bf16/fp16 on a
-    CPU, see :func:`products_attention`) rather than the window's."""
+    """Whether :func:`attend` reads every column of the rows in view rather than the
+    window's (:func:`whole_rows_for` the cache's buffers)."""
     buffer = next(layer.key_buffer for layer in batch.layers if layer.key_buffer is not None)
-    return buffer.device.type == "cpu" and buffer.dtype in _LOW_PRECISION
+    return whole_rows_for(buffer.device, buffer.dtype)
 
 
 def step_mask(batch: SlotCache, mask: torch.Tensor) -> torch.Tensor:
@@ -35,13 +45,16 @@ def attend(
     value: torch.Tensor,
     keep: torch.Tensor,
     scale: float,
+    products: Products | None = None,
 ) -> torch.Tensor:
     """Write ``key``/``value`` (``[rows, kv_heads, 1, dim]``) at the window's end of
     layer ``layer``'s buffers and attend ``query`` (``[rows, heads, 1, dim]``) over the
     window plus that column; ``[rows, 1, heads * dim]``.
 
     The buffers are read through views (no copy, no concatenation), and keys are never
-    repeated in memory for grouped-query attention.
+    repeated in memory for grouped-query attention. Over whole rows the attention is
+    ``products`` (:func:`products_attention` when None; the engine may give a compiled
+    equivalent, :mod:`worker.engine.fastpath.compiled`).
     """
     slot = batch.layers[layer]
     keys, values = slot.key_buffer, slot.value_buffer
@@ -50,7 +63,8 @@ def attend(
     keys[: w.rows, :, w.end : w.end + 1] = key
     values[: w.rows, :, w.end : w.end + 1] = value
     if reads_whole_rows(batch):
-        out = products_attention(query, keys[: w.rows], values[: w.rows], keep, scale)
+        products = products or products_attention
+        out = products(query, keys[: w.rows], values[: w.rows], keep, scale)
     else:
         out = functional.scaled_dot_product_attention(
             query,

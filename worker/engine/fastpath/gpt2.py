@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from worker.engine.fastpath.attention import attend, step_mask
+from worker.engine.fastpath.attention import Products, attend, step_mask
 from worker.engine.fastpath.linear import Linear, can_pack, fuses, linear
 from worker.engine.kvcache import SlotCache
 
@@ -33,10 +33,12 @@ class GPT2Step:
         self.between_layers: Callable[[], None] | None = None
         self.body = model.transformer
         config = model.config
-        self.heads = config.n_head
+        self.heads = self.kv_heads = config.n_head
         self.head_dim = config.n_embd // config.n_head
         self.width = config.n_embd
         self.scale = self.head_dim**-0.5 if config.scale_attn_weights else 1.0
+        # Attention over whole cache rows (bf16/fp16 on a CPU); None: the eager products.
+        self.products: Products | None = None
         self.qkv: list[Linear] = [linear(b.attn.c_attn, max_rows) for b in self.body.h]
         self.proj: list[Linear] = [linear(b.attn.c_proj, max_rows) for b in self.body.h]
         # In bf16/fp16 the activation runs inside the first MLP product (one kernel
@@ -81,6 +83,7 @@ class GPT2Step:
                 v.view(rows, 1, heads, dim).transpose(1, 2),
                 keep,
                 self.scale,
+                self.products,
             )
             h = h + self.proj[i](attn)
             hidden = self.fc[i](block.ln_2(h))

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from worker.engine.fastpath.attention import attend, step_mask
+from worker.engine.fastpath.attention import Products, attend, step_mask
 from worker.engine.fastpath.linear import Linear, can_pack, fuses, linear
 from worker.engine.kvcache import SlotCache
 
@@ -37,6 +37,8 @@ class LlamaStep:
         self.heads = model.config.num_attention_heads
         self.kv_heads = model.config.num_key_value_heads
         self.scale = first.scaling
+        # Attention over whole cache rows (bf16/fp16 on a CPU); None: the eager products.
+        self.products: Products | None = None
         self.q = [linear(layer.self_attn.q_proj, max_rows) for layer in layers]
         self.k = [linear(layer.self_attn.k_proj, max_rows) for layer in layers]
         self.v = [linear(layer.self_attn.v_proj, max_rows) for layer in layers]
@@ -87,7 +89,7 @@ class LlamaStep:
             k = self.k[i](x).view(rows, 1, self.kv_heads, dim).transpose(1, 2)
             v = self.v[i](x).view(rows, 1, self.kv_heads, dim).transpose(1, 2)
             q, k = apply_rotary_pos_emb(q, k, cos, sin)
-            h = h + self.o[i](attend(self.batch, i, q, k, v, keep, self.scale))
+            h = h + self.o[i](attend(self.batch, i, q, k, v, keep, self.scale, self.products))
             x = layer.post_attention_layernorm(h)
             gate = self.gate[i](x)
             if not self.fused_act:

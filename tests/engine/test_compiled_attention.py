@@ -1,0 +1,172 @@
+"""The decode step's bf16/fp16 attention compiled (worker/engine/fastpath/compiled.py):
+the same results as the eager products, used by the engine once ready, and never a
+failed request where compiling or a compiled call fails."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import shutil
+from typing import Any
+
+import pytest
+import torch
+
+from tests.engine.helpers import request
+from worker.engine.batching import BatchingEngine
+from worker.engine.fastpath import compiled
+from worker.engine.fastpath.attention import products_attention
+from worker.engine.fastpath.compiled import CompiledAttention, fused_attention
+
+HAS_COMPILER = any(shutil.which(name) for name in ("c++", "g++", "clang++"))
+
+
+def inputs(
+    rows: int,
+    heads: int,
+    kv_heads: int,
+    width: int,
+    dtype: torch.dtype,
+    seed: int = 0,
+    dim: int = 16,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A query, whole rows of keys and values, and a mask that leaves some columns out
+    of every row (their keys large, as a former occupant's may be)."""
+    generator = torch.Generator().manual_seed(seed)
+    query = torch.randn(rows, heads, 1, dim, generator=generator)
+    keys = torch.randn(rows, kv_heads, width, dim, generator=generator)
+    values = torch.randn(rows, kv_heads, width, dim, generator=generator)
+    keep = torch.rand(rows, 1, 1, width, generator=generator) > 0.3
+    keep[..., -1] = True  # every row attends to its newest column
+    keys[..., 0, :] = torch.where(keep[:, :, 0, :1], keys[..., 0, :], 300.0)
+    return query.to(dtype), keys.to(dtype), values.to(dtype), keep
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize(
+    ("heads", "kv_heads"), [(4, 4), (8, 2)], ids=["one key head each", "grouped-query"]
+)
+def test_fused_attention_computes_what_the_products_do(
+    dtype: torch.dtype, heads: int, kv_heads: int
+) -> None:
+    query, keys, values, keep = inputs(5, heads, kv_heads, 23, dtype)
+    got = fused_attention(query, keys, values, keep, 0.25)
+    expected = products_attention(query, keys, values, keep, 0.25)
+    assert got.shape == expected.shape == (5, heads, 1, 16) and got.dtype == dtype
+    torch.testing.assert_close(got.float(), expected.float(), atol=0.02, rtol=0.02)
+
+
+def test_fused_attention_in_fp16_scales_before_it_rounds() -> None:
+    """A query-key product too large for fp16 before the scale stays finite, as in
+    the products (tests/engine/test_fastpath.py has the products' own case)."""
+    query, keys, values, keep = inputs(2, 2, 2, 8, torch.float32)
+    query[..., 0] = 40.0
+    keys[..., 3, 0] = 2500.0  # 1e5 before the scale, 2.5e4 after it
+    keep[..., 3] = True
+    half = [t.to(torch.float16) for t in (query, keys, values)]
+    got = fused_attention(half[0], half[1], half[2], keep, 0.25)
+    assert bool(torch.isfinite(got).all())
+    expected = products_attention(half[0], half[1], half[2], keep, 0.25)
+    torch.testing.assert_close(got.float(), expected.float(), atol=0.02, rtol=0.02)
+
+
+def test_a_failing_compiled_call_is_answered_by_the_products_from_then_on(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    attention = CompiledAttention(heads=4, kv_heads=4, dim=16, dtype=torch.bfloat16, scale=0.25)
+    calls = []
+
+    def broken(*args: Any) -> torch.Tensor:
+        calls.append(args)
+        raise RuntimeError("a kernel that cannot run here")
+
+    attention._compiled = broken
+    query, keys, values, keep = inputs(3, 4, 4, 11, torch.bfloat16)
+    expected = products_attention(query, keys, values, keep, 0.25)
+    with caplog.at_level(logging.ERROR, logger=compiled.__name__):
+        for _ in range(3):
+            assert torch.equal(attention(query, keys, values, keep, 0.25), expected)
+    assert len(calls) == 1 and not attention.compiled
+    assert "compiled attention failed" in caplog.text
+
+
+@pytest.fixture
+def bf16_gpt2(gpt2: Any) -> Any:
+    model, tokenizer, info = gpt2
+    return copy.deepcopy(model).to(torch.bfloat16), tokenizer, info
+
+
+def _run(engine: BatchingEngine, count: int) -> list[Any]:
+    futures = [
+        engine.submit(request(f"prompt number {i} of the compiled test", max_new_tokens=6 + i))
+        for i in range(count)
+    ]
+    return [future.result(timeout=120) for future in futures]
+
+
+def test_a_failed_compile_leaves_the_engine_serving_uncompiled(
+    bf16_gpt2: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def no_compiler(fn: Any) -> Any:
+        raise RuntimeError("no C++ compiler found")
+
+    monkeypatch.setattr(compiled, "_compile", no_compiler)
+    with caplog.at_level(logging.WARNING, logger=compiled.__name__):
+        engine = BatchingEngine(*bf16_gpt2, compile_attention=True)
+        try:
+            attention = engine.compiled_attention
+            assert attention is not None and attention.ready.wait(30)
+            assert not attention.compiled
+            results = _run(engine, 3)
+        finally:
+            engine.close()
+    assert [r.completion_tokens for r in results] == [6, 7, 8]
+    assert "no C++ compiler found" in caplog.text
+
+
+def test_fp32_keeps_its_attention_uncompiled(gpt2: Any) -> None:
+    """fp32 attends over the window with SDPA, so that greedy tokens stay generate's."""
+    engine = BatchingEngine(*gpt2, compile_attention=True)
+    try:
+        assert engine.compiled_attention is None
+        assert engine._main.fast is not None and engine._main.fast.products is None
+    finally:
+        engine.close()
+
+
+@pytest.mark.skipif(not HAS_COMPILER, reason="torch.compile needs a C++ compiler on a CPU")
+def test_the_engine_attends_through_the_compiled_code_once_ready(bf16_gpt2: Any) -> None:
+    """Compiled on its own thread while the engine serves, then used by both lanes'
+    decode steps: the same results as the products (to bf16 rounding) at every row
+    count, and every request served."""
+    engine = BatchingEngine(*bf16_gpt2, compile_attention=True, max_batch_size=8)
+    try:
+        attention = engine.compiled_attention
+        assert attention is not None
+        early = _run(engine, 2)  # served while it compiles (or after)
+        assert attention.ready.wait(600) and attention.compiled
+        assert engine._main.fast is not None and engine._express.fast is not None
+        assert engine._main.fast.products is attention
+        assert engine._express.fast.products is attention
+        real = attention._compiled
+        assert real is not None
+        used = []
+
+        def counted(*args: Any) -> torch.Tensor:
+            used.append(args[0].shape[0])
+            return real(*args)
+
+        attention._compiled = counted
+        late = _run(engine, 5)
+        assert used and attention.compiled
+        assert [r.completion_tokens for r in early + late] == [6, 7, 6, 7, 8, 9, 10]
+        step = engine._main.fast
+        for rows in (1, 2, 7):  # one row, and any other count (the model's own shape)
+            query, keys, values, keep = inputs(
+                rows, step.heads, step.kv_heads, 41, torch.bfloat16, seed=rows, dim=step.head_dim
+            )
+            got = real(query, keys, values, keep, step.scale)
+            expected = products_attention(query, keys, values, keep, step.scale)
+            torch.testing.assert_close(got.float(), expected.float(), atol=0.02, rtol=0.02)
+    finally:
+        engine.close()
