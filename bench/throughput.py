@@ -74,6 +74,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--idle-jobs", type=int, default=50, help="plumbing: sequential jobs")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds to wait for genq")
     parser.add_argument(
+        "--settle",
+        type=float,
+        default=0,
+        help="seconds to wait once the worker answered its warm-up job, before the timed "
+        "run: what it does in the background at start (compiling attention in bf16, "
+        "GENQ_COMPILE_ATTENTION, 5-40 s on 2 cores) then stays out of the figures",
+    )
+    parser.add_argument(
         "--no-hardware", action="store_true", help="skip the matmul ceiling and step breakdown"
     )
     parser.add_argument("--log-dir", type=Path, help="keep the api/worker logs here")
@@ -148,6 +156,9 @@ def measure_genq(
     env = {**env, **extra, "GENQ_DTYPE": dtype}
     log = log_dir / f"worker-{dtype}.log"
     with start_worker(env, log, url, api, args.timeout) as worker:
+        if args.settle:
+            _report.step(f"genq {dtype}: worker ready; letting it settle {args.settle:.0f} s")
+            time.sleep(args.settle)
         _report.step(f"genq {dtype}: worker ready; submitting {len(prompts)} jobs")
         bodies = [
             {"prompt": p.text, "max_new_tokens": p.max_new_tokens, "do_sample": False}
