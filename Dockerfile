@@ -57,6 +57,13 @@ RUN groupadd --system --gid 10001 genq \
  && mkdir -p /models/hf /data \
  && chown genq:genq /models/hf /data
 
+# A C++ compiler for torch.compile: in bf16 on a CPU the worker compiles its decode
+# step's attention with it at start (GENQ_COMPILE_ATTENTION); without one it serves
+# uncompiled, somewhat slower, and says so in its log.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends g++ \
+ && rm -rf /var/lib/apt/lists/*
+
 COPY --from=build /opt/venv /opt/venv
 
 USER genq
