@@ -261,6 +261,8 @@ class BatchingEngine:
             self._closing = True
             self._lock.notify_all()
         self._thread.join(timeout=60)
+        if self.compiled_attention is not None:
+            self.compiled_attention.close()
         self._fail_all(GenerationError("engine_stopped", "the engine was closed"))
         for hook in self._layer_hooks:
             hook.remove()

@@ -3,18 +3,27 @@
 On a CPU the step attends over whole cache rows with two batched products
 (:func:`~worker.engine.fastpath.attention.products_attention`). Each (row, head) is a
 product of one query with its own keys, so the batched kernels run thousands of tiny
-products: at 128 rows, GPT-2's shape, about 1.5-2 ms each where reading the keys takes
-0.3 ms. :func:`fused_attention` computes the same as multiplications and sums, which
-inductor compiles into one loop nest per product that reads each key and value once,
-vectorized: a layer's attention about 1.8x as fast (bench/README.md).
+products. :func:`fused_attention` computes the same as multiplications and sums, which
+inductor compiles into loops that read each key and value once, vectorized: at 128
+rows of GPT-2's shape, 2 threads, a layer's attention 1.35-1.6x as fast, bit for bit
+the products' result there (bench/README.md). Inductor is told to keep every rounding
+to bf16/fp16 the products make (``emulate_precision_casts``), so a request's tokens do
+not depend on whether its steps ran compiled.
 
-Compiling takes seconds (about 5-40 s on 2 cores, less once inductor's on-disk cache
-holds the kernels) and needs a C++ compiler, so :class:`CompiledAttention` compiles
-on a thread of its own while the engine serves with the eager products, and the
-engine switches once it is warm. Where compiling fails (no compiler, an unsupported
-platform) or a compiled call fails, the engine keeps the eager products and says so
-in the log once. Shapes are dynamic: one compilation serves every row count and
-width (and one more for a single row, which torch specializes).
+Nothing is compiled on the engine's scheduler thread, where a compilation (seconds)
+would stall every request:
+
+- compiling happens on short-lived threads of their own (an OpenMP team that outlives
+  its work would slow the scheduler's), one per torch thread count: inductor plans its
+  loops for one count, and ``GENQ_SHARE_CORES`` changes the count between forwards.
+  Until the code for the current count is ready, the products answer;
+- the inputs are given the layout the code was compiled for (the query is a strided
+  view of the fused qkv product), and a single row, which torch would compile apart,
+  goes to the products (a one-row step's attention is cheap);
+- should a compilation start on any other thread all the same (a guard nobody foresaw),
+  it fails at once and the products answer from then on, as they do where compiling or
+  a compiled call fails (no C++ compiler, an unsupported platform). Each case is logged
+  once.
 """
 
 from __future__ import annotations
@@ -22,7 +31,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+import types
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -32,6 +42,8 @@ from worker.engine.fastpath.attention import products_attention
 log = logging.getLogger(__name__)
 
 Attention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
+
+COMPILER_THREAD = "genq-compile"
 
 
 def fused_attention(
@@ -59,9 +71,10 @@ def fused_attention(
 
 
 class CompiledAttention:
-    """:func:`fused_attention` compiled, or :func:`products_attention` until it is (and
-    for good where it cannot be). Call :meth:`start` once; then call it as the step's
-    attention from the scheduler thread."""
+    """:func:`fused_attention` compiled for each torch thread count the scheduler runs
+    with, and :func:`products_attention` wherever that is not ready (or cannot be).
+    Call :meth:`start` once, call it as the step's attention from the scheduler
+    thread, and :meth:`close` with the engine."""
 
     def __init__(
         self, *, heads: int, kv_heads: int, dim: int, dtype: torch.dtype, scale: float
@@ -69,27 +82,33 @@ class CompiledAttention:
         self._shape = (heads, kv_heads, dim)
         self._dtype = dtype
         self._scale = scale
-        self._compiled: Attention | None = None
+        self._ready: dict[int, Attention] = {}  # torch threads -> compiled code
+        self._asked: set[int] = set()
+        self._lock = threading.Lock()
         self._failed = False
+        self._closed = False
+        self.compilers: list[str] = []
+        """The name of the thread of each compilation so far (tests: all are ours)."""
         self.ready = threading.Event()
-        """Set once compiling ended, whether it worked (:attr:`compiled`) or not."""
+        """Set once the first compilation (:meth:`start`'s) ended, whether it worked."""
 
     @property
     def compiled(self) -> bool:
-        """Whether calls go to the compiled code."""
-        return self._compiled is not None and not self._failed
+        """Whether the current thread count's calls go to compiled code."""
+        return not self._failed and torch.get_num_threads() in self._ready
+
+    @property
+    def failed(self) -> bool:
+        """Whether the products answer for good (compiling or a compiled call failed)."""
+        return self._failed
 
     def start(self, threads: int | None) -> None:
-        """Compile on a new daemon thread with ``threads`` torch threads (those the
-        scheduler runs with: inductor plans its parallel loops for them)."""
-        thread = threading.Thread(
-            target=self._compile, args=(threads,), name="genq-compile", daemon=True
-        )
-        try:
-            thread.start()
-        except RuntimeError as exc:  # no thread to be had: serve uncompiled
-            log.warning("cannot start compiling the decode step's attention (%s)", exc)
-            self.ready.set()
+        """Compile for ``threads`` torch threads (None: this thread's count)."""
+        self._ask(threads or torch.get_num_threads(), first=True)
+
+    def close(self) -> None:
+        """Compile nothing more (a compilation under way finishes on its own)."""
+        self._closed = True
 
     def __call__(
         self,
@@ -99,47 +118,85 @@ class CompiledAttention:
         keep: torch.Tensor,
         scale: float,
     ) -> torch.Tensor:
-        compiled = self._compiled
-        if compiled is not None and not self._failed:
-            try:
-                return compiled(query, keys, values, keep, scale)
-            except Exception:
-                self._failed = True
-                log.exception("compiled attention failed; the decode step goes on without it")
+        if not self._failed and query.shape[0] > 1:
+            threads = torch.get_num_threads()
+            compiled = self._ready.get(threads)
+            if compiled is None:
+                self._ask(threads)
+            else:
+                try:
+                    contiguous = query.clone(memory_format=torch.contiguous_format)
+                    return compiled(contiguous, keys, values, keep, scale)
+                except Exception:
+                    self._failed = True
+                    log.exception("compiled attention failed; the decode step goes on without it")
         return products_attention(query, keys, values, keep, scale)
 
-    def _compile(self, threads: int | None) -> None:
+    # ---- compiling (threads of their own) ----
+
+    def _ask(self, threads: int, *, first: bool = False) -> None:
+        with self._lock:
+            if threads in self._asked or self._closed:
+                return
+            self._asked.add(threads)
+        thread = threading.Thread(
+            target=self._compile, args=(threads, first), name=COMPILER_THREAD, daemon=True
+        )
         try:
-            if threads:
-                torch.set_num_threads(threads)
-            compiled = _compile(fused_attention)
+            thread.start()
+        except RuntimeError as exc:  # no thread to be had: serve uncompiled
+            log.warning("cannot start compiling the decode step's attention (%s)", exc)
+            if first:
+                self.ready.set()
+
+    def _compile(self, threads: int, first: bool) -> None:
+        try:
+            torch.set_num_threads(threads)  # inductor plans its loops for this count
+            compiled = _compile(_own_copy(fused_attention), self._backend)
             start = time.monotonic()
-            with torch.inference_mode():  # the scheduler's mode: no recompile for it
-                for rows in (1, None):  # a single row is its own specialization
-                    query, keys, values, keep = self._example(rows)
-                    compiled(query, keys, values, keep, self._scale)
-            self._compiled = compiled
-            log.info("attention compiled in %.1f s", time.monotonic() - start)
+            with torch.inference_mode():  # the scheduler's mode: no compiling again for it
+                compiled(*self._example(), self._scale)
+            if not self._closed:
+                self._ready[threads] = compiled
+            log.info(
+                "attention compiled for %d torch threads in %.1f s",
+                threads,
+                time.monotonic() - start,
+            )
         except Exception as exc:
+            self._failed = True
             log.warning("cannot compile the decode step's attention (%s); it stays uncompiled", exc)
         finally:
-            self.ready.set()
+            if first:
+                self.ready.set()
 
-    def _example(
-        self, rows: int | None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Inputs of ``rows`` rows (None: any number but 1). Their sizes differ from
-        each other and from the model's: torch gives equal sizes one symbol, and a
-        later call where they differ would compile again, on the scheduler thread."""
+    def _backend(self, graph: Any, inputs: Sequence[Any]) -> Any:
+        """Inductor, keeping the products' roundings; only on a compiling thread."""
+        from torch._inductor.compile_fx import compile_fx
+
+        name = threading.current_thread().name
+        self.compilers.append(name)
+        if name != COMPILER_THREAD:
+            self._failed = True
+            log.warning("attention would compile on thread %s; it stays uncompiled", name)
+            raise RuntimeError(f"attention is compiled on {COMPILER_THREAD} threads only")
+        return compile_fx(graph, inputs, config_patches={"emulate_precision_casts": True})
+
+    def _example(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Inputs laid out as the step gives them: a contiguous query (see
+        :meth:`__call__`), the first rows of larger buffers, the mask's rows as
+        booleans. Their sizes differ from each other and from the model's: torch
+        gives equal sizes one symbol, and a call where they differ would compile
+        again."""
         heads, kv_heads, dim = self._shape
-        taken = {1, heads, kv_heads, heads // kv_heads, dim}
-        rows = rows or _unlike(taken, 3)
+        taken = {0, 1, heads, kv_heads, heads // kv_heads, dim}
+        rows = _unlike(taken, 3)
         width = _unlike(taken | {rows}, 37)
         query = torch.zeros(rows, heads, 1, dim, dtype=self._dtype)
-        keys = torch.zeros(rows, kv_heads, width, dim, dtype=self._dtype)
-        values = torch.zeros(rows, kv_heads, width, dim, dtype=self._dtype)
-        keep = torch.ones(rows, 1, 1, width, dtype=torch.bool)
-        return query, keys, values, keep
+        keys = torch.zeros(rows + 2, kv_heads, width, dim, dtype=self._dtype)[:rows]
+        values = torch.zeros(rows + 2, kv_heads, width, dim, dtype=self._dtype)[:rows]
+        mask = torch.ones(rows + 2, width, dtype=torch.long)[:rows]
+        return query, keys, values, mask.bool()[:, None, None, :]
 
 
 def _unlike(taken: set[int], start: int) -> int:
@@ -150,11 +207,18 @@ def _unlike(taken: set[int], start: int) -> int:
     return size
 
 
-def _compile(fn: Any) -> Attention:
+def _own_copy(fn: Any) -> Any:
+    """``fn`` with a code object of its own: torch keeps compiled code per code object,
+    and a limit of compilations per code object (past it, calls run uncompiled), so
+    that engines and thread counts do not share (or exhaust) one cache."""
+    return types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__)
+
+
+def _compile(fn: Any, backend: Any) -> Attention:
     """``fn`` through torch.compile with dynamic shapes, compiled in this process (no
     pool of compiler processes left running in the worker)."""
     import torch._inductor.config as inductor_config
 
     inductor_config.compile_threads = 1
-    compiled: Attention = torch.compile(fn, dynamic=True)
+    compiled: Attention = torch.compile(fn, backend=backend, dynamic=True)
     return compiled
