@@ -45,6 +45,7 @@ ENV PYTHONUNBUFFERED=1 \
     VIRTUAL_ENV=/opt/venv \
     PATH=/opt/venv/bin:$PATH \
     HF_HOME=/models/hf \
+    TORCHINDUCTOR_CACHE_DIR=/models/hf/torchinductor \
     GENQ_DATA_DIR=/data
 
 # A fixed non-root uid/gid, so bind-mounted model folders can be made readable to it.
@@ -59,7 +60,8 @@ RUN groupadd --system --gid 10001 genq \
 
 # A C++ compiler for torch.compile: in bf16 on a CPU the worker compiles its decode
 # step's attention with it at start (GENQ_COMPILE_ATTENTION); without one it serves
-# uncompiled, somewhat slower, and says so in its log.
+# uncompiled, somewhat slower, and says so in its log. The compiled kernels are kept
+# in the model volume (TORCHINDUCTOR_CACHE_DIR above), so a restart reuses them.
 RUN apt-get update \
  && apt-get install -y --no-install-recommends g++ \
  && rm -rf /var/lib/apt/lists/*
