@@ -5,29 +5,33 @@ On a CPU the step attends over whole cache rows with two batched products
 product of one query with its own keys, so the batched kernels run thousands of tiny
 products. :func:`fused_attention` computes the same as multiplications and sums, which
 inductor compiles into loops that read each key and value once, vectorized: at 128
-rows of GPT-2's shape, 2 threads, a layer's attention 1.35-1.6x as fast, bit for bit
-the products' result there (bench/README.md). Inductor is told to keep every rounding
-to bf16/fp16 the products make (``emulate_precision_casts``), so a request's tokens do
-not depend on whether its steps ran compiled.
+rows of GPT-2's shape, 2 threads, a layer's attention 1.35-1.6x as fast (bench/README.md,
+"Issue 13, session 20"). Inductor is told to keep every rounding to bf16/fp16 the
+products make (``emulate_precision_casts``), so the results are the products' to
+within one rounding (the order of the sums differs); like any bf16 result they may
+still part a greedy request's tokens from those it would get uncompiled.
 
 Nothing is compiled on the engine's scheduler thread, where a compilation (seconds)
 would stall every request:
 
 - compiling happens on short-lived threads of their own (an OpenMP team that outlives
-  its work would slow the scheduler's), one per torch thread count: inductor plans its
-  loops for one count, and ``GENQ_SHARE_CORES`` changes the count between forwards.
-  Until the code for the current count is ready, the products answer;
+  its work would slow the scheduler's), one compilation at a time, one per torch thread
+  count: inductor plans its loops for one count, and ``GENQ_SHARE_CORES`` changes the
+  count between forwards. Until the code for the current count is ready, the products
+  answer. Compiling holds the interpreter lock for long stretches, so the engine's
+  steps run slower while it lasts (seconds);
 - the inputs are given the layout the code was compiled for (the query is a strided
   view of the fused qkv product), and a single row, which torch would compile apart,
   goes to the products (a one-row step's attention is cheap);
 - should a compilation start on any other thread all the same (a guard nobody foresaw),
   it fails at once and the products answer from then on, as they do where compiling or
-  a compiled call fails (no C++ compiler, an unsupported platform). Each case is logged
-  once.
+  a compiled call fails (no C++ compiler, an unsupported platform) or where torch ran
+  nothing compiled (``TORCH_COMPILE_DISABLE``). Each case is logged once.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -85,6 +89,7 @@ class CompiledAttention:
         self._ready: dict[int, Attention] = {}  # torch threads -> compiled code
         self._asked: set[int] = set()
         self._lock = threading.Lock()
+        self._compiling = threading.Lock()  # one compilation at a time
         self._failed = False
         self._closed = False
         self.compilers: list[str] = []
@@ -107,8 +112,10 @@ class CompiledAttention:
         self._ask(threads or torch.get_num_threads(), first=True)
 
     def close(self) -> None:
-        """Compile nothing more (a compilation under way finishes on its own)."""
+        """Compile nothing more (a compilation under way finishes on its own) and drop
+        the compiled code."""
         self._closed = True
+        self._ready.clear()
 
     def __call__(
         self,
@@ -151,18 +158,8 @@ class CompiledAttention:
 
     def _compile(self, threads: int, first: bool) -> None:
         try:
-            torch.set_num_threads(threads)  # inductor plans its loops for this count
-            compiled = _compile(_own_copy(fused_attention), self._backend)
-            start = time.monotonic()
-            with torch.inference_mode():  # the scheduler's mode: no compiling again for it
-                compiled(*self._example(), self._scale)
-            if not self._closed:
-                self._ready[threads] = compiled
-            log.info(
-                "attention compiled for %d torch threads in %.1f s",
-                threads,
-                time.monotonic() - start,
-            )
+            with self._compiling:
+                self._compile_for(threads)
         except Exception as exc:
             self._failed = True
             log.warning("cannot compile the decode step's attention (%s); it stays uncompiled", exc)
@@ -170,17 +167,27 @@ class CompiledAttention:
             if first:
                 self.ready.set()
 
-    def _backend(self, graph: Any, inputs: Sequence[Any]) -> Any:
-        """Inductor, keeping the products' roundings; only on a compiling thread."""
-        from torch._inductor.compile_fx import compile_fx
-
-        name = threading.current_thread().name
-        self.compilers.append(name)
-        if name != COMPILER_THREAD:
-            self._failed = True
-            log.warning("attention would compile on thread %s; it stays uncompiled", name)
-            raise RuntimeError(f"attention is compiled on {COMPILER_THREAD} threads only")
-        return compile_fx(graph, inputs, config_patches={"emulate_precision_casts": True})
+    def _compile_for(self, threads: int) -> None:
+        # A new thread takes torch's process-wide count at its first question, and
+        # any thread may change that count meanwhile: ask first, then set this one's.
+        torch.get_num_threads()
+        torch.set_num_threads(threads)  # inductor plans its loops for this count
+        if self._closed:
+            return
+        backend = functools.partial(_backend, self.compilers)  # no reference to self
+        compiled = _compile(_own_copy(fused_attention), backend)
+        start, before = time.monotonic(), len(self.compilers)
+        with torch.inference_mode():  # the scheduler's mode: no compiling again for it
+            compiled(*self._example(), self._scale)
+        if len(self.compilers) == before:
+            raise RuntimeError("torch compiled nothing (is TORCH_COMPILE_DISABLE set?)")
+        if torch.get_num_threads() != threads:
+            raise RuntimeError(f"compiled for {torch.get_num_threads()} threads, not {threads}")
+        if not self._closed:
+            self._ready[threads] = compiled
+        log.info(
+            "attention compiled for %d torch threads in %.1f s", threads, time.monotonic() - start
+        )
 
     def _example(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Inputs laid out as the step gives them: a contiguous query (see
@@ -197,6 +204,21 @@ class CompiledAttention:
         values = torch.zeros(rows + 2, kv_heads, width, dim, dtype=self._dtype)[:rows]
         mask = torch.ones(rows + 2, width, dtype=torch.long)[:rows]
         return query, keys, values, mask.bool()[:, None, None, :]
+
+
+def _backend(compilers: list[str], graph: Any, inputs: Sequence[Any]) -> Any:
+    """Inductor, keeping the products' roundings; only on a compiling thread (anywhere
+    else it raises, and the call that asked gets the products from then on). Each
+    compilation's thread goes into ``compilers``. (torch keeps every backend for the
+    life of the process, so this one holds no engine.)"""
+    from torch._inductor.compile_fx import compile_fx
+
+    name = threading.current_thread().name
+    compilers.append(name)
+    if name != COMPILER_THREAD:
+        log.warning("attention would compile on thread %s; it stays uncompiled", name)
+        raise RuntimeError(f"attention is compiled on {COMPILER_THREAD} threads only")
+    return compile_fx(graph, inputs, config_patches={"emulate_precision_casts": True})
 
 
 def _unlike(taken: set[int], start: int) -> int:
