@@ -40,7 +40,14 @@ def genq_run(args: list[str], env: dict[str, str], log: Path) -> subprocess.Pope
             stdout=out,
             stderr=out,
             start_new_session=True,  # its own process group, like a terminal's foreground job
+            # Ctrl-C as a terminal gives it, whatever the suite inherited: a shell's
+            # background job starts with SIGINT ignored, and so would genq run.
+            preexec_fn=_default_sigint,
         )
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def by_status(url: str) -> dict[str, int]:
