@@ -156,7 +156,7 @@ class BatchingEngine:
         self._nested_turn_free = True
         if fast is not None:
             fast.between_layers = self._between_layers
-        # bf16/fp16 attention on a CPU compiled (on a thread of its own, started with
+        # bf16/fp16 attention on a CPU compiled (on threads of its own, started with
         # the scheduler); the eager products until it is ready.
         self.compiled_attention = (
             self._compiled_attention(fast) if compile_attention and fast is not None else None

@@ -36,16 +36,14 @@ import logging
 import threading
 import time
 import types
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-from worker.engine.fastpath.attention import products_attention
+from worker.engine.fastpath.attention import Products, products_attention
 
 log = logging.getLogger(__name__)
-
-Attention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
 
 COMPILER_THREAD = "genq-compile"
 
@@ -86,7 +84,7 @@ class CompiledAttention:
         self._shape = (heads, kv_heads, dim)
         self._dtype = dtype
         self._scale = scale
-        self._ready: dict[int, Attention] = {}  # torch threads -> compiled code
+        self._ready: dict[int, Products] = {}  # torch threads -> compiled code
         self._asked: set[int] = set()
         self._lock = threading.Lock()
         self._compiling = threading.Lock()  # one compilation at a time
@@ -236,11 +234,11 @@ def _own_copy(fn: Any) -> Any:
     return types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__)
 
 
-def _compile(fn: Any, backend: Any) -> Attention:
+def _compile(fn: Any, backend: Any) -> Products:
     """``fn`` through torch.compile with dynamic shapes, compiled in this process (no
     pool of compiler processes left running in the worker)."""
     import torch._inductor.config as inductor_config
 
     inductor_config.compile_threads = 1
-    compiled: Attention = torch.compile(fn, backend=backend, dynamic=True)
+    compiled: Products = torch.compile(fn, backend=backend, dynamic=True)
     return compiled
