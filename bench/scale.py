@@ -67,18 +67,52 @@ def write_input(path: Path, lines: int) -> None:
             f.write(json.dumps(request | {"body": body}) + "\n")
 
 
-def single_job(client: httpx.Client, timeout: float) -> float:
-    """One web app's job (normal priority) from submit to done, in ms (2 ms polls)."""
+PHASES = ("queued", "running", "around")
+"""Where a single job's round trip went, from its stored times: ``queued`` (created →
+claimed), ``running`` (claimed → stored) and ``around`` (the rest: the submit's own
+request before the row's commit, and the polls after the store that saw it)."""
+
+
+def single_job(client: httpx.Client, timeout: float) -> tuple[float, dict[str, float]]:
+    """One web app's job (normal priority) from submit to done, in ms (2 ms polls), and
+    that time split into :data:`PHASES`."""
     body = {"prompt": "a web app's job", "max_new_tokens": MAX_NEW_TOKENS}
-    rtt, _ = _genq.run_one(client, body, timeout)
-    return rtt * 1000
+    rtt, job = _genq.run_one(client, body, timeout)
+    created, started, finished = (
+        dt.datetime.fromisoformat(job[k]) for k in ("created_at", "started_at", "finished_at")
+    )
+    queued = (started - created).total_seconds() * 1000
+    running = (finished - started).total_seconds() * 1000
+    phases = {"queued": queued, "running": running, "around": rtt * 1000 - queued - running}
+    return rtt * 1000, phases
+
+
+class SingleJobs:
+    """Single jobs' round trips (ms) and their :data:`PHASES`."""
+
+    def __init__(self) -> None:
+        self.latencies_ms: list[float] = []
+        self.phases: dict[str, list[float]] = {name: [] for name in PHASES}
+
+    def run(self, client: httpx.Client, timeout: float) -> None:
+        latency, phases = single_job(client, timeout)
+        self.latencies_ms.append(latency)
+        for name, ms in phases.items():
+            self.phases[name].append(ms)
+
+    def stats(self) -> dict[str, Any]:
+        return _ms_stats(self.latencies_ms) | {
+            "phases_p50": {
+                name: round(_genq.percentile(ms, 50), 1) for name, ms in self.phases.items()
+            }
+        }
 
 
 class Beside:
     """Single jobs, one after another (0.5 s apart), until stopped: latency under load."""
 
     def __init__(self, url: str, timeout: float) -> None:
-        self.latencies_ms: list[float] = []
+        self.jobs = SingleJobs()
         self._url, self._timeout = url, timeout
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
@@ -86,7 +120,7 @@ class Beside:
     def _loop(self) -> None:
         with httpx.Client(base_url=self._url, timeout=60) as client:
             while not self._stop.wait(0.5):
-                self.latencies_ms.append(single_job(client, self._timeout))
+                self.jobs.run(client, self._timeout)
 
     @contextlib.contextmanager
     def running(self) -> Iterator[None]:
@@ -179,7 +213,9 @@ def measure(lines: int, args: argparse.Namespace, tmp: Path, log_dir: Path) -> d
         db_url, queue = env["GENQ_DATABASE_URL"], env["GENQ_QUEUE"]
         _report.step(f"{lines:,} lines: {args.idle_jobs} single jobs on the idle system")
         with httpx.Client(base_url=url, timeout=60) as client:
-            idle = [single_job(client, args.timeout) for _ in range(args.idle_jobs)]
+            idle = SingleJobs()
+            for _ in range(args.idle_jobs):
+                idle.run(client, args.timeout)
         api_mem, worker_mem = (
             _probe.GroupMemory(api.proc.pid),
             _probe.GroupMemory(worker.proc.pid),
@@ -236,7 +272,7 @@ def measure(lines: int, args: argparse.Namespace, tmp: Path, log_dir: Path) -> d
         "redis_peak_messages": redis.peak_messages,
         "redis_peak_bytes": redis.peak_bytes,
         "status_read_ms": _ms_stats(reads),
-        "single_job_ms": {"idle": _ms_stats(idle), "under_load": _ms_stats(beside.latencies_ms)},
+        "single_job_ms": {"idle": idle.stats(), "under_load": beside.jobs.stats()},
         "db": table | {"bytes_per_job": round(table["total_bytes"] / max(table["live_rows"], 1))},
         "cli": cli | ({"peak_rss_mib": round(cli["peak_rss"] / 2**20, 1)} if cli else {}),
     }
@@ -268,6 +304,8 @@ def print_result(result: dict[str, Any], flags: str) -> None:
             ("status read p50/p95/max", _lat(r["status_read_ms"])),
             ("single job idle p50/p95", _lat(idle)),
             ("single job under load p50/p95", f"{_lat(load)} ({ratio:.2f}x idle p50)"),
+            ("single job p50 phases, idle", _phases(idle)),
+            ("single job p50 phases, under load", _phases(load)),
             ("DB bytes per job", f"{db['bytes_per_job']:,} (total {db['total_bytes']:,})"),
             (
                 "job rows live / dead / updates (HOT)",
@@ -289,6 +327,11 @@ def _rss(m: dict[str, float]) -> str:
 
 def _lat(m: dict[str, float]) -> str:
     return f"{m['p50']:.1f} / {m['p95']:.1f} ms (max {m['max']:.1f}, n={m['n']})"
+
+
+def _phases(m: dict[str, Any]) -> str:
+    phases = m.get("phases_p50", {})
+    return ", ".join(f"{name} {phases[name]:.1f} ms" for name in PHASES if name in phases)
 
 
 def _cli(c: dict[str, Any]) -> str:
