@@ -11,7 +11,16 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from worker.engine.sampling import SamplingSpec, choose_tokens, make_generator, process_logits
+import pytest
+
+from worker.engine.sampling import (
+    ARGMAX_CHUNK,
+    SamplingSpec,
+    choose_tokens,
+    greedy_argmax,
+    make_generator,
+    process_logits,
+)
 
 
 def _inputs() -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,3 +79,28 @@ def test_no_repeat_ngram_matches_transformers_for_every_size() -> None:
         for n in (1, 2, 3, 4, 5):
             expected = NoRepeatNGramLogitsProcessor(n)(ids, scores.clone())
             assert torch.equal(apply_no_repeat_ngram(scores, ids, n), expected), (length, n)
+
+
+@pytest.mark.parametrize("vocab", [50257, 32000, 4 * ARGMAX_CHUNK, 4 * ARGMAX_CHUNK + 1, 100, 1])
+def test_greedy_argmax_is_torch_argmax(vocab: int) -> None:
+    """The chunked argmax gives torch.argmax's indices: the first maximum (ties across
+    and inside chunks, the last short chunk), the first NaN, rows all -inf or +inf."""
+    gen = torch.Generator().manual_seed(0)
+    for trial in range(20):
+        scores = torch.randn(12, vocab, generator=gen)
+        if trial % 2:  # few distinct values: many ties, often in different chunks
+            scores = scores.round()
+        cols = torch.randint(0, vocab, (12, 3), generator=gen)
+        scores[1, cols[1]] = float("nan")  # NaNs: argmax takes the first
+        scores[2] = float("-inf")
+        scores[3, cols[3]] = float("inf")
+        scores[4, -1] = scores[4].max() + 1  # the maximum in the very last column
+        scores[5, 0] = scores[5].max() + 1
+        assert torch.equal(greedy_argmax(scores), torch.argmax(scores, dim=-1)), trial
+
+
+def test_greedy_argmax_of_a_view_and_in_bf16() -> None:
+    scores = torch.randn(50257, 6).t()  # not contiguous
+    assert torch.equal(greedy_argmax(scores), torch.argmax(scores, dim=-1))
+    half = torch.randn(5, 50257).bfloat16()
+    assert torch.equal(greedy_argmax(half), torch.argmax(half, dim=-1))

@@ -17,7 +17,7 @@ from worker.engine.base import GenerationError
 from worker.engine.constrained import unpack_bitmask
 from worker.engine.logprobs import position_logprobs
 from worker.engine.requests import RequestState
-from worker.engine.sampling import choose_tokens
+from worker.engine.sampling import choose_tokens, greedy_argmax
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ def choose(
 
     Constrained rows are masked first; log-probabilities come from the raw logits."""
     raw, logits = logits, constrain_rows(logits, placed)
-    chosen = torch.argmax(logits, dim=-1)
+    chosen = greedy_argmax(logits)
     # argmax picks a NaN when a row has one: checking the chosen logits finds NaN rows
     # without another pass over the vocabulary.
     nan_rows = logits.gather(1, chosen[:, None]).isnan().flatten().tolist()
