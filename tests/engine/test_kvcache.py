@@ -242,6 +242,40 @@ def test_engine_mixed_lengths_equal_solo(loaded: Any, make_engine: Any) -> None:
         assert future.result(timeout=60).outputs == reference(loaded, prompt, max_new_tokens=new)
 
 
+def test_a_burst_of_mixed_lengths_is_admitted_without_copying_the_cache(
+    gpt2: Any, make_engine: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Newcomers of one admission prefill in several mini-batches (lengths 2 to 48):
+    none copies the rows already in the cache to widen it, and each request still
+    makes the tokens it makes alone."""
+    from concurrent.futures import Future
+
+    from worker.engine.batching import PREFILL_FORWARD_COST, PREFILL_GROUP_TOKENS
+    from worker.engine.requests import RequestState, prefill_groups
+    from worker.engine.sampling import SamplingSpec
+
+    engine = make_engine(gpt2)
+    copies: list[int] = []
+    regrow = SlotCache._reallocate
+    monkeypatch.setattr(
+        SlotCache, "_reallocate", lambda self, *a, **k: (copies.append(1), regrow(self, *a, **k))
+    )
+    words = "the dog ran over a hill and sat under an old tree".split()  # noqa: SIM905
+    prompts = [" ".join(words[j % len(words)] for j in range(n)) for n in range(2, 49, 4)]
+    states = [
+        RequestState(request=request(p), future=Future(), spec=SamplingSpec(), prompt_ids=ids, n=1)
+        for p in prompts
+        if (ids := gpt2[1](p).input_ids)
+    ]
+    groups = prefill_groups(states, PREFILL_FORWARD_COST, PREFILL_GROUP_TOKENS)
+    assert len(groups) > 1  # the case at hand: several prefill forwards
+    with engine._lock:  # one admission
+        futures = [engine.submit(request(p, max_new_tokens=3)) for p in prompts]
+    for future, prompt in zip(futures, prompts, strict=True):
+        assert future.result(timeout=60).outputs == reference(gpt2, prompt, max_new_tokens=3)
+    assert copies == []
+
+
 def test_engine_freed_slot_wider_prompt(loaded: Any, make_engine: Any) -> None:
     """A request admitted into a slot freed mid-batch, with a prompt wider than the
     window, makes the tokens it makes alone (compaction off, so the slot is reused)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from transformers.generation.logits_process import (
     NoRepeatNGramLogitsProcessor,
@@ -10,8 +11,6 @@ from transformers.generation.logits_process import (
     TopKLogitsWarper,
     TopPLogitsWarper,
 )
-
-import pytest
 
 from worker.engine.sampling import (
     ARGMAX_CHUNK,

@@ -252,13 +252,18 @@ class RequestState:
 def prefill_groups(
     states: list[RequestState], forward_cost: int, max_tokens: int | None = None
 ) -> list[list[RequestState]]:
-    """Split newcomers into prefill mini-batches, shortest prompts first, minimising
+    """Split newcomers into prefill mini-batches of similar prompt lengths, minimising
     padded prompt tokens (one row per request times the longest prompt) plus
     ``forward_cost`` per batch, each batch at most ``max_tokens`` padded tokens (or one
     request).
 
     One left-padded batch of prompts 8 to 200 tokens long is about half padding; the
     split is exact (a dynamic programme over the sorted lengths; a few dozen requests).
+
+    The longest prompts come first: each later mini-batch is then no wider than the
+    slot cache's window, so it is copied into the running batch as it is, where in the
+    other order each wider one made the cache copy every row it held to widen
+    (:meth:`~worker.engine.kvcache.SlotCache.admit`).
     """
     ordered = sorted(states, key=lambda s: len(s.prompt_ids))
     best = [0] + [-1] * len(ordered)  # best[j]: cost of prefilling ordered[:j]
@@ -277,4 +282,4 @@ def prefill_groups(
     while j:
         groups.append(ordered[cut[j] : j])
         j = cut[j]
-    return groups[::-1]
+    return groups  # the longest first
