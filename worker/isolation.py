@@ -54,7 +54,10 @@ class JobSlots:
 
     A message of several jobs waits until all of them fit, then takes them
     together (taking them one at a time could leave two messages each holding
-    part of what it needs, forever). Jobs waiting here are still queued in SQL,
+    part of what it needs, forever). Each job gives its slot back once it is done
+    (:meth:`Held.release`), not when the message's last job is: a message of jobs
+    of mixed lengths would otherwise keep slots idle behind its longest one, and
+    the engine's batch short of rows. Jobs waiting here are still queued in SQL,
     so what a worker shows as running is what it is generating.
 
     Slots that free up go to the waiting message of the best ``rank`` (its queue's
@@ -79,7 +82,9 @@ class JobSlots:
             return self._ranks.total()
 
     @contextmanager
-    def hold(self, count: int, *, rank: int = 0) -> Iterator[None]:
+    def hold(self, count: int, *, rank: int = 0) -> Iterator[Held]:
+        """Wait until ``count`` slots fit (all of them, or the whole capacity), take
+        them, and give back on leaving what was not given back before."""
         limit = self.capacity if rank <= self.urgent_rank else self.capacity - self.reserved
         count = min(count, limit)
         with self._cond:
@@ -90,13 +95,36 @@ class JobSlots:
                 self._ranks[rank] -= 1
                 self._cond.notify_all()  # a waiter of a worse rank may go now
             self._used += count
+        held = Held(self, count)
         try:
-            yield
+            yield held
         finally:
-            with self._cond:
-                self._used -= count
-                self._cond.notify_all()
+            held.release(count)
+
+    def _give_back(self, count: int) -> None:
+        with self._cond:
+            self._used -= count
+            self._cond.notify_all()
 
     def _fits(self, count: int, rank: int, limit: int) -> bool:
         ahead = any(n for r, n in self._ranks.items() if r < rank)
         return not ahead and self._used + count <= limit
+
+
+class Held:
+    """The slots one message holds (:meth:`JobSlots.hold`)."""
+
+    def __init__(self, slots: JobSlots, count: int) -> None:
+        self._slots = slots
+        self._lock = threading.Lock()
+        self.count = count
+        """Slots still held."""
+
+    def release(self, count: int = 1) -> None:
+        """Give back ``count`` slots (those of jobs that are done), at most what is
+        still held."""
+        with self._lock:
+            count = min(count, self.count)
+            self.count -= count
+        if count > 0:
+            self._slots._give_back(count)

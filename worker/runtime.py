@@ -143,14 +143,15 @@ class WorkerRuntime:
         # Free slots go to the message from the queue read first (high, express, ...).
         rank = lane_rank(queue)
         urgent = rank <= URGENT_RANK
-        with self._slots.hold(len(ids), rank=rank):
+        with self._slots.hold(len(ids), rank=rank) as held:
             with self._isolation.shared():
                 # Checked again once a slot is free: a message that waited for one
                 # while the worker began shutting down must not start its jobs.
                 if self._draining.is_set():
                     raise DrainingError(ids)
                 claims, suspects = self._claimer(worker, urgent).claim(ids)
-                statuses.update(self._run_claimed(claims, urgent=urgent))
+                held.release(len(ids) - len(claims))  # not run here (suspects: below, alone)
+                statuses.update(self._run_claimed(claims, urgent=urgent, free=held.release))
             for job_id in suspects:
                 if self._draining.is_set():
                     raise DrainingError(job_id)  # the message goes back; done jobs are skipped
@@ -188,9 +189,16 @@ class WorkerRuntime:
             max_attempts=self.settings.max_attempts,
         )
 
-    def _run_claimed(self, claims: list[jobstate.Claim], *, urgent: bool = False) -> dict[str, str]:
+    def _run_claimed(
+        self,
+        claims: list[jobstate.Claim],
+        *,
+        urgent: bool = False,
+        free: Callable[[int], None] | None = None,
+    ) -> dict[str, str]:
         """Generate the claimed jobs together; store each result as it comes (those
-        that finish together in one transaction)."""
+        that finish together in one transaction), then ``free`` that many job slots
+        for other messages."""
         if not claims:
             return {}
         futures: dict[Future[GenerationResult], jobstate.Claim] = {}
@@ -221,6 +229,8 @@ class WorkerRuntime:
         try:
             while True:
                 statuses.update(self._store(ready, urgent=urgent))
+                if free is not None and ready:
+                    free(len(ready))
                 if not pending:
                     return statuses
                 done, pending = wait(

@@ -85,3 +85,27 @@ def test_reserved_slots_are_kept_for_high_and_express_messages() -> None:
         for future in futures:
             future.result(10)
     assert taken[-1] == "more batch"
+
+
+def test_slots_given_back_early_let_a_waiting_message_in_and_are_not_given_back_twice() -> None:
+    slots = JobSlots(3)
+    entered = threading.Event()
+
+    def later() -> None:
+        with slots.hold(2, rank=NORMAL):
+            entered.set()
+
+    with slots.hold(3, rank=NORMAL) as held, ThreadPoolExecutor(1) as pool:
+        future = pool.submit(later)
+        _wait_for(lambda: slots.waiting == 1, "the next message to wait")
+        held.release(1)
+        time.sleep(0.05)
+        assert not entered.is_set()  # one free slot: the message needs two
+        held.release(1)
+        assert entered.wait(10)
+        future.result(10)
+        held.release(5)  # more than it still holds: only what it holds
+        assert held.count == 0
+    assert slots._used == 0
+    with slots.hold(3, rank=NORMAL):  # all of them free again, no more
+        assert slots._used == 3

@@ -283,6 +283,37 @@ def test_a_worker_claims_no_more_jobs_than_its_slots_the_rest_stay_queued(
         runtime.close()
 
 
+def test_a_done_job_gives_its_slot_back_before_the_rest_of_its_message_ends(
+    client: TestClient, fast_settings: Settings
+) -> None:
+    """A message's short job, once stored, frees its slot for the next message while
+    its long job still runs: slots are not kept idle behind a message's longest job."""
+    settings = fast_settings.model_copy(update={"worker_concurrency": 2})
+    runtime = WorkerRuntime(settings, FakeEngine(token_delay_s=0.02))
+    try:
+        jobs = [{"prompt": "a b", "max_new_tokens": 2}, {"prompt": "c d", "max_new_tokens": 1000}]
+        response = client.post("/v1/jobs/bulk", json={"jobs": jobs})
+        short, long = (job["id"] for job in response.json()["data"])
+        (later,) = _bulk_ids(client, ["e f"], max_new_tokens=1000)
+        threads = [
+            threading.Thread(target=runtime.run_jobs, args=(ids,), kwargs={"worker": "w1"})
+            for ids in ([short, long], [later])
+        ]
+        threads[0].start()
+        _wait_for(client, long, lambda j: j["status"] == "running")
+        threads[1].start()
+        _wait_for(client, short, lambda j: j["status"] == "succeeded")
+        _wait_for(client, later, lambda j: j["status"] == "running")
+        assert client.get(f"/v1/jobs/{long}").json()["status"] == "running"
+        for job_id in (long, later):
+            client.post(f"/v1/jobs/{job_id}/cancel")
+        for thread in threads:
+            thread.join(timeout=10)
+        assert runtime._slots._used == 0  # every slot given back once
+    finally:
+        runtime.close()
+
+
 def test_results_that_cannot_be_stored_leave_their_jobs_for_the_sweeper(
     client: TestClient, fast_settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
