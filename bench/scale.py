@@ -75,12 +75,13 @@ request before the row's commit, and the polls after the store that saw it)."""
 
 def single_job(client: httpx.Client, timeout: float) -> tuple[float, dict[str, float]]:
     """One web app's job (normal priority) from submit to done, in ms (2 ms polls), and
-    that time split into :data:`PHASES`."""
+    that time split into :data:`PHASES` (none for a job that ended without running)."""
     body = {"prompt": "a web app's job", "max_new_tokens": MAX_NEW_TOKENS}
     rtt, job = _genq.run_one(client, body, timeout)
-    created, started, finished = (
-        dt.datetime.fromisoformat(job[k]) for k in ("created_at", "started_at", "finished_at")
-    )
+    times = [job.get(k) for k in ("created_at", "started_at", "finished_at")]
+    if None in times:  # ended without running (failed or cancelled while queued)
+        return rtt * 1000, {}
+    created, started, finished = (dt.datetime.fromisoformat(t) for t in times)
     queued = (started - created).total_seconds() * 1000
     running = (finished - started).total_seconds() * 1000
     phases = {"queued": queued, "running": running, "around": rtt * 1000 - queued - running}

@@ -254,7 +254,7 @@ def test_a_burst_of_mixed_lengths_is_admitted_without_copying_the_cache(
     from worker.engine.requests import RequestState, prefill_groups
     from worker.engine.sampling import SamplingSpec
 
-    engine = make_engine(gpt2)
+    engine = make_engine(gpt2, express_max_new_tokens=0)  # every request in the main lane
     copies: list[int] = []
     regrow = SlotCache._reallocate
     monkeypatch.setattr(

@@ -152,8 +152,9 @@ def _two_prefill_groups_and_a_short_job(
     each; the short job's future is filled in when it is sent."""
     _, tokenizer, _ = loaded
     jobs = [
-        (_prompt_of(tokenizer, 70), {"num_beams": 5, "max_new_tokens": 6}),
-        (_prompt_of(tokenizer, 80), {"max_new_tokens": 20}),
+        # The beams' prompt the longer: an admission prefills the longest first.
+        (_prompt_of(tokenizer, 80), {"num_beams": 5, "max_new_tokens": 6}),
+        (_prompt_of(tokenizer, 70), {"max_new_tokens": 20}),
     ]
     short: tuple[str, dict[str, Any]] = (STORY, {"max_new_tokens": 16})  # four turns
     with engine._lock:  # the scheduler sees them all at its next admission

@@ -14,6 +14,7 @@ from transformers.generation.logits_process import (
 
 from worker.engine.sampling import (
     ARGMAX_CHUNK,
+    ARGMAX_FEWEST,
     SamplingSpec,
     choose_tokens,
     greedy_argmax,
@@ -85,11 +86,12 @@ def test_greedy_argmax_is_torch_argmax(vocab: int) -> None:
     """The chunked argmax gives torch.argmax's indices: the first maximum (ties across
     and inside chunks, the last short chunk), the first NaN, rows all -inf or +inf."""
     gen = torch.Generator().manual_seed(0)
+    rows = max(12, -(-ARGMAX_FEWEST // vocab))  # enough for the chunked path where it applies
     for trial in range(20):
-        scores = torch.randn(12, vocab, generator=gen)
+        scores = torch.randn(rows, vocab, generator=gen)
         if trial % 2:  # few distinct values: many ties, often in different chunks
             scores = scores.round()
-        cols = torch.randint(0, vocab, (12, 3), generator=gen)
+        cols = torch.randint(0, vocab, (rows, 3), generator=gen)
         scores[1, cols[1]] = float("nan")  # NaNs: argmax takes the first
         scores[2] = float("-inf")
         scores[3, cols[3]] = float("inf")
@@ -98,8 +100,11 @@ def test_greedy_argmax_is_torch_argmax(vocab: int) -> None:
         assert torch.equal(greedy_argmax(scores), torch.argmax(scores, dim=-1)), trial
 
 
-def test_greedy_argmax_of_a_view_and_in_bf16() -> None:
-    scores = torch.randn(50257, 6).t()  # not contiguous
+def test_greedy_argmax_of_views_and_in_bf16() -> None:
+    last = torch.randn(6, 3, 50257)[:, -1]  # a model's last position: rows apart, each whole
+    last[2, 40000:] = last[2].max() + 1  # ties in the last chunks: the first one
+    assert torch.equal(greedy_argmax(last), torch.argmax(last, dim=-1))
+    scores = torch.randn(50257, 6).t()  # columns apart
     assert torch.equal(greedy_argmax(scores), torch.argmax(scores, dim=-1))
     half = torch.randn(5, 50257).bfloat16()
     assert torch.equal(greedy_argmax(half), torch.argmax(half, dim=-1))

@@ -20,6 +20,8 @@ _NEG_INF = float("-inf")
 
 ARGMAX_CHUNK = 512
 """Columns per chunk of :func:`greedy_argmax` on a CPU."""
+ARGMAX_FEWEST = 1 << 16
+"""Scores below which :func:`greedy_argmax` is ``torch.argmax`` (fewer: no faster)."""
 
 
 def greedy_argmax(scores: torch.Tensor) -> torch.Tensor:
@@ -31,10 +33,17 @@ def greedy_argmax(scores: torch.Tensor) -> torch.Tensor:
     vectorize, while a plain maximum does: so each row's maximum is found per chunk of
     :data:`ARGMAX_CHUNK` columns, and argmax runs only over the chunk maxima and then
     inside the first chunk holding the row's maximum. Elsewhere (a GPU, a small
-    vocabulary) it is ``torch.argmax``."""
-    rows, vocab = scores.shape
-    if scores.device.type != "cpu" or vocab < 4 * ARGMAX_CHUNK or not scores.is_contiguous():
+    vocabulary, one row of GPT-2's, rows that are not contiguous) it is
+    ``torch.argmax``."""
+    if (
+        scores.dim() != 2
+        or scores.device.type != "cpu"
+        or scores.numel() < ARGMAX_FEWEST
+        or scores.shape[1] < 4 * ARGMAX_CHUNK
+        or scores.stride(1) != 1
+    ):
         return torch.argmax(scores, dim=-1)
+    rows, vocab = scores.shape
     chunks = vocab // ARGMAX_CHUNK
     whole = chunks * ARGMAX_CHUNK
     maxima = scores[:, :whole].view(rows, chunks, ARGMAX_CHUNK).amax(-1)
