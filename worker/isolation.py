@@ -55,7 +55,7 @@ class JobSlots:
     A message of several jobs waits until all of them fit, then takes them
     together (taking them one at a time could leave two messages each holding
     part of what it needs, forever). Each job gives its slot back once it is done
-    (:meth:`Held.release`), not when the message's last job is: a message of jobs
+    (:meth:`Held.keep`), not when the message's last job is: a message of jobs
     of mixed lengths would otherwise keep slots idle behind its longest one, and
     the engine's batch short of rows. Jobs waiting here are still queued in SQL,
     so what a worker shows as running is what it is generating.
@@ -120,11 +120,20 @@ class Held:
         self.count = count
         """Slots still held."""
 
-    def release(self, count: int = 1) -> None:
-        """Give back ``count`` slots (those of jobs that are done), at most what is
-        still held."""
+    def keep(self, jobs: int) -> None:
+        """Hold no more slots than ``jobs`` (the message's jobs still running): the
+        others go back. A message larger than the capacity holds all of it until
+        its jobs still running fit."""
+        with self._lock:
+            count = max(0, self.count - jobs)
+            self.count -= count
+        if count:
+            self._slots._give_back(count)
+
+    def release(self, count: int) -> None:
+        """Give back ``count`` slots, at most what is still held."""
         with self._lock:
             count = min(count, self.count)
             self.count -= count
-        if count > 0:
+        if count:
             self._slots._give_back(count)

@@ -150,8 +150,8 @@ class WorkerRuntime:
                 if self._draining.is_set():
                     raise DrainingError(ids)
                 claims, suspects = self._claimer(worker, urgent).claim(ids)
-                held.release(len(ids) - len(claims))  # not run here (suspects: below, alone)
-                statuses.update(self._run_claimed(claims, urgent=urgent, free=held.release))
+                held.keep(len(claims))  # the others do not run here (suspects: below, alone)
+                statuses.update(self._run_claimed(claims, urgent=urgent, running=held.keep))
             for job_id in suspects:
                 if self._draining.is_set():
                     raise DrainingError(job_id)  # the message goes back; done jobs are skipped
@@ -194,11 +194,11 @@ class WorkerRuntime:
         claims: list[jobstate.Claim],
         *,
         urgent: bool = False,
-        free: Callable[[int], None] | None = None,
+        running: Callable[[int], None] | None = None,
     ) -> dict[str, str]:
         """Generate the claimed jobs together; store each result as it comes (those
-        that finish together in one transaction), then ``free`` that many job slots
-        for other messages."""
+        that finish together in one transaction), then tell ``running`` how many are
+        still generating (the job slots of the others are free for other messages)."""
         if not claims:
             return {}
         futures: dict[Future[GenerationResult], jobstate.Claim] = {}
@@ -229,8 +229,8 @@ class WorkerRuntime:
         try:
             while True:
                 statuses.update(self._store(ready, urgent=urgent))
-                if free is not None and ready:
-                    free(len(ready))
+                if running is not None and ready:
+                    running(len(pending))
                 if not pending:
                     return statuses
                 done, pending = wait(

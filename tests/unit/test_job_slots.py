@@ -98,14 +98,26 @@ def test_slots_given_back_early_let_a_waiting_message_in_and_are_not_given_back_
     with slots.hold(3, rank=NORMAL) as held, ThreadPoolExecutor(1) as pool:
         future = pool.submit(later)
         _wait_for(lambda: slots.waiting == 1, "the next message to wait")
-        held.release(1)
+        held.keep(2)  # one of its jobs is done
         time.sleep(0.05)
         assert not entered.is_set()  # one free slot: the message needs two
-        held.release(1)
+        held.keep(1)
         assert entered.wait(10)
         future.result(10)
-        held.release(5)  # more than it still holds: only what it holds
+        held.keep(3)  # never more than it took
+        assert held.count == 1
+        held.release(5)  # more than it holds: only what it holds
         assert held.count == 0
     assert slots._used == 0
     with slots.hold(3, rank=NORMAL):  # all of them free again, no more
         assert slots._used == 3
+
+
+def test_a_message_larger_than_the_capacity_holds_it_all_until_its_running_jobs_fit() -> None:
+    slots = JobSlots(2)
+    with slots.hold(4, rank=NORMAL) as held:  # 4 jobs, 2 slots: the whole capacity
+        held.keep(3)  # one done, three still running: more than the capacity
+        assert held.count == 2 and slots._used == 2
+        held.keep(1)
+        assert held.count == 1 and slots._used == 1
+    assert slots._used == 0

@@ -314,6 +314,43 @@ def test_a_done_job_gives_its_slot_back_before_the_rest_of_its_message_ends(
         runtime.close()
 
 
+def test_a_message_larger_than_the_slots_lets_no_other_in_while_its_running_jobs_fill_them(
+    client: TestClient, fast_settings: Settings
+) -> None:
+    """Four jobs in a message, two slots: once its two short jobs are stored, its two
+    long ones still fill the slots, and the next message waits (freeing a slot per job
+    done must not count slots it never had)."""
+    settings = fast_settings.model_copy(update={"worker_concurrency": 2})
+    runtime = WorkerRuntime(settings, FakeEngine(token_delay_s=0.02))
+    try:
+        short, long = (
+            {"prompt": "a b", "max_new_tokens": 2},
+            {"prompt": "c d", "max_new_tokens": 1000},
+        )
+        response = client.post("/v1/jobs/bulk", json={"jobs": [short, short, long, long]})
+        first = [job["id"] for job in response.json()["data"]]
+        second = _bulk_ids(client, ["e f"], max_new_tokens=1000)
+        threads = [
+            threading.Thread(target=runtime.run_jobs, args=(ids,), kwargs={"worker": "w1"})
+            for ids in (first, second)
+        ]
+        threads[0].start()
+        for job_id in first[:2]:
+            _wait_for(client, job_id, lambda j: j["status"] == "succeeded")
+        threads[1].start()
+        time.sleep(0.3)
+        assert client.get(f"/v1/jobs/{second[0]}").json()["status"] == "queued"
+        for job_id in first[2:]:
+            client.post(f"/v1/jobs/{job_id}/cancel")
+        _wait_for(client, second[0], lambda j: j["status"] == "running")
+        client.post(f"/v1/jobs/{second[0]}/cancel")
+        for thread in threads:
+            thread.join(timeout=10)
+        assert runtime._slots._used == 0
+    finally:
+        runtime.close()
+
+
 def test_results_that_cannot_be_stored_leave_their_jobs_for_the_sweeper(
     client: TestClient, fast_settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
