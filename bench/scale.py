@@ -81,7 +81,7 @@ def single_job(client: httpx.Client, timeout: float) -> tuple[float, dict[str, f
     times = [job.get(k) for k in ("created_at", "started_at", "finished_at")]
     if None in times:  # ended without running (failed or cancelled while queued)
         return rtt * 1000, {}
-    created, started, finished = (dt.datetime.fromisoformat(t) for t in times)
+    created, started, finished = (dt.datetime.fromisoformat(str(t)) for t in times)
     queued = (started - created).total_seconds() * 1000
     running = (finished - started).total_seconds() * 1000
     phases = {"queued": queued, "running": running, "around": rtt * 1000 - queued - running}
