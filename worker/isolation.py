@@ -99,7 +99,7 @@ class JobSlots:
         try:
             yield held
         finally:
-            held.release(count)
+            held.keep(0)
 
     def _give_back(self, count: int) -> None:
         with self._cond:
@@ -126,14 +126,6 @@ class Held:
         its jobs still running fit."""
         with self._lock:
             count = max(0, self.count - jobs)
-            self.count -= count
-        if count:
-            self._slots._give_back(count)
-
-    def release(self, count: int) -> None:
-        """Give back ``count`` slots, at most what is still held."""
-        with self._lock:
-            count = min(count, self.count)
             self.count -= count
         if count:
             self._slots._give_back(count)

@@ -106,7 +106,7 @@ def test_slots_given_back_early_let_a_waiting_message_in_and_are_not_given_back_
         future.result(10)
         held.keep(3)  # never more than it took
         assert held.count == 1
-        held.release(5)  # more than it holds: only what it holds
+        held.keep(0)  # all done: what it still holds goes back (and again on leaving: nothing)
         assert held.count == 0
     assert slots._used == 0
     with slots.hold(3, rank=NORMAL):  # all of them free again, no more
