@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
-from cli import demo, keys, run
+from cli import allocator, demo, keys, run
 from cli.client import api_client
 from cli.common import FINAL, console, err, fail_http, migrate_embedded, wait_for_job
 from core.settings import get_settings
@@ -68,6 +68,12 @@ def worker(
     pool: one process, one copy of the weights, and as many task threads as jobs
     that may share a forward pass.
     """
+    try:  # first of all: this may run the command again, under jemalloc
+        allocator.run_again_with_allocator(get_settings().allocator)
+    except allocator.AllocatorError as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from exc
+    err.print(f"memory allocator: {allocator.allocator_name()}")
     if model:
         os.environ["GENQ_MODEL"] = model
         get_settings.cache_clear()

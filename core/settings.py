@@ -17,6 +17,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DType = Literal["auto", "float32", "bfloat16", "float16"]
+Allocator = Literal["auto", "jemalloc", "system"]
 
 
 class Settings(BaseSettings):
@@ -65,6 +66,11 @@ class Settings(BaseSettings):
         description="bf16/fp16 on a CPU: compile the decode step's attention with"
         " torch.compile (needs a C++ compiler; the worker serves uncompiled meanwhile and"
         " where it cannot)",
+    )
+    allocator: Allocator = Field(
+        default="auto",
+        description="the worker's malloc: jemalloc where installed (auto), jemalloc or an"
+        " error, or the C library's (system); see cli/allocator.py",
     )
     max_batch_size: int = Field(default=64, ge=1, le=1024)
     max_tokens_in_flight: int = Field(default=65_536, ge=1)
