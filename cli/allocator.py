@@ -19,31 +19,35 @@ peak (pages freed are kept for reuse), as with any preallocated KV cache.
 - ``jemalloc``: jemalloc or a clear error;
 - ``system``: the C library's malloc.
 
-A ``MALLOC_CONF`` already set is the user's and is kept as it is.
+A ``MALLOC_CONF`` already set is the user's: its settings follow genq's, so they win
+where both name one. An ``LD_PRELOAD`` that already names an allocator (jemalloc,
+tcmalloc, mimalloc) is the user's choice: the worker runs under it as it is.
 """
 
 from __future__ import annotations
 
+import ctypes
 import ctypes.util
 import os
 import sys
-from collections.abc import Mapping
-from pathlib import Path
+from collections.abc import Callable, Mapping
 
 JEMALLOC_CONF = "dirty_decay_ms:-1,muzzy_decay_ms:-1"
 # Set on the process that runs again, so that a preload that did not take (a
 # library that cannot be loaded) cannot make it run itself again and again.
 RAN_AGAIN = "GENQ_ALLOCATOR_RAN_AGAIN"
+_ALLOCATORS = ("jemalloc", "tcmalloc", "mimalloc")
 
 
 class AllocatorError(RuntimeError):
     """GENQ_ALLOCATOR asks for what this machine cannot give."""
 
 
-def jemalloc_loaded(maps: Path = Path("/proc/self/maps")) -> bool:
-    """Whether jemalloc is mapped into this process (preloaded or linked)."""
+def jemalloc_loaded() -> bool:
+    """Whether this process allocates with jemalloc (preloaded or linked): only
+    jemalloc defines ``mallctl``."""
     try:
-        return "libjemalloc" in maps.read_text()
+        return hasattr(ctypes.CDLL(None), "mallctl")
     except OSError:
         return False
 
@@ -58,28 +62,34 @@ def allocator_env(
     environ: Mapping[str, str],
     *,
     loaded: bool,
-    library: str | None,
+    library: Callable[[], str | None] = find_jemalloc,
     platform: str = sys.platform,
 ) -> dict[str, str] | None:
     """The environment to run the worker again with, or None to go on as it is.
 
-    ``loaded``: whether jemalloc is in this process already; ``library``: what
-    :func:`find_jemalloc` found. Raises :class:`AllocatorError` where ``choice`` is
-    ``jemalloc`` and this machine cannot preload it.
+    ``loaded``: whether jemalloc is in this process already; ``library`` finds the
+    library to preload (called only where one is needed). Raises
+    :class:`AllocatorError` where ``choice`` is ``jemalloc`` and this machine cannot
+    preload it.
     """
     if choice == "system" or loaded:
         return None
-    if choice == "jemalloc" and not platform.startswith("linux"):
-        raise AllocatorError("GENQ_ALLOCATOR=jemalloc works on Linux only; unset it or say system")
-    if environ.get(RAN_AGAIN):
-        if choice == "jemalloc":
+    preloaded = environ.get("LD_PRELOAD", "")
+    other = next((name for name in _ALLOCATORS if name in preloaded), None)
+    if choice == "jemalloc":
+        if not platform.startswith("linux"):
             raise AllocatorError(
-                f"preloading {library or 'jemalloc'} did not load it; set GENQ_ALLOCATOR=system"
+                "GENQ_ALLOCATOR=jemalloc works on Linux only; unset it or say system"
             )
+        if environ.get(RAN_AGAIN) or other:
+            raise AllocatorError(
+                f"GENQ_ALLOCATOR=jemalloc, but jemalloc is not loaded (LD_PRELOAD={preloaded!r});"
+                " fix LD_PRELOAD or set GENQ_ALLOCATOR=system"
+            )
+    if environ.get(RAN_AGAIN) or other or not platform.startswith("linux"):
         return None
-    if not platform.startswith("linux"):
-        return None
-    if library is None:
+    found = library()
+    if found is None:
         if choice == "jemalloc":
             raise AllocatorError(
                 "GENQ_ALLOCATOR=jemalloc but no libjemalloc is installed (Debian/Ubuntu:"
@@ -87,16 +97,20 @@ def allocator_env(
             )
         return None
     env = dict(environ)
-    env["LD_PRELOAD"] = " ".join(p for p in (library, environ.get("LD_PRELOAD", "")) if p)
-    env.setdefault("MALLOC_CONF", JEMALLOC_CONF)
+    env["LD_PRELOAD"] = " ".join(p for p in (found, preloaded) if p)
+    env["MALLOC_CONF"] = ",".join(c for c in (JEMALLOC_CONF, environ.get("MALLOC_CONF")) if c)
     env[RAN_AGAIN] = "1"
     return env
 
 
-def run_again_with_allocator(choice: str) -> None:
+def run_again_with_allocator(choice: str, command: str = "worker") -> None:
     """Replace this process with itself under jemalloc where ``choice`` asks for it
-    (:func:`allocator_env`); return where it runs on as it is."""
-    env = allocator_env(choice, os.environ, loaded=jemalloc_loaded(), library=find_jemalloc())
+    (:func:`allocator_env`); return where it runs on as it is. Only a process started
+    as ``genq COMMAND`` runs again (its own arguments are what it runs again with),
+    not one that calls the command from Python (tests, a ``CliRunner``)."""
+    if choice == "system" or sys.argv[1:2] != [command]:
+        return
+    env = allocator_env(choice, os.environ, loaded=jemalloc_loaded())
     if env is None:
         return
     sys.stdout.flush()

@@ -10,65 +10,76 @@ from pathlib import Path
 
 import pytest
 
-from cli.allocator import (
-    JEMALLOC_CONF,
-    RAN_AGAIN,
-    AllocatorError,
-    allocator_env,
-    find_jemalloc,
-    jemalloc_loaded,
-)
+from cli.allocator import JEMALLOC_CONF, RAN_AGAIN, AllocatorError, allocator_env, find_jemalloc
 
 REPO = Path(__file__).resolve().parents[2]
 LIB = "libjemalloc.so.2"
 
 
+def _lib() -> str:
+    return LIB
+
+
+def _not_asked() -> str:
+    raise AssertionError("looked for a library it did not need")
+
+
 def test_auto_preloads_jemalloc_once_and_keeps_what_was_preloaded() -> None:
-    env = allocator_env("auto", {"LD_PRELOAD": "libother.so", "X": "1"}, loaded=False, library=LIB)
+    env = allocator_env("auto", {"LD_PRELOAD": "libother.so", "X": "1"}, loaded=False, library=_lib)
     assert env is not None
     assert env["LD_PRELOAD"] == f"{LIB} libother.so"
     assert env["MALLOC_CONF"] == JEMALLOC_CONF
     assert env["X"] == "1" and env[RAN_AGAIN] == "1"
     # The process run again never runs itself again, whatever it finds.
-    assert allocator_env("auto", env, loaded=False, library=LIB) is None
-    assert allocator_env("auto", env, loaded=True, library=LIB) is None
+    assert allocator_env("auto", env, loaded=False, library=_not_asked) is None
+    assert allocator_env("auto", env, loaded=True, library=_not_asked) is None
 
 
-def test_a_users_malloc_conf_is_kept() -> None:
-    env = allocator_env("auto", {"MALLOC_CONF": "narenas:2"}, loaded=False, library=LIB)
-    assert env is not None and env["MALLOC_CONF"] == "narenas:2"
-
-
-def test_nothing_changes_where_jemalloc_is_loaded_absent_or_not_wanted() -> None:
-    assert allocator_env("auto", {}, loaded=True, library=LIB) is None
-    assert allocator_env("jemalloc", {}, loaded=True, library=LIB) is None
-    assert allocator_env("auto", {}, loaded=False, library=None) is None
-    assert allocator_env("system", {}, loaded=False, library=LIB) is None
-    assert allocator_env("auto", {}, loaded=False, library=LIB, platform="darwin") is None
+def test_a_users_malloc_conf_follows_ours_so_that_it_wins() -> None:
+    env = allocator_env("auto", {"MALLOC_CONF": "dirty_decay_ms:5000"}, loaded=False, library=_lib)
+    assert env is not None and env["MALLOC_CONF"] == f"{JEMALLOC_CONF},dirty_decay_ms:5000"
 
 
 @pytest.mark.parametrize(
-    ("environ", "library", "platform", "says"),
+    ("choice", "environ", "loaded", "platform"),
+    [
+        ("auto", {}, True, "linux"),
+        ("jemalloc", {}, True, "linux"),
+        ("system", {}, False, "linux"),
+        ("auto", {}, False, "darwin"),
+        ("auto", {"LD_PRELOAD": "/usr/lib/libtcmalloc.so.4"}, False, "linux"),
+    ],
+)
+def test_nothing_changes_where_jemalloc_is_loaded_not_wanted_or_another_chosen(
+    choice: str, environ: dict[str, str], loaded: bool, platform: str
+) -> None:
+    got = allocator_env(choice, environ, loaded=loaded, library=_not_asked, platform=platform)
+    assert got is None
+
+
+def test_auto_runs_on_with_the_c_library_where_no_jemalloc_is_installed() -> None:
+    assert allocator_env("auto", {}, loaded=False, library=lambda: None) is None
+
+
+@pytest.mark.parametrize(
+    ("environ", "found", "platform", "says"),
     [
         ({}, None, "linux", "apt-get install libjemalloc2"),
         ({}, LIB, "darwin", "Linux only"),
-        ({RAN_AGAIN: "1"}, LIB, "linux", "did not load it"),
+        ({RAN_AGAIN: "1"}, LIB, "linux", "jemalloc is not loaded"),
+        ({"LD_PRELOAD": "libmimalloc.so"}, LIB, "linux", "libmimalloc.so"),
     ],
 )
 def test_asking_for_jemalloc_where_it_cannot_be_had_is_a_clear_error(
-    environ: dict[str, str], library: str | None, platform: str, says: str
+    environ: dict[str, str], found: str | None, platform: str, says: str
 ) -> None:
     with pytest.raises(AllocatorError, match=says):
-        allocator_env("jemalloc", environ, loaded=False, library=library, platform=platform)
+        allocator_env("jemalloc", environ, loaded=False, library=lambda: found, platform=platform)
 
 
-def test_jemalloc_loaded_reads_the_process_maps(tmp_path: Path) -> None:
-    maps = tmp_path / "maps"
-    maps.write_text("7f00-7f01 r-xp 0 08:01 1 /usr/lib/x86_64-linux-gnu/libjemalloc.so.2\n")
-    assert jemalloc_loaded(maps)
-    maps.write_text("7f00-7f01 r-xp 0 08:01 1 /usr/lib/x86_64-linux-gnu/libc.so.6\n")
-    assert not jemalloc_loaded(maps)
-    assert not jemalloc_loaded(tmp_path / "absent")
+def _clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "MALLOC_CONF", RAN_AGAIN)}
+    return env | extra
 
 
 _RUN = textwrap.dedent(
@@ -76,35 +87,61 @@ _RUN = textwrap.dedent(
     import os, sys
     from cli.allocator import jemalloc_loaded, run_again_with_allocator
     print("start", os.getpid(), flush=True)
-    run_again_with_allocator(sys.argv[1])
-    loaded = "loaded" if jemalloc_loaded() else "not loaded"
-    print(loaded, os.getpid(), os.environ.get("MALLOC_CONF"))
+    run_again_with_allocator(sys.argv[2])
+    loaded = "loaded" if jemalloc_loaded() else "not-loaded"
+    print(loaded, os.getpid(), os.environ.get("MALLOC_CONF"), sys.argv[1:])
     """
 )
 
 
-def _run(choice: str) -> list[list[str]]:
-    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "MALLOC_CONF", RAN_AGAIN)}
+def _run(*args: str) -> list[list[str]]:
     out = subprocess.run(
-        [sys.executable, "-c", _RUN, choice],
+        [sys.executable, "-c", _RUN, *args],
         cwd=REPO,
-        env=env,
+        env=_clean_env(),
         capture_output=True,
         text=True,
         timeout=60,
         check=True,
     ).stdout
-    return [line.split() for line in out.splitlines()]
+    return [line.split(maxsplit=3) for line in out.splitlines()]
 
 
-@pytest.mark.skipif(
+needs_jemalloc = pytest.mark.skipif(
     not sys.platform.startswith("linux") or find_jemalloc() is None, reason="no libjemalloc here"
 )
+
+
+@needs_jemalloc
 def test_the_process_runs_itself_again_under_jemalloc_with_the_same_arguments() -> None:
-    lines = _run("auto")
+    lines = _run("worker", "auto")
     # Started twice (the second time under jemalloc), same pid: exec, not a child.
     assert [line[0] for line in lines] == ["start", "start", "loaded"]
     assert lines[0][1] == lines[1][1] == lines[2][1]
-    assert lines[2][2] == JEMALLOC_CONF
-    lines = _run("system")
-    assert [line[0] for line in lines] == ["start", "not"] and lines[0][1] == lines[1][2]
+    assert lines[2][2] == JEMALLOC_CONF and lines[2][3] == "['worker', 'auto']"
+    # GENQ_ALLOCATOR=system, or another command: runs on as it is.
+    assert [line[0] for line in _run("worker", "system")] == ["start", "not-loaded"]
+    assert [line[0] for line in _run("api", "auto")] == ["start", "not-loaded"]
+
+
+@needs_jemalloc
+@pytest.mark.parametrize(("choice", "says"), [("auto", "jemalloc"), ("system", "the C library")])
+def test_genq_worker_says_which_allocator_it_runs_with(
+    tmp_path: Path, choice: str, says: str
+) -> None:
+    env = _clean_env(GENQ_MODEL="fake", GENQ_DATA_DIR=str(tmp_path), GENQ_ALLOCATOR=choice)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cli", "worker"],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stderr is not None
+        first = proc.stderr.readline()
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+    assert first.startswith(f"memory allocator: {says}"), first
