@@ -2,12 +2,12 @@
 
 A decode step allocates tensors of tens of MB (the batch's logits, the KV cache's
 buffers). glibc's malloc hands allocations that large straight to the kernel and
-back at every free, so each step faults in thousands of fresh pages: 3,400-12,000
+back at every free, so each step faults in thousands of fresh pages: 3,000-12,000
 minor faults a step at 128 rows of GPT-2 in bf16 here. jemalloc told to keep the
 pages it freed (``dirty_decay_ms:-1``) serves the next step from them: 1,200-1,650
-faults a step, and the engine 1.12x as fast (bench/README.md, "Issue 13, session 22").
-PyTorch's own CPU tuning guide and Intel's launcher preload jemalloc or tcmalloc for
-the same reason.
+faults a step, the engine 1.13x as fast in process and 1.16x end to end
+(bench/README.md, "Issue 13, session 22"). PyTorch's own CPU tuning guide and
+Intel's launcher preload jemalloc or tcmalloc for the same reason.
 
 A library is preloaded only at a process's start, so ``genq worker`` runs itself
 again (``exec``, same arguments) with ``LD_PRELOAD`` set, once: the new process finds
