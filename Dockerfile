@@ -62,7 +62,7 @@ RUN groupadd --system --gid 10001 genq \
 # step's attention with it at start (GENQ_COMPILE_ATTENTION); without one it serves
 # uncompiled, somewhat slower, and says so in its log. The compiled kernels are kept
 # in the model volume (TORCHINDUCTOR_CACHE_DIR above), so a restart reuses them.
-# jemalloc: the worker runs itself under it (GENQ_ALLOCATOR=auto, cli/allocator.py).
+# jemalloc: with GENQ_ALLOCATOR=auto the worker runs itself under it (cli/allocator.py).
 RUN apt-get update \
  && apt-get install -y --no-install-recommends g++ libjemalloc2 \
  && rm -rf /var/lib/apt/lists/*

@@ -2,22 +2,24 @@
 
 A decode step allocates tensors of tens of MB (the batch's logits, the KV cache's
 buffers). glibc's malloc hands allocations that large straight to the kernel and
-back at every free, so each step faults in thousands of fresh pages: 3,000-12,000
-minor faults a step at 128 rows of GPT-2 in bf16 here. jemalloc told to keep the
-pages it freed (``dirty_decay_ms:-1``) serves the next step from them: 1,200-1,650
-faults a step, the engine 1.13x as fast in process and 1.16x end to end
-(bench/README.md, "Issue 13, session 22"). PyTorch's own CPU tuning guide and
-Intel's launcher preload jemalloc or tcmalloc for the same reason.
+back at every free, so each step faults in fresh pages: 3,000-12,000 minor faults a
+step at 128 rows of GPT-2 in bf16 here. jemalloc told to keep the pages it freed
+(``dirty_decay_ms:-1``) serves the next step from them: 1,200-1,650 faults a step.
+Whether that makes the worker faster was not settled on this project's 2-core VM:
+1.07x the glibc median in process and 1.09x end to end over many alternated runs,
+inside the machine's run-to-run swings (bench/README.md, "Issue 13, session 22"). So
+it is opt-in; PyTorch's CPU tuning guide and Intel's launcher preload jemalloc or
+tcmalloc for the same reason, and where it pays it is one setting away.
 
 A library is preloaded only at a process's start, so ``genq worker`` runs itself
 again (``exec``, same arguments) with ``LD_PRELOAD`` set, once: the new process finds
 jemalloc loaded and goes on. The cost: the worker's memory does not shrink after a
 peak (pages freed are kept for reuse), as with any preallocated KV cache.
 
-- ``auto`` (default): jemalloc on Linux where ``libjemalloc`` is installed (Debian
-  and Ubuntu: ``libjemalloc2``), else the system's malloc, as before;
-- ``jemalloc``: jemalloc or a clear error;
-- ``system``: the C library's malloc.
+- ``system`` (default): the C library's malloc;
+- ``auto``: jemalloc on Linux where ``libjemalloc`` is installed (Debian and Ubuntu:
+  ``libjemalloc2``; the Docker image has it), else the C library's;
+- ``jemalloc``: jemalloc or a clear error.
 
 A ``MALLOC_CONF`` already set is the user's: its settings follow genq's, so they win
 where both name one. An ``LD_PRELOAD`` that already names an allocator (jemalloc,

@@ -68,9 +68,9 @@ class Settings(BaseSettings):
         " where it cannot)",
     )
     allocator: Allocator = Field(
-        default="auto",
-        description="the worker's malloc: jemalloc where installed (auto), jemalloc or an"
-        " error, or the C library's (system); see cli/allocator.py",
+        default="system",
+        description="the worker's malloc: the C library's (system), jemalloc where installed"
+        " (auto), or jemalloc or an error; see cli/allocator.py",
     )
     max_batch_size: int = Field(default=64, ge=1, le=1024)
     max_tokens_in_flight: int = Field(default=65_536, ge=1)

@@ -125,11 +125,16 @@ def test_the_process_runs_itself_again_under_jemalloc_with_the_same_arguments() 
 
 
 @needs_jemalloc
-@pytest.mark.parametrize(("choice", "says"), [("auto", "jemalloc"), ("system", "the C library")])
+@pytest.mark.parametrize(
+    ("choice", "says"), [("auto", "jemalloc"), ("system", "the C library"), ("", "the C library")]
+)
 def test_genq_worker_says_which_allocator_it_runs_with(
     tmp_path: Path, choice: str, says: str
 ) -> None:
-    env = _clean_env(GENQ_MODEL="fake", GENQ_DATA_DIR=str(tmp_path), GENQ_ALLOCATOR=choice)
+    env = _clean_env(GENQ_MODEL="fake", GENQ_DATA_DIR=str(tmp_path))
+    env.pop("GENQ_ALLOCATOR", None)
+    if choice:  # none: the default, the C library's malloc
+        env["GENQ_ALLOCATOR"] = choice
     proc = subprocess.Popen(
         [sys.executable, "-m", "cli", "worker"],
         cwd=REPO,
