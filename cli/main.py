@@ -7,6 +7,7 @@ import os
 from typing import Annotated, Any
 
 import typer
+from pydantic import ValidationError
 
 from cli import allocator, demo, keys, run
 from cli.client import api_client
@@ -18,6 +19,19 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
 )
+
+
+@app.callback()
+def _settings_first() -> None:
+    # Read the GENQ_* settings before any command: a bad value is one line naming the
+    # variable, not a traceback. (No docstring: it would become the app's help.)
+    try:
+        get_settings()
+    except ValidationError as exc:
+        for error in exc.errors():
+            field = str(error["loc"][0]).upper() if error["loc"] else "*"
+            err.print(f"[red]error:[/red] GENQ_{field}: {error['msg']}")
+        raise typer.Exit(2) from exc
 
 
 @app.command()

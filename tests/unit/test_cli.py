@@ -89,3 +89,15 @@ def test_the_demo_prints_each_result_whole_when_not_on_a_terminal(
     out = capsys.readouterr().out
     assert job["id"] in out and "succeeded" in out and "40 tokens" in out
     assert "Once upon a time" + text in out
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [("GENQ_ALLOCATOR", ""), ("GENQ_DTYPE", "bogus"), ("GENQ_MAX_BATCH_SIZE", "0")],
+)
+def test_a_bad_setting_is_one_line_naming_the_variable(variable: str, value: str) -> None:
+    result = CliRunner().invoke(cli, ["migrate"], env={variable: value})
+    assert result.exit_code == 2
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"error: {variable}: "), result.output
+    assert "Traceback" not in result.output
