@@ -78,26 +78,25 @@ def allocator_env(
         return None
     preloaded = environ.get("LD_PRELOAD", "")
     other = next((name for name in _ALLOCATORS if name in preloaded), None)
-    if choice == "jemalloc":
-        if not platform.startswith("linux"):
-            raise AllocatorError(
-                "GENQ_ALLOCATOR=jemalloc works on Linux only; unset it or say system"
-            )
-        if environ.get(RAN_AGAIN) or other:
-            raise AllocatorError(
-                f"GENQ_ALLOCATOR=jemalloc, but jemalloc is not loaded (LD_PRELOAD={preloaded!r});"
-                " fix LD_PRELOAD or set GENQ_ALLOCATOR=system"
-            )
-    if environ.get(RAN_AGAIN) or other or not platform.startswith("linux"):
-        return None
-    found = library()
-    if found is None:
+    found = None
+    if not platform.startswith("linux"):
+        why_not = "GENQ_ALLOCATOR=jemalloc works on Linux only; unset it or say system"
+    elif environ.get(RAN_AGAIN) or other:
+        why_not = (
+            f"GENQ_ALLOCATOR=jemalloc, but jemalloc is not loaded (LD_PRELOAD={preloaded!r});"
+            " fix LD_PRELOAD or set GENQ_ALLOCATOR=system"
+        )
+    elif (found := library()) is None:
+        why_not = (
+            "GENQ_ALLOCATOR=jemalloc but no libjemalloc is installed (Debian/Ubuntu:"
+            " apt-get install libjemalloc2); install it or set GENQ_ALLOCATOR=system"
+        )
+    else:
+        why_not = None
+    if found is None:  # why_not says why
         if choice == "jemalloc":
-            raise AllocatorError(
-                "GENQ_ALLOCATOR=jemalloc but no libjemalloc is installed (Debian/Ubuntu:"
-                " apt-get install libjemalloc2); install it or set GENQ_ALLOCATOR=system"
-            )
-        return None
+            raise AllocatorError(why_not)
+        return None  # auto: the C library's malloc
     env = dict(environ)
     env["LD_PRELOAD"] = " ".join(p for p in (found, preloaded) if p)
     env["MALLOC_CONF"] = ",".join(c for c in (JEMALLOC_CONF, environ.get("MALLOC_CONF")) if c)

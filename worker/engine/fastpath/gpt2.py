@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from worker.engine.fastpath.activation import Activation, activation
 from worker.engine.fastpath.attention import Products, attend, step_mask
 from worker.engine.fastpath.linear import Linear, can_pack, fuses, linear
 from worker.engine.kvcache import SlotCache
@@ -48,16 +49,20 @@ class GPT2Step:
         fc_act = act if self.fused_act else "none"
         self.fc: list[Linear] = [linear(b.mlp.c_fc, max_rows, fc_act) for b in self.body.h]
         self.fc_out: list[Linear] = [linear(b.mlp.c_proj, max_rows) for b in self.body.h]
+        self.act: list[Activation] = [activation(b.mlp.act) for b in self.body.h]
         self.lm_head = linear(model.lm_head, max_rows)
         self._lm_head_module = model.lm_head
 
     def packed_modules(self) -> list[tuple[torch.nn.Module, Linear]]:
-        """The model's modules whose products this step packed, each with the packed
-        callable computing the same (:func:`~worker.engine.fastpath.routing.route`);
-        none when nothing is packed (fp32)."""
+        """The model's modules this step computes otherwise, each with the callable
+        computing the same (:func:`~worker.engine.fastpath.routing.route`): the packed
+        products (bf16/fp16), and in fp32 the activation computed in place, bit for bit."""
+        pairs: list[tuple[torch.nn.Module, Linear]] = []
+        if not self.fused_act:
+            pairs += [(b.mlp.act, act) for b, act in zip(self.body.h, self.act, strict=True)]
         if not can_pack(self._lm_head_module.weight):
-            return []
-        pairs: list[tuple[torch.nn.Module, Linear]] = [(self._lm_head_module, self.lm_head)]
+            return pairs
+        pairs.append((self._lm_head_module, self.lm_head))
         for i, block in enumerate(self.body.h):
             pairs += [(block.attn.c_attn, self.qkv[i]), (block.attn.c_proj, self.proj[i])]
             if self.fused_act:  # the activation is inside fc: the whole MLP at once
@@ -88,7 +93,7 @@ class GPT2Step:
             h = h + self.proj[i](attn)
             hidden = self.fc[i](block.ln_2(h))
             if not self.fused_act:
-                hidden = block.mlp.act(hidden)
+                hidden = self.act[i](hidden)
             h = h + self.fc_out[i](hidden)
             if self.between_layers is not None and i + 1 < len(self.body.h):
                 self.between_layers()
