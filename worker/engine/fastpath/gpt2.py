@@ -77,6 +77,8 @@ class GPT2Step:
         """``[rows, vocab]`` float32 logits of the next token of every row."""
         rows, heads, dim = ids.shape[0], self.heads, self.head_dim
         keep = step_mask(self.batch, mask)
+        # The residual stream is this step's own tensor: added to in place (the same sums
+        # as ``h = h + ...``, without a fresh tensor per add; 1.03x a step, bench/README.md).
         h = self.body.wte(ids) + self.body.wpe(positions)
         for i, block in enumerate(self.body.h):
             q, k, v = torch.split(self.qkv[i](block.ln_1(h)), self.width, dim=2)
@@ -90,11 +92,11 @@ class GPT2Step:
                 self.scale,
                 self.products,
             )
-            h = h + self.proj[i](attn)
+            h.add_(self.proj[i](attn))
             hidden = self.fc[i](block.ln_2(h))
             if not self.fused_act:
                 hidden = self.act[i](hidden)
-            h = h + self.fc_out[i](hidden)
+            h.add_(self.fc_out[i](hidden))
             if self.between_layers is not None and i + 1 < len(self.body.h):
                 self.between_layers()
         logits: torch.Tensor = self.lm_head(self.body.ln_f(h)[:, -1])

@@ -81,7 +81,7 @@ class LlamaStep:
         """``[rows, vocab]`` float32 logits of the next token of every row."""
         rows, dim = ids.shape[0], self.head_dim
         keep = step_mask(self.batch, mask)
-        h = self.body.embed_tokens(ids)
+        h = self.body.embed_tokens(ids)  # a fresh tensor: the residual adds go in place
         cos, sin = self.body.rotary_emb(h, positions)
         for i, layer in enumerate(self.body.layers):
             x = layer.input_layernorm(h)
@@ -89,12 +89,12 @@ class LlamaStep:
             k = self.k[i](x).view(rows, 1, self.kv_heads, dim).transpose(1, 2)
             v = self.v[i](x).view(rows, 1, self.kv_heads, dim).transpose(1, 2)
             q, k = apply_rotary_pos_emb(q, k, cos, sin)
-            h = h + self.o[i](attend(self.batch, i, q, k, v, keep, self.scale, self.products))
+            h.add_(self.o[i](attend(self.batch, i, q, k, v, keep, self.scale, self.products)))
             x = layer.post_attention_layernorm(h)
             gate = self.gate[i](x)
             if not self.fused_act:
                 gate = layer.mlp.act_fn(gate)
-            h = h + self.down[i](gate * self.up[i](x))
+            h.add_(self.down[i](gate * self.up[i](x)))
             if self.between_layers is not None and i + 1 < len(self.body.layers):
                 self.between_layers()
         logits: torch.Tensor = self.lm_head(self.body.norm(h)[:, -1])
