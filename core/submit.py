@@ -167,7 +167,7 @@ def job_row(
     batch_id: str | None = None,
 ) -> dict[str, Any]:
     """The row of a queued job, with its parameters and seed fixed (for a bulk insert)."""
-    params = new.params.with_defaults(default_max_new_tokens)
+    params, stored = _stored_params(new.params, default_max_new_tokens)
     now = now or utcnow()
     return {
         "id": job_id,
@@ -175,7 +175,7 @@ def job_row(
         "prompt": new.prompt,
         "messages": new.messages,
         "model": new.model,
-        "params": params.model_dump(mode="json", exclude_none=True),
+        "params": stored,
         "seed": params.seed if params.seed is not None else draw_seed(),
         "owner": owner,
         "priority": new.priority,
@@ -189,6 +189,31 @@ def job_row(
         # at a time; other jobs are sent by their caller right after the commit.
         "enqueued_at": None if batch_id else now,
     }
+
+
+_STORED: dict[int, tuple[GenerationParams, int, GenerationParams, dict[str, Any]]] = {}
+"""``id(params)`` -> (params, the default, :func:`_stored_params`'s result), at most 256."""
+
+
+def _stored_params(
+    params: GenerationParams, default_max_new_tokens: int
+) -> tuple[GenerationParams, dict[str, Any]]:
+    """``params`` with their defaults, and the JSON values a job row stores of them
+    (shared by the rows of one parameters object: they are only read).
+
+    A batch's lines mostly share one frozen parameters object
+    (:func:`core.openai_format.validate_params` remembers them), so each is dumped
+    once; by identity, as it holds a list (``stop``) and so has no hash. The entry
+    keeps its object alive, so no other object can take its id meanwhile."""
+    hit = _STORED.get(id(params))
+    if hit is not None and hit[0] is params and hit[1] == default_max_new_tokens:
+        return hit[2], hit[3]
+    full = params.with_defaults(default_max_new_tokens)
+    stored = full.model_dump(mode="json", exclude_none=True)
+    if len(_STORED) >= 256:
+        _STORED.clear()
+    _STORED[id(params)] = (params, default_max_new_tokens, full, stored)
+    return full, stored
 
 
 def send(queue: JobQueue | None, routes: Sequence[Route]) -> bool:

@@ -500,3 +500,28 @@ def test_on_postgres_an_ingest_reading_its_input_on_the_callers_session_needs_on
         assert batch.status == "in_progress"
     finally:
         engine.dispose()
+
+
+def test_each_job_row_stores_its_own_parameters() -> None:
+    """Rows of one parameters object share its dumped values (dumped once), and no
+    other object's rows ever get them: not a fresh object that may reuse a freed
+    one's id, not one past the remembered 256, not the same one with another
+    default length."""
+    prefix = submit.sequence_prefix()
+
+    def stored(params: GenerationParams, default: int = 50) -> dict[str, Any]:
+        new = submit.NewJob(prompt="p", model="m", params=params)
+        row = submit.job_row(
+            new, job_id=submit.sequence_id(prefix, 0), owner="o", default_max_new_tokens=default
+        )
+        return dict(row["params"])
+
+    shared = GenerationParams(temperature=0.5, do_sample=True)
+    assert stored(shared) == stored(shared) == {**stored(shared), "max_new_tokens": 50}
+    assert stored(shared, 7)["max_new_tokens"] == 7
+    for seed in range(600):  # each object freed before the next is made (its id reused)
+        assert stored(GenerationParams(seed=seed))["seed"] == seed
+    assert stored(GenerationParams(stop=["x"], seed=3)) == {
+        **stored(GenerationParams(seed=3)),
+        "stop": ["x"],
+    }
