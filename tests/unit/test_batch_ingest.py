@@ -525,3 +525,19 @@ def test_each_job_row_stores_its_own_parameters() -> None:
         **stored(GenerationParams(seed=3)),
         "stop": ["x"],
     }
+
+
+def test_drawn_seeds_differ_in_a_forked_process() -> None:
+    """Jobs without a seed get one drawn; a forked process (a prefork worker, a
+    forking server) draws its own sequence, not a copy of its parent's."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")
+    with context.Pool(1) as pool:
+        child = pool.apply(_draws)
+    parent = _draws()
+    assert len(set(parent)) == len(parent) and child != parent
+
+
+def _draws() -> list[int]:
+    return [submit.draw_seed() for _ in range(8)]
