@@ -3,6 +3,7 @@
     python -m bench.ingest_speed --lines 100000 --db both          # lines/s, SQLite and PG
     python -m bench.ingest_speed --lines 100000 --db sqlite --profile
     python -m bench.ingest_speed --memory 10000,1000000            # peak RSS per N and db
+    python -m bench.ingest_speed --lines 20000 --no-db             # CPU a line, no database
 
 Each run uploads an N-line file of typical OpenAI batch lines (the chat request of
 OpenAI's batch guide, ``model`` ``fake``, a custom_id and ~30 words each) into a fresh
@@ -10,8 +11,11 @@ database (a SQLite file, or a PostgreSQL database made and dropped here), then t
 ``core.batches.create_batch`` on it: what ``POST /v1/batches`` does before answering.
 ``--memory`` runs each N (on each ``--db``) in a fresh process and prints the create's
 peak RSS over the RSS just before it (the upload is done by then, and the peak is reset
-after it). It prints figures and the CPU flags; it asserts nothing. No broker: the jobs
-are left unsent.
+after it). ``--no-db`` times only the API's own work a line (parse and validate, the job
+row, its ``COPY`` values) in process, twice (the first warms up): run under ``valgrind
+--tool=callgrind`` at two N, the difference of the instruction counts over the lines
+between them is the instructions a line, the same on every run (bench/README.md). It
+prints figures and the CPU flags; it asserts nothing. No broker: the jobs are left unsent.
 """
 
 from __future__ import annotations
@@ -137,6 +141,36 @@ def speed(kind: str, lines: int, profile: bool) -> tuple[float, float]:
     return lines / elapsed, lines / cpu
 
 
+def line_path(lines: int) -> float:
+    """Seconds of CPU a line of the create's own work, without a database: each line
+    parsed and validated, made a job row and converted to its ``COPY`` values."""
+    from core import submit
+    from core.batches import staging
+    from core.batches.ingest import parse_openai_file
+    from core.openai_format import OPENAI_DEFAULT_MAX_TOKENS, ParsedRequest
+
+    with tempfile.TemporaryDirectory() as tmp_name:
+        path = Path(tmp_name) / "batch.jsonl"
+        write_input(path, lines)
+        raw = path.read_bytes().splitlines()
+
+    def run() -> float:
+        prefix, cpu = submit.sequence_prefix(), time.process_time()
+        numbered = enumerate(raw, start=1)
+        parsed = parse_openai_file(numbered, endpoint="/v1/chat/completions", models=["fake"])
+        for position, (_, request) in enumerate(parsed):
+            assert isinstance(request, ParsedRequest), request
+            row = submit.job_row(
+                submit.NewJob.from_request(request), job_id=submit.sequence_id(prefix, position),
+                owner=LOCAL_OWNER, default_max_new_tokens=OPENAI_DEFAULT_MAX_TOKENS,
+            )  # fmt: skip
+            staging.copy_values(row)
+        return (time.process_time() - cpu) / lines
+
+    run()
+    return run()
+
+
 def memory_child(kind: str, lines: int) -> None:
     """In a fresh process: peak RSS of one create over the RSS before it (MiB)."""
     with tempfile.TemporaryDirectory() as tmp_name:
@@ -163,12 +197,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--profile", action="store_true", help="print a cProfile of the create")
     parser.add_argument("--memory", help="N,N,...: peak RSS of a create per N (each --db)")
     parser.add_argument("--memory-child", type=int, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--no-db", action="store_true", help="CPU a line of the parse, row and COPY values only"
+    )
     args = parser.parse_args(argv)
     kinds = ("sqlite", "postgres") if args.db == "both" else (args.db,)
     if args.memory_child:
         memory_child(kinds[0], args.memory_child)
         return
     print(f"cpu flags: {cpu_flags()}; load average: {os.getloadavg()}")
+    if args.no_db:
+        print(f"{args.lines:,} lines: {line_path(args.lines) * 1e6:.1f} us of CPU a line, no db")
+        return
     if args.memory:
         for kind, n in ((k, int(x)) for k in kinds for x in args.memory.split(",")):
             out = subprocess.run(

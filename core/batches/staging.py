@@ -177,7 +177,7 @@ class RowCopy:
 
     def write(self, row: dict[str, Any]) -> None:
         """Add ``row`` (of :func:`core.submit.job_row`)."""
-        self._copy.write_row(_converted(row, _COPY_PROCESSORS))
+        self._copy.write_row(copy_values(row))
 
     def finish(self) -> None:
         """End the ``COPY``, raising the server's error if it refused a row."""
@@ -200,6 +200,11 @@ def _converted(row: dict[str, Any], processors: Processors) -> list[Any]:
     for index, convert in processors:
         values[index] = convert(values[index])
     return values
+
+
+def copy_values(row: dict[str, Any]) -> list[Any]:
+    """The values ``COPY`` takes for ``row`` (of :func:`core.submit.job_row`)."""
+    return _converted(row, _COPY_PROCESSORS)
 
 
 def _status(status: JobStatus) -> str:
