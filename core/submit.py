@@ -17,7 +17,6 @@ import dataclasses
 import itertools
 import logging
 import os
-import random
 import secrets
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -149,17 +148,11 @@ def new_job_ids(count: int) -> list[str]:
     return list(itertools.islice(id_sequence(), count))
 
 
-# Seeds need no secrecy, only to differ: a generator of genq's own, seeded from the
-# system's randomness at start and again in each forked child (no two processes share
-# a sequence, whatever the program does with the ``random`` module's global one); a
-# draw costs ~30 ns where ``os.urandom`` costs ~600 (a system call per job row).
-_seeds = random.Random()
-os.register_at_fork(after_in_child=_seeds.seed)
-
-
 def draw_seed() -> int:
-    """A seed for a job that gave none, stored so the job can be reproduced."""
-    return _seeds.getrandbits(32)
+    """A seed for a job that gave none, stored so the job can be reproduced. From the
+    system's randomness each time: a generator's outputs (Mersenne Twister) would let
+    a caller who read 624 of its seeds compute every other caller's."""
+    return int.from_bytes(os.urandom(4), "big")
 
 
 # --- rows, commit, messages --------------------------------------------------------------
@@ -200,29 +193,35 @@ def job_row(
     }
 
 
-_STORED: dict[int, tuple[GenerationParams, int, GenerationParams, dict[str, Any]]] = {}
-"""``id(params)`` -> (params, the default, :func:`_stored_params`'s result), at most 256."""
+_STORED: dict[tuple[int, int], tuple[GenerationParams, GenerationParams, dict[str, Any]]] = {}
+"""(``id(params)``, the default) -> (params, with defaults, dumped), at most 256."""
 
 
 def _stored_params(
     params: GenerationParams, default_max_new_tokens: int
 ) -> tuple[GenerationParams, dict[str, Any]]:
-    """``params`` with their defaults, and the JSON values a job row stores of them
-    (shared by the rows of one parameters object: they are only read).
+    """``params`` with their defaults, and the JSON values a job row stores of them.
 
     A batch's lines mostly share one frozen parameters object
-    (:func:`core.openai_format.validate_params` remembers them), so each is dumped
-    once; by identity, as it holds a list (``stop``) and so has no hash. The entry
-    keeps its object alive, so no other object can take its id meanwhile."""
-    hit = _STORED.get(id(params))
-    if hit is not None and hit[0] is params and hit[1] == default_max_new_tokens:
-        return hit[2], hit[3]
-    full = params.with_defaults(default_max_new_tokens)
-    stored = full.model_dump(mode="json", exclude_none=True)
-    if len(_STORED) >= 256:
-        _STORED.clear()
-    _STORED[id(params)] = (params, default_max_new_tokens, full, stored)
-    return full, stored
+    (:func:`core.openai_format.validate_params` remembers those of plain values), so
+    such an object is dumped once: remembered by identity, as it holds a list
+    (``stop``, empty) and so has no hash, the entry keeping the object alive so that
+    no other object takes its id. Each row gets a dict of its own (plain values and a
+    fresh empty ``stop``), so no row's dict is another's.
+    Parameters with stop strings or a response format are dumped each time: their
+    objects are not shared, and a schema may be large."""
+    if params.stop or params.response_format is not None:
+        full = params.with_defaults(default_max_new_tokens)
+        return full, full.model_dump(mode="json", exclude_none=True)
+    key = (id(params), default_max_new_tokens)
+    hit = _STORED.get(key)
+    if hit is None or hit[0] is not params:
+        full = params.with_defaults(default_max_new_tokens)
+        hit = (params, full, full.model_dump(mode="json", exclude_none=True))
+        if len(_STORED) >= 256:
+            _STORED.clear()
+        _STORED[key] = hit
+    return hit[1], {**hit[2], "stop": []}  # a row's own: nothing in it is shared
 
 
 def send(queue: JobQueue | None, routes: Sequence[Route]) -> bool:

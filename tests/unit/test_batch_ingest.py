@@ -503,28 +503,44 @@ def test_on_postgres_an_ingest_reading_its_input_on_the_callers_session_needs_on
 
 
 def test_each_job_row_stores_its_own_parameters() -> None:
-    """Rows of one parameters object share its dumped values (dumped once), and no
-    other object's rows ever get them: not a fresh object that may reuse a freed
-    one's id, not one past the remembered 256, not the same one with another
-    default length."""
+    """Rows of one parameters object get its values dumped once, each row a dict of its
+    own; no other object's rows ever get them (not a fresh object that may reuse a
+    freed one's id, not the same one with another default length); the objects kept
+    are bounded, and none with a response format (a schema may be large) is kept."""
+    import gc
+    import weakref
+
     prefix = submit.sequence_prefix()
 
-    def stored(params: GenerationParams, default: int = 50) -> dict[str, Any]:
+    def row(params: GenerationParams, default: int = 50) -> dict[str, Any]:
         new = submit.NewJob(prompt="p", model="m", params=params)
-        row = submit.job_row(
+        made = submit.job_row(
             new, job_id=submit.sequence_id(prefix, 0), owner="o", default_max_new_tokens=default
         )
-        return dict(row["params"])
+        stored: dict[str, Any] = made["params"]
+        return stored
 
     shared = GenerationParams(temperature=0.5, do_sample=True)
-    assert stored(shared) == stored(shared) == {**stored(shared), "max_new_tokens": 50}
-    assert stored(shared, 7)["max_new_tokens"] == 7
+    first, second = row(shared), row(shared)
+    assert first == second and first["max_new_tokens"] == 50 and first["temperature"] == 0.5
+    first["stop"].append("leak")
+    first["top_k"] = 1
+    assert row(shared) == second and second["stop"] == [] and second["top_k"] == 50
+    assert row(shared, 7)["max_new_tokens"] == 7
+    kept = []
     for seed in range(600):  # each object freed before the next is made (its id reused)
-        assert stored(GenerationParams(seed=seed))["seed"] == seed
-    assert stored(GenerationParams(stop=["x"], seed=3)) == {
-        **stored(GenerationParams(seed=3)),
-        "stop": ["x"],
-    }
+        params = GenerationParams(seed=seed)
+        kept.append(weakref.ref(params))
+        assert row(params)["seed"] == seed
+        del params
+    schema = GenerationParams(response_format={"type": "json_object"}, stop=["x"])
+    assert row(schema)["response_format"] == {"type": "json_object"}
+    assert row(schema)["stop"] == ["x"]
+    schema_ref = weakref.ref(schema)
+    del schema
+    gc.collect()
+    assert sum(ref() is not None for ref in kept) <= 256
+    assert schema_ref() is None
 
 
 def test_drawn_seeds_differ_in_a_forked_process() -> None:
