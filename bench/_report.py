@@ -53,6 +53,13 @@ def print_model(result: dict[str, Any]) -> None:
         f"[bold]{_ratio(ratios['genq_vs_static_batch'])}[/bold]   "
         f"target: {TARGETS[result['workload']]}"
     )
+    if "rounds" in result:
+        each = ", ".join(_ratio(r["genq_vs_static_batch"]) for r in result["rounds"])
+        console.print(
+            f"{len(result['rounds'])} rounds alternated, genq ÷ its round's best static_batch: "
+            f"{each}; median [bold]{_ratio(ratios['genq_vs_static_batch'])}[/bold] (the table: "
+            "each system's median round)"
+        )
     if "bf16" in result:
         b = result["bf16"]
         console.print(

@@ -16,10 +16,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
+import functools
 import gc
 import json
 import os
 import signal
+import statistics
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
@@ -83,6 +85,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--no-hardware", action="store_true", help="skip the matmul ceiling and step breakdown"
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="uniform/mixed in one dtype: static batching and genq alternate this many "
+        "times (static first, then genq first, ...) on one loaded model and one settled "
+        "worker; each round's ratio is its own pair's, and the median of them is reported",
     )
     parser.add_argument("--log-dir", type=Path, help="keep the api/worker logs here")
     parser.add_argument(
@@ -151,35 +161,62 @@ def measure_genq(
     log_dir: Path,
 ) -> _genq.RunFigures:
     """One timed genq run of every prompt with a fresh worker in ``dtype``."""
+    with genq_worker(stack, dtype, args, log_dir) as worker:
+        return timed_genq_run(stack, worker, prompts, dtype, args, log_dir)
+
+
+@contextlib.contextmanager
+def genq_worker(
+    stack: tuple[dict[str, str], str, _services.GenqProcess],
+    dtype: str,
+    args: argparse.Namespace,
+    log_dir: Path,
+) -> Iterator[_services.GenqProcess]:
+    """A ``genq worker`` in ``dtype`` that answered its warm-up job, then ``--settle`` s."""
     env, url, api = stack
     extra = dict(item.split("=", 1) for item in args.worker_env)
     env = {**env, **extra, "GENQ_DTYPE": dtype}
-    log = log_dir / f"worker-{dtype}.log"
-    with start_worker(env, log, url, api, args.timeout) as worker:
+    with start_worker(env, _worker_log(log_dir, dtype), url, api, args.timeout) as worker:
         if args.settle:
             _report.step(f"genq {dtype}: worker ready; letting it settle {args.settle:.0f} s")
             time.sleep(args.settle)
-        _report.step(f"genq {dtype}: worker ready; submitting {len(prompts)} jobs")
-        bodies = [
-            {"prompt": p.text, "max_new_tokens": p.max_new_tokens, "do_sample": False}
-            for p in prompts
-        ]
-        if args.submit == "bulk":
-            start, ids, retried = _genq.submit_bulk(url, bodies, args.bulk_size)
-        else:
-            start, ids, retried = _genq.submit_all(url, bodies, args.concurrency)
-        if retried:
-            _report.step(f"[yellow]genq {dtype}: {retried} submits got 503 and were retried")
-        with httpx.Client(base_url=url, timeout=60) as client:
-            _genq.wait_all_final(client, args.timeout, worker, api)
-            jobs = _genq.fetch_all(client)
+        yield worker
+
+
+def _worker_log(log_dir: Path, dtype: str) -> Path:
+    return log_dir / f"worker-{dtype}.log"
+
+
+def timed_genq_run(
+    stack: tuple[dict[str, str], str, _services.GenqProcess],
+    worker: _services.GenqProcess,
+    prompts: Sequence[Prompt],
+    dtype: str,
+    args: argparse.Namespace,
+    log_dir: Path,
+) -> _genq.RunFigures:
+    """Every prompt submitted as a job to the running ``worker``, timed to the last result."""
+    _, url, api = stack
+    _report.step(f"genq {dtype}: submitting {len(prompts)} jobs")
+    bodies = [
+        {"prompt": p.text, "max_new_tokens": p.max_new_tokens, "do_sample": False} for p in prompts
+    ]
+    if args.submit == "bulk":
+        start, ids, retried = _genq.submit_bulk(url, bodies, args.bulk_size)
+    else:
+        start, ids, retried = _genq.submit_all(url, bodies, args.concurrency)
+    if retried:
+        _report.step(f"[yellow]genq {dtype}: {retried} submits got 503 and were retried")
+    with httpx.Client(base_url=url, timeout=60) as client:
+        _genq.wait_all_final(client, args.timeout, worker, api)
+        jobs = _genq.fetch_all(client)
     mine = [jobs[i] for i in ids]
     run = _genq.figures(start, mine)
     if run.failed:
         errors = {j["error"]["message"][:200] for j in mine if j.get("error")}
         _report.step(
             f"[red]genq {dtype}: {run.failed} of {run.jobs} jobs did not succeed[/red] "
-            f"(see {log}): {'; '.join(sorted(errors)[:3])}"
+            f"(see {_worker_log(log_dir, dtype)}): {'; '.join(sorted(errors)[:3])}"
         )
     _report.step(f"genq {dtype}: {run.tokens_per_s:.1f} tokens/s over {run.seconds:.1f} s")
     ours = sum(len(p.ids) for p in prompts)
@@ -230,18 +267,27 @@ def _row(system: str, dtype: str, m: _hf.Measured | _genq.RunFigures) -> dict[st
     }
 
 
-def run_model(args: argparse.Namespace, tmp: Path, log_dir: Path) -> dict[str, Any]:
-    """uniform / mixed: seed_loop, static_batch and genq on the same prompts."""
+def _model_prompts(args: argparse.Namespace, tmp: Path) -> tuple[Path, str, list[Prompt]]:
+    """The random-weight model's directory, its tokenizer's kind and the workload's prompts."""
+    from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
-
     _threads.single_threaded_main()  # each measurement on a thread of its own
     model_dir, tokenizer_kind = build_model_dir(tmp / "gpt2-random", seed=args.seed)
-    from transformers import AutoTokenizer
-
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    prompts = workload_prompts(tokenizer, args.workload, args.jobs, args.seed)
+    return (
+        model_dir,
+        tokenizer_kind,
+        list(workload_prompts(tokenizer, args.workload, args.jobs, args.seed)),
+    )
+
+
+def run_model(args: argparse.Namespace, tmp: Path, log_dir: Path) -> dict[str, Any]:
+    """uniform / mixed: seed_loop, static_batch and genq on the same prompts."""
+    if args.rounds > 1:
+        return run_rounds(args, tmp, log_dir)
+    model_dir, tokenizer_kind, prompts = _model_prompts(args, tmp)
     main = "bfloat16" if args.dtype == "bfloat16" else "float32"
     sizes = [int(s) for s in (args.batch_sizes or "16,32,64").split(",")]
     hf = measure_transformers(model_dir, prompts, main, sizes, args.seed_loop_jobs)
@@ -253,12 +299,38 @@ def run_model(args: argparse.Namespace, tmp: Path, log_dir: Path) -> dict[str, A
     with genq_stack(tmp, log_dir, str(model_dir), args.api_workers or 1) as stack:
         genq = measure_genq(stack, prompts, main, args, log_dir)
         genq_bf16 = measure_genq(stack, prompts, "bfloat16", args, log_dir) if hf_bf16 else None
+    result = _model_result(args, prompts, tokenizer_kind, main, hf["seed_loop"], by_size, genq)
+    if hf_bf16 and genq_bf16:
+        sb = hf_bf16[f"static_batch_{best}"]
+        result["rows"].append(_row(f"static_batch ({best})", "bfloat16", sb))
+        result["rows"].append(_row("genq", "bfloat16", genq_bf16))
+        result["bf16"] = {
+            "static_batch": round(sb.tokens_per_s, 2),
+            "genq": round(genq_bf16.tokens_per_s, 2),
+            "static_batch_vs_fp32": round(sb.tokens_per_s / by_size[best].tokens_per_s, 3),
+            "genq_vs_fp32": round(genq_bf16.tokens_per_s / genq.tokens_per_s, 3),
+        }
+    if not args.no_hardware:
+        result["hardware"] = hardware_share(args, model_dir, prompts, result)
+    return result
 
-    rows = [_row("seed_loop", main, hf["seed_loop"])]
-    rows += [_row(f"static_batch ({s})", main, by_size[s]) for s in sizes]
-    rows.append(_row("genq", main, genq))
-    seed_rate, static_rate = hf["seed_loop"].tokens_per_s, by_size[best].tokens_per_s
-    result: dict[str, Any] = {
+
+def _model_result(
+    args: argparse.Namespace,
+    prompts: Sequence[Prompt],
+    tokenizer_kind: str,
+    dtype: str,
+    seed: _hf.Measured,
+    by_size: dict[int, _hf.Measured],
+    genq: _genq.RunFigures,
+) -> dict[str, Any]:
+    """The figures of one measurement of each system (the JSON of bench/README.md)."""
+    best = max(by_size, key=lambda s: by_size[s].tokens_per_s)
+    rows = [_row("seed_loop", dtype, seed)]
+    rows += [_row(f"static_batch ({s})", dtype, m) for s, m in by_size.items()]
+    rows.append(_row("genq", dtype, genq))
+    seed_rate, static_rate = seed.tokens_per_s, by_size[best].tokens_per_s
+    return {
         "workload": args.workload,
         "jobs": len(prompts),
         "tokens_per_s": {
@@ -270,10 +342,10 @@ def run_model(args: argparse.Namespace, tmp: Path, log_dir: Path) -> dict[str, A
             "genq_vs_seed_loop": round(genq.tokens_per_s / seed_rate, 3),
             "genq_vs_static_batch": round(genq.tokens_per_s / static_rate, 3),
         },
-        "static_batch_by_size": {str(s): round(by_size[s].tokens_per_s, 2) for s in sizes},
+        "static_batch_by_size": {str(s): round(m.tokens_per_s, 2) for s, m in by_size.items()},
         "static_batch_best_size": best,
-        "seed_loop_jobs": hf["seed_loop"].jobs,
-        "dtype": main,
+        "seed_loop_jobs": seed.jobs,
+        "dtype": dtype,
         "submit": args.submit,
         "genq_failed_jobs": genq.failed,
         "genq_latency": {
@@ -287,16 +359,69 @@ def run_model(args: argparse.Namespace, tmp: Path, log_dir: Path) -> dict[str, A
         "tokenizer": tokenizer_kind,
         "rows": rows,
     }
-    if hf_bf16 and genq_bf16:
-        sb = hf_bf16[f"static_batch_{best}"]
-        rows.append(_row(f"static_batch ({best})", "bfloat16", sb))
-        rows.append(_row("genq", "bfloat16", genq_bf16))
-        result["bf16"] = {
-            "static_batch": round(sb.tokens_per_s, 2),
-            "genq": round(genq_bf16.tokens_per_s, 2),
-            "static_batch_vs_fp32": round(sb.tokens_per_s / static_rate, 3),
-            "genq_vs_fp32": round(genq_bf16.tokens_per_s / genq.tokens_per_s, 3),
+
+
+def run_rounds(args: argparse.Namespace, tmp: Path, log_dir: Path) -> dict[str, Any]:
+    """uniform / mixed with ``--rounds N``: static batching (every size) and genq alternate
+    N times, static first in even rounds and genq first in odd ones, on one loaded model
+    and one settled worker, so that a drift of the machine's speed reaches both alike.
+    The table shows each system's median round (the upper middle one for an even N);
+    the ratio is the median of the rounds' own ratios (each round's genq over its best
+    static size)."""
+    if args.dtype == "both":
+        raise SystemExit("--rounds takes one --dtype (float32 or bfloat16), not both")
+    model_dir, tokenizer_kind, prompts = _model_prompts(args, tmp)
+    sizes = [int(s) for s in (args.batch_sizes or "16,32,64").split(",")]
+    model, tokenizer = _hf.load(model_dir, args.dtype)
+    eos = tokenizer.eos_token_id
+    _threads.on_own_thread(lambda: _hf.warm_up(model, prompts, eos), THREADS)
+    _report.step(f"seed_loop {args.dtype}: {args.seed_loop_jobs} prompts, one at a time")
+    seed = _threads.on_own_thread(
+        lambda: _hf.seed_loop(model, prompts[: args.seed_loop_jobs], eos), THREADS
+    )
+
+    def static() -> dict[int, _hf.Measured]:
+        by_size: dict[int, _hf.Measured] = {}
+        for size in sizes:
+            batch = functools.partial(_hf.static_batch, model, prompts, eos, size)
+            by_size[size] = _threads.on_own_thread(batch, THREADS)
+            rate = by_size[size].tokens_per_s
+            _report.step(f"static_batch {args.dtype} ({size}): {rate:.1f} tokens/s")
+        return by_size
+
+    statics: list[dict[int, _hf.Measured]] = []
+    genqs: list[_genq.RunFigures] = []
+    stack_context = genq_stack(tmp, log_dir, str(model_dir), args.api_workers or 1)
+    with stack_context as stack, genq_worker(stack, args.dtype, args, log_dir) as worker:
+        for round_ in range(args.rounds):
+            _report.step(f"round {round_ + 1} of {args.rounds}")
+            if round_ % 2:
+                genqs.append(timed_genq_run(stack, worker, prompts, args.dtype, args, log_dir))
+                statics.append(static())
+            else:
+                statics.append(static())
+                genqs.append(timed_genq_run(stack, worker, prompts, args.dtype, args, log_dir))
+    ratios = [
+        g.tokens_per_s / max(m.tokens_per_s for m in by_size.values())
+        for g, by_size in zip(genqs, statics, strict=True)
+    ]
+    median_genq = sorted(genqs, key=lambda g: g.tokens_per_s)[len(genqs) // 2]
+    median_static = {
+        s: sorted((r[s] for r in statics), key=lambda m: m.tokens_per_s)[len(statics) // 2]
+        for s in sizes
+    }
+    result = _model_result(
+        args, prompts, tokenizer_kind, args.dtype, seed, median_static, median_genq
+    )
+    result["ratios"]["genq_vs_static_batch"] = round(statistics.median(ratios), 3)
+    result["rounds"] = [
+        {
+            "static_batch_by_size": {str(s): round(m.tokens_per_s, 2) for s, m in r.items()},
+            "genq": round(g.tokens_per_s, 2),
+            "genq_vs_static_batch": round(ratio, 3),
         }
+        for r, g, ratio in zip(statics, genqs, ratios, strict=True)
+    ]
     if not args.no_hardware:
         result["hardware"] = hardware_share(args, model_dir, prompts, result)
     return result
