@@ -211,17 +211,22 @@ def _stored_params(
     Parameters with stop strings or a response format are dumped each time: their
     objects are not shared, and a schema may be large."""
     if params.stop or params.response_format is not None:
-        full = params.with_defaults(default_max_new_tokens)
-        return full, full.model_dump(mode="json", exclude_none=True)
+        return _dumped(params, default_max_new_tokens)
     key = (id(params), default_max_new_tokens)
     hit = _STORED.get(key)
-    if hit is None or hit[0] is not params:
-        full = params.with_defaults(default_max_new_tokens)
-        hit = (params, full, full.model_dump(mode="json", exclude_none=True))
+    if hit is None:  # (the entry holds params: its id is not another object's meanwhile)
+        hit = (params, *_dumped(params, default_max_new_tokens))
         if len(_STORED) >= 256:
             _STORED.clear()
         _STORED[key] = hit
     return hit[1], {**hit[2], "stop": []}  # a row's own: nothing in it is shared
+
+
+def _dumped(
+    params: GenerationParams, default_max_new_tokens: int
+) -> tuple[GenerationParams, dict[str, Any]]:
+    full = params.with_defaults(default_max_new_tokens)
+    return full, full.model_dump(mode="json", exclude_none=True)
 
 
 def send(queue: JobQueue | None, routes: Sequence[Route]) -> bool:
