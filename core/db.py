@@ -43,6 +43,16 @@ TCP_KEEPALIVE_IDLE_S = 15
 TCP_KEEPALIVE_INTERVAL_S = 5
 TCP_KEEPALIVE_COUNT = 3
 TCP_USER_TIMEOUT_S = 30
+# The client has the same blind spot as the server: a worker waiting for an answer
+# its link lost has nothing to send, so nothing tells it the server is gone; by
+# default it waits for the kernel's two-hour keepalive, long after the link is back
+# (a cut worker's monitor stalled so and sent no heartbeat after the heal). genq's
+# connections probe the server with the same limits (:func:`client_limits`), and give
+# up on a new connection that is not made in CONNECT_TIMEOUT_S: both fail over to
+# the caller's retries (:func:`run_with_retry`).
+CONNECT_TIMEOUT_S = 10
+# The drivers that take libpq's connection parameters.
+LIBPQ_DRIVERS = frozenset({"psycopg", "psycopg2"})
 
 
 def prepare_sqlite_path(database: str | None) -> None:
@@ -87,6 +97,23 @@ def session_limits() -> dict[str, int]:
     }
 
 
+def client_limits(url: str) -> dict[str, int]:
+    """libpq's parameters for genq's side of the limits above, each unless the URL
+    sets it (``?keepalives_idle=60``); none for a driver other than libpq's."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "postgresql" or parsed.get_driver_name() not in LIBPQ_DRIVERS:
+        return {}
+    limits = {
+        "connect_timeout": CONNECT_TIMEOUT_S,
+        "keepalives": 1,
+        "keepalives_idle": TCP_KEEPALIVE_IDLE_S,
+        "keepalives_interval": TCP_KEEPALIVE_INTERVAL_S,
+        "keepalives_count": TCP_KEEPALIVE_COUNT,
+        "tcp_user_timeout": TCP_USER_TIMEOUT_S * 1000,
+    }
+    return {name: value for name, value in limits.items() if name not in parsed.query}
+
+
 @functools.cache
 def get_engine(url: str) -> Engine:
     """The engine for ``url``, made once per process."""
@@ -96,7 +123,7 @@ def get_engine(url: str) -> Engine:
         prepare_sqlite_path(parsed.database)
         kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
     else:
-        kwargs.update(pool_size=10, max_overflow=20)
+        kwargs.update(pool_size=10, max_overflow=20, connect_args=client_limits(url))
     engine = create_engine(url, **kwargs)
     if parsed.get_backend_name() == "sqlite":
         event.listen(engine, "connect", sqlite_pragmas)
@@ -111,7 +138,7 @@ def get_side_engine(url: str) -> Engine:
     and closed after. For a connection held beside a pooled one (a batch ingest's
     streamed rows), which must never wait for the pool: with as many such callers as
     the pool has connections, each would hold one and wait for another."""
-    engine = create_engine(url, poolclass=NullPool)
+    engine = create_engine(url, poolclass=NullPool, connect_args=client_limits(url))
     if make_url(url).get_backend_name() == "postgresql":
         event.listen(engine, "connect", postgres_session_limits)
     return engine

@@ -15,12 +15,13 @@ import functools
 import hashlib
 import json
 import re
+import socket
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Literal, Protocol
 
 from celery import Celery
 
-from core import broker
+from core import broker, db
 from core.express import EXPRESS_ROWS
 from core.settings import Settings
 
@@ -101,8 +102,25 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             # messages (core.broker): a batch's messages never fill them all.
             "urgent_prefetch": urgent_prefetch(settings),
             "urgent_lanes": URGENT_LANES,
+            # A command whose reply a cut link lost fails (and is retried) instead of
+            # waiting for the kernel's two-hour keepalive: the limits genq's database
+            # connections have (core.db).
+            "socket_connect_timeout": db.CONNECT_TIMEOUT_S,
+            "socket_keepalive": True,
+            "socket_keepalive_options": broker_keepalive_options(),
         }
     return config
+
+
+def broker_keepalive_options() -> dict[int, int]:
+    """The TCP options of genq's Redis connections, those this platform has."""
+    wanted = {
+        "TCP_KEEPIDLE": db.TCP_KEEPALIVE_IDLE_S,
+        "TCP_KEEPINTVL": db.TCP_KEEPALIVE_INTERVAL_S,
+        "TCP_KEEPCNT": db.TCP_KEEPALIVE_COUNT,
+        "TCP_USER_TIMEOUT": db.TCP_USER_TIMEOUT_S * 1000,
+    }
+    return {getattr(socket, name): value for name, value in wanted.items() if hasattr(socket, name)}
 
 
 URGENT_LANES = ("high", EXPRESS)

@@ -14,6 +14,14 @@ This test runs a PostgreSQL server of its own on the hub address of a
 :class:`~tests.integration.netns.Network`, so that the server's TCP peer is the cut
 host itself (no forwarder in between answers for it), and checks that the server
 ends the cut session and rolls back what it had run.
+
+The client's side has the same blind spot: a worker waiting for a result its link
+lost has nothing to send, so by default it waits for TCP's two-hour keepalive; the
+server gave up on that session long ago, and the link may be back. Its monitor
+thread stalled this way sent no heartbeat after a partition healed (the partition
+test hung on it in CI). genq's connections probe the server as well
+(``core.db.client_limits``); the second test checks that a cut query fails over to a
+retry that succeeds once the link is back.
 """
 
 from __future__ import annotations
@@ -200,6 +208,81 @@ def test_the_server_ends_a_session_cut_off_in_the_middle_of_a_pipeline(
                 " WHERE query LIKE 'UPDATE held%' OR query LIKE 'SELECT pg_sleep%'"
             ).fetchone()
             assert gone == (0,)
+        finally:
+            client.kill()
+            client.wait()
+            net.heal(0)
+            admin.close()
+
+
+# A query whose answer the cut loses, asked through genq's engine with its retries:
+# it prints "result: answered" once a retry gets through.
+ASKING_CLIENT = """
+import logging, sys
+from sqlalchemy import text
+from core import db
+logging.basicConfig(level=logging.WARNING, stream=sys.stdout, format="%(message)s")
+def ask(session):
+    print("asking", flush=True)
+    return session.execute(text("SELECT 'answered' FROM pg_sleep(3)")).scalar_one()
+print("result:", db.run_with_retry(ask, sys.argv[1], retry_s=600), flush=True)
+"""
+
+
+def test_a_query_whose_answer_a_cut_lost_is_retried_once_the_link_is_back(
+    tmp_path: Path,
+) -> None:
+    with Network(1) as net, private_postgres(net) as url:
+        admin = psycopg.connect(url, autocommit=True)
+        log = tmp_path / "client.log"
+        with log.open("wb") as out:
+            client = subprocess.Popen(
+                [
+                    *net.command(0, []),
+                    sys.executable,
+                    "-c",
+                    ASKING_CLIENT,
+                    url.replace("postgresql://", "postgresql+psycopg://"),
+                ],
+                cwd=REPO,
+                stdout=out,
+                stderr=out,
+            )
+        try:
+            wait_until(
+                lambda: admin.execute(
+                    "SELECT 1 FROM pg_stat_activity"
+                    " WHERE query LIKE 'SELECT %pg_sleep%' AND state = 'active'"
+                    " AND pid <> pg_backend_pid()"
+                ).fetchone(),
+                60,
+                "the client's query",
+                log,
+            )
+            net.cut(0)  # the answer, due in 3 s, is lost
+            cut_at = time.monotonic()
+            # A liveness deadline: without the client's own limits it waits for the
+            # kernel's keepalive (two hours), and no retry ever starts.
+            limit = min(
+                db.TCP_USER_TIMEOUT_S,
+                db.TCP_KEEPALIVE_IDLE_S + db.TCP_KEEPALIVE_INTERVAL_S * db.TCP_KEEPALIVE_COUNT,
+            )
+            wait_until(
+                lambda: "database unavailable" in log.read_text(),
+                4 * limit + 3,
+                "the cut query given up on",
+                log,
+            )
+            given_up_s = time.monotonic() - cut_at
+            net.heal(0)
+            wait_until(
+                lambda: "result: answered" in log.read_text(),
+                3 * (db.CONNECT_TIMEOUT_S + 5) + 3,  # + the retries' backoff (at most 5 s)
+                "the retried query",
+                log,
+            )
+            print(f"\nCUT QUERY: given up on after {given_up_s:.1f} s, answered after the heal")
+            assert client.wait(timeout=30) == 0, log.read_text()
         finally:
             client.kill()
             client.wait()

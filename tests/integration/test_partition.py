@@ -6,7 +6,8 @@ veth link (see :mod:`tests.integration.netns`). While the victim is cut off it
 keeps generating, but it can neither renew its leases nor store its results;
 its leases lapse, the sweeper (in a worker still connected) hands its jobs back,
 and the other two finish them. When the link heals, the victim's stalled writes
-go through, and each must be refused by its stale lease token.
+go through, and each must be refused by its stale lease token. Then it goes
+back to work: with the other two stopped, it alone finishes new jobs.
 
 Run with ``-s`` to see the figures (docs/reliability.md quotes them)::
 
@@ -20,6 +21,7 @@ import contextlib
 import functools
 import json
 import re
+import signal
 import socket
 import threading
 import time
@@ -267,18 +269,38 @@ def test_a_partitioned_workers_jobs_are_finished_by_the_others_and_its_late_writ
         wait_until(lambda: all_final(postgres_url, set(ids)), 180, "every job", logs[0])
         # The victim's stalled stores went through and were answered: it is idle.
         victim_node = f"{socket.gethostname()}:{procs[VICTIM].pid}"
-        wait_until(
-            lambda: idle_since(postgres_url, victim_node, healed_at),
-            120,
-            "the victim idle after the heal",
-            logs[VICTIM],
-        )
+        try:
+            wait_until(lambda: idle_since(postgres_url, victim_node, healed_at), 120, "")
+        except AssertionError:
+            procs[VICTIM].send_signal(signal.SIGUSR1)  # Celery logs each thread's stack
+            time.sleep(2)
+            stacks = logs[VICTIM].read_text(errors="replace")[-30000:]
+            raise AssertionError(
+                f"the victim never idle after the heal; its log:\n{stacks}"
+            ) from None
         wait_until(
             lambda: {d[2] for d in receiver.deliveries()} >= set(ids),
             120,
             "a webhook for every job",
             logs[0],
         )
+        # Healed, it goes back to work: with the others stopped, it finishes new jobs.
+        for i, proc in enumerate(procs):
+            if i != VICTIM:
+                proc.terminate()
+                proc.wait(timeout=60)
+        response = client.post(
+            "/v1/jobs/bulk",
+            json={
+                "jobs": [{"prompt": f"after the heal {i}", "max_new_tokens": 3} for i in range(8)]
+            },
+        )
+        assert response.status_code == 202, response.text
+        after = {job["id"] for job in response.json()["data"]}
+        wait_until(lambda: all_final(postgres_url, after), 120, "jobs after the heal", logs[VICTIM])
+        with session_scope(postgres_url) as session:
+            done_after = session.execute(select(Job.status, Job.worker).where(Job.id.in_(after)))
+            assert set(done_after.all()) == {("succeeded", names[VICTIM])}
         with session_scope(postgres_url) as session:
             jobs = {job.id: job for job in session.scalars(select(Job).where(Job.id.in_(ids)))}
             outbox = collections.Counter(

@@ -99,3 +99,28 @@ def test_genq_asks_the_server_to_probe_a_silent_peer_unless_the_url_says_otherwi
             "tcp_keepalives_count": str(db.TCP_KEEPALIVE_COUNT),
             "tcp_user_timeout": str(db.TCP_USER_TIMEOUT_S * 1000),
         }
+
+
+def test_genq_probes_a_silent_server_itself_unless_the_url_says_otherwise(
+    postgres_url: str,
+) -> None:
+    """A connection waiting for an answer its link lost learns of it only from its
+    own probes (tests/integration/test_dead_peer.py shows it on a real cut link); a
+    URL's own setting wins, and a pool-less engine is probed too."""
+    for url, idle in (
+        (postgres_url, db.TCP_KEEPALIVE_IDLE_S),
+        (f"{postgres_url}?keepalives_idle=120", 120),
+    ):
+        for engine in (db.get_engine(url), db.get_side_engine(url)):
+            with engine.connect() as conn:
+                params = conn.connection.driver_connection.info.get_parameters()  # type: ignore[union-attr]
+            assert {name: params.get(name) for name in db.client_limits(postgres_url)} == {
+                "connect_timeout": str(db.CONNECT_TIMEOUT_S),
+                "keepalives": "1",
+                "keepalives_idle": str(idle),
+                "keepalives_interval": str(db.TCP_KEEPALIVE_INTERVAL_S),
+                "keepalives_count": str(db.TCP_KEEPALIVE_COUNT),
+                "tcp_user_timeout": str(db.TCP_USER_TIMEOUT_S * 1000),
+            }
+    assert db.client_limits("sqlite:///genq.db") == {}
+    assert db.client_limits("postgresql+pg8000://postgres@db/genq") == {}  # not libpq
