@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -47,12 +48,15 @@ TCP_USER_TIMEOUT_S = 30
 # its link lost has nothing to send, so nothing tells it the server is gone; by
 # default it waits for the kernel's two-hour keepalive, long after the link is back
 # (a cut worker's monitor stalled so and sent no heartbeat after the heal). genq's
-# connections probe the server with the same limits (:func:`client_limits`), and give
-# up on a new connection that is not made in CONNECT_TIMEOUT_S: both fail over to
-# the caller's retries (:func:`run_with_retry`).
+# connections probe the server with the same keepalives (:func:`client_limits`; about
+# 30 s), and give up on a new connection not made in CONNECT_TIMEOUT_S: both fail over
+# to the caller's retries (:func:`run_with_retry`). No ``tcp_user_timeout`` on this
+# side: it would also abort a live client whose server stopped reading for 30 s (a
+# slow disk under a streamed ``COPY``), and a request the cut lost is retransmitted
+# until the link is back, when it is answered or reset (or TCP gives up, ~15 min).
 CONNECT_TIMEOUT_S = 10
 # The drivers that take libpq's connection parameters.
-LIBPQ_DRIVERS = frozenset({"psycopg", "psycopg2"})
+LIBPQ_DRIVERS = frozenset({"psycopg", "psycopg2", "psycopg2cffi"})
 
 
 def prepare_sqlite_path(database: str | None) -> None:
@@ -98,10 +102,16 @@ def session_limits() -> dict[str, int]:
 
 
 def client_limits(url: str) -> dict[str, int]:
-    """libpq's parameters for genq's side of the limits above, each unless the URL
-    sets it (``?keepalives_idle=60``); none for a driver other than libpq's."""
+    """libpq's parameters for genq's side of the probes above, each unless the URL
+    sets it (``?keepalives_idle=60``) or, for the connect timeout, libpq's environment
+    (``PGCONNECT_TIMEOUT``); none for a driver other than libpq's, or for a URL naming
+    a connection service (``?service=``), whose file has the last word."""
     parsed = make_url(url)
-    if parsed.get_backend_name() != "postgresql" or parsed.get_driver_name() not in LIBPQ_DRIVERS:
+    if (
+        parsed.get_backend_name() != "postgresql"
+        or parsed.get_driver_name() not in LIBPQ_DRIVERS
+        or "service" in parsed.query
+    ):
         return {}
     limits = {
         "connect_timeout": CONNECT_TIMEOUT_S,
@@ -109,8 +119,9 @@ def client_limits(url: str) -> dict[str, int]:
         "keepalives_idle": TCP_KEEPALIVE_IDLE_S,
         "keepalives_interval": TCP_KEEPALIVE_INTERVAL_S,
         "keepalives_count": TCP_KEEPALIVE_COUNT,
-        "tcp_user_timeout": TCP_USER_TIMEOUT_S * 1000,
     }
+    if "PGCONNECT_TIMEOUT" in os.environ:
+        del limits["connect_timeout"]
     return {name: value for name, value in limits.items() if name not in parsed.query}
 
 

@@ -103,8 +103,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             "urgent_prefetch": urgent_prefetch(settings),
             "urgent_lanes": URGENT_LANES,
             # A command whose reply a cut link lost fails (and is retried) instead of
-            # waiting for the kernel's two-hour keepalive: the limits genq's database
-            # connections have (core.db).
+            # waiting for the kernel's two-hour keepalive: the probes genq's database
+            # connections make (core.db.client_limits).
             "socket_connect_timeout": db.CONNECT_TIMEOUT_S,
             "socket_keepalive": True,
             "socket_keepalive_options": broker_keepalive_options(),
@@ -118,7 +118,6 @@ def broker_keepalive_options() -> dict[int, int]:
         "TCP_KEEPIDLE": db.TCP_KEEPALIVE_IDLE_S,
         "TCP_KEEPINTVL": db.TCP_KEEPALIVE_INTERVAL_S,
         "TCP_KEEPCNT": db.TCP_KEEPALIVE_COUNT,
-        "TCP_USER_TIMEOUT": db.TCP_USER_TIMEOUT_S * 1000,
     }
     return {getattr(socket, name): value for name, value in wanted.items() if hasattr(socket, name)}
 

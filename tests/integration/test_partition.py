@@ -6,7 +6,8 @@ veth link (see :mod:`tests.integration.netns`). While the victim is cut off it
 keeps generating, but it can neither renew its leases nor store its results;
 its leases lapse, the sweeper (in a worker still connected) hands its jobs back,
 and the other two finish them. When the link heals, the victim's stalled writes
-go through, and each must be refused by its stale lease token. Then it goes
+go through (or, where the cut lost their answer, fail and are retried), and each
+must be refused by its stale lease token. Then it goes
 back to work: with the other two stopped, it alone finishes new jobs.
 
 Run with ``-s`` to see the figures (docs/reliability.md quotes them)::

@@ -7,6 +7,7 @@ transaction for longer than ``core.db.IDLE_IN_TRANSACTION_TIMEOUT_S``."""
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from pathlib import Path
@@ -18,7 +19,7 @@ from sqlalchemy.exc import DBAPIError
 
 from core import db, jobstate, submit
 from core.models import Job
-from core.queue import Route
+from core.queue import Route, celery_config
 from core.schemas import JobCreate
 from core.settings import Settings
 from tests.conftest import RecordingQueue
@@ -102,25 +103,43 @@ def test_genq_asks_the_server_to_probe_a_silent_peer_unless_the_url_says_otherwi
 
 
 def test_genq_probes_a_silent_server_itself_unless_the_url_says_otherwise(
-    postgres_url: str,
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A connection waiting for an answer its link lost learns of it only from its
     own probes (tests/integration/test_dead_peer.py shows it on a real cut link); a
     URL's own setting wins, and a pool-less engine is probed too."""
-    for url, idle in (
-        (postgres_url, db.TCP_KEEPALIVE_IDLE_S),
-        (f"{postgres_url}?keepalives_idle=120", 120),
-    ):
-        for engine in (db.get_engine(url), db.get_side_engine(url)):
-            with engine.connect() as conn:
-                params = conn.connection.driver_connection.info.get_parameters()  # type: ignore[union-attr]
-            assert {name: params.get(name) for name in db.client_limits(postgres_url)} == {
-                "connect_timeout": str(db.CONNECT_TIMEOUT_S),
-                "keepalives": "1",
-                "keepalives_idle": str(idle),
-                "keepalives_interval": str(db.TCP_KEEPALIVE_INTERVAL_S),
-                "keepalives_count": str(db.TCP_KEEPALIVE_COUNT),
-                "tcp_user_timeout": str(db.TCP_USER_TIMEOUT_S * 1000),
-            }
+    own = f"{postgres_url}?keepalives_idle=120"
+    try:
+        for url, idle in ((postgres_url, db.TCP_KEEPALIVE_IDLE_S), (own, 120)):
+            for engine in (db.get_engine(url), db.get_side_engine(url)):
+                with engine.connect() as conn:
+                    params = conn.connection.driver_connection.info.get_parameters()  # type: ignore[union-attr]
+                assert {name: params.get(name) for name in db.client_limits(postgres_url)} == {
+                    "connect_timeout": str(db.CONNECT_TIMEOUT_S),
+                    "keepalives": "1",
+                    "keepalives_idle": str(idle),
+                    "keepalives_interval": str(db.TCP_KEEPALIVE_INTERVAL_S),
+                    "keepalives_count": str(db.TCP_KEEPALIVE_COUNT),
+                }
+    finally:
+        db.get_engine(own).dispose()
     assert db.client_limits("sqlite:///genq.db") == {}
     assert db.client_limits("postgresql+pg8000://postgres@db/genq") == {}  # not libpq
+    assert db.client_limits("postgresql+psycopg://db/genq?service=genq") == {}  # its file rules
+    monkeypatch.setenv("PGCONNECT_TIMEOUT", "30")
+    assert "connect_timeout" not in db.client_limits(postgres_url)
+
+
+def test_genq_probes_a_silent_redis_broker(tmp_path: Path) -> None:
+    """The same probes on the broker's connections (tests/integration/test_dead_broker.py
+    shows them on a real cut link); the embedded SQL broker has no TCP of its own."""
+    redis = celery_config(Settings(data_dir=tmp_path, broker_url="redis://broker:6379/0"))
+    options = redis["broker_transport_options"]
+    assert options["socket_keepalive"] is True
+    assert options["socket_connect_timeout"] == db.CONNECT_TIMEOUT_S
+    assert options["socket_keepalive_options"] == {
+        socket.TCP_KEEPIDLE: db.TCP_KEEPALIVE_IDLE_S,
+        socket.TCP_KEEPINTVL: db.TCP_KEEPALIVE_INTERVAL_S,
+        socket.TCP_KEEPCNT: db.TCP_KEEPALIVE_COUNT,
+    }
+    assert "broker_transport_options" not in celery_config(Settings(data_dir=tmp_path))
