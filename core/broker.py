@@ -38,6 +38,10 @@ from core.db import prepare_sqlite_path, sqlite_pragmas
 
 
 class EmbeddedChannel(Channel):  # type: ignore[misc]
+    """kombu's SQLAlchemy channel; its engine is kombu's own, so a ``sqla+postgresql``
+    broker does not get genq's connection probes (core.db.client_limits): the embedded
+    broker is meant for SQLite, on one machine."""
+
     def _engine_from_config(self) -> Engine:
         url = make_url(self.connection.client.hostname)
         if url.get_backend_name() == "sqlite":

@@ -53,7 +53,8 @@ TCP_USER_TIMEOUT_S = 30
 # to the caller's retries (:func:`run_with_retry`). No ``tcp_user_timeout`` on this
 # side: it would also abort a live client whose server stopped reading for 30 s (a
 # slow disk under a streamed ``COPY``), and a request the cut lost is retransmitted
-# until the link is back, when it is answered or reset (or TCP gives up, ~15 min).
+# until the link is back, when it is answered or reset: its next retransmission, at
+# most 120 s after the heal (TCP's backoff), or TCP gives up after ~15 min of cut.
 CONNECT_TIMEOUT_S = 10
 # The drivers that take libpq's connection parameters.
 LIBPQ_DRIVERS = frozenset({"psycopg", "psycopg2", "psycopg2cffi"})
@@ -104,14 +105,11 @@ def session_limits() -> dict[str, int]:
 def client_limits(url: str) -> dict[str, int]:
     """libpq's parameters for genq's side of the probes above, each unless the URL
     sets it (``?keepalives_idle=60``) or, for the connect timeout, libpq's environment
-    (``PGCONNECT_TIMEOUT``); none for a driver other than libpq's, or for a URL naming
-    a connection service (``?service=``), whose file has the last word."""
+    (a non-empty ``PGCONNECT_TIMEOUT``); none for a driver other than libpq's. They
+    win over a connection service file's (``?service=``): set those in the URL. Read
+    once per URL (the engines are made once)."""
     parsed = make_url(url)
-    if (
-        parsed.get_backend_name() != "postgresql"
-        or parsed.get_driver_name() not in LIBPQ_DRIVERS
-        or "service" in parsed.query
-    ):
+    if parsed.get_backend_name() != "postgresql" or parsed.get_driver_name() not in LIBPQ_DRIVERS:
         return {}
     limits = {
         "connect_timeout": CONNECT_TIMEOUT_S,
@@ -120,7 +118,7 @@ def client_limits(url: str) -> dict[str, int]:
         "keepalives_interval": TCP_KEEPALIVE_INTERVAL_S,
         "keepalives_count": TCP_KEEPALIVE_COUNT,
     }
-    if "PGCONNECT_TIMEOUT" in os.environ:
+    if os.environ.get("PGCONNECT_TIMEOUT", "").strip():
         del limits["connect_timeout"]
     return {name: value for name, value in limits.items() if name not in parsed.query}
 

@@ -117,6 +117,7 @@ def test_a_broker_command_whose_reply_a_cut_lost_fails_instead_of_waiting(
                 )
             blocked = lambda: any(c.get("cmd") == "blpop" for c in admin.client_list())  # noqa: E731
             wait_until(blocked, 60, "the client's command", log)
+            time.sleep(1)  # the server has acknowledged the command: nothing of ours in flight
             net.cut(0)
             cut_at = time.monotonic()
             # A liveness deadline: without the probes it waits two hours.

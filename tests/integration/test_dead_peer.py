@@ -218,7 +218,7 @@ def test_the_server_ends_a_session_cut_off_in_the_middle_of_a_pipeline(
 # A query whose answer the cut loses (its first attempt answers after ANSWER_S), asked
 # through genq's engine with its retries: it prints "result: answered" once a retry
 # gets through.
-ANSWER_S = 20  # longer than the test takes to cut the link, shorter than the probes
+ANSWER_S = 20  # longer than the test takes to cut the link
 ASKING_CLIENT = """
 import logging, sys
 from sqlalchemy import text
@@ -264,6 +264,7 @@ def test_a_query_whose_answer_a_cut_lost_is_retried_once_the_link_is_back(
                 "the client's query",
                 log,
             )
+            time.sleep(1)  # the server has acknowledged the query: nothing of ours in flight
             net.cut(0)  # the answer is lost
             cut_at = time.monotonic()
             # A liveness deadline: without the client's own probes it waits for the

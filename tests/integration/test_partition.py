@@ -270,8 +270,11 @@ def test_a_partitioned_workers_jobs_are_finished_by_the_others_and_its_late_writ
         wait_until(lambda: all_final(postgres_url, set(ids)), 180, "every job", logs[0])
         # The victim's stalled stores went through and were answered: it is idle.
         victim_node = f"{socket.gethostname()}:{procs[VICTIM].pid}"
+        # A liveness deadline: a request the victim sent into the cut link is resent on
+        # TCP's backoff, at most 120 s apart, so it may take that long after the heal
+        # to be answered or reset; then the retry goes through.
         try:
-            wait_until(lambda: idle_since(postgres_url, victim_node, healed_at), 120, "")
+            wait_until(lambda: idle_since(postgres_url, victim_node, healed_at), 240, "")
         except AssertionError:
             procs[VICTIM].send_signal(signal.SIGUSR1)  # Celery logs each thread's stack
             time.sleep(2)

@@ -108,6 +108,7 @@ def test_genq_probes_a_silent_server_itself_unless_the_url_says_otherwise(
     """A connection waiting for an answer its link lost learns of it only from its
     own probes (tests/integration/test_dead_peer.py shows it on a real cut link); a
     URL's own setting wins, and a pool-less engine is probed too."""
+    monkeypatch.delenv("PGCONNECT_TIMEOUT", raising=False)
     own = f"{postgres_url}?keepalives_idle=120"
     try:
         for url, idle in ((postgres_url, db.TCP_KEEPALIVE_IDLE_S), (own, 120)):
@@ -125,7 +126,8 @@ def test_genq_probes_a_silent_server_itself_unless_the_url_says_otherwise(
         db.get_engine(own).dispose()
     assert db.client_limits("sqlite:///genq.db") == {}
     assert db.client_limits("postgresql+pg8000://postgres@db/genq") == {}  # not libpq
-    assert db.client_limits("postgresql+psycopg://db/genq?service=genq") == {}  # its file rules
+    monkeypatch.setenv("PGCONNECT_TIMEOUT", "")  # set but empty: libpq's default, not ours
+    assert db.client_limits(postgres_url)["connect_timeout"] == db.CONNECT_TIMEOUT_S
     monkeypatch.setenv("PGCONNECT_TIMEOUT", "30")
     assert "connect_timeout" not in db.client_limits(postgres_url)
 
