@@ -19,9 +19,9 @@ import redis
 REPO = Path(__file__).resolve().parents[2]
 
 
-def free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
+        sock.bind((host, 0))
         port: int = sock.getsockname()[1]
         return port
 
@@ -58,12 +58,28 @@ def genq_process(
     try:
         yield proc
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc)
+
+
+def python_process(
+    script: str, args: Sequence[str], log: Path, *, prefix: Sequence[str] = ()
+) -> subprocess.Popen[bytes]:
+    """Start ``python -c SCRIPT ARGS`` in the repository; its output goes to ``log``,
+    ``prefix`` as for :func:`genq_process`."""
+    with log.open("wb") as out:
+        return subprocess.Popen(
+            [*prefix, sys.executable, "-c", script, *args], cwd=REPO, stdout=out, stderr=out
+        )
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    """Ask ``proc`` to end; kill it if it has not within 30 s."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def wait_until(check: Callable[[], Any], timeout: float, what: str, log: Path | None = None) -> Any:

@@ -15,9 +15,7 @@ cut host, through the Celery app genq's API and worker use.
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -25,19 +23,21 @@ import pytest
 import redis
 
 from core import db
-from tests.integration.helpers import REPO, wait_until
+from tests.integration.helpers import free_port, python_process, stop, wait_until
 from tests.integration.netns import Network, unavailable_reason
+
+
+def _unavailable() -> str | None:
+    if shutil.which("redis-server") is None:
+        return "no redis-server"
+    return unavailable_reason()
+
 
 pytestmark = [
     pytest.mark.integration,
     pytest.mark.slow,
     pytest.mark.skipif(
-        (
-            reason := unavailable_reason()
-            or (shutil.which("redis-server") is None and "no redis-server")
-        )
-        not in (None, False),
-        reason=f"dead broker test: {reason}",
+        (reason := _unavailable()) is not None, reason=f"dead broker test: {reason}"
     ),
 ]
 
@@ -67,17 +67,11 @@ with app.connection_for_write() as connection:
 """
 
 
-def _free_port(host: str) -> int:
-    with socket.socket() as probe:
-        probe.bind((host, 0))
-        return int(probe.getsockname()[1])
-
-
 def test_a_broker_command_whose_reply_a_cut_lost_fails_instead_of_waiting(
     tmp_path: Path,
 ) -> None:
     with Network(1) as net:
-        port = _free_port(net.hub)
+        port = free_port(net.hub)
         server_log = tmp_path / "redis-server.log"
         server = subprocess.Popen(
             [
@@ -100,21 +94,11 @@ def test_a_broker_command_whose_reply_a_cut_lost_fails_instead_of_waiting(
         )
         admin = redis.Redis(host=net.hub, port=port)
         log = tmp_path / "client.log"
+        client: subprocess.Popen[bytes] | None = None
         try:
             wait_until(lambda: _pings(admin), 30, "the Redis server", server_log)
-            with log.open("wb") as out:
-                client = subprocess.Popen(
-                    [
-                        *net.command(0, []),
-                        sys.executable,
-                        "-c",
-                        CLIENT,
-                        f"redis://{net.hub}:{port}/0",
-                    ],
-                    cwd=REPO,
-                    stdout=out,
-                    stderr=out,
-                )
+            broker = f"redis://{net.hub}:{port}/0"
+            client = python_process(CLIENT, [broker], log, prefix=net.command(0, []))
             blocked = lambda: any(c.get("cmd") == "blpop" for c in admin.client_list())  # noqa: E731
             wait_until(blocked, 60, "the client's command", log)
             time.sleep(1)  # the server has acknowledged the command: nothing of ours in flight
@@ -129,17 +113,12 @@ def test_a_broker_command_whose_reply_a_cut_lost_fails_instead_of_waiting(
             wait_until(lambda: "pinged: True" in log.read_text(), 60, "a ping after the heal", log)
             assert client.wait(timeout=30) == 0, log.read_text()
         finally:
-            if "client" in locals():
+            if client is not None:
                 client.kill()
                 client.wait()
             net.heal(0)
             admin.close()
-            server.terminate()
-            try:
-                server.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                server.kill()
-                server.wait()
+            stop(server)
 
 
 def _pings(admin: redis.Redis) -> bool:

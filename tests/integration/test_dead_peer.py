@@ -28,9 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import shutil
-import socket
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -40,7 +38,7 @@ import psycopg
 import pytest
 
 from core import db
-from tests.integration.helpers import REPO, wait_until
+from tests.integration.helpers import free_port, python_process, wait_until
 from tests.integration.netns import Network, unavailable_reason
 
 
@@ -97,12 +95,6 @@ time.sleep(3600)
 """
 
 
-def _free_port(host: str) -> int:
-    with socket.socket() as probe:
-        probe.bind((host, 0))
-        return int(probe.getsockname()[1])
-
-
 @contextlib.contextmanager
 def private_postgres(net: Network) -> Iterator[str]:
     """A throwaway PostgreSQL server listening on the hub address; yields its URL."""
@@ -128,7 +120,7 @@ def private_postgres(net: Network) -> Iterator[str]:
     )
     with (data / "db" / "pg_hba.conf").open("a") as hba:
         hba.write(f"host all all {net.range} trust\n")
-    port = _free_port(net.hub)
+    port = free_port(net.hub)
     options = f"-c listen_addresses={net.hub} -p {port} -k {data} -c fsync=off"
     ctl = [*as_postgres, str(bindir / "pg_ctl"), "-D", str(data / "db")]
     subprocess.run(
@@ -163,20 +155,8 @@ def test_the_server_ends_a_session_cut_off_in_the_middle_of_a_pipeline(
         admin.execute("CREATE TABLE held (id int PRIMARY KEY, v int NOT NULL)")
         admin.execute("INSERT INTO held VALUES (1, 0)")
         log = tmp_path / "client.log"
-        with log.open("wb") as out:
-            client = subprocess.Popen(
-                [
-                    *net.command(0, []),
-                    sys.executable,
-                    "-c",
-                    CLIENT,
-                    url.replace("postgresql://", "postgresql+psycopg://"),
-                    server_sends,
-                ],
-                cwd=REPO,
-                stdout=out,
-                stderr=out,
-            )
+        client_url = url.replace("postgresql://", "postgresql+psycopg://")
+        client = python_process(CLIENT, [client_url, server_sends], log, prefix=net.command(0, []))
         try:
             wait_until(lambda: "sent" in log.read_text(), 60, "the client's statement", log)
             wait_until(lambda: _locked(admin), 30, "the client's row lock", log)
@@ -239,20 +219,10 @@ def test_a_query_whose_answer_a_cut_lost_is_retried_once_the_link_is_back(
     with Network(1) as net, private_postgres(net) as url:
         admin = psycopg.connect(url, autocommit=True)
         log = tmp_path / "client.log"
-        with log.open("wb") as out:
-            client = subprocess.Popen(
-                [
-                    *net.command(0, []),
-                    sys.executable,
-                    "-c",
-                    ASKING_CLIENT,
-                    url.replace("postgresql://", "postgresql+psycopg://"),
-                    str(ANSWER_S),
-                ],
-                cwd=REPO,
-                stdout=out,
-                stderr=out,
-            )
+        client_url = url.replace("postgresql://", "postgresql+psycopg://")
+        client = python_process(
+            ASKING_CLIENT, [client_url, str(ANSWER_S)], log, prefix=net.command(0, [])
+        )
         try:
             wait_until(
                 lambda: admin.execute(
