@@ -18,6 +18,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 Allocator = Literal["auto", "jemalloc", "system"]
+Fp32Products = Literal["packed", "model"]
 
 
 class Settings(BaseSettings):
@@ -66,6 +67,12 @@ class Settings(BaseSettings):
         description="bf16/fp16 on a CPU: compile the decode step's attention with"
         " torch.compile (needs a C++ compiler; the worker serves uncompiled meanwhile and"
         " where it cannot)",
+    )
+    fp32_products: Fp32Products = Field(
+        default="packed",
+        description="fp32 on a CPU, GPT-2 and Llama: the weights packed once for oneDNN's"
+        " kernels (packed; logits differ from the model's own in the last bits), or the"
+        " model's own products, the kernels generate calls (model)",
     )
     allocator: Allocator = Field(
         default="system",

@@ -76,9 +76,9 @@ def make_engine() -> Iterator[Any]:
 
     engines: list[BatchingEngine] = []
 
-    def make(loaded: Loaded, **limits: int) -> BatchingEngine:
+    def make(loaded: Loaded, **options: Any) -> BatchingEngine:
         model, tokenizer, info = loaded
-        engine = BatchingEngine(model, tokenizer, info, **limits)
+        engine = BatchingEngine(model, tokenizer, info, **options)
         engines.append(engine)
         return engine
 

@@ -59,9 +59,10 @@ def test_only_a_known_formula_is_rewritten() -> None:
 def test_an_fp32_gpt2_engine_computes_it_in_place_and_still_equals_generate(
     gpt2: Any, make_engine: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The prefill (the model's own forward, routed on the scheduler thread) and the
-    decode steps use the in-place activation; another thread running the model gets
-    its own module; the tokens are generate's."""
+    """With the model's own fp32 products (``pack_fp32=False``), the prefill (the model's
+    own forward, routed on the scheduler thread) and the decode steps use the in-place
+    activation; another thread running the model gets its own module; the tokens are
+    generate's."""
     threads: list[str] = []
 
     def spy(x: torch.Tensor) -> torch.Tensor:
@@ -69,7 +70,7 @@ def test_an_fp32_gpt2_engine_computes_it_in_place_and_still_equals_generate(
         return gelu_new_in_place(x)
 
     monkeypatch.setitem(activation_module._IN_PLACE, "NewGELUActivation", spy)
-    engine = make_engine(gpt2)
+    engine = make_engine(gpt2, pack_fp32=False)
     layers = gpt2[0].config.n_layer
     prompt = "Once upon a time there was"
     assert engine.submit(request(prompt, max_new_tokens=1)).result(timeout=60).outputs == (

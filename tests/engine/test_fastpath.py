@@ -19,7 +19,7 @@ from tests.engine.helpers import reference, request
 from tests.engine.test_kvcache import Driver, alone, prompts_of
 from worker.engine import fastpath
 from worker.engine.batching import BatchingEngine
-from worker.engine.fastpath.linear import packed
+from worker.engine.fastpath.linear import can_pack, packed
 
 PROMPTS = ["Once upon a time", "The dog", "Tom and Sue went to the shop to buy some", "Hello"]
 
@@ -28,9 +28,11 @@ class CheckedDriver(Driver):
     """The hand-driven batch of test_kvcache, decoding with the fast step and checking
     every step's logits against the model's forward on the same cache."""
 
-    def __init__(self, model: Any, max_rows: int = 8, *, tolerance: float) -> None:
+    def __init__(
+        self, model: Any, max_rows: int = 8, *, tolerance: float, pack_fp32: bool = False
+    ) -> None:
         super().__init__(model, max_rows)
-        step = fastpath.decode_step_for(model, self.batch, max_rows=max_rows)
+        step = fastpath.decode_step_for(model, self.batch, max_rows=max_rows, pack_fp32=pack_fp32)
         assert step is not None
         self.fast = step
         self.tolerance = tolerance
@@ -59,12 +61,14 @@ def inference() -> Any:
 
 
 @pytest.mark.usefixtures("inference")
-def test_fast_step_equals_forward_through_slot_changes(loaded: Any) -> None:
+@pytest.mark.parametrize("pack_fp32", [False, True], ids=["model-products", "packed"])
+def test_fast_step_equals_forward_through_slot_changes(loaded: Any, pack_fp32: bool) -> None:
     """Rows join, finish, leave free slots, are reused and the cache is reallocated:
-    the fast step's logits stay the model's, and every request's tokens its solo run."""
+    the fast step's logits stay the model's (with fp32's products packed too, within a
+    few millionths of their scale), and every request's tokens its solo run."""
     model = loaded[0]
     p = prompts_of(model.config.vocab_size, 5, 12, 3, 4, 40, 6)
-    drv = CheckedDriver(model, tolerance=1e-5)
+    drv = CheckedDriver(model, tolerance=1e-5, pack_fp32=pack_fp32)
     plan = {"long": (p[0], 50), "short": (p[1], 4), "mid": (p[2], 30)}
     drv.admit(plan)
     drv.step(5)  # "short" leaves a free slot in the middle
@@ -99,11 +103,16 @@ def test_fast_step_in_bf16_stays_close_to_forward(loaded: Any) -> None:
     assert drv.steps > 25 and drv.batch.copies >= 1
 
 
-@pytest.mark.parametrize("fast", [True, False], ids=["fast", "generic"])
-def test_engine_greedy_equals_generate(loaded: Any, fast: bool) -> None:
-    """Both decode paths, through the engine, give generate's greedy tokens in fp32."""
+@pytest.mark.parametrize(
+    ("fast", "pack_fp32"),
+    [(True, True), (True, False), (False, True)],
+    ids=["fast-packed", "fast-model-products", "generic"],
+)
+def test_engine_greedy_equals_generate(loaded: Any, fast: bool, pack_fp32: bool) -> None:
+    """Both decode paths, through the engine, give generate's greedy tokens in fp32, the
+    fast one with its products packed (the default) or the model's own."""
     model, tokenizer, info = loaded
-    engine = BatchingEngine(model, tokenizer, info, fast_decode=fast)
+    engine = BatchingEngine(model, tokenizer, info, fast_decode=fast, pack_fp32=pack_fp32)
     try:
         assert (engine._main.fast is not None) is fast
         futures = [
@@ -147,6 +156,37 @@ def test_packed_linear_equals_f_linear_in_bf16() -> None:
         got, expected = product(x).float(), functional.linear(x, weight, bias).float()
         assert got.shape == (rows, 1, 96)
         torch.testing.assert_close(got, expected, atol=0.05, rtol=0.02)
+
+
+def test_packed_linear_in_fp32_is_the_product_within_its_last_bits() -> None:
+    """fp32 is packed only when asked (``fp32=True``); then it is oneDNN's kernel, whose
+    sums differ from ``functional.linear``'s in the last bits only."""
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(96, 64, generator=generator)
+    bias = torch.randn(96, generator=generator)
+    assert not can_pack(weight)
+    if not can_pack(weight, fp32=True):
+        pytest.skip("torch has no oneDNN here")
+    kernel = torch.ops.mkldnn._linear_pointwise
+    calls: list[int] = []
+
+    def spy(*args: Any) -> Any:
+        calls.append(1)
+        return kernel(*args)
+
+    product = packed(weight, bias, max_rows=16, fp32=True)
+    for rows in (1, 5, 16, 40):  # fewer and more rows than it was packed for
+        x = torch.randn(rows, 1, 64, generator=generator)
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(torch.ops.mkldnn, "_linear_pointwise", spy)
+            got = product(x)
+        assert got.shape == (rows, 1, 96) and got.dtype == torch.float32
+        torch.testing.assert_close(got, functional.linear(x, weight, bias), atol=1e-5, rtol=1e-5)
+    assert len(calls) == 4
+    gelu = packed(weight, bias, max_rows=16, activation="gelu_new", fp32=True)
+    x = torch.randn(7, 1, 64, generator=generator)
+    expected = functional.gelu(functional.linear(x, weight, bias), approximate="tanh")
+    torch.testing.assert_close(gelu(x), expected, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize(

@@ -144,3 +144,31 @@ def test_only_the_engines_thread_runs_the_model_with_several_threads(models_dir:
         hook.remove()
         engine.close()
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize(("products", "packed"), [(None, True), ("model", False)])
+def test_fp32_products_setting_reaches_the_decode_step(
+    models_dir: Path, products: str | None, packed: bool
+) -> None:
+    """``GENQ_FP32_PRODUCTS``: packed by default, the model's own with ``model``."""
+    from worker.engine import build_engine
+
+    options: dict[str, Any] = {} if products is None else {"fp32_products": products}
+    settings = Settings(
+        model=str(tiny_gpt2_dir(models_dir)),
+        dtype="float32",
+        torch_threads=1,
+        compile_attention=False,
+        **options,
+    )
+    engine: Any = build_engine(settings)
+    try:
+        assert engine._main.fast.pack_fp32 is packed
+    finally:
+        engine.close()
+
+
+def test_an_unknown_fp32_products_value_is_refused_by_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GENQ_FP32_PRODUCTS", "fastest")
+    with pytest.raises(ValueError, match="fp32_products"):
+        Settings()

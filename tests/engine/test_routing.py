@@ -1,9 +1,10 @@
 """Prefills through the fast step's packed products (worker/engine/fastpath/routing.py).
 
-In bf16 the engine's forwards through the model (prefills) call the products the fast
-decode step packed once, on the scheduler thread only; the logits stay the model's own
-within bf16's rounding, any other thread gets the model untouched, and fp32's products
-are never routed (its outputs must stay those of ``generate``).
+The engine's forwards through the model (prefills) call the products the fast decode
+step packed once, on the scheduler thread only: in bf16, and in fp32 unless the engine
+keeps the model's own products (``pack_fp32=False``, then nothing of them is routed);
+the logits stay the model's own within the rounding, and any other thread gets the
+model untouched.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import pytest
 import torch
 from transformers.pytorch_utils import Conv1D
 
-from tests.engine.helpers import request
+from tests.engine.helpers import reference, request
 from worker.engine import fastpath, kvcache
 from worker.engine.batching import BatchingEngine
 from worker.engine.fastpath.linear import can_pack, linear
@@ -33,6 +34,18 @@ def _bf16_pairs(loaded: Any) -> tuple[Any, Pairs]:
     step = fastpath.decode_step_for(model, kvcache.SlotCache(model.config, 4), max_rows=4)
     assert step is not None
     return model, step.packed_modules()
+
+
+def _fp32_pairs(model: Any) -> Pairs:
+    if not can_pack(model.get_output_embeddings().weight, fp32=True):
+        pytest.skip("torch has no oneDNN here")
+    step = fastpath.decode_step_for(
+        model, kvcache.SlotCache(model.config, 4), max_rows=4, pack_fp32=True
+    )
+    assert step is not None
+    pairs = step.packed_modules()
+    assert any(isinstance(module, (torch.nn.Linear, Conv1D)) for module, _ in pairs)
+    return pairs
 
 
 def _counted(pairs: Pairs) -> tuple[Pairs, list[int]]:
@@ -173,16 +186,18 @@ def test_a_module_without_a_packed_product_is_not_routed(gpt2: Any) -> None:
         undo()
 
 
-def test_fp32_routes_no_product(loaded: Any) -> None:
-    """fp32's products stay the model's own: at most its activation is routed (computed
-    in place, bit for bit: tests/engine/test_activation.py), and closing the engine
-    leaves no module routed."""
+def test_fp32_with_the_models_own_products_routes_none(loaded: Any) -> None:
+    """With ``pack_fp32=False`` fp32's products stay the model's own: at most its
+    activation is routed (computed in place, bit for bit: tests/engine/test_activation.py),
+    and closing the engine leaves no module routed."""
     model = loaded[0]
     step = fastpath.decode_step_for(model, kvcache.SlotCache(model.config, 4), max_rows=4)
     assert step is not None
     products = (torch.nn.Linear, Conv1D)
     assert not any(isinstance(module, products) for module, _ in step.packed_modules())
-    engine = BatchingEngine(model, loaded[1], loaded[2], max_batch_size=4, threads=1)
+    engine = BatchingEngine(
+        model, loaded[1], loaded[2], max_batch_size=4, threads=1, pack_fp32=False
+    )
     try:
         engine.submit(request("Once upon", max_new_tokens=2)).result(timeout=60)
         routed = [m for m in model.modules() if "forward" in m.__dict__]
@@ -192,12 +207,17 @@ def test_fp32_routes_no_product(loaded: Any) -> None:
     assert not any("forward" in module.__dict__ for module in model.modules())
 
 
-def test_a_bf16_engines_prefill_runs_on_packed_weights(
-    loaded: Any, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_an_engines_prefill_runs_on_packed_weights(
+    loaded: Any, dtype: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """One new token each: the prefill makes it, no decode step runs; the packed kernel
-    still ran, on the scheduler thread, and closing the engine un-routes the model."""
-    model, pairs = _bf16_pairs(loaded)
+    still ran, on the scheduler thread, and closing the engine un-routes the model. fp32
+    packs by default, and its tokens are still ``generate``'s."""
+    if dtype == "bf16":
+        model, pairs = _bf16_pairs(loaded)
+    else:
+        model, pairs = loaded[0], _fp32_pairs(loaded[0])
     tokenizer, info = loaded[1], loaded[2]
     kernel = torch.ops.mkldnn._linear_pointwise
     threads: list[str] = []
@@ -208,10 +228,15 @@ def test_a_bf16_engines_prefill_runs_on_packed_weights(
 
     monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", spy)
     engine = BatchingEngine(model, tokenizer, info, max_batch_size=4, threads=1)
+    prompts = ("Once upon", "The dog")
     try:
-        futures = [engine.submit(request(p, max_new_tokens=1)) for p in ("Once upon", "The dog")]
-        assert all(f.result(timeout=60).completion_tokens == 1 for f in futures)
+        results = [engine.submit(request(p, max_new_tokens=1)).result(timeout=60) for p in prompts]
+        assert all(r.completion_tokens == 1 for r in results)
     finally:
         engine.close()
     assert threads and set(threads) == {"genq-engine"}
     assert all("forward" not in module.__dict__ for module, _ in pairs)
+    if dtype == "fp32":
+        for prompt, result in zip(prompts, results, strict=True):
+            expected = reference(loaded, prompt, max_new_tokens=1, do_sample=False)
+            assert result.outputs == expected

@@ -73,6 +73,7 @@ def _load_and_start(settings: Settings) -> Engine:
             threads=torch_threads(settings),
             share_cores=settings.share_cores,
             compile_attention=settings.compile_attention,
+            pack_fp32=settings.fp32_products == "packed",
         )
     except ValueError as exc:  # a cache layout the engine cannot batch
         raise ModelLoadError(f"cannot serve {settings.model!r}: {exc}") from exc

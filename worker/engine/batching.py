@@ -105,6 +105,7 @@ class BatchingEngine:
         threads: int | None = None,
         share_cores: bool = False,
         compile_attention: bool = False,
+        pack_fp32: bool = True,
     ) -> None:
         self.info = info
         # torch threads of the scheduler thread (None: torch's count for new threads).
@@ -144,7 +145,7 @@ class BatchingEngine:
         main = kvcache.SlotCache(model.config, max_batch_size)
         express = kvcache.SlotCache(model.config, EXPRESS_ROWS)
         # A decode step written for the model's family (None: the model's own forward).
-        fast = fastpath.decode_step_for(model, main, max_rows=max_batch_size)
+        fast = fastpath.decode_step_for(model, main, max_rows=max_batch_size, pack_fp32=pack_fp32)
         if not fast_decode:
             fast = None
         self._main = Lane(main, fast)

@@ -6,8 +6,9 @@ needs far less: embed one token per row, write each layer's new key and value in
 into the :class:`~worker.engine.kvcache.SlotCache` buffers, attend over the filled window
 with one SDPA call, and project the last hidden state. :func:`decode_step_for` returns
 such a step for GPT-2 and Llama models (the families of the test models; each checked
-token for token against ``generate`` in fp32), and ``None`` for every other model, which
-keeps the engine's generic path (the model's own forward).
+token for token against ``generate`` in fp32, with its products packed and with the
+model's own), and ``None`` for every other model, which keeps the engine's generic path
+(the model's own forward).
 
 The steps read and write the same buffers as the generic path, so prefill, admission,
 retirement, compaction and any reordering of rows are shared and unchanged.
@@ -58,16 +59,20 @@ class DecodeStep(Protocol):
         ...
 
 
-def decode_step_for(model: Any, batch: SlotCache, *, max_rows: int) -> DecodeStep | None:
+def decode_step_for(
+    model: Any, batch: SlotCache, *, max_rows: int, pack_fp32: bool = False
+) -> DecodeStep | None:
     """A fast decode step for ``model`` over ``batch``, or ``None`` (use the generic path).
 
-    ``max_rows`` is the largest running batch, the row count packed weights are tuned for.
+    ``max_rows`` is the largest running batch, the row count packed weights are tuned for;
+    with ``pack_fp32`` an fp32 model's weights are packed too
+    (:mod:`worker.engine.fastpath.linear`), else its products are the model's own.
     """
     from worker.engine.fastpath import gpt2, llama
 
     for family in (gpt2, llama):
         if family.supports(model):
-            step: DecodeStep = family.build(model, batch, max_rows)
+            step: DecodeStep = family.build(model, batch, max_rows, pack_fp32=pack_fp32)
             return step
     return None
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -27,10 +28,16 @@ def supports(model: Any) -> bool:
 
 class GPT2Step:
     """One token for every row: the model's own embeddings, norms and MLPs, with the
-    attention written on the slot cache and the weights packed where that is exact."""
+    attention written on the slot cache and the weights packed (bf16/fp16; fp32 with
+    ``pack_fp32``, else fp32's products are the model's own)."""
 
-    def __init__(self, model: Any, batch: SlotCache, max_rows: int) -> None:
+    def __init__(
+        self, model: Any, batch: SlotCache, max_rows: int, *, pack_fp32: bool = False
+    ) -> None:
         self.batch = batch
+        # fp32 products packed too (worker.engine.fastpath.linear); else the model's own.
+        self.pack_fp32 = pack_fp32
+        product = functools.partial(linear, max_rows=max_rows, fp32=pack_fp32)
         self.between_layers: Callable[[], None] | None = None
         self.body = model.transformer
         config = model.config
@@ -40,27 +47,27 @@ class GPT2Step:
         self.scale = self.head_dim**-0.5 if config.scale_attn_weights else 1.0
         # Attention over whole cache rows (bf16/fp16 on a CPU); None: the eager products.
         self.products: Products | None = None
-        self.qkv: list[Linear] = [linear(b.attn.c_attn, max_rows) for b in self.body.h]
-        self.proj: list[Linear] = [linear(b.attn.c_proj, max_rows) for b in self.body.h]
-        # In bf16/fp16 the activation runs inside the first MLP product (one kernel
-        # instead of eight elementwise ones); in fp32 it is the model's own, exactly.
+        self.qkv: list[Linear] = [product(b.attn.c_attn) for b in self.body.h]
+        self.proj: list[Linear] = [product(b.attn.c_proj) for b in self.body.h]
+        # With packed weights the activation runs inside the first MLP product (one kernel
+        # instead of eight elementwise ones); else it is the model's own, exactly.
         act = config.activation_function
-        self.fused_act = fuses(self.body.h[0].mlp.c_fc, act)
+        self.fused_act = fuses(self.body.h[0].mlp.c_fc, act, fp32=pack_fp32)
         fc_act = act if self.fused_act else "none"
-        self.fc: list[Linear] = [linear(b.mlp.c_fc, max_rows, fc_act) for b in self.body.h]
-        self.fc_out: list[Linear] = [linear(b.mlp.c_proj, max_rows) for b in self.body.h]
+        self.fc: list[Linear] = [product(b.mlp.c_fc, activation=fc_act) for b in self.body.h]
+        self.fc_out: list[Linear] = [product(b.mlp.c_proj) for b in self.body.h]
         self.act: list[Activation] = [activation(b.mlp.act) for b in self.body.h]
-        self.lm_head = linear(model.lm_head, max_rows)
+        self.lm_head = product(model.lm_head)
         self._lm_head_module = model.lm_head
 
     def packed_modules(self) -> list[tuple[torch.nn.Module, Linear]]:
         """The model's modules this step computes otherwise, each with the callable
         computing the same (:func:`~worker.engine.fastpath.routing.route`): the packed
-        products (bf16/fp16), and in fp32 the activation computed in place, bit for bit."""
+        products (:func:`can_pack`), and unpacked the activation computed in place, bit for bit."""
         pairs: list[tuple[torch.nn.Module, Linear]] = []
         if not self.fused_act:
             pairs += [(b.mlp.act, act) for b, act in zip(self.body.h, self.act, strict=True)]
-        if not can_pack(self._lm_head_module.weight):
+        if not can_pack(self._lm_head_module.weight, fp32=self.pack_fp32):
             return pairs
         pairs.append((self._lm_head_module, self.lm_head))
         for i, block in enumerate(self.body.h):
@@ -107,6 +114,6 @@ def _chained(first: Linear, second: Linear) -> Linear:
     return lambda x: second(first(x))
 
 
-def build(model: Any, batch: SlotCache, max_rows: int) -> GPT2Step:
-    """The step for ``model`` (see :func:`supports`)."""
-    return GPT2Step(model, batch, max_rows)
+def build(model: Any, batch: SlotCache, max_rows: int, *, pack_fp32: bool = False) -> GPT2Step:
+    """The step for ``model`` (see :func:`supports`); ``pack_fp32`` as in the step."""
+    return GPT2Step(model, batch, max_rows, pack_fp32=pack_fp32)

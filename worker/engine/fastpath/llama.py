@@ -3,6 +3,7 @@ attention, RMSNorm and a gated MLP."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -27,8 +28,13 @@ class LlamaStep:
     """One token for every row: the model's own embeddings, rotary tables, norms and
     activation, with the attention written on the slot cache and packed weights."""
 
-    def __init__(self, model: Any, batch: SlotCache, max_rows: int) -> None:
+    def __init__(
+        self, model: Any, batch: SlotCache, max_rows: int, *, pack_fp32: bool = False
+    ) -> None:
         self.batch = batch
+        # fp32 products packed too (worker.engine.fastpath.linear); else the model's own.
+        self.pack_fp32 = pack_fp32
+        product = functools.partial(linear, max_rows=max_rows, fp32=pack_fp32)
         self.between_layers: Callable[[], None] | None = None
         self.body = model.model
         layers = self.body.layers
@@ -39,25 +45,25 @@ class LlamaStep:
         self.scale = first.scaling
         # Attention over whole cache rows (bf16/fp16 on a CPU); None: the eager products.
         self.products: Products | None = None
-        self.q = [linear(layer.self_attn.q_proj, max_rows) for layer in layers]
-        self.k = [linear(layer.self_attn.k_proj, max_rows) for layer in layers]
-        self.v = [linear(layer.self_attn.v_proj, max_rows) for layer in layers]
-        self.o = [linear(layer.self_attn.o_proj, max_rows) for layer in layers]
-        # In bf16/fp16 the gate's activation runs inside its product (see gpt2.py).
+        self.q = [product(layer.self_attn.q_proj) for layer in layers]
+        self.k = [product(layer.self_attn.k_proj) for layer in layers]
+        self.v = [product(layer.self_attn.v_proj) for layer in layers]
+        self.o = [product(layer.self_attn.o_proj) for layer in layers]
+        # With packed weights the gate's activation runs inside its product (see gpt2.py).
         act = getattr(model.config, "hidden_act", "")
-        self.fused_act = fuses(layers[0].mlp.gate_proj, act)
+        self.fused_act = fuses(layers[0].mlp.gate_proj, act, fp32=pack_fp32)
         gate_act = act if self.fused_act else "none"
-        self.gate = [linear(layer.mlp.gate_proj, max_rows, gate_act) for layer in layers]
-        self.up = [linear(layer.mlp.up_proj, max_rows) for layer in layers]
-        self.down = [linear(layer.mlp.down_proj, max_rows) for layer in layers]
-        self.lm_head = linear(model.lm_head, max_rows)
+        self.gate = [product(layer.mlp.gate_proj, activation=gate_act) for layer in layers]
+        self.up = [product(layer.mlp.up_proj) for layer in layers]
+        self.down = [product(layer.mlp.down_proj) for layer in layers]
+        self.lm_head = product(model.lm_head)
         self._lm_head_module = model.lm_head
 
     def packed_modules(self) -> list[tuple[torch.nn.Module, Linear]]:
         """The model's modules whose products this step packed, each with the packed
         callable computing the same (:func:`~worker.engine.fastpath.routing.route`);
-        none when nothing is packed (fp32)."""
-        if not can_pack(self._lm_head_module.weight):
+        none when nothing is packed (fp32 without ``pack_fp32``)."""
+        if not can_pack(self._lm_head_module.weight, fp32=self.pack_fp32):
             return []
         pairs: list[tuple[torch.nn.Module, Linear]] = [(self._lm_head_module, self.lm_head)]
         for i, layer in enumerate(self.body.layers):
@@ -105,6 +111,6 @@ def _gated(gate: Linear, up: Linear, down: Linear) -> Linear:
     return lambda x: down(gate(x) * up(x))
 
 
-def build(model: Any, batch: SlotCache, max_rows: int) -> LlamaStep:
-    """The step for ``model`` (see :func:`supports`)."""
-    return LlamaStep(model, batch, max_rows)
+def build(model: Any, batch: SlotCache, max_rows: int, *, pack_fp32: bool = False) -> LlamaStep:
+    """The step for ``model`` (see :func:`supports`); ``pack_fp32`` as in the step."""
+    return LlamaStep(model, batch, max_rows, pack_fp32=pack_fp32)

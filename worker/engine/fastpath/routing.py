@@ -7,9 +7,10 @@ sends the model's modules to the step's packed callables instead (no second copy
 the weights): in bf16 on two cores the engine's prefills of a few hundred prompt tokens
 ran 1.33x as fast (bench/README.md). Only calls on the engine's scheduler thread
 are routed: any other thread running the same model (a test's ``generate``) gets the
-model's own modules, untouched. fp32 products are never routed: they stay the model's
-own, so greedy fp32 outputs stay those of ``generate``; what is routed in fp32 computes
-the same bits (GPT-2's activation in place, :mod:`worker.engine.fastpath.activation`).
+model's own modules, untouched. fp32 products are routed only where the step packed them
+(``GENQ_FP32_PRODUCTS=packed``); otherwise they stay the model's own, and what is routed
+in fp32 computes the same bits (GPT-2's activation in place,
+:mod:`worker.engine.fastpath.activation`).
 """
 
 from __future__ import annotations
