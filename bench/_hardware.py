@@ -4,8 +4,9 @@ of one engine decode step, measured in this process on the bench's model.
 The ceiling is the tokens/s that the model's own matrix products allow at a batch of
 ``rows`` one-token rows: every linear layer (the LM head included) timed alone with
 ``F.linear`` on random inputs, best of a few repeats, summed. A system's share of it is
-its tokens/s over that figure. With packed bf16 weights (``worker/engine/fastpath``)
-the products themselves get faster than ``F.linear``'s, so that ceiling is printed too.
+its tokens/s over that figure. With weights packed once for oneDNN (``worker/engine/fastpath``,
+bf16 and by default fp32) the products themselves get faster than ``F.linear``'s, so that
+ceiling is printed too.
 
 The breakdown runs :class:`~worker.engine.batching.BatchingEngine` on ``rows`` prompts
 with its sections timed: the forward (split into matrix products, attention, other
@@ -39,7 +40,7 @@ class Ceiling:
 
     rows: int
     linear_ms: float
-    packed_ms: float | None  # with weights packed once (bf16/fp16 on oneDNN), else None
+    packed_ms: float | None  # with weights packed once for oneDNN (the engine's), else None
 
     @property
     def tokens_per_s(self) -> float:
@@ -92,9 +93,10 @@ def matmul_ceiling(model: Any, rows: int, repeats: int = 5) -> Ceiling:
         plain = [(lambda w=w, b=b: functional.linear(inputs[w.shape[1]], w, b)) for w, b in weights]
         linear_ms = _best_ms(plain, repeats)
         packed_ms = None
-        if can_pack(weights[0][0]):
+        if can_pack(weights[0][0], fp32=True):
             products = [
-                functools.partial(packed(w, b, rows), inputs[w.shape[1]]) for w, b in weights
+                functools.partial(packed(w, b, rows, fp32=True), inputs[w.shape[1]])
+                for w, b in weights
             ]
             packed_ms = _best_ms(products, repeats)
     return Ceiling(rows=rows, linear_ms=linear_ms, packed_ms=packed_ms)
@@ -346,7 +348,14 @@ def print_report(hardware: dict[str, Any]) -> None:
         if packed is not None:
             line += f", {packed:.0f} with weights packed once"
         shares = ", ".join(f"{k} {v:.2f}" for k, v in figures["share_of_ceiling"].items())
-        console.print(f"{line}; share of the F.linear ceiling: {shares}")
+        line += f"; share of the F.linear ceiling: {shares}"
+        if packed is not None:
+            rates = figures["share_of_ceiling"].items()
+            of_packed = (
+                f"{k} {v * figures['ceiling_tokens_per_s'] / packed:.2f}" for k, v in rates
+            )
+            line += f"; of the packed one: {', '.join(of_packed)}"
+        console.print(line)
         table = Table(title=f"one decode step at ~{rows} rows, {dtype} (ms)")
         table.add_column("part")
         for path in ("fast", "generic"):
