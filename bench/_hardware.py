@@ -155,6 +155,7 @@ def step_breakdown(
     *,
     fast: bool = True,
     threads: int | None = None,
+    pack_fp32: bool = True,
 ) -> dict[str, Any]:
     """One engine run of ``rows`` prompts; milliseconds per decode step by section. With
     ``threads``, the engine's thread runs the model with that many torch threads (call it
@@ -181,6 +182,7 @@ def step_breakdown(
         fast_decode=fast,
         express_max_new_tokens=0,
         threads=threads,
+        pack_fp32=pack_fp32,
     )
     sections = _Sections()
     shares: dict[str, float] = {}
@@ -268,6 +270,13 @@ def step_breakdown(
     }
 
 
+def packs_fp32(worker_env: Sequence[str]) -> bool:
+    """Whether genq's worker packs fp32 weights (``GENQ_FP32_PRODUCTS`` as ``--worker-env``
+    sets it, else the default, ``packed``)."""
+    values = [e.split("=", 1)[1] for e in worker_env if e.startswith("GENQ_FP32_PRODUCTS=")]
+    return (values[-1] if values else "packed") == "packed"
+
+
 def running_rows(worker_env: Sequence[str], jobs: int, default: int = 64) -> int:
     """The running batch genq's worker gets: GENQ_MAX_BATCH_SIZE (as ``--worker-env``
     sets it, else the bench's ``default``), at most the number of jobs."""
@@ -281,11 +290,13 @@ def measure(
     rates: dict[str, dict[str, float]],
     rows: int,
     threads: int,
+    pack_fp32: bool = True,
 ) -> dict[str, Any]:
     """Per dtype of ``rates`` (``{dtype: {system: tokens/s}}``): the ceiling at ``rows``,
     each system's share of it, and the engine's decode-step breakdown (fast path, and the
-    generic one for comparison), each with ``threads`` torch threads on a thread of its
-    own (call it from a thread that runs none: :mod:`bench._threads`)."""
+    generic one for comparison; fp32 weights packed as the worker's, ``pack_fp32``), each
+    with ``threads`` torch threads on a thread of its own (call it from a thread that runs
+    none: :mod:`bench._threads`)."""
     import gc
 
     from bench import _hf, _report, _threads
@@ -313,7 +324,7 @@ def measure(
             path = "fast" if fast else "generic"
             _report.step(f"hardware {dtype}: decode-step breakdown, {path} path")
             figures[f"breakdown_{path}"] = step_breakdown(
-                model, tokenizer, short, rows, fast=fast, threads=threads
+                model, tokenizer, short, rows, fast=fast, threads=threads, pack_fp32=pack_fp32
             )
         out[dtype] = figures
         del model
@@ -393,7 +404,7 @@ def min_step_ms(model: Any, rows: int, prompt: int = 30, repeats: int = 16) -> d
         cache = DynamicCache(config=model.config)
         model(input_ids=ids, attention_mask=mask, cache=cache, use_cache=True)
         batch.admit(cache, mask, torch.zeros(rows, dtype=torch.long))
-        fast = fastpath.decode_step_for(model, batch, max_rows=rows)
+        fast = fastpath.decode_step_for(model, batch, max_rows=rows, pack_fp32=True)
         if fast is None:
             raise ValueError("no fast decode step for this model")
 

@@ -437,7 +437,8 @@ def hardware_share(
     if "bf16" in result:
         rates["bfloat16"] = {k: result["bf16"][k] for k in ("static_batch", "genq")}
     rows = _hardware.running_rows(args.worker_env, len(prompts))
-    return _hardware.measure(model_dir, prompts, rates, rows, THREADS)
+    pack_fp32 = _hardware.packs_fp32(args.worker_env)
+    return _hardware.measure(model_dir, prompts, rates, rows, THREADS, pack_fp32)
 
 
 def run_plumbing(args: argparse.Namespace, tmp: Path, log_dir: Path) -> dict[str, Any]:

@@ -257,3 +257,61 @@ def test_products_attention_in_fp16_stays_finite_where_sdpa_does() -> None:
     assert bool(torch.isfinite(sdpa).all())
     got = products_attention(*half, keep, scale)
     torch.testing.assert_close(got.float(), expected, atol=0.02, rtol=0.02)
+
+
+@pytest.mark.parametrize("pack_fp32", [True, False], ids=["packed", "model-products"])
+def test_an_fp32_gpt2_engine_runs_every_product_of_every_forward_on_the_packed_kernel(
+    gpt2: Any, pack_fp32: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Packed (the default): each forward, the prefill and every decode step, makes its
+    four products a layer and the LM head's through oneDNN's packed kernel; with the
+    model's own products, none."""
+    model, tokenizer, info = gpt2
+    if not can_pack(model.lm_head.weight, fp32=True):
+        pytest.skip("torch has no oneDNN here, or this is not an x86-64 CPU")
+    kernel = torch.ops.mkldnn._linear_pointwise
+    calls: list[int] = []
+
+    def spy(*args: Any) -> Any:
+        calls.append(1)
+        return kernel(*args)
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", spy)
+    per_forward = 4 * model.config.n_layer + 1
+    engine = BatchingEngine(model, tokenizer, info, threads=1, pack_fp32=pack_fp32)
+    try:
+        result = engine.submit(request("Once upon a time", max_new_tokens=5))
+        assert result.result(timeout=60).completion_tokens == 5
+    finally:
+        engine.close()
+    assert len(calls) == (5 * per_forward if pack_fp32 else 0)  # a prefill, 4 steps
+
+
+def test_fp32_is_packed_only_on_x86_64(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Elsewhere (ARM, say) fp32 keeps the model's own products: unmeasured there."""
+    import platform
+
+    weight = torch.ones(4, 4)
+    monkeypatch.setattr(platform, "machine", lambda: "aarch64")
+    assert not can_pack(weight, fp32=True)
+    monkeypatch.setattr(platform, "machine", lambda: "x86_64")
+    assert can_pack(weight, fp32=True) is bool(torch.backends.mkldnn.is_available())
+
+
+def test_the_generic_path_packs_nothing(gpt2: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``fast_decode=False``: no decode step is built, so no weight is packed (a copy
+    of the weights held for nothing)."""
+    packs: list[int] = []
+    reorder = torch.ops.mkldnn._reorder_linear_weight
+
+    def spy(*args: Any) -> Any:
+        packs.append(1)
+        return reorder(*args)
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_reorder_linear_weight", spy)
+    model, tokenizer, info = gpt2
+    BatchingEngine(model, tokenizer, info, fast_decode=False, pack_fp32=True).close()
+    assert packs == []
+    if can_pack(model.lm_head.weight, fp32=True):  # the spy sees packing where there is any
+        BatchingEngine(model, tokenizer, info, pack_fp32=True).close()
+        assert packs

@@ -147,11 +147,27 @@ def test_only_the_engines_thread_runs_the_model_with_several_threads(models_dir:
 
 
 @pytest.mark.parametrize(("products", "packed"), [(None, True), ("model", False)])
-def test_fp32_products_setting_reaches_the_decode_step(
-    models_dir: Path, products: str | None, packed: bool
+def test_fp32_products_setting_reaches_the_engines_kernels(
+    models_dir: Path, products: str | None, packed: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """``GENQ_FP32_PRODUCTS``: packed by default, the model's own with ``model``."""
+    """``GENQ_FP32_PRODUCTS``: a worker's engine runs oneDNN's packed kernel by default,
+    the model's own products (never that kernel) with ``model``."""
+    import torch
+
+    from tests.engine.helpers import request
     from worker.engine import build_engine
+    from worker.engine.fastpath.linear import can_pack
+
+    if not can_pack(torch.ones(1), fp32=True):
+        pytest.skip("torch has no oneDNN here, or this is not an x86-64 CPU")
+    kernel = torch.ops.mkldnn._linear_pointwise
+    calls: list[int] = []
+
+    def spy(*args: Any) -> Any:
+        calls.append(1)
+        return kernel(*args)
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", spy)
 
     options: dict[str, Any] = {} if products is None else {"fp32_products": products}
     settings = Settings(
@@ -163,9 +179,10 @@ def test_fp32_products_setting_reaches_the_decode_step(
     )
     engine: Any = build_engine(settings)
     try:
-        assert engine._main.fast.pack_fp32 is packed
+        engine.submit(request("Once upon a time", max_new_tokens=3)).result(timeout=60)
     finally:
         engine.close()
+    assert bool(calls) is packed
 
 
 def test_an_unknown_fp32_products_value_is_refused_by_name(monkeypatch: pytest.MonkeyPatch) -> None:

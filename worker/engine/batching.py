@@ -144,10 +144,13 @@ class BatchingEngine:
         # The running batches, touched only by the scheduler thread (worker.engine.lanes).
         main = kvcache.SlotCache(model.config, max_batch_size)
         express = kvcache.SlotCache(model.config, EXPRESS_ROWS)
-        # A decode step written for the model's family (None: the model's own forward).
-        fast = fastpath.decode_step_for(model, main, max_rows=max_batch_size, pack_fp32=pack_fp32)
-        if not fast_decode:
-            fast = None
+        # A decode step written for the model's family (None: the model's own forward);
+        # not even built without fast_decode (it packs weights).
+        fast = (
+            fastpath.decode_step_for(model, main, max_rows=max_batch_size, pack_fp32=pack_fp32)
+            if fast_decode
+            else None
+        )
         self._main = Lane(main, fast)
         self._express = Lane(express, fastpath.rebind(fast, express) if fast else None)
         self._lanes = (self._express, self._main)
@@ -172,7 +175,8 @@ class BatchingEngine:
         self._unplaced: list[RequestState] = []
         self._thread = threading.Thread(target=self._run, name="genq-engine", daemon=True)
         # The scheduler's forwards through the model (prefills) use the fast step's
-        # packed weights too, where it has any (bf16/fp16 on a CPU).
+        # packed weights too, where it has any (on a CPU: bf16/fp16, and fp32 with
+        # pack_fp32).
         self._unroute = routing.route(
             fast.packed_modules() if fast is not None else [],
             lambda: threading.current_thread() is self._thread,

@@ -9,8 +9,8 @@ changes no bit), give identical results for less memory traffic: 1.26x as fast a
 rows, 2.2x at a prefill's 384, on 2 cores; a whole decode step of GPT-2 in fp32 at 128
 rows 1.026x (bench/README.md, "Issue 13, session 23").
 
-Used where the activation is not fused into a packed product (fp32), where greedy
-outputs must stay token for token those of ``generate``.
+Used where the activation is not fused into a packed product (fp32 with the model's own
+products, ``GENQ_FP32_PRODUCTS=model``), where the step must compute the model's bits.
 """
 
 from __future__ import annotations

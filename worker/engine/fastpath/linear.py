@@ -20,6 +20,7 @@ within those last bits (tests/engine/test_fastpath.py checks both kernels).
 
 from __future__ import annotations
 
+import platform
 from collections.abc import Callable
 from typing import Any
 
@@ -29,11 +30,13 @@ from torch.nn import functional
 Linear = Callable[[torch.Tensor], torch.Tensor]
 
 _PACKABLE = (torch.bfloat16, torch.float16)
+_X86_64 = ("x86_64", "amd64")
 
 
 def can_pack(weight: torch.Tensor, *, fp32: bool = False) -> bool:
     """Whether ``weight`` gets oneDNN's packed kernel: bf16/fp16 on a CPU with them, and
-    fp32 on a CPU if ``fp32`` (else fp32 keeps the model's own product)."""
+    fp32 on an x86-64 CPU if ``fp32`` (else fp32 keeps the model's own product: on other
+    CPUs, ARM's say, the packed kernel's speed against the model's is unmeasured)."""
     if weight.device.type != "cpu":
         return False
     if weight.dtype not in _PACKABLE and not (fp32 and weight.dtype == torch.float32):
@@ -41,7 +44,7 @@ def can_pack(weight: torch.Tensor, *, fp32: bool = False) -> bool:
     if not torch.backends.mkldnn.is_available():  # type: ignore[no-untyped-call]
         return False
     if weight.dtype == torch.float32:
-        return True
+        return platform.machine().lower() in _X86_64
     if weight.dtype == torch.bfloat16:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
