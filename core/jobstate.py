@@ -95,6 +95,7 @@ class Outcome:
     torch_version: str
     transformers_version: str
     dtype: str | None = None  # the weights' dtype: bf16 tokens can differ from fp32's
+    products: str | None = None  # the matrix products' kernels (ModelInfo.products)
     aborted: bool = False
     logprobs: list[list[dict[str, Any]]] | None = None
     prompt: str | None = None  # a chat job's rendered prompt (None: keep the stored one)

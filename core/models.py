@@ -210,6 +210,7 @@ class Job(Base):
     torch_version: Mapped[str | None] = mapped_column(String(32))
     transformers_version: Mapped[str | None] = mapped_column(String(32))
     dtype: Mapped[str | None] = mapped_column(String(16))
+    products: Mapped[str | None] = mapped_column(String(16))  # worker.engine.base.ModelInfo
 
 
 class ApiKey(Base):

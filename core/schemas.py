@@ -228,6 +228,12 @@ class Reproducibility(BaseModel):
     dtype: str | None = Field(
         default=None, description="the model's dtype (bfloat16 tokens can differ from float32's)"
     )
+    products: str | None = Field(
+        default=None,
+        description="the matrix products' kernels: the model's own (model, those generate"
+        " calls) or on weights packed once for oneDNN (packed: the same sums in another"
+        " order, so the last bits of the scores can differ)",
+    )
 
 
 class WebhookStatus(BaseModel):
@@ -317,6 +323,7 @@ class JobRead(BaseModel):
                 torch_version=job.torch_version,
                 transformers_version=job.transformers_version,
                 dtype=job.dtype,
+                products=job.products,
             ),
             created_at=job.created_at,
             started_at=job.started_at,

@@ -321,6 +321,7 @@ class WorkerRuntime:
             torch_version=info.torch_version,
             transformers_version=info.transformers_version,
             dtype=info.dtype,
+            products=info.products,
             aborted=result.aborted,
             logprobs=result.logprobs,
             prompt=result.prompt,

@@ -180,6 +180,7 @@ def test_fp32_products_setting_reaches_the_engines_kernels(
     engine: Any = build_engine(settings)
     try:
         engine.submit(request("Once upon a time", max_new_tokens=3)).result(timeout=60)
+        assert engine.info.products == ("packed" if packed else "model")  # the jobs' record
     finally:
         engine.close()
     assert bool(calls) is packed

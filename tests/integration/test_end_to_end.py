@@ -53,6 +53,16 @@ def check_story(job: dict[str, Any]) -> None:
         assert job["reproducibility"]["model_revision"]
         assert job["reproducibility"]["torch_version"]
         assert job["reproducibility"]["dtype"] == "float32"  # as genq_env asks
+        assert job["reproducibility"]["products"] == _fp32_products()
+
+
+def _fp32_products() -> str:
+    """What a float32 worker's products run on here: packed on x86-64 with oneDNN."""
+    import torch
+
+    from worker.engine.fastpath.linear import can_pack
+
+    return "packed" if can_pack(torch.ones(1), fp32=True) else "model"
 
 
 @pytest.fixture

@@ -49,6 +49,7 @@ def test_a_job_is_claimed_generated_and_stored(client: TestClient, runtime: Work
     assert job["reproducibility"]["model_revision"] == "fake"
     assert job["reproducibility"]["torch_version"] == "none"
     assert job["reproducibility"]["dtype"] == "none"  # the fake engine has no weights
+    assert job["reproducibility"]["products"] == "none"
 
 
 def test_a_job_cancelled_before_it_starts_is_not_generated(

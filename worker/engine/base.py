@@ -91,6 +91,10 @@ class ModelInfo:
     dtype: str
     context_length: int
     chat_template: bool = False  # whether chat messages can be rendered
+    # The matrix products: the model's own (``model``, the kernels ``generate`` calls),
+    # on weights packed once for oneDNN (``packed``: the same sums in another order), or
+    # ``none`` (the fake engine).
+    products: str = "model"
 
 
 class Engine(Protocol):

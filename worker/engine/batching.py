@@ -107,7 +107,6 @@ class BatchingEngine:
         compile_attention: bool = False,
         pack_fp32: bool = True,
     ) -> None:
-        self.info = info
         # torch threads of the scheduler thread (None: torch's count for new threads).
         self.threads = threads
         self.model = model
@@ -151,6 +150,8 @@ class BatchingEngine:
             if fast_decode
             else None
         )
+        products = "packed" if fast is not None and fast.packed else "model"
+        self.info = dataclasses.replace(info, products=products)
         self._main = Lane(main, fast)
         self._express = Lane(express, fastpath.rebind(fast, express) if fast else None)
         self._lanes = (self._express, self._main)

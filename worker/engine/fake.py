@@ -73,6 +73,7 @@ class FakeEngine:
             transformers_version="none",
             device="cpu",
             dtype="none",
+            products="none",
             context_length=max_prompt_words,
             chat_template=True,
         )

@@ -48,6 +48,9 @@ class DecodeStep(Protocol):
     products: Products | None
     """The attention over whole cache rows (None: the eager products; see
     :func:`~worker.engine.fastpath.attention.attend`)."""
+    packed: bool
+    """Whether the matrix products run on weights packed once for oneDNN
+    (:mod:`worker.engine.fastpath.linear`) rather than the model's own."""
 
     def __call__(
         self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor

@@ -37,6 +37,8 @@ class GPT2Step:
         self.batch = batch
         # fp32 products packed too (worker.engine.fastpath.linear); else the model's own.
         self.pack_fp32 = pack_fp32
+        # Whether the products run on packed weights (the job's reproducibility record).
+        self.packed = can_pack(model.lm_head.weight, fp32=pack_fp32)
         product = functools.partial(linear, max_rows=max_rows, fp32=pack_fp32)
         self.between_layers: Callable[[], None] | None = None
         self.body = model.transformer
@@ -67,7 +69,7 @@ class GPT2Step:
         pairs: list[tuple[torch.nn.Module, Linear]] = []
         if not self.fused_act:
             pairs += [(b.mlp.act, act) for b, act in zip(self.body.h, self.act, strict=True)]
-        if not can_pack(self._lm_head_module.weight, fp32=self.pack_fp32):
+        if not self.packed:
             return pairs
         pairs.append((self._lm_head_module, self.lm_head))
         for i, block in enumerate(self.body.h):

@@ -34,6 +34,8 @@ class LlamaStep:
         self.batch = batch
         # fp32 products packed too (worker.engine.fastpath.linear); else the model's own.
         self.pack_fp32 = pack_fp32
+        # Whether the products run on packed weights (the job's reproducibility record).
+        self.packed = can_pack(model.lm_head.weight, fp32=pack_fp32)
         product = functools.partial(linear, max_rows=max_rows, fp32=pack_fp32)
         self.between_layers: Callable[[], None] | None = None
         self.body = model.model
@@ -63,7 +65,7 @@ class LlamaStep:
         """The model's modules whose products this step packed, each with the packed
         callable computing the same (:func:`~worker.engine.fastpath.routing.route`);
         none when nothing is packed (fp32 without ``pack_fp32``)."""
-        if not can_pack(self._lm_head_module.weight, fp32=self.pack_fp32):
+        if not self.packed:
             return []
         pairs: list[tuple[torch.nn.Module, Linear]] = [(self._lm_head_module, self.lm_head)]
         for i, layer in enumerate(self.body.layers):
