@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import itertools
+import threading
 import time
 from typing import Any
 
+import pytest
 import torch
 
 from core.schemas import GenerationParams
@@ -47,3 +49,17 @@ def wait_for_tokens(engine: Any, request_id: str, tokens: int, timeout: float = 
             return
         time.sleep(0.002)
     raise AssertionError(f"{request_id} did not reach {tokens} tokens")
+
+
+def mkldnn_calls(monkeypatch: pytest.MonkeyPatch, op: str = "_linear_pointwise") -> list[str]:
+    """The name of the thread of every call of ``torch.ops.mkldnn.<op>`` from now on (the
+    packed kernel, or ``_reorder_linear_weight``: a weight packed), until the test ends."""
+    kernel = getattr(torch.ops.mkldnn, op)
+    threads: list[str] = []
+
+    def spy(*args: Any) -> Any:
+        threads.append(threading.current_thread().name)
+        return kernel(*args)
+
+    monkeypatch.setattr(torch.ops.mkldnn, op, spy)
+    return threads

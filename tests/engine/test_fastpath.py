@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch.nn import functional
 
-from tests.engine.helpers import reference, request
+from tests.engine.helpers import mkldnn_calls, reference, request
 from tests.engine.test_kvcache import Driver, alone, prompts_of
 from worker.engine import fastpath
 from worker.engine.batching import BatchingEngine
@@ -158,7 +158,9 @@ def test_packed_linear_equals_f_linear_in_bf16() -> None:
         torch.testing.assert_close(got, expected, atol=0.05, rtol=0.02)
 
 
-def test_packed_linear_in_fp32_is_the_product_within_its_last_bits() -> None:
+def test_packed_linear_in_fp32_is_the_product_within_its_last_bits(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """fp32 is packed only when asked (``fp32=True``); then it is oneDNN's kernel, whose
     sums differ from ``functional.linear``'s in the last bits only."""
     generator = torch.Generator().manual_seed(0)
@@ -167,19 +169,11 @@ def test_packed_linear_in_fp32_is_the_product_within_its_last_bits() -> None:
     assert not can_pack(weight)
     if not can_pack(weight, fp32=True):
         pytest.skip("torch has no oneDNN here")
-    kernel = torch.ops.mkldnn._linear_pointwise
-    calls: list[int] = []
-
-    def spy(*args: Any) -> Any:
-        calls.append(1)
-        return kernel(*args)
-
+    calls = mkldnn_calls(monkeypatch)
     product = packed(weight, bias, max_rows=16, fp32=True)
     for rows in (1, 5, 16, 40):  # fewer and more rows than it was packed for
         x = torch.randn(rows, 1, 64, generator=generator)
-        with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(torch.ops.mkldnn, "_linear_pointwise", spy)
-            got = product(x)
+        got = product(x)
         assert got.shape == (rows, 1, 96) and got.dtype == torch.float32
         torch.testing.assert_close(got, functional.linear(x, weight, bias), atol=1e-5, rtol=1e-5)
     assert len(calls) == 4
@@ -269,14 +263,7 @@ def test_an_fp32_gpt2_engine_runs_every_product_of_every_forward_on_the_packed_k
     model, tokenizer, info = gpt2
     if not can_pack(model.lm_head.weight, fp32=True):
         pytest.skip("torch has no oneDNN here, or this is not an x86-64 CPU")
-    kernel = torch.ops.mkldnn._linear_pointwise
-    calls: list[int] = []
-
-    def spy(*args: Any) -> Any:
-        calls.append(1)
-        return kernel(*args)
-
-    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", spy)
+    calls = mkldnn_calls(monkeypatch)
     per_forward = 4 * model.config.n_layer + 1
     engine = BatchingEngine(model, tokenizer, info, threads=1, pack_fp32=pack_fp32)
     try:
@@ -301,14 +288,7 @@ def test_fp32_is_packed_only_on_x86_64(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_the_generic_path_packs_nothing(gpt2: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """``fast_decode=False``: no decode step is built, so no weight is packed (a copy
     of the weights held for nothing)."""
-    packs: list[int] = []
-    reorder = torch.ops.mkldnn._reorder_linear_weight
-
-    def spy(*args: Any) -> Any:
-        packs.append(1)
-        return reorder(*args)
-
-    monkeypatch.setattr(torch.ops.mkldnn, "_reorder_linear_weight", spy)
+    packs = mkldnn_calls(monkeypatch, "_reorder_linear_weight")
     model, tokenizer, info = gpt2
     BatchingEngine(model, tokenizer, info, fast_decode=False, pack_fp32=True).close()
     assert packs == []

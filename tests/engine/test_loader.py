@@ -154,20 +154,13 @@ def test_fp32_products_setting_reaches_the_engines_kernels(
     the model's own products (never that kernel) with ``model``."""
     import torch
 
-    from tests.engine.helpers import request
+    from tests.engine.helpers import mkldnn_calls, request
     from worker.engine import build_engine
     from worker.engine.fastpath.linear import can_pack
 
     if not can_pack(torch.ones(1), fp32=True):
         pytest.skip("torch has no oneDNN here, or this is not an x86-64 CPU")
-    kernel = torch.ops.mkldnn._linear_pointwise
-    calls: list[int] = []
-
-    def spy(*args: Any) -> Any:
-        calls.append(1)
-        return kernel(*args)
-
-    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", spy)
+    calls = mkldnn_calls(monkeypatch)
 
     options: dict[str, Any] = {} if products is None else {"fp32_products": products}
     settings = Settings(

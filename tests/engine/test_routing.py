@@ -18,7 +18,7 @@ import pytest
 import torch
 from transformers.pytorch_utils import Conv1D
 
-from tests.engine.helpers import reference, request
+from tests.engine.helpers import mkldnn_calls, reference, request
 from worker.engine import fastpath, kvcache
 from worker.engine.batching import BatchingEngine
 from worker.engine.fastpath.linear import can_pack, linear
@@ -219,14 +219,7 @@ def test_an_engines_prefill_runs_on_packed_weights(
     else:
         model, pairs = loaded[0], _fp32_pairs(loaded[0])
     tokenizer, info = loaded[1], loaded[2]
-    kernel = torch.ops.mkldnn._linear_pointwise
-    threads: list[str] = []
-
-    def spy(*args: Any) -> Any:
-        threads.append(threading.current_thread().name)
-        return kernel(*args)
-
-    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", spy)
+    threads = mkldnn_calls(monkeypatch)
     engine = BatchingEngine(model, tokenizer, info, max_batch_size=4, threads=1)
     prompts = ("Once upon", "The dog")
     try:
