@@ -35,9 +35,8 @@ class GPT2Step:
         self, model: Any, batch: SlotCache, max_rows: int, *, pack_fp32: bool = False
     ) -> None:
         self.batch = batch
-        # fp32 products packed too (worker.engine.fastpath.linear); else the model's own.
-        self.pack_fp32 = pack_fp32
-        # Whether the products run on packed weights (the job's reproducibility record).
+        # Whether the products run on packed weights (fp32 too with pack_fp32; else the
+        # model's own): the job's reproducibility record.
         self.packed = can_pack(model.lm_head.weight, fp32=pack_fp32)
         product = functools.partial(linear, max_rows=max_rows, fp32=pack_fp32)
         self.between_layers: Callable[[], None] | None = None
