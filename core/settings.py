@@ -101,6 +101,13 @@ class Settings(BaseSettings):
         default=8, ge=1, le=256, description="jobs submitted together go this many per message"
     )
     worker_events: bool = Field(default=True, description="Celery task events, for Flower")
+    bulk_share: float = Field(
+        default=0.25,
+        gt=0,
+        le=1,
+        description="while web apps' jobs (high, express) are about, other jobs' claims,"
+        " stores and top-ups take at most this share of a worker's time (1: no pauses)",
+    )
     task_time_limit_s: int = Field(default=3600, ge=10)
     progress_interval_s: float = Field(default=1.0, gt=0)
     queue: str = "genq"

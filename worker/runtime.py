@@ -14,6 +14,7 @@ flight in this process, so a poison job exhausts only its own attempts.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import threading
@@ -39,6 +40,7 @@ from worker.engine.base import (
 )
 from worker.groupcommit import GroupCommit
 from worker.isolation import JobSlots, SharedExclusiveLock
+from worker.pacing import BulkPacer
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -72,6 +74,7 @@ class WorkerRuntime:
         queue: JobQueue | None = None,
         *,
         name: str = "worker",
+        pacer: BulkPacer | None = None,
     ) -> None:
         self.settings = settings
         self.name = name
@@ -89,8 +92,11 @@ class WorkerRuntime:
         self._claimers: dict[tuple[str, bool], GroupClaimer] = {}
         # Results stored together likewise: one transaction for every task thread
         # storing at the same moment (worker.groupcommit).
+        # While a web app's jobs are about, the others' rounds pause (worker.pacing).
+        self.pacer = pacer or BulkPacer(settings.bulk_share)
         self._storers: dict[bool, GroupCommit[StoreItem, bool]] = {
-            urgent: GroupCommit(self._store_outcomes) for urgent in (False, True)
+            False: GroupCommit(self.pacer.paced(self._store_outcomes)),
+            True: GroupCommit(self._store_outcomes),
         }
         self._reported: dict[str, int] = {}
         self._handing_back: set[str] = set()
@@ -143,7 +149,10 @@ class WorkerRuntime:
         # Free slots go to the message from the queue read first (high, express, ...).
         rank = lane_rank(queue)
         urgent = rank <= URGENT_RANK
-        with self._slots.hold(len(ids), rank=rank) as held:
+        with (
+            self.pacer.urgent() if urgent else contextlib.nullcontext(),
+            self._slots.hold(len(ids), rank=rank) as held,
+        ):
             with self._isolation.shared():
                 # Checked again once a slot is free: a message that waited for one
                 # while the worker began shutting down must not start its jobs.
@@ -170,8 +179,9 @@ class WorkerRuntime:
         with self._lock:
             claimer = self._claimers.get((worker, urgent))
             if claimer is None:
+                claim_fresh = functools.partial(self._claim_fresh, worker)
                 claimer = self._claimers[worker, urgent] = GroupClaimer(
-                    functools.partial(self._claim_fresh, worker)
+                    claim_fresh if urgent else self.pacer.paced(claim_fresh)
                 )
             return claimer
 
