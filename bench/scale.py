@@ -3,7 +3,8 @@
 ``python -m bench.scale [--lines 10000,100000] [--million] [--json OUT]``
 
 For each N, on a fresh PostgreSQL database and Redis queue, with one ``genq api`` and
-one ``genq worker`` (``GENQ_MODEL=fake``: the deterministic FakeEngine, no torch), it
+one ``genq worker`` (``GENQ_MODEL=fake``: the deterministic FakeEngine, no torch; or
+``--model DIR``, a local model, where a batch of a few thousand lines is enough), it
 uploads an N-line batch file with the official openai SDK, creates the batch, polls
 it every second until it completes while a web app's single jobs run beside it,
 downloads the output (every custom_id must come back once), then runs the same file
@@ -45,6 +46,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--million", action="store_true", help="add a 1,000,000-line batch")
     parser.add_argument("--idle-jobs", type=int, default=20, help="single jobs on the idle system")
     parser.add_argument("--no-cli", action="store_true", help="skip the genq run phase")
+    parser.add_argument(
+        "--model",
+        default="fake",
+        help="what the worker serves: fake (the FakeEngine) or a local model directory",
+    )
     parser.add_argument("--timeout", type=float, default=7200, help="seconds per batch")
     parser.add_argument("--json", type=Path, help="write the figures here")
     parser.add_argument("--log-dir", type=Path, help="keep the api/worker logs here")
@@ -58,11 +64,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def write_input(path: Path, lines: int) -> None:
-    """An OpenAI batch file of ``lines`` completion requests for the fake model."""
+def write_input(path: Path, lines: int, model: str = "fake") -> None:
+    """An OpenAI batch file of ``lines`` completion requests for ``model``."""
     with path.open("w") as f:
         for i in range(lines):
-            body = {"model": "fake", "prompt": f"line {i} alpha beta", "max_tokens": 4}
+            body = {"model": model, "prompt": f"line {i} alpha beta", "max_tokens": 4}
             request = {"custom_id": f"r{i}", "method": "POST", "url": "/v1/completions"}
             f.write(json.dumps(request | {"body": body}) + "\n")
 
@@ -205,12 +211,14 @@ def measure(lines: int, args: argparse.Namespace, tmp: Path, log_dir: Path) -> d
     extra = {"GENQ_MAX_BATCH_LINES": str(max(lines, 50_000))}
     extra |= dict(item.split("=", 1) for item in args.env)
     input_path = tmp / f"batch-{lines}.jsonl"
-    write_input(input_path, lines)
     logs = log_dir / str(lines)
     logs.mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as stack:
-        env, url, api = stack.enter_context(genq_stack(tmp, logs, "fake", 1, extra))
+        env, url, api = stack.enter_context(genq_stack(tmp, logs, args.model, 1, extra))
         worker = stack.enter_context(start_worker(env, logs / "worker.log", url, api, args.timeout))
+        with httpx.Client(base_url=url, timeout=60) as client:
+            served = _genq.get_json(client, "/v1/models")["data"][0]["id"]
+        write_input(input_path, lines, served)
         db_url, queue = env["GENQ_DATABASE_URL"], env["GENQ_QUEUE"]
         _report.step(f"{lines:,} lines: {args.idle_jobs} single jobs on the idle system")
         with httpx.Client(base_url=url, timeout=60) as client:
@@ -315,8 +323,10 @@ def print_result(result: dict[str, Any], flags: str) -> None:
             ),
             ("deadlocks", str(db["deadlocks"])),
         ]
+        settings = " ".join([f"model={result['model']}", *result["env"]])
         out.print(
-            f"[bold]bench.scale: {r['lines']:,} lines[/bold]  (CPU flags: {flags})", soft_wrap=True
+            f"[bold]bench.scale: {r['lines']:,} lines[/bold], {settings}  (CPU flags: {flags})",
+            soft_wrap=True,
         )
         for name, value in rows:
             out.print(f"  {name:<40} {value}", highlight=False, soft_wrap=True)
@@ -368,6 +378,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "cpu_cores": os.cpu_count(),
         "load_avg_1min": {"start": load, "end": round(os.getloadavg()[0], 2)},
         "env": args.env,
+        "model": args.model,
     }
     print_result(result, flags)
     if args.json:
