@@ -15,7 +15,6 @@ from core import batches, delivery, feed
 from core.db import get_sessionmaker, session_scope
 from core.queue import JobQueue
 from core.settings import Settings
-from worker.pacing import BulkPacer
 from worker.periodic import Periodic
 
 log = logging.getLogger(__name__)
@@ -26,24 +25,15 @@ LOCK_NAME = "feeder"
 class Feeder(Periodic):
     """A daemon thread topping up the queues every ``settings.feed_interval_s``."""
 
-    def __init__(
-        self,
-        settings: Settings,
-        queue: JobQueue,
-        *,
-        holder: str,
-        pacer: BulkPacer | None = None,
-    ) -> None:
+    def __init__(self, settings: Settings, queue: JobQueue, *, holder: str) -> None:
         super().__init__(settings.feed_interval_s, name="feeder")
         self.settings = settings
         self.queue = queue
         self.holder = holder
         self._url = settings.resolved_database_url
-        # A top-up is bulk work: it steps aside for a web app's jobs (worker.pacing).
-        self._feed = pacer.paced(self.feed_once) if pacer is not None else self.feed_once
 
     def tick(self) -> object:
-        return self._feed()
+        return self.feed_once()
 
     def feed_once(self) -> dict[str, int]:
         """One top-up of every queue, if this process holds the lock; what it sent."""

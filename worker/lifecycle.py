@@ -77,7 +77,7 @@ def get_runtime() -> WorkerRuntime:
             _runtime.heartbeat()
             _sweeper = Sweeper(settings, queue, holder=name)
             _sweeper.start()
-            _feeder = Feeder(settings, queue, holder=name, pacer=_runtime.pacer)
+            _feeder = Feeder(settings, queue, holder=name)
             _feeder.start()
             _dispatcher = Dispatcher(settings)
             _dispatcher.start()

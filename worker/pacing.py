@@ -7,14 +7,18 @@ fake model, 3-4x its idle round trip, though it waits in no queue behind the bat
 
 So while urgent jobs (``high`` and ``express`` messages) are in the worker, and for
 :data:`URGENT_WINDOW_S` after the last of them (a web app sends its next job soon),
-each round of the other jobs' claims and stores, and each top-up of the feeder, is
-followed by a pause: bulk work then takes at most ``GENQ_BULK_SHARE`` of the time it
-would. The pause is made while the round still holds its group (worker.groupcommit),
-so the calls arriving meanwhile go together in the next round: fewer, larger rounds.
+a round of the other jobs' claims, or of their stores, starts no sooner than a pause
+after the previous one ended: ``1/GENQ_BULK_SHARE - 1`` times that round's length (3x
+at the default 0.25), at most :data:`MAX_PAUSE_S`. Claims and stores pace apart, so
+together they may take up to twice the share. The pause is taken before the next
+round, so what a round did goes on at once (claimed jobs reach the engine, stored
+results are seen), and the calls arriving meanwhile go together in the next round.
 
-The engine is not paced: with a real model, bulk throughput is the engine's, and the
-rounds are a small part of it; where they are most of it (a tiny model, the fake
-one), a batch runs at about that share of its speed while web apps are busy.
+Urgent is any caller's: a short job of ``normal`` priority goes to ``express`` (paced
+per owner, core.express), so a web app sending one every 2 s keeps a worker's bulk
+work paced. The engine is not paced: with a real model, a batch's throughput is the
+engine's and the rounds are a small part of it; where they are most of it (a tiny
+model, the fake one), a batch slows while web apps are busy.
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ class BulkPacer:
         *,
         window_s: float = URGENT_WINDOW_S,
         clock: Callable[[], float] = time.monotonic,
-        sleep: Callable[[float], None] = time.sleep,
+        sleep: Callable[[float], object] = time.sleep,
     ) -> None:
         if not 0 < share <= 1:
             raise ValueError(f"share must be in (0, 1], not {share}")
@@ -77,28 +81,38 @@ class BulkPacer:
         with self._lock:
             return self._urgent > 0 or self._clock() - self._last_urgent < self.window_s
 
-    def pause_after(self, spent_s: float) -> float:
-        """After a bulk round of ``spent_s`` seconds, pause so that bulk work takes
-        ``share`` of the time (at most :data:`MAX_PAUSE_S`) while stepping aside;
-        returns the pause."""
-        if self.share >= 1 or not self.stepping_aside():
+    def pause_for(self, spent_s: float) -> float:
+        """The pause owed after a bulk round of ``spent_s`` seconds: bulk rounds back
+        to back then take ``share`` of the time (a round's pause is at most
+        :data:`MAX_PAUSE_S`, so one longer than that takes more)."""
+        return min(spent_s * (1 / self.share - 1), MAX_PAUSE_S)
+
+    def wait_until(self, start_at: float) -> float:
+        """While stepping aside, wait until ``start_at`` (the clock's time); returns
+        the pause."""
+        pause = start_at - self._clock()
+        if pause <= 0 or not self.stepping_aside():
             return 0.0
-        pause = min(spent_s * (1 / self.share - 1), MAX_PAUSE_S)
-        if pause > 0:
-            self._sleep(pause)
-            with self._lock:
-                self.paused_s += pause
+        self._sleep(pause)
+        with self._lock:
+            self.paused_s += pause
         return pause
 
     def paced(self, fn: Callable[P, R]) -> Callable[P, R]:
-        """``fn``, with :meth:`pause_after` its call (whether it returned or raised)."""
+        """``fn``, whose next call waits (while stepping aside) for the pause its last
+        call that returned owes (:meth:`pause_for`). The pause comes before the next
+        round, not after this one, so what this one did (jobs claimed, results
+        stored) goes on at once; a call that raised owes nothing."""
+        next_start = -math.inf
 
         @functools.wraps(fn)
         def call(*args: P.args, **kwargs: P.kwargs) -> R:
+            nonlocal next_start
+            self.wait_until(next_start)
             start = self._clock()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                self.pause_after(self._clock() - start)
+            result = fn(*args, **kwargs)
+            end = self._clock()
+            next_start = end + self.pause_for(end - start)
+            return result
 
         return call

@@ -92,8 +92,10 @@ class WorkerRuntime:
         self._claimers: dict[tuple[str, bool], GroupClaimer] = {}
         # Results stored together likewise: one transaction for every task thread
         # storing at the same moment (worker.groupcommit).
-        # While a web app's jobs are about, the others' rounds pause (worker.pacing).
-        self.pacer = pacer or BulkPacer(settings.bulk_share)
+        self._draining = threading.Event()
+        # While a web app's jobs are about, the others' rounds pause (worker.pacing);
+        # a worker shutting down stops pausing.
+        self.pacer = pacer or BulkPacer(settings.bulk_share, sleep=self._draining.wait)
         self._storers: dict[bool, GroupCommit[StoreItem, bool]] = {
             False: GroupCommit(self.pacer.paced(self._store_outcomes)),
             True: GroupCommit(self._store_outcomes),
@@ -108,7 +110,6 @@ class WorkerRuntime:
             reserved=EXPRESS_ROWS,
             urgent_rank=URGENT_RANK,
         )
-        self._draining = threading.Event()
         self._hand_back_now = False  # past the shutdown grace: running jobs go back
         self._stop = threading.Event()
         self._last_renewal = 0.0
@@ -167,7 +168,8 @@ class WorkerRuntime:
                 with self._isolation.exclusive():
                     claim = self._db(functools.partial(self._claim_suspect, job_id, worker))
                     if claim is not None:
-                        statuses.update(self._run_claimed([claim]))
+                        # Stored without a pause: every other message waits for it.
+                        statuses.update(self._run_claimed([claim], urgent=True))
         skipped = [i for i, status in statuses.items() if status == "skipped"]
         if skipped:
             log.info("jobs %s not queued (cancelled, taken or finished): skipped", skipped)
