@@ -102,7 +102,7 @@ class Settings(BaseSettings):
     )
     worker_events: bool = Field(default=True, description="Celery task events, for Flower")
     bulk_share: float = Field(
-        default=0.25,
+        default=0.15,
         gt=0,
         le=1,
         description="while web apps' jobs (high, express) are about, other jobs' claims,"

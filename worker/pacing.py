@@ -8,8 +8,8 @@ fake model, 3-4x its idle round trip, though it waits in no queue behind the bat
 So while urgent jobs (``high`` and ``express`` messages) are in the worker, and for
 :data:`URGENT_WINDOW_S` after the last of them (a web app sends its next job soon),
 a round of the other jobs' claims, or of their stores, starts no sooner than a pause
-after the previous one ended: ``1/GENQ_BULK_SHARE - 1`` times that round's length (3x
-at the default 0.25), at most :data:`MAX_PAUSE_S`. Claims and stores pace apart, so
+after the previous one ended: ``1/GENQ_BULK_SHARE - 1`` times that round's length (5.7x
+at the default 0.15), at most :data:`MAX_PAUSE_S`. Claims and stores pace apart, so
 together they may take up to twice the share. The pause is taken before the next
 round, so what a round did goes on at once (claimed jobs reach the engine, stored
 results are seen), and the calls arriving meanwhile go together in the next round.
