@@ -8,7 +8,8 @@ one ``genq worker`` (``GENQ_MODEL=fake``: the deterministic FakeEngine, no torch
 uploads an N-line batch file with the official openai SDK, creates the batch, polls
 it every second until it completes while a web app's single jobs run beside it,
 downloads the output (every custom_id must come back once), then runs the same file
-through ``genq run``. It prints figures; it asserts nothing. See bench/README.md.
+through ``genq run`` (``--cli-only``: only that, against a fresh stack). It prints
+figures; it asserts nothing. See bench/README.md.
 """
 
 from __future__ import annotations
@@ -45,7 +46,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--lines", default="10000,100000", help="batch sizes, comma separated")
     parser.add_argument("--million", action="store_true", help="add a 1,000,000-line batch")
     parser.add_argument("--idle-jobs", type=int, default=20, help="single jobs on the idle system")
-    parser.add_argument("--no-cli", action="store_true", help="skip the genq run phase")
+    phases = parser.add_mutually_exclusive_group()
+    phases.add_argument("--no-cli", action="store_true", help="skip the genq run phase")
+    phases.add_argument(
+        "--cli-only",
+        action="store_true",
+        help="only the genq run phase (its time and peak RSS), no batch through the SDK",
+    )
     parser.add_argument(
         "--model",
         default="fake",
@@ -219,6 +226,12 @@ def measure(lines: int, args: argparse.Namespace, tmp: Path, log_dir: Path) -> d
         with httpx.Client(base_url=url, timeout=60) as client:
             served = _genq.get_json(client, "/v1/models")["data"][0]["id"]
         write_input(input_path, lines, served)
+        if args.cli_only:
+            _report.step(f"{lines:,} lines: genq run")
+            return {
+                "lines": lines,
+                "cli": _with_mib(run_cli(env, input_path, tmp / "out.jsonl", logs / "cli.log")),
+            }
         db_url, queue = env["GENQ_DATABASE_URL"], env["GENQ_QUEUE"]
         _report.step(f"{lines:,} lines: {args.idle_jobs} single jobs on the idle system")
         with httpx.Client(base_url=url, timeout=60) as client:
@@ -283,8 +296,12 @@ def measure(lines: int, args: argparse.Namespace, tmp: Path, log_dir: Path) -> d
         "status_read_ms": _ms_stats(reads),
         "single_job_ms": {"idle": idle.stats(), "under_load": beside.jobs.stats()},
         "db": table | {"bytes_per_job": round(table["total_bytes"] / max(table["live_rows"], 1))},
-        "cli": cli | ({"peak_rss_mib": round(cli["peak_rss"] / 2**20, 1)} if cli else {}),
+        "cli": _with_mib(cli) if cli else {},
     }
+
+
+def _with_mib(cli: dict[str, Any]) -> dict[str, Any]:
+    return cli | {"peak_rss_mib": round(cli["peak_rss"] / 2**20, 1)}
 
 
 def _mib(start: int, peak: int) -> dict[str, float]:
@@ -294,7 +311,15 @@ def _mib(start: int, peak: int) -> dict[str, float]:
 def print_result(result: dict[str, Any], flags: str) -> None:
     """One block of figures per N, each line with the CPU flags (the machine is noisy)."""
     out = _report.console
+    settings = " ".join([f"model={result['model']}", *result["env"]])
     for r in result["runs"]:
+        out.print(
+            f"[bold]bench.scale: {r['lines']:,} lines[/bold], {settings}  (CPU flags: {flags})",
+            soft_wrap=True,
+        )
+        if "status" not in r:  # --cli-only
+            out.print(f"  {'genq run':<40} {_cli(r['cli'])}", highlight=False, soft_wrap=True)
+            continue
         idle, load = r["single_job_ms"]["idle"], r["single_job_ms"]["under_load"]
         ratio = load["p50"] / idle["p50"] if idle["p50"] else float("nan")
         db = r["db"]
@@ -323,11 +348,6 @@ def print_result(result: dict[str, Any], flags: str) -> None:
             ),
             ("deadlocks", str(db["deadlocks"])),
         ]
-        settings = " ".join([f"model={result['model']}", *result["env"]])
-        out.print(
-            f"[bold]bench.scale: {r['lines']:,} lines[/bold], {settings}  (CPU flags: {flags})",
-            soft_wrap=True,
-        )
         for name, value in rows:
             out.print(f"  {name:<40} {value}", highlight=False, soft_wrap=True)
 
