@@ -105,8 +105,8 @@ class Settings(BaseSettings):
         default=0.15,
         gt=0,
         le=1,
-        description="while web apps' jobs (high, express) are about, other jobs' claims,"
-        " stores and top-ups take at most this share of a worker's time (1: no pauses)",
+        description="while web apps' jobs (high, express) are about, other jobs' claim rounds"
+        " and store rounds each take at most this share of a worker's time (1: no pauses)",
     )
     task_time_limit_s: int = Field(default=3600, ge=10)
     progress_interval_s: float = Field(default=1.0, gt=0)

@@ -42,7 +42,8 @@ MAX_PAUSE_S = 0.25
 
 
 class BulkPacer:
-    """Pauses bulk work after each of its rounds while urgent jobs are about."""
+    """Spaces bulk work's rounds out (a pause before each next one) while urgent jobs
+    are about."""
 
     def __init__(
         self,
